@@ -1,0 +1,261 @@
+"""The `brainanomaly` command: detect, demo, train, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import BadInputError, BrainAnomalyError, Cancelled, ModelError
+from .progress import CancelToken, Reporter
+
+
+class _Bar:
+    """A tqdm bar fed by progress callbacks (0..1 of the whole job); silent with --quiet."""
+
+    def __init__(self, quiet: bool, total_label: str = ""):
+        self.quiet = quiet
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=total_label, unit="", bar_format="{desc:<38}{bar}| {percentage:3.0f}%"
+                            " [{elapsed}<{remaining}]", file=sys.stderr, leave=False)
+
+    def __call__(self, step: str, fraction: float) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(step[:38])
+            self.bar.n = int(1000 * fraction)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _add_preprocess_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skull-strip", default=None, choices=["auto", "deepbet", "none"],
+                   help="auto (default) strips unless the scan is already skull-stripped")
+    p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
+    p.add_argument("--no-register", action="store_true", help="the scan is already in the template space")
+
+
+def _preprocess_config(args, base: dict):
+    from .preprocess.chain import PreprocessConfig
+
+    pre = PreprocessConfig.from_dict(base)
+    if getattr(args, "skull_strip", None):
+        pre.skull_strip = args.skull_strip
+    if getattr(args, "no_bias_correction", False):
+        pre.bias_correction = False
+    if getattr(args, "no_register", False):
+        pre.registration = "none"
+    return pre
+
+
+def _add_detect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model id (see 'brainanomaly models') or model folder; default: the shipped "
+                                   "default model")
+    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
+    g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    _add_preprocess_options(p)
+    p.add_argument("--erode", type=int, default=None, help="brain-mask erosion in grid voxels (default 3)")
+    p.add_argument("--median", type=int, default=None, help="in-plane median filter size (default 5; 1 = off)")
+    p.add_argument("--min-lesion-ml", type=float, default=None, help="smallest reported lesion (default 0.05 mL)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainanomaly", description="Unsupervised anomaly detection in brain MRI.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="detect anomalies in a scan or a manifest of scans")
+    p.add_argument("input", nargs="?", help="volume file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    p.add_argument("--manifest", help="CSV with subject,modality,image,mask: run every row")
+    _add_detect_options(p)
+
+    p = sub.add_parser("demo", help="build a synthetic case from the bundled template and detect its lesion")
+    p.add_argument("-o", "--output", default="demo_output", help="output folder (default demo_output)")
+    p.add_argument("--model", help="model to use (default: the shipped default model)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = sub.add_parser("train", help="train a model on healthy scans from a manifest")
+    p.add_argument("--model", required=True, dest="kind", help="scorer kind: normative, intensity")
+    p.add_argument("--manifest", required=True, help="CSV of healthy scans (rows with a mask are skipped)")
+    p.add_argument("--modality", default="T1")
+    p.add_argument("--direction", default="auto", choices=["auto", "hyper", "hypo", "two-sided"],
+                   help="which deviations count as anomalous (auto: by modality)")
+    p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default ~/.cache/brainanomaly)")
+    p.add_argument("--max-train", type=int, help="use at most this many training scans")
+    _add_preprocess_options(p)
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    sub.add_parser("models", help="list the available models")
+    return parser
+
+
+def _detector(args):
+    from .models import resolve_model
+    from .pipeline import Detector
+    from .postprocess import PostprocessConfig
+
+    model = resolve_model(args.model)
+    pre = _preprocess_config(args, model.meta.get("preprocessing", {}))
+    post = PostprocessConfig(**model.meta.get("postprocess", {}))
+    for opt, attr in (("erode", "erode_voxels"), ("median", "median_size"), ("min_lesion_ml", "min_lesion_ml")):
+        if getattr(args, opt, None) is not None:
+            setattr(post, attr, getattr(args, opt))
+    return Detector(model, device=args.device, preprocess_config=pre, postprocess_config=post)
+
+
+def _detect_one(det, path, modality, args, outdir, reporter) -> dict:
+    from .io import read_volume
+    from .writers import write_result
+
+    scan = read_volume(path)
+    result = det.run(scan, modality=modality, threshold=args.threshold, fpr=args.fpr, reporter=reporter)
+    write_result(result, scan, outdir, input_name=Path(path).name)
+    return result.summary()
+
+
+def cmd_detect(args, cancel: CancelToken) -> int:
+    if bool(args.input) == bool(args.manifest):
+        raise BadInputError("give either an input volume or --manifest CSV (not both)")
+    det = _detector(args)
+    out = Path(args.output)
+    if args.input:
+        bar = _Bar(args.quiet, "detect")
+        try:
+            s = _detect_one(det, args.input, args.modality, args, out, Reporter(bar, cancel))
+        finally:
+            bar.close()
+        _print_summary(s, out)
+        return 0
+    from .manifest import read_manifest
+
+    cases = read_manifest(args.manifest, args.modality)
+    bar = _Bar(args.quiet, "cohort")
+    failures: List[str] = []
+    try:
+        for i, case in enumerate(cases):
+            rep = Reporter(bar, cancel).sub(i / len(cases), (i + 1) / len(cases))
+            try:
+                _detect_one(det, case.image, case.modality, args, out / case.key, rep)
+            except (BadInputError, ModelError) as exc:
+                failures.append(f"{case.key}: {exc}")
+    finally:
+        bar.close()
+    print(f"{len(cases) - len(failures)} of {len(cases)} scans done; outputs in {out}/<subject>_<modality>/")
+    for f in failures:
+        print(f"failed: {f}", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    t = s["threshold"]
+    what = f"healthy FPR {t['fpr']:.2%}" if t.get("fpr") else t["source"]
+    print(f"model {s['model']['name']} ({s['modality']}); threshold {t['value']:.4g} ({what}); "
+          f"{s['n_lesions']} lesion(s), {s['anomalous_volume_ml']:.2f} mL; scan score {s['pred_score']:.3f}")
+    print(f"outputs in {out}")
+
+
+def cmd_demo(args, cancel: CancelToken) -> int:
+    from .demo import make_demo_case
+    from .io import write_volume
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    scan, truth = make_demo_case()
+    write_volume(scan, out / "demo_t1.nii.gz")
+    write_volume(truth, out / "demo_truth.nii.gz")
+    args.threshold = args.fpr = None
+    det = _detector(args)
+    bar = _Bar(args.quiet, "demo")
+    try:
+        s = _detect_one(det, out / "demo_t1.nii.gz", "T1", args, out, Reporter(bar, cancel))
+    finally:
+        bar.close()
+    import numpy as np
+    import SimpleITK as sitk
+
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pred_mask.nii.gz"))) > 0
+    true = sitk.GetArrayFromImage(truth) > 0
+    dice = 2 * (pred & true).sum() / max(pred.sum() + true.sum(), 1)
+    _print_summary(s, out)
+    print(f"demo lesion: Dice {dice:.2f} against the inserted lesion; see {out / 'overlay.png'}")
+    return 0
+
+
+def cmd_train(args, cancel: CancelToken) -> int:
+    from .training import train
+
+    bar = _Bar(args.quiet, "train")
+    try:
+        folder = train(args.kind, Path(args.manifest), args.modality.upper(), Path(args.output),
+                       Reporter(bar, cancel), name=args.name, direction=args.direction,
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, max_train=args.max_train,
+                       pre=_preprocess_config(args, {}))
+    except (KeyError, ValueError) as exc:
+        raise BadInputError(str(exc).strip("'")) from None
+    finally:
+        bar.close()
+    meta = json.loads((folder / "model.json").read_text())
+    print(f"model written to {folder}; calibrated thresholds {meta['calibration']['thresholds']}")
+    return 0
+
+
+def cmd_models(args, cancel: CancelToken) -> int:
+    from .models import default_model_name, list_models
+
+    default = default_model_name()
+    rows = list_models()
+    if not rows:
+        print("no models found")
+        return 0
+    for r in rows:
+        mark = "*" if r["id"] == default else " "
+        print(f"{mark} {r['id']:<22} {r.get('kind') or '?':<10} {r.get('modality') or '?':<6} {r['source']:<8} "
+              f"{r.get('description', '')}")
+    print("* default model")
+    return 0
+
+
+COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cancel = CancelToken()
+
+    def _on_sigint(signum, frame):
+        if cancel.cancelled:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return COMMANDS[args.command](args, cancel)
+    except KeyboardInterrupt:
+        print("brainanomaly: cancelled", file=sys.stderr)
+        return Cancelled.exit_code
+    except BrainAnomalyError as exc:
+        print(f"brainanomaly: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

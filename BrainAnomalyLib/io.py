@@ -1,0 +1,101 @@
+"""Reading and writing volumes with SimpleITK, with the checks that turn bad input into one clear message."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import BadInputError
+
+# A brain scan covers at least a few centimetres in every direction and at most a whole body's worth of voxels.
+MIN_EXTENT_MM = 60.0
+MIN_VOXELS_PER_AXIS = 8
+MAX_VOXELS = 400_000_000
+MAX_EXTENT_MM = 1000.0
+
+
+def read_volume(path: str | os.PathLike) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA/... file or a DICOM series folder as a validated 3D float32 image."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"input not found: {p}")
+    try:
+        if p.is_dir():
+            image = _read_dicom_series(p)
+        else:
+            image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise BadInputError(f"cannot read {p}: {first}") from None
+    return validate_volume(image, name=p.name)
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise BadInputError(f"no DICOM series found in folder {folder}")
+    if len(series) > 1:
+        raise BadInputError(f"folder {folder} holds {len(series)} DICOM series; point to a folder with one")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
+    """Return the image as 3D float32 or raise BadInputError saying what is wrong with it."""
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise BadInputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                            "(RGB or vector image); a scalar MRI volume is needed")
+    dim = image.GetDimension()
+    if dim == 4:
+        if image.GetSize()[3] != 1:
+            raise BadInputError(f"{name}: is 4D with {image.GetSize()[3]} volumes; extract one volume first")
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3 or min(image.GetSize()) <= 1:
+        raise BadInputError(f"{name}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
+    size = np.array(image.GetSize())
+    extent = size * np.array(image.GetSpacing())
+    if size.min() < MIN_VOXELS_PER_AXIS or extent.min() < MIN_EXTENT_MM:
+        raise BadInputError(f"{name}: is too small to be a brain scan (size {tuple(size)}, "
+                            f"extent {tuple(np.round(extent, 1))} mm)")
+    if size.prod() > MAX_VOXELS or extent.max() > MAX_EXTENT_MM:
+        raise BadInputError(f"{name}: is too large (size {tuple(size)}, extent {tuple(np.round(extent, 1))} mm)")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(arr).all():
+        raise BadInputError(f"{name}: contains NaN or infinite values")
+    if float(arr.max()) == float(arr.min()):
+        raise BadInputError(f"{name}: is constant (every voxel is {float(arr.min())})")
+    return image
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write through a temporary file in the same folder so a crash never leaves a half-written volume."""
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,65 @@
+"""PNG montage of axial slices: the scan in grey, the heatmap above threshold in 'hot', lesion outlines in cyan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def _ras_array(image: sitk.Image) -> np.ndarray:
+    # Display in the radiological convention used by viewers: axial slices, anterior up.
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.Image, threshold: float,
+                    path: Path, brain_mask: Optional[sitk.Image] = None, n_slices: int = 12,
+                    title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img, heat, pred = _ras_array(scan), _ras_array(anomaly_map), _ras_array(pred_mask) > 0
+    brain = _ras_array(brain_mask) > 0 if brain_mask is not None else img > img.min()
+    if brain.any():  # crop to the brain, with a small margin, so each tile shows it large
+        lo_idx = np.maximum(np.argwhere(brain).min(axis=0) - 4, 0)
+        hi_idx = np.argwhere(brain).max(axis=0) + 5
+        crop = tuple(slice(a, b) for a, b in zip(lo_idx, hi_idx))
+        img, heat, pred, brain = img[crop], heat[crop], pred[crop], brain[crop]
+    zs = np.where(brain.any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        zs = np.arange(img.shape[0])
+    slices = list(np.linspace(zs[0], zs[-1], n_slices + 2)[1:-1].round().astype(int))
+    # Make sure the slices through the largest lesions are shown.
+    if pred.any():
+        per_slice = pred.sum(axis=(1, 2))
+        for z in np.argsort(per_slice)[::-1][:4]:
+            if per_slice[z] > 0 and z not in slices:
+                slices[int(np.argmin([abs(s - z) for s in slices]))] = int(z)
+    slices = sorted(set(slices))
+    inside = img[brain] if brain.any() else img.ravel()
+    lo, hi = np.percentile(inside, [1, 99.5])
+    vmax = float(max(heat.max(), threshold * 1.5, 1e-6))
+    cols = 6
+    rows = int(np.ceil(len(slices) / cols))
+    sp = scan.GetSpacing()
+    aspect = sp[1] / sp[0]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.4), facecolor="black")
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, z in zip(np.atleast_1d(axes).ravel(), slices):
+        ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi, origin="upper", aspect=aspect)
+        h = np.ma.masked_where(heat[z] <= threshold, heat[z])
+        ax.imshow(h, cmap="hot", vmin=threshold, vmax=vmax, alpha=0.75, origin="upper", aspect=aspect)
+        if pred[z].any():
+            ax.contour(pred[z], levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(f"axial {z}", color="white", fontsize=8)
+    if title:
+        fig.suptitle(title, color="white", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, facecolor="black")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,80 @@
+"""Post-processing of anomaly maps: template-space cleaning, thresholding and lesion components on the input grid."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import List, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+
+@dataclass
+class PostprocessConfig:
+    # Registration-edge false positives sit at the cortex and ventricles; FINDINGS: erosion by 3 voxels and a
+    # 5x5 median helped every scorer.
+    erode_voxels: int = 3
+    median_size: int = 5
+    min_lesion_ml: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clean_map(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """Erode the brain mask, median-filter each axial slice, keep only positive scores inside the eroded mask."""
+    eroded = mask
+    if config.erode_voxels > 0:
+        eroded = ndimage.binary_erosion(mask, iterations=int(config.erode_voxels))
+    out = anomaly_map
+    if config.median_size > 1:
+        out = ndimage.median_filter(anomaly_map, size=(1, config.median_size, config.median_size))
+    out = np.where(eroded, np.maximum(out, 0.0), 0.0).astype(np.float32)
+    return out, eroded
+
+
+def scan_score(anomaly_map: np.ndarray, mask: np.ndarray, top_fraction: float = 0.01) -> float:
+    """Volume-level score: mean of the top 1 % of in-brain voxel scores."""
+    values = anomaly_map[mask]
+    if values.size == 0:
+        return 0.0
+    k = max(1, int(round(values.size * top_fraction)))
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
+def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float) -> Tuple[sitk.Image, List[dict]]:
+    """Threshold a map on its own grid into a label map (1 = anomaly) and a lesion table, largest first."""
+    arr = sitk.GetArrayViewFromImage(anomaly_map)
+    voxel_ml = float(np.prod(anomaly_map.GetSpacing())) / 1000.0
+    binary = arr > threshold
+    labels, n = ndimage.label(binary, structure=ndimage.generate_binary_structure(3, 3))
+    lesions = []
+    keep = np.zeros(n + 1, bool)
+    if n:
+        idx = np.arange(1, n + 1)
+        counts = ndimage.sum_labels(binary, labels, idx)
+        means = ndimage.mean(arr, labels, idx)
+        maxes = ndimage.maximum(arr, labels, idx)
+        centroids = ndimage.center_of_mass(binary, labels, idx)
+        for i, c, mean, mx, cz in zip(idx, counts, means, maxes, centroids):
+            volume = float(c) * voxel_ml
+            if volume < min_lesion_ml:
+                continue
+            keep[i] = True
+            ijk = [float(cz[2]), float(cz[1]), float(cz[0])]
+            lps = anomaly_map.TransformContinuousIndexToPhysicalPoint(ijk)
+            lesions.append({"voxels": int(c), "volume_ml": round(volume, 4),
+                            "centroid_ras": [round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)],
+                            "centroid_ijk": [round(v, 2) for v in ijk],
+                            "mean_score": round(float(mean), 4), "max_score": round(float(mx), 4)})
+    lesions.sort(key=lambda d: -d["voxels"])
+    for k, les in enumerate(lesions, start=1):
+        les["label"] = k
+    mask = keep[labels].astype(np.uint8)
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(anomaly_map)
+    return out, lesions
+
+
+LESION_COLUMNS = ("label", "voxels", "volume_ml", "centroid_ras", "centroid_ijk", "mean_score", "max_score")

@@ -1,0 +1,81 @@
+"""Skull stripping with deepbet (weights ship inside the package), or detection of scans already stripped."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..errors import BadInputError
+from ..progress import Reporter
+
+MIN_BRAIN_ML = 300.0
+# A stripped scan is mostly one constant background value, and what remains has the volume of a brain.
+STRIPPED_BACKGROUND_FRACTION = 0.3
+STRIPPED_MAX_ML = 2500.0
+
+
+def foreground_mask(image: sitk.Image) -> np.ndarray:
+    """Non-background voxels (z,y,x bool): those above the image minimum, holes filled, largest component."""
+    arr = sitk.GetArrayViewFromImage(image)
+    mask = arr > arr.min()
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == sizes.argmax()
+    return ndimage.binary_fill_holes(mask)
+
+
+def voxel_ml(image: sitk.Image) -> float:
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
+def looks_skull_stripped(image: sitk.Image) -> bool:
+    arr = sitk.GetArrayViewFromImage(image)
+    background = float((arr == arr.min()).mean())
+    volume = float((arr > arr.min()).sum()) * voxel_ml(image)
+    return background >= STRIPPED_BACKGROUND_FRACTION and volume <= STRIPPED_MAX_ML
+
+
+@lru_cache(maxsize=2)
+def _deepbet(use_gpu: bool):
+    from deepbet import BrainExtraction
+
+    return BrainExtraction(no_gpu=not use_gpu)
+
+
+def deepbet_mask(image: sitk.Image, use_gpu: bool, reporter: Reporter) -> np.ndarray:
+    """deepbet brain mask for `image` (z,y,x bool on the image's own grid)."""
+    import torch
+
+    ras = sitk.DICOMOrient(image, "RAS")
+    x = np.ascontiguousarray(sitk.GetArrayFromImage(ras).transpose(2, 1, 0), dtype=np.float32)
+    reporter("skull-strip", 0.1)
+    bet = _deepbet(use_gpu)
+    with torch.no_grad():
+        prob = bet.run_model(x)
+    reporter("skull-strip", 0.8)
+    mask = bet.postprocess(prob > 0.5, 0).astype(np.uint8)
+    mask_ras = sitk.GetImageFromArray(mask.transpose(2, 1, 0))
+    mask_ras.CopyInformation(ras)
+    back = sitk.Resample(mask_ras, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(back).astype(bool)
+
+
+def brain_mask(image: sitk.Image, mode: str, use_gpu: bool, reporter: Reporter) -> tuple[np.ndarray, dict]:
+    """Brain mask by `mode`: 'auto' (strip unless already stripped), 'deepbet', or 'none' (scan is a brain)."""
+    if mode not in ("auto", "deepbet", "none"):
+        raise ValueError(f"unknown skull-strip mode {mode!r}")
+    already = looks_skull_stripped(image)
+    if mode == "none" or (mode == "auto" and already):
+        mask, how = foreground_mask(image), "already stripped: foreground of the scan"
+    else:
+        mask, how = deepbet_mask(image, use_gpu, reporter), "deepbet"
+    volume = float(mask.sum()) * voxel_ml(image)
+    if volume < MIN_BRAIN_ML:
+        raise BadInputError(f"the brain mask after skull-stripping is empty or too small ({volume:.0f} mL); "
+                            "is this a brain MRI?")
+    return mask, {"method": how, "looked_stripped": already, "brain_ml": round(volume, 1)}

@@ -1,0 +1,72 @@
+"""The one interface every anomaly scorer implements, and the registry that finds them by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple, Type
+
+import numpy as np
+
+from ..progress import Reporter
+
+# Which way a lesion departs from healthy tissue, per contrast (Meissen et al. 2021; FINDINGS on T1 glioma).
+DEFAULT_DIRECTION = {"T1": "hypo", "T1CE": "two-sided", "T2": "hyper", "FLAIR": "hyper", "PD": "hyper"}
+DIRECTIONS = ("hyper", "hypo", "two-sided")
+
+
+def direction_for(modality: str) -> str:
+    return DEFAULT_DIRECTION.get(modality.upper(), "two-sided")
+
+
+def signed(deviation: np.ndarray, direction: str) -> np.ndarray:
+    """Turn a signed deviation (observed - expected) into an anomaly score where larger means more anomalous."""
+    if direction == "hyper":
+        return deviation
+    if direction == "hypo":
+        return -deviation
+    if direction == "two-sided":
+        return np.abs(deviation)
+    raise ValueError(f"unknown direction {direction!r}; choose from {DIRECTIONS}")
+
+
+@dataclass
+class ScoreOutput:
+    anomaly_map: np.ndarray  # grid (z,y,x) float32, larger = more anomalous
+    reconstruction: Optional[np.ndarray] = None  # pseudo-healthy image on the grid, when the scorer has one
+
+
+class Scorer:
+    """Build from a model's metadata and tensors; `score` maps a preprocessed grid volume to an anomaly map."""
+
+    kind: str = ""
+    needs_tensors: bool = False
+
+    def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
+        self.params = dict(params)
+        self.tensors = tensors
+        self.device = device
+
+    def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
+        raise NotImplementedError
+
+    @classmethod
+    def fit(cls, samples: Iterable[Tuple[np.ndarray, np.ndarray]], params: dict,
+            reporter: Reporter) -> Tuple[dict, Dict[str, np.ndarray]]:
+        """Learn from healthy (image, mask) grid volumes; return (params, tensors) for the model folder."""
+        raise NotImplementedError(f"scorer {cls.kind!r} is not trainable")
+
+
+SCORERS: Dict[str, Type[Scorer]] = {}
+
+
+def register(cls: Type[Scorer]) -> Type[Scorer]:
+    SCORERS[cls.kind] = cls
+    return cls
+
+
+def scorer_class(kind: str) -> Type[Scorer]:
+    from . import intensity, normative  # noqa: F401  (importing registers them)
+
+    if kind not in SCORERS:
+        raise KeyError(kind)
+    return SCORERS[kind]

@@ -1,0 +1,92 @@
+"""The MNI152 2009a template (shipped inside nilearn) and the model grid that every scorer works on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+TEMPLATE_NAME = "MNI152NLin2009aSym (nilearn mni_icbm152_*_tal_nlin_sym_09a_converted)"
+_FILES = {"T1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+          "GM": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+          "WM": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in template (LPS physical) space. Axial slices of 96x112 at 2 mm cover the whole brain."""
+
+    size: Tuple[int, int, int] = (96, 112, 80)
+    spacing: Tuple[float, float, float] = (2.0, 2.0, 2.0)
+    # Centre of the MNI brain bounding box (LPS mm); the direction makes the voxel axes point R, A, S like MNI files.
+    centre: Tuple[float, float, float] = (0.0, 17.0, 5.0)
+    direction: Tuple[float, ...] = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def reference(self) -> sitk.Image:
+        ref = sitk.Image([int(s) for s in self.size], sitk.sitkFloat32)
+        ref.SetSpacing([float(s) for s in self.spacing])
+        ref.SetDirection([float(d) for d in self.direction])
+        d = np.array(self.direction).reshape(3, 3)
+        half = (np.array(self.size) - 1) / 2.0 * np.array(self.spacing)
+        ref.SetOrigin([float(v) for v in np.array(self.centre) - d @ half])
+        return ref
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        return cls(**{k: tuple(v) for k, v in d.items()})
+
+
+def _template_file(which: str) -> Path:
+    import nilearn.datasets
+
+    path = Path(nilearn.datasets.__file__).parent / "data" / _FILES[which]
+    if not path.is_file():
+        raise FileNotFoundError(f"nilearn does not carry {_FILES[which]}; install nilearn>=0.10")
+    return path
+
+
+@lru_cache(maxsize=4)
+def template_1mm(which: str = "T1") -> sitk.Image:
+    """The 1 mm template (T1 brain, or the GM/WM probability maps) as float32 scaled to 0..1."""
+    image = sitk.Cast(sitk.ReadImage(str(_template_file(which))), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(image)
+    out = sitk.GetImageFromArray(arr / max(float(arr.max()), 1e-6))
+    out.CopyInformation(image)
+    return out
+
+
+def _on_grid(image: sitk.Image, grid: Grid, interpolator=sitk.sitkLinear) -> sitk.Image:
+    return sitk.Resample(image, grid.reference(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+
+
+@lru_cache(maxsize=4)
+def template_on_grid(grid: Grid = Grid(), which: str = "T1") -> sitk.Image:
+    return _on_grid(template_1mm(which), grid)
+
+
+@lru_cache(maxsize=4)
+def brain_mask_on_grid(grid: Grid = Grid()) -> np.ndarray:
+    """Template brain mask on the grid (bool, z,y,x), the region where every scorer is allowed to score."""
+    arr = sitk.GetArrayFromImage(template_on_grid(grid, "T1"))
+    mask = arr > 0.1
+    from scipy import ndimage
+
+    mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def grid_image(array: np.ndarray, grid: Grid) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(grid.reference())
+    return image
+
+
+def spacing_zyx(grid: Grid) -> Sequence[float]:
+    return tuple(reversed(grid.spacing))

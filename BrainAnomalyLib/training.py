@@ -1,0 +1,96 @@
+"""Training a scorer on healthy scans from a manifest, and calibrating its thresholds on held-out healthy scans."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import __version__
+from .cache import preprocessed_arrays
+from .calibration import DEFAULT_FPRS, thresholds_for_fpr
+from .manifest import Case, read_manifest
+from .models import Model, save_model
+from .postprocess import PostprocessConfig
+from .preprocess.chain import PreprocessConfig
+from .progress import Reporter
+from .scorers import direction_for, scorer_class
+from .template import TEMPLATE_NAME, Grid
+
+SPLITS = ("train", "calibration", "test")
+
+
+def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[str, List[Case]]:
+    """Subject-level split, stable across runs and machines: ordered by a hash of the subject id."""
+    subjects = sorted({c.subject for c in cases}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    n = len(subjects)
+    n_train = int(round(fractions[0] * n))
+    n_cal = int(round(fractions[1] * n))
+    groups = {"train": set(subjects[:n_train]), "calibration": set(subjects[n_train:n_train + n_cal]),
+              "test": set(subjects[n_train + n_cal:])}
+    return {k: [c for c in cases if c.subject in v] for k, v in groups.items()}
+
+
+def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
+                 cache_dir: Optional[Path] = None, step: str = "preprocess") -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    for i, case in enumerate(cases):
+        reporter(f"{step} {case.subject}", i / max(len(cases), 1))
+        yield preprocessed_arrays(case.image, config, grid, cache_dir)
+    reporter(step, 1.0)
+
+
+def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid, pre: PreprocessConfig,
+              post: PostprocessConfig, params: dict) -> dict:
+    return {"name": name, "kind": kind, "version": "1.0.0", "modality": modality, "description": description,
+            "template": TEMPLATE_NAME, "grid": grid.to_dict(), "preprocessing": pre.to_dict(),
+            "postprocess": post.to_dict(), "params": params, "created_with": f"BrainAnomalyLib {__version__}"}
+
+
+def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir: Optional[Path] = None,
+              fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
+    """Thresholds for chosen voxel FPRs from healthy scans, through the model's own scoring and post-processing."""
+    from .pipeline import Detector
+
+    det = Detector(model, device="cpu")
+    values = []
+    for image, mask in grid_volumes(cases, det.preprocess_config, det.grid, reporter, cache_dir, "calibrate"):
+        _, cleaned, eroded, _ = det.score_grid(image, mask)
+        values.append(cleaned[eroded])
+    return {"method": "pooled healthy voxel quantiles", "thresholds": thresholds_for_fpr(values, fprs),
+            "n_scans": len(cases), "subjects": sorted({c.subject for c in cases})}
+
+
+def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
+          direction: str = "auto", cache_dir: Optional[Path] = None,
+          pre: Optional[PreprocessConfig] = None, post: Optional[PostprocessConfig] = None,
+          max_train: Optional[int] = None) -> Path:
+    cases = read_manifest(manifest, modality)
+    lesion_cases = [c for c in cases if c.mask is not None]
+    cases = [c for c in cases if c.mask is None]  # healthy-only: rows with a lesion mask are not trained on
+    if len(cases) < 4:
+        raise ValueError(f"{manifest}: {len(cases)} healthy {modality} scans; at least 4 are needed")
+    splits = split_subjects(cases)
+    train_cases = splits["train"][:max_train] if max_train else splits["train"]
+    grid, pre, post = Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
+    params = {"direction": direction_for(modality) if direction == "auto" else direction}
+    cls = scorer_class(kind)
+    t = time.perf_counter()
+    params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir), params,
+                              reporter)
+    name = name or Path(out).name
+    meta = base_meta(kind, name, modality, f"{kind} scorer for {modality}, trained on {Path(manifest).name}",
+                     grid, pre, post, params)
+    meta["training_data"] = {"manifest": Path(manifest).name, "n_train": len(train_cases),
+                             "n_calibration": len(splits["calibration"]), "n_test_held_out": len(splits["test"]),
+                             "lesion_rows_ignored": len(lesion_cases),
+                             "test_subjects": sorted({c.subject for c in splits["test"]}),
+                             "seconds": round(time.perf_counter() - t, 1)}
+    folder = save_model(out, meta, tensors)
+    from .models import load_model
+
+    calib = calibrate(load_model(folder), splits["calibration"], reporter.sub(0.85, 1.0), cache_dir)
+    meta["calibration"] = calib
+    return save_model(out, meta, tensors)

@@ -1,0 +1,108 @@
+"""The brainanomaly command as a user runs it: outputs, cohorts, exit codes, cancel."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainAnomalyLib.cli import main
+from BrainAnomalyLib.io import same_geometry
+from BrainAnomalyLib.writers import OUTPUT_FILES
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory, demo_case):
+    folder = tmp_path_factory.mktemp("demo")
+    sitk.WriteImage(demo_case[0], str(folder / "case.nii.gz"))
+    sitk.WriteImage(demo_case[1], str(folder / "truth.nii.gz"))
+    return folder / "case.nii.gz"
+
+
+def test_detect_writes_every_output_on_the_input_grid(tmp_path, demo_file, template_normative_model, capsys):
+    out = tmp_path / "out"
+    code = main(["detect", str(demo_file), "--model", str(template_normative_model.path), "-o", str(out), "-q"])
+    assert code == 0
+    for name in OUTPUT_FILES + ("reconstruction.nii.gz",):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    scan = sitk.ReadImage(str(demo_file))
+    for name in ("anomaly_map.nii.gz", "pred_mask.nii.gz", "brain_mask.nii.gz"):
+        assert same_geometry(sitk.ReadImage(str(out / name)), scan, tol=1e-4)
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["threshold"]["fpr"] == 0.01 and "calibration" in summary["threshold"]["source"]
+    assert summary["n_lesions"] >= 1
+    assert [s["step"] for s in summary["preprocessing"]] == ["orient", "skull-strip", "bias-correct", "register",
+                                                             "resample", "normalise"]
+    lines = (out / "lesions.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("label,voxels,volume_ml,centroid_r") and len(lines) == summary["n_lesions"] + 1
+    assert "1 lesion" in capsys.readouterr().out or summary["n_lesions"] > 1
+
+
+def test_threshold_option_overrides_calibration(tmp_path, demo_file, template_normative_model):
+    out = tmp_path / "out"
+    assert main(["detect", str(demo_file), "--model", str(template_normative_model.path), "--threshold", "1e6",
+                 "--no-bias-correction", "-o", str(out), "-q"]) == 0
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["threshold"] == {"value": 1e6, "fpr": None, "source": "user value"}
+    assert summary["n_lesions"] == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pred_mask.nii.gz"))).sum() == 0
+    assert summary["preprocessing"][2]["applied"] is False
+
+
+def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, demo_file, intensity_model, capsys):
+    const = sitk.GetImageFromArray(np.ones((64, 64, 64), np.float32))
+    sitk.WriteImage(const, str(tmp_path / "const.nii.gz"))
+    shutil.copy(demo_file, tmp_path / "good.nii.gz")
+    (tmp_path / "cohort.csv").write_text("subject,modality,image,mask\n"
+                                         "s1,T1,good.nii.gz,\ns2,T1,const.nii.gz,\n")
+    out = tmp_path / "out"
+    code = main(["detect", "--manifest", str(tmp_path / "cohort.csv"), "--model", str(intensity_model.path),
+                 "--no-bias-correction", "-o", str(out), "-q"])
+    assert code == 2  # one case failed
+    assert (out / "s1_T1" / "anomaly_map.nii.gz").is_file()
+    assert not (out / "s2_T1").exists()
+    captured = capsys.readouterr()
+    assert "1 of 2 scans done" in captured.out and "s2_T1" in captured.err and "constant" in captured.err
+
+
+def test_unknown_model_exits_3(tmp_path, demo_file, capsys):
+    assert main(["detect", str(demo_file), "--model", "no-such-model", "-o", str(tmp_path), "-q"]) == 3
+    assert "no model named 'no-such-model'" in capsys.readouterr().err
+
+
+def test_tampered_model_exits_3(tmp_path, demo_file, template_normative_model, capsys):
+    bad = tmp_path / "tampered"
+    shutil.copytree(template_normative_model.path, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    assert main(["detect", str(demo_file), "--model", str(bad), "-o", str(tmp_path / "o"), "-q"]) == 3
+    assert "does not match its checksum" in capsys.readouterr().err
+
+
+def test_models_lists_shipped_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "default model" in out
+
+
+def test_ctrl_c_cancels_with_exit_130_and_no_outputs(tmp_path, demo_file, template_normative_model):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "BrainAnomalyLib.cli", "detect", str(demo_file), "--model",
+                             str(template_normative_model.path), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(6.0)  # well inside preprocessing (N4 and registration take longer than this)
+    assert proc.poll() is None, "detection finished before it could be cancelled"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,75 @@
+"""Model folders: safetensors + JSON, checksums, registry, user folder."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from BrainAnomalyLib.errors import ModelError
+from BrainAnomalyLib.models import (folder_digest, list_models, load_model, resolve_model, save_model,
+                                    shipped_entries, shipped_registry_file)
+
+
+def test_round_trip_keeps_tensors_exactly(tmp_path):
+    t = {"mean": np.random.rand(4, 5, 6).astype(np.float32), "support": np.ones((4, 5, 6), np.uint8)}
+    folder = save_model(tmp_path / "m", {"kind": "normative", "modality": "T1", "grid": {}}, t)
+    m = load_model(folder)
+    assert set(m.tensors) == {"mean", "support"}
+    assert np.array_equal(m.tensors["mean"], t["mean"]) and m.tensors["support"].dtype == np.uint8
+    assert json.loads((folder / "model.json").read_text())["files"]["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
+
+
+def test_missing_and_broken_folders_are_refused(tmp_path):
+    with pytest.raises(ModelError, match="not a model folder"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ModelError, match="unreadable"):
+        load_model(tmp_path)
+
+
+def test_unknown_kind_and_missing_tensors_are_refused(tmp_path):
+    save_model(tmp_path / "a", {"kind": "magic", "modality": "T1", "grid": {}})
+    with pytest.raises(ModelError, match="unknown scorer kind"):
+        load_model(tmp_path / "a")
+    save_model(tmp_path / "b", {"kind": "normative", "modality": "T1", "grid": {}})
+    with pytest.raises(ModelError, match="needs model.safetensors"):
+        load_model(tmp_path / "b")
+
+
+def test_deleted_tensor_file_is_reported(tmp_path):
+    folder = save_model(tmp_path / "m", {"kind": "normative", "modality": "T1", "grid": {}},
+                        {"mean": np.zeros(3, np.float32)})
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="missing file model.safetensors"):
+        load_model(folder)
+
+
+def test_registry_digest_catches_changed_metadata(tmp_path, template_normative_model):
+    folder = tmp_path / "m"
+    shutil.copytree(template_normative_model.path, folder)
+    digest = folder_digest(folder)
+    load_model(folder, expected_digest=digest)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["calibration"]["thresholds"]["0.01"] = 0.0
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="registry checksum"):
+        load_model(folder, expected_digest=digest)
+
+
+def test_every_shipped_model_loads_and_matches_the_registry():
+    entries = shipped_entries()
+    assert entries, f"no models listed in {shipped_registry_file()}"
+    for e in entries:
+        m = resolve_model(e["id"])
+        assert m.kind == e["kind"] and m.modality == e["modality"]
+        assert e["size_bytes"] <= 25 * 2 ** 20
+        assert "calibration" in m.meta, f"{e['id']} is not calibrated"
+
+
+def test_user_folder_models_are_listed_and_resolved(tmp_path, monkeypatch, intensity_model):
+    monkeypatch.setenv("BRAINANOMALY_MODELS_DIR", str(tmp_path))
+    shutil.copytree(intensity_model.path, tmp_path / "mine")
+    assert any(r["id"] == "mine" and r["source"] == "user" for r in list_models())
+    assert resolve_model("mine").kind == "intensity"

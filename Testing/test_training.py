@@ -1,0 +1,64 @@
+"""Training from a manifest: healthy-only, subject split, calibration, a loadable model folder."""
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from BrainAnomalyLib.cli import main
+from BrainAnomalyLib.manifest import Case, read_manifest, write_manifest
+from BrainAnomalyLib.models import load_model
+from BrainAnomalyLib.template import Grid
+from BrainAnomalyLib.training import split_subjects
+
+from conftest import template_cohort
+
+
+def _cohort(folder, n=8):
+    ref = Grid().reference()
+    cases = []
+    for i, (image, _) in enumerate(template_cohort(n, seed=5)):
+        img = sitk.GetImageFromArray(image * 100 + 400)
+        img.CopyInformation(ref)
+        sitk.WriteImage(img, str(folder / f"h{i}.nii.gz"))
+        cases.append(Case(f"h{i}", "T1", folder / f"h{i}.nii.gz", None))
+    cases.append(Case("p1", "T1", folder / "h0.nii.gz", folder / "h0.nii.gz"))  # a lesion row: not trained on
+    write_manifest(folder / "cohort.csv", cases)
+    return folder / "cohort.csv"
+
+
+def test_manifest_paths_are_relative_to_the_csv(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.csv").write_text("subject,modality,image,mask\na,t1,img/a.nii.gz,\nb,FLAIR,b.nii,b_seg.nii\n")
+    rows = read_manifest(tmp_path / "sub" / "m.csv")
+    assert rows[0].image == (tmp_path / "sub" / "img" / "a.nii.gz").resolve() and rows[0].mask is None
+    assert rows[0].modality == "T1" and rows[1].mask.name == "b_seg.nii"
+    assert [r.subject for r in read_manifest(tmp_path / "sub" / "m.csv", "flair")] == ["b"]
+
+
+def test_split_is_by_subject_and_stable():
+    cases = [Case(f"s{i}", m, None, None) for i in range(40) for m in ("T1", "T2")]
+    a, b = split_subjects(cases), split_subjects(list(reversed(cases)))
+    assert {k: {c.subject for c in v} for k, v in a.items()} == {k: {c.subject for c in v} for k, v in b.items()}
+    subjects = [{c.subject for c in a[k]} for k in ("train", "calibration", "test")]
+    assert not (subjects[0] & subjects[1]) and not (subjects[0] & subjects[2]) and not (subjects[1] & subjects[2])
+    assert len(subjects[0]) == 28 and len(subjects[1]) == 6 and len(subjects[2]) == 6
+
+
+def test_train_normative_from_a_manifest(tmp_path, capsys):
+    csv = _cohort(tmp_path)
+    out = tmp_path / "model"
+    code = main(["train", "--model", "normative", "--manifest", str(csv), "--modality", "T1", "-o", str(out),
+                 "--skull-strip", "none", "--no-bias-correction", "--no-register",
+                 "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = load_model(out)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["kind"] == "normative" and meta["params"]["direction"] == "hypo"
+    assert meta["training_data"]["lesion_rows_ignored"] == 1
+    assert meta["training_data"]["n_train"] + meta["training_data"]["n_calibration"] \
+        + meta["training_data"]["n_test_held_out"] == 8
+    thr = meta["calibration"]["thresholds"]
+    assert thr["0.001"] > thr["0.01"] > thr["0.05"] > 0
+    assert model.tensors["mean"].shape == tuple(reversed(Grid().size))
+    assert len(list((tmp_path / "cache").glob("*.npz"))) >= 6  # preprocessed once, reused by calibration

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Copy a trained model folder into Resources/Models and (re)write its registry entry with size and sha256.
+
+    python scripts/register_model.py /path/to/model-folder [--default]
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from BrainAnomalyLib.models import folder_digest, load_model, shipped_registry_file  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--default", action="store_true", help="make it the default model")
+    ap.add_argument("--card", help="model card markdown file to copy in as MODEL_CARD.md")
+    args = ap.parse_args()
+    model = load_model(args.folder)  # refuses broken folders before anything is copied
+    registry = shipped_registry_file()
+    dest = registry.parent / model.name
+    if dest.resolve() != args.folder.resolve():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(args.folder, dest)
+    if args.card:
+        shutil.copy(args.card, dest / "MODEL_CARD.md")
+    data = json.loads(registry.read_text()) if registry.is_file() else {"default": model.name, "models": []}
+    meta = model.meta
+    entry = {"id": model.name, "path": model.name, "kind": meta["kind"], "version": meta.get("version", "1.0.0"),
+             "modality": meta["modality"], "inputs": [meta["modality"]],
+             "description": meta.get("description", ""),
+             "size_bytes": sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()),
+             "sha256": folder_digest(dest),
+             "training_data": meta.get("training_data", {}).get("manifest", "none"),
+             "metrics": meta.get("metrics", {})}
+    data["models"] = [e for e in data["models"] if e["id"] != model.name] + [entry]
+    if args.default:
+        data["default"] = model.name
+    registry.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"registered {model.name}: {entry['size_bytes']} bytes, sha256 {entry['sha256'][:12]}...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
