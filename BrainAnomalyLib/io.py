@@ -95,7 +95,14 @@ def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=True)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; outputs get the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -89,6 +89,9 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSOR_FILE))
             meta["files"][TENSOR_FILE] = sha256_file(tmp / TENSOR_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        from .io import _umask
+
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; a model folder is shareable
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

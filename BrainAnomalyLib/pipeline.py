@@ -17,6 +17,7 @@ from .manifest import normalise_modality
 from .models import Model
 from .postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
 from .preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
+from .preprocess.normalise import normalise
 from .progress import Reporter
 from .result import Result
 from .scorers import scorer_class
@@ -43,9 +44,9 @@ class Detector:
         meta = model.meta
         self.grid = Grid.from_dict(meta["grid"])
         self.preprocess_config = preprocess_config or PreprocessConfig.from_dict(meta.get("preprocessing", {}))
-        if self.preprocess_config.normalisation != meta.get("preprocessing", {}).get(
-                "normalisation", self.preprocess_config.normalisation):
-            raise BadInputError("the normalisation must match the one the model was trained with")
+        # Scores only mean something on the intensity scale the model was built on.
+        self.preprocess_config.normalisation = meta.get("preprocessing", {}).get(
+            "normalisation", self.preprocess_config.normalisation)
         self.postprocess_config = postprocess_config or PostprocessConfig(**meta.get("postprocess", {}))
         params = dict(meta.get("params", {}), **(scorer_params or {}))
         self.scorer = scorer_class(model.kind)(params, model.tensors, self.device)
@@ -90,13 +91,19 @@ class Detector:
         pre = analysis.pre
 
         t = time.perf_counter()
+        reporter = reporter.sub(0.9, 1.0)
         reporter("back-project", 0.0)
         native_mask = array_to_image(pre.native_mask.astype(np.uint8), native)
         heat = to_native(analysis.clean_map, pre, native)
         heat = sitk.Mask(heat, native_mask)
         recon = None
         if analysis.reconstruction is not None:
+            # Undo the normalisation with the original scan's own brain statistics (N4's field has an arbitrary
+            # global scale), so the pseudo-healthy image is shown on the scan's intensity scale.
+            _, scan_scale = normalise(sitk.GetArrayViewFromImage(native), pre.native_mask,
+                                      self.preprocess_config.normalisation)
             recon = to_native(analysis.reconstruction, pre, native)
+            recon = sitk.Mask(recon * scan_scale["scale"] + scan_scale["offset"], native_mask)
         pred_mask, lesions = label_lesions(heat, chosen["value"], self.postprocess_config.min_lesion_ml)
         reporter("back-project", 1.0)
         seconds = dict(analysis.seconds, back_project=time.perf_counter() - t,

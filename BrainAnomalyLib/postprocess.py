@@ -44,7 +44,7 @@ def scan_score(anomaly_map: np.ndarray, mask: np.ndarray, top_fraction: float = 
 
 
 def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float) -> Tuple[sitk.Image, List[dict]]:
-    """Threshold a map on its own grid into a label map (1 = anomaly) and a lesion table, largest first."""
+    """Threshold a map on its own grid into a label map (1 = anomaly) and a lesion table, highest peak first."""
     arr = sitk.GetArrayViewFromImage(anomaly_map)
     voxel_ml = float(np.prod(anomaly_map.GetSpacing())) / 1000.0
     binary = arr > threshold
@@ -68,7 +68,8 @@ def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: floa
                             "centroid_ras": [round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)],
                             "centroid_ijk": [round(v, 2) for v in ijk],
                             "mean_score": round(float(mean), 4), "max_score": round(float(mx), 4)})
-    lesions.sort(key=lambda d: -d["voxels"])
+    # Most confident finding first: the peak score, not the size, is what ranks a finding.
+    lesions.sort(key=lambda d: (-d["max_score"], -d["voxels"]))
     for k, les in enumerate(lesions, start=1):
         les["label"] = k
     mask = keep[labels].astype(np.uint8)

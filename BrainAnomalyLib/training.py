@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__
 from .cache import preprocessed_arrays
 from .calibration import DEFAULT_FPRS, thresholds_for_fpr
+from .errors import BadInputError
 from .manifest import Case, read_manifest
 from .models import Model, save_model
 from .postprocess import PostprocessConfig
@@ -35,10 +36,17 @@ def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[s
 
 
 def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
-                 cache_dir: Optional[Path] = None, step: str = "preprocess") -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+                 cache_dir: Optional[Path] = None, step: str = "preprocess",
+                 skipped: Optional[List[str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Preprocessed grid volumes of `cases`; a scan that is bad input is skipped and named in `skipped`."""
     for i, case in enumerate(cases):
         reporter(f"{step} {case.subject}", i / max(len(cases), 1))
-        yield preprocessed_arrays(case.image, config, grid, cache_dir)
+        try:
+            yield preprocessed_arrays(case.image, config, grid, cache_dir)
+        except BadInputError as exc:
+            if skipped is None:
+                raise
+            skipped.append(f"{case.key}: {exc}")
     reporter(step, 1.0)
 
 
@@ -55,12 +63,15 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     from .pipeline import Detector
 
     det = Detector(model, device="cpu")
-    values = []
-    for image, mask in grid_volumes(cases, det.preprocess_config, det.grid, reporter, cache_dir, "calibrate"):
+    values, skipped = [], []
+    for image, mask in grid_volumes(cases, det.preprocess_config, det.grid, reporter, cache_dir, "calibrate",
+                                    skipped):
         _, cleaned, eroded, _ = det.score_grid(image, mask)
         values.append(cleaned[eroded])
+    if not values:
+        raise ValueError("no usable healthy scans to calibrate on: " + "; ".join(skipped))
     return {"method": "pooled healthy voxel quantiles", "thresholds": thresholds_for_fpr(values, fprs),
-            "n_scans": len(cases), "subjects": sorted({c.subject for c in cases})}
+            "n_scans": len(values), "subjects": sorted({c.subject for c in cases}), "skipped": skipped}
 
 
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
@@ -78,14 +89,15 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     params = {"direction": direction_for(modality) if direction == "auto" else direction}
     cls = scorer_class(kind)
     t = time.perf_counter()
-    params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir), params,
-                              reporter)
+    skipped: List[str] = []
+    params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir,
+                                           skipped=skipped), params, reporter)
     name = name or Path(out).name
     meta = base_meta(kind, name, modality, f"{kind} scorer for {modality}, trained on {Path(manifest).name}",
                      grid, pre, post, params)
     meta["training_data"] = {"manifest": Path(manifest).name, "n_train": len(train_cases),
                              "n_calibration": len(splits["calibration"]), "n_test_held_out": len(splits["test"]),
-                             "lesion_rows_ignored": len(lesion_cases),
+                             "lesion_rows_ignored": len(lesion_cases), "skipped": skipped,
                              "test_subjects": sorted({c.subject for c in splits["test"]}),
                              "seconds": round(time.perf_counter() - t, 1)}
     folder = save_model(out, meta, tensors)

@@ -33,8 +33,10 @@ def write_lesions_csv(lesions, path: Path) -> None:
 def write_result(result: Result, scan: sitk.Image, outdir, input_name: str = "") -> Path:
     """Write every output into `outdir`; staged in a hidden sibling folder and moved in at the end."""
     outdir = Path(outdir)
+    created = not outdir.exists()
     outdir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=outdir))
+    done = False
     try:
         write_volume(result.anomaly_map, stage / "anomaly_map.nii.gz")
         write_volume(result.pred_mask, stage / "pred_mask.nii.gz")
@@ -51,6 +53,9 @@ def write_result(result: Result, scan: sitk.Image, outdir, input_name: str = "")
                         stage / "overlay.png", result.brain_mask, title=title)
         for f in stage.iterdir():
             os.replace(f, outdir / f.name)
+        done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done and created and not any(outdir.iterdir()):
+            outdir.rmdir()
     return outdir

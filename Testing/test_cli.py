@@ -68,6 +68,8 @@ def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, demo_file, intens
     assert code == 2  # one case failed
     assert (out / "s1_T1" / "anomaly_map.nii.gz").is_file()
     assert not (out / "s2_T1").exists()
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[1].startswith("s1,T1,ok,") and summary[2].startswith("s2,T1,failed,")
     captured = capsys.readouterr()
     assert "1 of 2 scans done" in captured.out and "s2_T1" in captured.err and "constant" in captured.err
 

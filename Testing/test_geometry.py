@@ -58,3 +58,13 @@ def test_back_projection_is_exact_for_a_known_transform():
     expected = np.array(native.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(q.tolist())))
     got = np.argwhere(out > 0.5).mean(axis=0)[::-1]
     assert np.abs(got - expected).max() < 1.0
+
+
+def test_reconstruction_is_on_the_scan_intensity_scale(demo_case, demo_result):
+    scan, truth = demo_case
+    brain = (sitk.GetArrayFromImage(demo_result.brain_mask) > 0) & ~(sitk.GetArrayFromImage(truth) > 0)
+    recon = sitk.GetArrayFromImage(demo_result.reconstruction)[brain]
+    original = sitk.GetArrayFromImage(scan)[brain]
+    # healthy tissue: the pseudo-healthy image agrees with the scan in level and spread (the scan is 0..1000)
+    assert abs(np.median(recon) - np.median(original)) < 0.1 * np.median(original)
+    assert np.corrcoef(recon, original)[0, 1] > 0.8

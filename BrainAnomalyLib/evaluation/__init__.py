@@ -1,0 +1,1 @@
+"""Evaluation: voxel, lesion and scan-level metrics on the same outputs `detect` produces."""

@@ -1,0 +1,113 @@
+"""A benchmark cohort: every healthy scan of one contrast, each kind of synthetic anomaly, written as volumes,
+manifests (synth.csv for lesions, artefacts.csv for lesion-free artefact scans) and synth.json records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import BadInputError
+from ..io import read_volume, write_volume
+from ..manifest import Case, normalise_modality, write_manifest
+from ..progress import Reporter
+from ..template import Grid, template_1mm, template_on_grid
+from .generate import KINDS, SynthCase, displacement_image, synthesize
+from .tissue import TissueMaps
+
+# The bundled template is a 0..1 T1 image; scanner-like units keep intensities comparable to real scans.
+TEMPLATE_SCALE = 1000.0
+TEMPLATE_SUBJECT = "template"
+
+
+def check_kinds(kinds: Sequence[str]) -> List[str]:
+    kinds = [k.strip() for k in kinds if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise BadInputError(f"unknown synthetic kind(s) {', '.join(unknown) or '(none given)'}; "
+                            f"choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def case_seed(seed: int, scan_index: int, repeat: int) -> int:
+    """The seed of one synthetic case; recorded, so `synthesize` with it reproduces the case alone."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, scan_index, repeat]).generate_state(1)[0])
+
+
+def _scans(cases: Optional[List[Case]], modality: str, template_grid: Optional[Grid]) -> List[Tuple[str, object]]:
+    if cases is None:
+        if modality != "T1":
+            raise BadInputError(f"the bundled template is a T1 image; it cannot stand for a {modality} scan")
+        return [(TEMPLATE_SUBJECT, None)]
+    healthy = [c for c in cases if c.modality == modality and c.mask is None]
+    if not healthy:
+        raise BadInputError(f"the manifest has no healthy (mask-less) {modality} scans")
+    return [(c.subject, c) for c in healthy]
+
+
+def _load(source, template_grid: Optional[Grid], modality: str, reporter: Reporter):
+    if source is None:
+        base = template_1mm("T1") if template_grid is None else template_on_grid(template_grid, "T1")
+        image = sitk.Cast(base * TEMPLATE_SCALE, sitk.sitkFloat32)
+        return image, TissueMaps.from_template(template_grid), "MNI152 2009a T1 template"
+    image = read_volume(source.image)
+    return image, TissueMaps.for_scan(image, modality, reporter), str(source.image)
+
+
+def make_cohort(cases: Optional[List[Case]], out_dir, modality: str, kinds: Sequence[str], per_scan: int = 1,
+                seed: int = 0, reporter: Optional[Reporter] = None, template_grid: Optional[Grid] = None) -> Path:
+    """Write synthetic cases for every healthy `modality` scan in `cases` (or the bundled template when None).
+
+    Files are `<subject>_<kind>.nii.gz` and `<subject>_<kind>_mask.nii.gz` (with `_<i>` before the suffix when
+    per_scan > 1; tumours also get `_displacement.nii.gz`). Returns the path of synth.csv. `template_grid` puts
+    the template on a model grid instead of its 1 mm grid (quick runs).
+    """
+    reporter = reporter or Reporter()
+    modality = normalise_modality(modality)
+    kinds = check_kinds(kinds)
+    if per_scan < 1:
+        raise BadInputError("--per-scan must be at least 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scans = _scans(cases, modality, template_grid)
+    lesion_rows: List[Case] = []
+    artefact_rows: List[Case] = []
+    entries: List[dict] = []
+    for i, (subject, source) in enumerate(scans):
+        rep = reporter.sub(i / len(scans), (i + 1) / len(scans))
+        reporter.check()
+        image, tissue, origin = _load(source, template_grid, modality, rep.sub(0.0, 0.4))
+        jobs = [(kind, r) for kind in kinds for r in range(per_scan)]
+        for j, (kind, r) in enumerate(jobs):
+            rep.sub(0.4, 1.0)(f"synth {subject} {kind}", j / len(jobs))
+            name = f"{subject}_{kind}" + (f"_{r}" if per_scan > 1 else "")
+            case = synthesize(image, modality, kind, case_seed(seed, i, r), tissue)
+            entry = _write_case(case, out, name)
+            entry.update({"subject": name, "source_subject": subject, "source_image": origin,
+                          "records": case.records})
+            entries.append(entry)
+            row = Case(name, modality, out / entry["image"], None if case.is_artefact else out / entry["mask"])
+            (artefact_rows if case.is_artefact else lesion_rows).append(row)
+        rep("synth done", 1.0)
+    write_manifest(out / "synth.csv", lesion_rows)
+    write_manifest(out / "artefacts.csv", artefact_rows)
+    (out / "synth.json").write_text(json.dumps({"modality": modality, "kinds": kinds, "per_scan": per_scan,
+                                                "seed": seed, "cases": entries}, indent=1))
+    return out / "synth.csv"
+
+
+def _write_case(case: SynthCase, out: Path, name: str) -> dict:
+    files = {"image": f"{name}.nii.gz", "mask": f"{name}_mask.nii.gz"}
+    write_volume(case.image, out / files["image"])
+    # Artefact scans get an all-zero mask file too (evaluators may want one), but no mask in artefacts.csv,
+    # which marks them as lesion-free scans.
+    write_volume(case.mask, out / files["mask"])
+    field = displacement_image(case)
+    if field is not None:
+        files["displacement"] = f"{name}_displacement.nii.gz"
+        write_volume(sitk.Cast(field, sitk.sitkVectorFloat32), out / files["displacement"])
+    return files
+

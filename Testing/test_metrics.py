@@ -1,0 +1,51 @@
+"""Metrics against hand-computed values, ties and degenerate cases included."""
+
+import numpy as np
+import pytest
+
+from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, dice
+
+
+def test_average_precision_hand_computed():
+    # ranking: 0.9(+) 0.8(-) 0.7(+) 0.1(-): precision at the positives 1 and 2/3 -> AP = (1 + 2/3) / 2
+    assert average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+
+
+def test_average_precision_with_ties_counts_the_tie_as_one_threshold():
+    # all four tied: one threshold, precision 0.5 at recall 1
+    assert average_precision([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == pytest.approx(0.5)
+    # tie between a positive and a negative at the top: precision 1/2 at recall 1/2, then 2/3 at recall 1
+    assert average_precision([0.9, 0.9, 0.3, 0.2], [1, 0, 1, 0]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+
+
+def test_perfect_and_no_positive_cases():
+    assert average_precision([0.9, 0.1], [1, 0]) == 1.0
+    assert average_precision([0.9, 0.1], [0, 0]) == 0.0
+    assert best_dice([0.9, 0.1], [0, 0]) == (0.0, float("inf"))
+
+
+def test_best_dice_hand_computed():
+    d, t = best_dice([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0])
+    # threshold 0.7 -> TP 2, FP 1, FN 0 -> 4/5; threshold 0.9 -> TP 1, FN 1 -> 2/3
+    assert d == pytest.approx(0.8) and t == 0.7
+
+
+def test_dice_of_masks_including_empty():
+    assert dice([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert dice([0, 0], [0, 0]) == 1.0
+    assert dice([1, 0], [0, 0]) == 0.0
+
+
+def test_average_precision_matches_a_brute_force_definition():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 20, 300).astype(float)  # many ties
+    labels = rng.random(300) < 0.3
+    ap = 0.0
+    prev_recall = 0.0
+    for t in np.unique(scores)[::-1]:
+        pred = scores >= t
+        tp = (pred & labels).sum()
+        recall = tp / labels.sum()
+        ap += (recall - prev_recall) * tp / pred.sum()
+        prev_recall = recall
+    assert average_precision(scores, labels) == pytest.approx(ap)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Retrain and register the shipped models from ../shared/data (about 30-40 min on 2 CPU cores, most of it
+# preprocessing, which is cached in ~/.cache/brainanomaly so a second run takes seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-build/models}
+BA=.venv/bin/brainanomaly
+PY=.venv/bin/python
+
+$BA train --model normative --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name normative-t1-ixi \
+    -o "$OUT/normative-t1-ixi"
+$BA train --model intensity --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name intensity-t1 \
+    -o "$OUT/intensity-t1"
+
+$PY scripts/register_model.py "$OUT/normative-t1-ixi" --default --card docs/model_cards/normative-t1-ixi.md
+$PY scripts/register_model.py "$OUT/intensity-t1" --card docs/model_cards/intensity-t1.md
