@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
 
     sub.add_parser("models", help="list the available models")
+    from .synth import cli as synth_cli
+
+    synth_cli.add_parser(sub)
     return parser
 
 
@@ -279,7 +282,13 @@ def cmd_models(args, cancel: CancelToken) -> int:
     return 0
 
 
-COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models}
+def cmd_synth(args, cancel: CancelToken) -> int:
+    from .synth import cli as synth_cli
+
+    return synth_cli.run(args, cancel)
+
+
+COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models, "synth": cmd_synth}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -315,10 +315,14 @@ def test_tissue_maps_for_scan_pull_the_template_onto_the_scan(moved_scan, tmp_pa
     # The same scan through a manifest: only healthy rows of the asked contrast are used.
     write_volume(scan, tmp_path / "scan.nii.gz")
     write_volume(sitk.Cast(scan > 500, sitk.sitkUInt8), tmp_path / "lesion.nii.gz")
+    sitk.WriteImage(sitk.Image([64, 64, 64], sitk.sitkFloat32), str(tmp_path / "blank.nii.gz"))
     write_manifest(tmp_path / "in.csv", [Case("s1", "T1", tmp_path / "scan.nii.gz", None),
                                          Case("s2", "T1", tmp_path / "scan.nii.gz", tmp_path / "lesion.nii.gz"),
-                                         Case("s3", "FLAIR", tmp_path / "scan.nii.gz", None)])
+                                         Case("s3", "FLAIR", tmp_path / "scan.nii.gz", None),
+                                         Case("blank", "T1", tmp_path / "blank.nii.gz", None)])
     out = make_cohort(read_manifest(tmp_path / "in.csv"), tmp_path / "out", "T1", ["ms", "artefact-bias"])
+    failures = json.loads((tmp_path / "out" / "synth.json").read_text())["failures"]
+    assert [f["subject"] for f in failures] == ["blank"]  # an unreadable scan is reported, the rest go on
     (row,) = read_manifest(out)
     assert row.subject == "s1_ms" and row.mask is not None
     lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(row.mask))) > 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from ..errors import BadInputError
@@ -41,5 +43,9 @@ def run(args, cancel: CancelToken) -> int:
     finally:
         bar.close()
     out = csv_path.parent
-    print(f"synthetic cohort in {out}: lesions in {csv_path.name}, artefacts in artefacts.csv, records in synth.json")
-    return 0
+    info = json.loads((out / "synth.json").read_text())
+    print(f"{len(info['cases'])} synthetic case(s) in {out}: lesions in {csv_path.name}, artefacts in "
+          "artefacts.csv, records in synth.json")
+    for f in info["failures"]:
+        print(f"failed: {f['subject']}: {f['error']}", file=sys.stderr)
+    return 2 if info["failures"] else 0

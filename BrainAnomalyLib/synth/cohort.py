@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,7 +37,7 @@ def case_seed(seed: int, scan_index: int, repeat: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, scan_index, repeat]).generate_state(1)[0])
 
 
-def _scans(cases: Optional[List[Case]], modality: str, template_grid: Optional[Grid]) -> List[Tuple[str, object]]:
+def _scans(cases: Optional[List[Case]], modality: str) -> List[Tuple[str, Optional[Case]]]:
     if cases is None:
         if modality != "T1":
             raise BadInputError(f"the bundled template is a T1 image; it cannot stand for a {modality} scan")
@@ -48,7 +48,7 @@ def _scans(cases: Optional[List[Case]], modality: str, template_grid: Optional[G
     return [(c.subject, c) for c in healthy]
 
 
-def _load(source, template_grid: Optional[Grid], modality: str, reporter: Reporter):
+def _load(source: Optional[Case], template_grid: Optional[Grid], modality: str, reporter: Reporter):
     if source is None:
         base = template_1mm("T1") if template_grid is None else template_on_grid(template_grid, "T1")
         image = sitk.Cast(base * TEMPLATE_SCALE, sitk.sitkFloat32)
@@ -62,8 +62,10 @@ def make_cohort(cases: Optional[List[Case]], out_dir, modality: str, kinds: Sequ
     """Write synthetic cases for every healthy `modality` scan in `cases` (or the bundled template when None).
 
     Files are `<subject>_<kind>.nii.gz` and `<subject>_<kind>_mask.nii.gz` (with `_<i>` before the suffix when
-    per_scan > 1; tumours also get `_displacement.nii.gz`). Returns the path of synth.csv. `template_grid` puts
-    the template on a model grid instead of its 1 mm grid (quick runs).
+    per_scan > 1; tumours also get `_displacement.nii.gz`). Returns the path of synth.csv. A scan that cannot be
+    read or registered, or a case that does not fit a scan, is listed under "failures" in synth.json and the
+    rest go on; if nothing at all could be made, BadInputError. `template_grid` puts the template on a model
+    grid instead of its 1 mm grid (quick runs).
     """
     reporter = reporter or Reporter()
     modality = normalise_modality(modality)
@@ -72,30 +74,42 @@ def make_cohort(cases: Optional[List[Case]], out_dir, modality: str, kinds: Sequ
         raise BadInputError("--per-scan must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scans = _scans(cases, modality, template_grid)
-    lesion_rows: List[Case] = []
-    artefact_rows: List[Case] = []
+    scans = _scans(cases, modality)
+    rows: Dict[bool, List[Case]] = {False: [], True: []}  # keyed by "is an artefact"
     entries: List[dict] = []
+    failures: List[dict] = []
     for i, (subject, source) in enumerate(scans):
         rep = reporter.sub(i / len(scans), (i + 1) / len(scans))
         reporter.check()
-        image, tissue, origin = _load(source, template_grid, modality, rep.sub(0.0, 0.4))
+        try:
+            image, tissue, origin = _load(source, template_grid, modality, rep.sub(0.0, 0.4))
+        except BadInputError as exc:
+            failures.append({"subject": subject, "error": str(exc)})
+            continue
         jobs = [(kind, r) for kind in kinds for r in range(per_scan)]
         for j, (kind, r) in enumerate(jobs):
             rep.sub(0.4, 1.0)(f"synth {subject} {kind}", j / len(jobs))
             name = f"{subject}_{kind}" + (f"_{r}" if per_scan > 1 else "")
-            case = synthesize(image, modality, kind, case_seed(seed, i, r), tissue)
+            case_seed_value = case_seed(seed, i, r)
+            try:
+                case = synthesize(image, modality, kind, case_seed_value, tissue)
+            except ValueError as exc:  # e.g. a brain mask too small to hold this lesion
+                failures.append({"subject": name, "kind": kind, "seed": case_seed_value, "error": str(exc)})
+                continue
             entry = _write_case(case, out, name)
             entry.update({"subject": name, "source_subject": subject, "source_image": origin,
                           "records": case.records})
             entries.append(entry)
-            row = Case(name, modality, out / entry["image"], None if case.is_artefact else out / entry["mask"])
-            (artefact_rows if case.is_artefact else lesion_rows).append(row)
+            rows[case.is_artefact].append(
+                Case(name, modality, out / entry["image"], None if case.is_artefact else out / entry["mask"]))
         rep("synth done", 1.0)
-    write_manifest(out / "synth.csv", lesion_rows)
-    write_manifest(out / "artefacts.csv", artefact_rows)
+    write_manifest(out / "synth.csv", rows[False])
+    write_manifest(out / "artefacts.csv", rows[True])
     (out / "synth.json").write_text(json.dumps({"modality": modality, "kinds": kinds, "per_scan": per_scan,
-                                                "seed": seed, "cases": entries}, indent=1))
+                                                "seed": seed, "cases": entries, "failures": failures}, indent=1))
+    if not entries:
+        raise BadInputError("no synthetic case could be made: " + "; ".join(
+            f"{f['subject']}: {f['error']}" for f in failures))
     return out / "synth.csv"
 
 

@@ -7,8 +7,8 @@ Work is confined to a box around each lesion so 1 mm scans stay cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -33,16 +33,14 @@ class LesionEdit:
     record: dict
     # Tumour only: (z,y,x,3) LPS mm, ITK convention out(p) = in(p + u(p)); see tumour().
     displacement: Optional[np.ndarray] = None
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     """Uniform random rotation matrix (from a unit quaternion)."""
-    w, x, y, z = rng.standard_normal(4) / 1.0
-    n = np.sqrt(w * w + x * x + y * y + z * z)
-    w, x, y, z = w / n, x / n, y / n, z / n
+    q = rng.standard_normal(4)
+    w, x, y, z = q / np.linalg.norm(q)
     return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
                      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])

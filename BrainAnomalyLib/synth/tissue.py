@@ -132,7 +132,11 @@ class TissueMaps:
 
     @classmethod
     def for_scan(cls, image: sitk.Image, modality: str, reporter: Optional[Reporter] = None) -> "TissueMaps":
-        """Register the scan to the template (as detection does) and pull the template maps onto its grid."""
+        """Register the scan to the template (as detection does) and pull the template maps onto its grid.
+
+        `modality` is accepted for symmetry with the rest of the API; the registration (mutual information)
+        works across contrasts, so it does not change anything today.
+        """
         from ..preprocess.chain import PreprocessConfig, preprocess
 
         reporter = reporter or Reporter()
@@ -146,9 +150,13 @@ class TissueMaps:
         return cls._build(pre.native_mask, maps["WM"], maps["GM"], image, pre.transform)
 
     def check_matches(self, image: sitk.Image) -> None:
-        if tuple(image.GetSize()) != self.geometry.size:
-            raise ValueError(f"tissue maps are for a grid of size {self.geometry.size}, the image has size "
-                             f"{tuple(image.GetSize())}")
+        other = Geometry.of(image)
+        g = self.geometry
+        if (other.size != g.size or not np.allclose(other.spacing, g.spacing, atol=1e-5)
+                or not np.allclose(other.origin, g.origin, atol=1e-4)
+                or not np.allclose(other.direction, g.direction, atol=1e-5)):
+            raise ValueError(f"tissue maps are for another grid (size {g.size}, spacing {g.spacing}) than the "
+                             f"image (size {other.size}, spacing {other.spacing})")
 
     @cached_property
     def _brain_box(self) -> Tuple[slice, ...]:
