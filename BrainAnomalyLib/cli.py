@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("-q", "--quiet", action="store_true")
 
+    p = sub.add_parser("evaluate", help="metrics of one or more models on a manifest, through the detect path")
+    p.add_argument("--manifest", required=True, help="CSV of scans; rows with a mask are lesion scans")
+    p.add_argument("--model", action="append", help="model id or folder; repeat to compare models "
+                                                     "(default: the shipped default model)")
+    p.add_argument("--healthy", help="CSV of healthy scans: scan-level AUROC and healthy false-positive rate")
+    p.add_argument("--modality", help="evaluate rows of this modality (default: the models' modality)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="raw score threshold instead of the calibrated one")
+    g.add_argument("--fpr", type=float, help="calibrated healthy FPR to threshold at (default 0.01)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+
     sub.add_parser("models", help="list the available models")
     from .synth import cli as synth_cli
 
@@ -282,13 +295,54 @@ def cmd_models(args, cancel: CancelToken) -> int:
     return 0
 
 
+def cmd_evaluate(args, cancel: CancelToken) -> int:
+    from .evaluation.evaluate import evaluate
+    from .evaluation.report import markdown_table, write_report
+    from .manifest import read_manifest
+    from .models import resolve_model
+    from .pipeline import Detector
+
+    detectors, thresholds = {}, {}
+    for name in args.model or [None]:
+        model = resolve_model(name)
+        detectors[model.name] = Detector(model, device=args.device)
+        thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr)
+    modalities = {d.model.modality for d in detectors.values()}
+    if len(modalities) > 1:
+        raise BadInputError(f"models of different modalities ({', '.join(sorted(modalities))}) cannot be "
+                            "evaluated on the same scans")
+    modality = args.modality or modalities.pop()
+    for det in detectors.values():
+        det.check_modality(modality)
+    cases = read_manifest(args.manifest, modality)
+    if args.healthy:
+        cases += [c for c in read_manifest(args.healthy, modality) if c.mask is None]
+    bar = _Bar(args.quiet, "evaluate")
+    skipped: List[str] = []
+    try:
+        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    finally:
+        bar.close()
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    if len(skipped) == len(cases):
+        raise BadInputError("no case could be evaluated")
+    out = write_report(results, Path(args.output), f"{Path(args.manifest).name} ({modality})")
+    print(markdown_table(results))
+    print(f"report in {out}: metrics.json, metrics.md, pr_curves.png, <model>_best.png, <model>_worst.png")
+    return 0
+
+
 def cmd_synth(args, cancel: CancelToken) -> int:
     from .synth import cli as synth_cli
 
     return synth_cli.run(args, cancel)
 
 
-COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models, "synth": cmd_synth}
+COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models, "synth": cmd_synth,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,26 +16,29 @@ def _ras_array(image: sitk.Image) -> np.ndarray:
 
 def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.Image, threshold: float,
                     path: Path, brain_mask: Optional[sitk.Image] = None, n_slices: int = 12,
-                    title: str = "") -> Path:
+                    title: str = "", truth: Optional[sitk.Image] = None) -> Path:
+    """Axial montage; `truth`, when given, is outlined in green and its slices are shown first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img, heat, pred = _ras_array(scan), _ras_array(anomaly_map), _ras_array(pred_mask) > 0
+    true = _ras_array(truth) > 0 if truth is not None else np.zeros_like(pred)
     brain = _ras_array(brain_mask) > 0 if brain_mask is not None else img > img.min()
     if brain.any():  # crop to the brain, with a small margin, so each tile shows it large
         lo_idx = np.maximum(np.argwhere(brain).min(axis=0) - 4, 0)
         hi_idx = np.argwhere(brain).max(axis=0) + 5
         crop = tuple(slice(a, b) for a, b in zip(lo_idx, hi_idx))
-        img, heat, pred, brain = img[crop], heat[crop], pred[crop], brain[crop]
+        img, heat, pred, brain, true = img[crop], heat[crop], pred[crop], brain[crop], true[crop]
     zs = np.where(brain.any(axis=(1, 2)))[0]
     if zs.size == 0:
         zs = np.arange(img.shape[0])
     slices = list(np.linspace(zs[0], zs[-1], n_slices + 2)[1:-1].round().astype(int))
     # Make sure the slices through the largest lesions are shown.
-    if pred.any():
-        per_slice = pred.sum(axis=(1, 2))
+    focus = true if true.any() else pred
+    if focus.any():
+        per_slice = focus.sum(axis=(1, 2))
         for z in np.argsort(per_slice)[::-1][:4]:
             if per_slice[z] > 0 and z not in slices:
                 slices[int(np.argmin([abs(s - z) for s in slices]))] = int(z)
@@ -56,6 +59,8 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
         ax.imshow(h, cmap="hot", vmin=threshold, vmax=vmax, alpha=0.75, origin="upper", aspect=aspect)
         if pred[z].any():
             ax.contour(pred[z], levels=[0.5], colors="cyan", linewidths=0.6)
+        if true[z].any():
+            ax.contour(true[z], levels=[0.5], colors="lime", linewidths=0.6)
         ax.set_title(f"axial {z}", color="white", fontsize=8)
     if title:
         fig.suptitle(title, color="white", fontsize=10)

@@ -67,11 +67,14 @@ class Detector:
         cleaned, eroded = clean_map(out.anomaly_map, mask, self.postprocess_config)
         return out.anomaly_map, cleaned, eroded, out.reconstruction
 
-    def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None) -> GridAnalysis:
+    def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None,
+                pre: Optional[Preprocessed] = None) -> GridAnalysis:
+        """Preprocess (unless `pre` is given, e.g. shared by several scorers) and score on the model grid."""
         reporter = reporter or Reporter()
         t = time.perf_counter()
-        pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
-                         reporter.sub(0.0, 0.8))
+        if pre is None:
+            pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
+                             reporter.sub(0.0, 0.8))
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         raw, cleaned, eroded, recon = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
@@ -82,22 +85,31 @@ class Detector:
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
         reporter = reporter or Reporter()
         modality = self.check_modality(modality)
-        try:
-            chosen = choose_threshold(self.model.meta, threshold, fpr)
-        except ValueError as exc:
-            raise BadInputError(str(exc)) from None
+        chosen = self.threshold(threshold, fpr)
         started = time.perf_counter()
         analysis = self.analyse(native, reporter.sub(0.0, 0.9))
-        pre = analysis.pre
+        result = self.to_result(native, analysis, chosen, modality, reporter.sub(0.9, 1.0))
+        result.timings["total"] = round(time.perf_counter() - started, 3)
+        return result
 
+    def threshold(self, threshold: Optional[float] = None, fpr: Optional[float] = None) -> dict:
+        try:
+            return choose_threshold(self.model.meta, threshold, fpr)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from None
+
+    def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: dict, modality: str,
+                  reporter: Optional[Reporter] = None, with_reconstruction: bool = True) -> Result:
+        """Back-project a grid analysis onto the input grid, threshold it and tabulate the lesions."""
+        reporter = reporter or Reporter()
+        pre = analysis.pre
         t = time.perf_counter()
-        reporter = reporter.sub(0.9, 1.0)
         reporter("back-project", 0.0)
         native_mask = array_to_image(pre.native_mask.astype(np.uint8), native)
         heat = to_native(analysis.clean_map, pre, native)
         heat = sitk.Mask(heat, native_mask)
         recon = None
-        if analysis.reconstruction is not None:
+        if with_reconstruction and analysis.reconstruction is not None:
             # Undo the normalisation with the original scan's own brain statistics (N4's field has an arbitrary
             # global scale), so the pseudo-healthy image is shown on the scan's intensity scale.
             _, scan_scale = normalise(sitk.GetArrayViewFromImage(native), pre.native_mask,
@@ -106,8 +118,7 @@ class Detector:
             recon = sitk.Mask(recon * scan_scale["scale"] + scan_scale["offset"], native_mask)
         pred_mask, lesions = label_lesions(heat, chosen["value"], self.postprocess_config.min_lesion_ml)
         reporter("back-project", 1.0)
-        seconds = dict(analysis.seconds, back_project=time.perf_counter() - t,
-                       total=time.perf_counter() - started)
+        seconds = dict(analysis.seconds, back_project=time.perf_counter() - t)
         for step in pre.record:
             seconds[f"preprocess.{step['step']}"] = step["seconds"]
         m = self.model

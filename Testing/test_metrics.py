@@ -49,3 +49,36 @@ def test_average_precision_matches_a_brute_force_definition():
         ap += (recall - prev_recall) * tp / pred.sum()
         prev_recall = recall
     assert average_precision(scores, labels) == pytest.approx(ap)
+
+
+def test_roc_auc_hand_computed_with_ties():
+    from BrainAnomalyLib.evaluation.metrics import roc_auc
+
+    assert roc_auc([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.75)  # 3 of 4 pairs ordered
+    assert roc_auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)  # a tie counts half
+    assert np.isnan(roc_auc([0.3, 0.2], [0, 0]))
+
+
+def test_roc_auc_matches_pairwise_definition():
+    from BrainAnomalyLib.evaluation.metrics import roc_auc
+
+    rng = np.random.default_rng(4)
+    s = rng.integers(0, 10, 200).astype(float)
+    y = rng.random(200) < 0.4
+    pos, neg = s[y], s[~y]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert roc_auc(s, y) == pytest.approx(pairs)
+
+
+def test_lesion_detection_counts():
+    from BrainAnomalyLib.evaluation.metrics import lesion_detection
+
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:5, 2:5, 2:5] = True  # found
+    truth[10:12, 10:12, 10:12] = True  # missed
+    pred = np.zeros_like(truth)
+    pred[4:7, 4:7, 4:7] = True  # touches the first
+    pred[15:17, 15:17, 15:17] = True  # false positive
+    assert lesion_detection(pred, truth) == {"true_lesions": 2, "found": 1, "pred_lesions": 2, "fp_lesions": 1}
+    empty = lesion_detection(np.zeros_like(truth), np.zeros_like(truth))
+    assert empty == {"true_lesions": 0, "found": 0, "pred_lesions": 0, "fp_lesions": 0}

@@ -43,3 +43,38 @@ def dice(pred, truth) -> float:
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     total = pred.sum() + truth.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, truth).sum() / total)
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve (ties count half); NaN when only one class is present."""
+    tps, fps, _ = _curve(scores, labels)
+    if not tps.size or tps[-1] == 0 or fps[-1] == 0:
+        return float("nan")
+    tpr = np.r_[0.0, tps / tps[-1]]
+    fpr = np.r_[0.0, fps / fps[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def pr_curve(scores, labels, max_points: int = 400):
+    """(recall, precision) along thresholds, thinned to at most `max_points` for plotting."""
+    tps, fps, _ = _curve(scores, labels)
+    if not tps.size or tps[-1] == 0:
+        return np.array([0.0]), np.array([0.0])
+    recall, precision = tps / tps[-1], tps / (tps + fps)
+    keep = np.unique(np.linspace(0, recall.size - 1, min(max_points, recall.size)).round().astype(int))
+    return recall[keep], precision[keep]
+
+
+def lesion_detection(pred, truth) -> dict:
+    """Lesion-level counts: a true lesion is found when any predicted voxel touches it; a predicted component
+    touching no true lesion is a false-positive lesion (26-connected components on both sides)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 3)
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    t_lab, n_true = ndimage.label(truth, structure)
+    p_lab, n_pred = ndimage.label(pred, structure)
+    found = np.unique(t_lab[pred & truth])
+    hit_pred = np.unique(p_lab[pred & truth])
+    return {"true_lesions": int(n_true), "found": int(np.count_nonzero(found)), "pred_lesions": int(n_pred),
+            "fp_lesions": int(n_pred - np.count_nonzero(hit_pred))}

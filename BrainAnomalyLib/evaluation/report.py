@@ -1,0 +1,100 @@
+"""Writing evaluation results: metrics.json, a markdown table, PR curves and best/worst case montages."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Dict
+
+from ..overlay import overlay_montage
+
+COLUMNS = [("AUPRC", ("voxel", "auprc")), ("AUROC", ("voxel", "auroc")),
+           ("best Dice (upper bound)", ("voxel", "best_dice_upper_bound")),
+           ("Dice @ calibrated thr", ("voxel", "dice_at_threshold")), ("MOOD AP", ("voxel", "mood_ap")),
+           ("lesion sensitivity", ("lesion", "sensitivity")), ("FP lesions / scan", ("fp_lesions_per_scan",)),
+           ("scan AUROC", ("scan", "auroc")), ("healthy FPR", ("healthy_fpr",)),
+           ("non-lesion FPR", ("nonlesion_fpr",)), ("s / volume", ("seconds_per_volume",))]
+
+
+def _get(d: dict, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.2%}" if abs(v) < 0.1 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(results: Dict[str, dict], label_column: str = "scorer") -> str:
+    head = [label_column] + [c for c, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        lines.append("| " + " | ".join([name] + [_fmt(_get(r, path)) for _, path in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def public(r: dict) -> dict:
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def write_report(results: Dict[str, dict], outdir, title: str = "") -> Path:
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "metrics.json").write_text(json.dumps({k: public(v) for k, v in results.items()}, indent=2,
+                                                    default=float) + "\n")
+    table = markdown_table(results)
+    (outdir / "metrics.md").write_text((f"# {title}\n\n" if title else "") + table + "\n\n"
+                                       "Voxel metrics pool brain voxels of all lesion scans on each scan's own grid; "
+                                       "best Dice is an upper bound over thresholds; FPRs at the calibrated "
+                                       "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n")
+    _pr_plot(results, outdir / "pr_curves.png", title)
+    for name, r in results.items():
+        for which, shown in (r.get("_shown") or {}).items():
+            if shown is None:
+                continue
+            overlay_montage(shown.scan, shown.heat, shown.pred, r["threshold"]["value"],
+                            outdir / f"{_safe(name)}_{which}.png", shown.brain, truth=shown.truth,
+                            title=f"{name}: {which} case {shown.key} (AP {shown.ap:.3f}); green = truth, "
+                                  "cyan = prediction")
+    return outdir
+
+
+def _pr_plot(results: Dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    drawn = False
+    for name, r in results.items():
+        curve = r.get("pr_curve")
+        if curve:
+            ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP {r['voxel']['auprc']:.3f})")
+            drawn = True
+    prevalence = next((r["voxel"]["prevalence"] for r in results.values() if "voxel" in r), None)
+    if prevalence is not None:
+        ax.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance ({prevalence:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "voxel precision-recall", fontsize=9)
+    if drawn:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
