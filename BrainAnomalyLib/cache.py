@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .io import read_volume
-from .models import sha256_file
+from .errors import BadInputError
+from .models import folder_digest, sha256_file
 from .preprocess.chain import PreprocessConfig, preprocess
 from .progress import Reporter
 from .template import Grid
@@ -30,8 +31,15 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(path: Path, config: PreprocessConfig, grid: Grid) -> str:
+    """Content hash of the scan (a file, or every file of a DICOM folder) plus the settings."""
+    if path.is_dir():
+        content = folder_digest(path)
+    elif path.is_file():
+        content = sha256_file(path)
+    else:
+        raise BadInputError(f"input not found: {path}")
     settings = json.dumps({"v": CACHE_VERSION, "pre": config.to_dict(), "grid": grid.to_dict()}, sort_keys=True)
-    return hashlib.sha256((sha256_file(path) + settings).encode()).hexdigest()[:32]
+    return hashlib.sha256((content + settings).encode()).hexdigest()[:32]
 
 
 def preprocessed_arrays(path, config: PreprocessConfig, grid: Grid, cache_dir: Optional[Path] = None,

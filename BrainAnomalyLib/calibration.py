@@ -1,41 +1,164 @@
-"""Thresholds that give a chosen voxel false-positive rate on healthy scans, and choosing among them."""
+"""Thresholds that give a chosen voxel false-positive rate on healthy scans, and choosing among them.
+
+A model's `calibration` holds two views of one measurement, the pooled cleaned anomaly scores of held-out healthy
+scans over the whole grid brain mask (eroded-away voxels count as healthy voxels scoring 0):
+
+* `thresholds`: {"0.001": t, "0.01": t, "0.05": t}, the table `detect --fpr` has always read;
+* `curve`: {"fpr": [...], "threshold": [...]}, about 25 log-spaced FPRs from 1e-4 to 0.5 (the table's FPRs among
+  them), FPR increasing and thresholds non-increasing, so any threshold can be read as a healthy FPR and back.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
 DEFAULT_FPRS = (0.001, 0.01, 0.05)
 DEFAULT_FPR = 0.01
+CURVE_RANGE = (1e-4, 0.5)
+CURVE_POINTS = 25
+
+
+def _pool(healthy_values: Iterable[np.ndarray]) -> np.ndarray:
+    pooled = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_values])
+    if pooled.size == 0:
+        raise ValueError("no healthy voxels to calibrate on")
+    return pooled
 
 
 def thresholds_for_fpr(healthy_values: Iterable[np.ndarray], fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
     """Pooled in-brain scores of healthy scans -> {fpr: threshold} so that a share `fpr` of voxels lies above."""
-    pooled = np.concatenate([np.asarray(v, np.float32).ravel() for v in healthy_values])
-    if pooled.size == 0:
-        raise ValueError("no healthy voxels to calibrate on")
+    pooled = _pool(healthy_values)
     return {f"{f:g}": float(np.quantile(pooled, 1.0 - f)) for f in fprs}
+
+
+def curve_fprs(extra: Sequence[float] = DEFAULT_FPRS, lo: float = CURVE_RANGE[0], hi: float = CURVE_RANGE[1],
+               n: int = CURVE_POINTS) -> np.ndarray:
+    """Log-spaced FPRs from `lo` to `hi` with the `extra` ones exactly (near-duplicates of them dropped)."""
+    extra = np.array(sorted({float(f) for f in extra}), float)
+    grid = np.geomspace(lo, hi, n)
+    if extra.size:
+        # A grid point within 5 % (in ratio) of a table FPR would only make a near-vertical step: drop it.
+        near = np.abs(np.log(grid[:, None]) - np.log(extra[None, :])).min(axis=1) < np.log(1.05)
+        grid = grid[~near]
+    return np.unique(np.concatenate([grid, extra]))
+
+
+def calibration_tables(healthy_values: Iterable[np.ndarray], fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
+    """{"thresholds": table at `fprs`, "curve": dense curve} from pooled healthy scores (one pass over the pool)."""
+    fprs = [float(f) for f in fprs]
+    for f in fprs:
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"false-positive rates must lie between 0 and 1 (got {f:g})")
+    pooled = _pool(healthy_values)
+    fs = curve_fprs(fprs)
+    ts = np.quantile(pooled, 1.0 - fs).astype(float)
+    ts = np.minimum.accumulate(ts)  # guard against rounding: thresholds never rise with the FPR
+    table = {f"{f:g}": float(ts[np.isclose(fs, f, rtol=1e-12, atol=0)][0]) for f in fprs}
+    return {"thresholds": table, "curve": {"fpr": [float(f) for f in fs], "threshold": [float(t) for t in ts]}}
+
+
+def _points(meta: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(fprs ascending, thresholds non-increasing) from the curve, else the table; None if uncalibrated."""
+    cal = (meta or {}).get("calibration") or {}
+    curve = cal.get("curve") or {}
+    if curve.get("fpr") and curve.get("threshold") and len(curve["fpr"]) == len(curve["threshold"]):
+        pairs = sorted(zip((float(f) for f in curve["fpr"]), (float(t) for t in curve["threshold"])))
+    elif cal.get("thresholds"):
+        pairs = sorted((float(k), float(v)) for k, v in cal["thresholds"].items())
+    else:
+        return None
+    fs = np.array([p[0] for p in pairs])
+    ts = np.minimum.accumulate(np.array([p[1] for p in pairs]))
+    return fs, ts
+
+
+def _by_threshold(fs: np.ndarray, ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(thresholds strictly increasing, log-FPR) for reading FPR from a threshold. Where several FPRs share one
+    threshold (a tie, e.g. many healthy voxels scoring 0), the voxels *above* it are the smallest of those FPRs."""
+    uniq = np.unique(ts)
+    lf = np.array([np.log(fs[ts == u].min()) for u in uniq])
+    return uniq, lf
+
+
+def threshold_for_fpr(meta: dict, fpr: float) -> float:
+    """The raw score threshold that flags a share `fpr` of healthy brain voxels (log-FPR interpolation along the
+    curve, else the table; clamped at their ends). ValueError if the model is uncalibrated."""
+    fpr = float(fpr)
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"a false-positive rate lies between 0 and 1 (got {fpr:g})")
+    table = ((meta or {}).get("calibration") or {}).get("thresholds") or {}
+    for k, v in table.items():
+        if np.isclose(float(k), fpr, rtol=1e-9, atol=0):
+            return float(v)
+    pts = _points(meta)
+    if pts is None:
+        raise ValueError("this model has no calibration table; give --threshold instead of --fpr")
+    fs, ts = pts
+    exact = np.isclose(fs, fpr, rtol=1e-9, atol=0)
+    if exact.any():
+        return float(ts[exact][0])
+    # Between calibrated points, interpolate in log-FPR (thresholds fall roughly linearly in it).
+    return float(np.interp(np.log(fpr), np.log(fs), ts))
+
+
+def fpr_for_threshold(meta: dict, value: float) -> Optional[float]:
+    """The healthy voxel FPR a raw threshold stands for (log-interpolated along the curve, clamped at its ends:
+    at most the curve's largest FPR, at least its smallest); None if the model is uncalibrated."""
+    pts = _points(meta)
+    if pts is None:
+        return None
+    t, lf = _by_threshold(*pts)
+    value = float(value)
+    if value < t[0]:
+        return float(pts[0].max())
+    return float(np.exp(np.interp(value, t, lf)))
+
+
+def score_to_unit(meta: dict, scores: np.ndarray) -> np.ndarray:
+    """Raw scores -> [0, 1] as 1 - healthy FPR(score), monotone (float64, same shape).
+
+    Along the curve: log-FPR interpolation. Below the curve's lowest threshold (FPR 0.5): linear from 0 at score 0
+    (and below) up to 1 - 0.5 there; where that threshold is 0 itself, scores of 0 or less map to 0. Above its
+    highest threshold (FPR 1e-4): the log-linear tail of the curve's last segment carries on, so scores approach 1
+    (float64 keeps them apart well past the curve). ValueError if the model is uncalibrated."""
+    pts = _points(meta)
+    if pts is None:
+        raise ValueError("this model has no healthy calibration; cannot map its scores to [0, 1]")
+    t, lf = _by_threshold(*pts)
+    s = np.asarray(scores, np.float64)
+    out = np.empty(s.shape, np.float64)
+    lo, hi = t[0], t[-1]
+    below = s < lo if lo > 0 else s <= lo  # a score of 0 (or less) is 0, even where half the brain scores 0
+    above = s > hi
+    mid = ~below & ~above
+    out[mid] = 1.0 - np.exp(np.interp(s[mid], t, lf))
+    u_lo = 1.0 - float(pts[0].max())  # 0.5 at the curve's largest FPR
+    if lo > 0:
+        out[below] = u_lo * np.clip(s[below] / lo, 0.0, 1.0)
+    else:
+        out[below] = 0.0
+    if above.any():
+        if t.size >= 2:
+            slope = (lf[-1] - lf[-2]) / (t[-1] - t[-2])  # d log-FPR / d score, negative
+        else:
+            slope = -1.0 / max(abs(hi), 1e-6)
+        slope = min(slope, -1e-12)
+        out[above] = 1.0 - np.exp(lf[-1] + slope * (s[above] - hi))
+    return np.clip(out, 0.0, 1.0)
 
 
 def choose_threshold(meta: dict, threshold: Optional[float] = None, fpr: Optional[float] = None) -> dict:
     """The threshold `detect` uses and what it stands for: a raw value, a calibrated FPR, or the model default."""
     if threshold is not None:
         return {"value": float(threshold), "fpr": None, "source": "user value"}
-    table = (meta.get("calibration") or {}).get("thresholds") or {}
-    if table:
+    cal = meta.get("calibration") or {}
+    if _points(meta) is not None:
         want = DEFAULT_FPR if fpr is None else float(fpr)
-        curve = sorted((float(k), float(v)) for k, v in table.items())
-        fs = np.array([c[0] for c in curve])
-        ts = np.array([c[1] for c in curve])
-        exact = np.isclose(fs, want)
-        if exact.any():
-            value = float(ts[exact][0])
-        else:
-            # Between calibrated points, interpolate in log-FPR (thresholds fall roughly linearly in it).
-            value = float(np.interp(np.log(want), np.log(fs), ts))
+        value = threshold_for_fpr(meta, want)
         return {"value": value, "fpr": want, "source": "healthy calibration"
-                + (f" ({meta['calibration'].get('n_scans')} scans)" if meta["calibration"].get("n_scans") else "")}
+                + (f" ({cal.get('n_scans')} scans)" if cal.get("n_scans") else "")}
     if fpr is not None:
         raise ValueError("this model has no calibration table; give --threshold instead of --fpr")
     return {"value": float(meta.get("default_threshold", 3.0)), "fpr": None, "source": "model default (uncalibrated)"}

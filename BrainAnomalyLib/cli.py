@@ -1,4 +1,4 @@
-"""The `brainanomaly` command: detect, demo, train, models."""
+"""The `brainanomaly` command: detect, demo, train, calibrate, evaluate, synth, models."""
 
 from __future__ import annotations
 
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .synth import cli as synth_cli
 
     synth_cli.add_parser(sub)
+    from . import calibrate_cli
+
+    calibrate_cli.add_parser(sub)
     return parser
 
 
@@ -335,6 +338,12 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
     return 0
 
 
+def cmd_calibrate(args, cancel: CancelToken) -> int:
+    from . import calibrate_cli
+
+    return calibrate_cli.run(args, cancel)
+
+
 def cmd_synth(args, cancel: CancelToken) -> int:
     from .synth import cli as synth_cli
 
@@ -342,7 +351,7 @@ def cmd_synth(args, cancel: CancelToken) -> int:
 
 
 COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models, "synth": cmd_synth,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import __version__
 from .cache import preprocessed_arrays
-from .calibration import DEFAULT_FPRS, thresholds_for_fpr
+from .calibration import DEFAULT_FPRS, calibration_tables
 from .errors import BadInputError
 from .manifest import Case, read_manifest
 from .models import Model, save_model
@@ -59,19 +59,33 @@ def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid,
 
 def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir: Optional[Path] = None,
               fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
-    """Thresholds for chosen voxel FPRs from healthy scans, through the model's own scoring and post-processing."""
+    """Thresholds for chosen voxel FPRs from healthy scans, through the model's own scoring and post-processing.
+
+    The pool is the cleaned map over the whole grid brain mask: voxels the erosion removed score 0 and count as
+    healthy voxels that are never flagged, so "1 % FPR" means 1 % of the brain, as a user reads it and as the
+    evaluation measures it. Returns the table at `fprs` and the dense curve (see calibration.calibration_tables).
+    """
     from .pipeline import Detector
 
     det = Detector(model, device="cpu")
-    values, skipped = [], []
-    for image, mask in grid_volumes(cases, det.preprocess_config, det.grid, reporter, cache_dir, "calibrate",
-                                    skipped):
-        _, cleaned, eroded, _ = det.score_grid(image, mask)
-        values.append(cleaned[eroded])
+    values, skipped, used = [], [], []
+    for i, case in enumerate(cases):
+        reporter(f"calibrate {case.subject}", i / max(len(cases), 1))
+        try:
+            image, mask = preprocessed_arrays(case.image, det.preprocess_config, det.grid, cache_dir)
+        except (BadInputError, OSError) as exc:  # OSError: a missing or unreadable file named in the manifest
+            skipped.append(f"{case.key}: {exc}")
+            continue
+        _, cleaned, _, _ = det.score_grid(image, mask)
+        values.append(cleaned[mask])
+        used.append(case)
+    reporter("calibrate", 1.0)
     if not values:
-        raise ValueError("no usable healthy scans to calibrate on: " + "; ".join(skipped))
-    return {"method": "pooled healthy voxel quantiles", "thresholds": thresholds_for_fpr(values, fprs),
-            "n_scans": len(values), "subjects": sorted({c.subject for c in cases}), "skipped": skipped}
+        raise ValueError("no usable healthy scans to calibrate on" + (": " + "; ".join(skipped) if skipped else ""))
+    tables = calibration_tables(values, fprs)
+    return {"method": "pooled healthy voxel quantiles over the whole grid brain mask", **tables,
+            "n_scans": len(values), "n_voxels": int(sum(v.size for v in values)),
+            "subjects": sorted({c.subject for c in used}), "skipped": skipped}
 
 
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,

@@ -82,3 +82,21 @@ def test_lesion_detection_counts():
     assert lesion_detection(pred, truth) == {"true_lesions": 2, "found": 1, "pred_lesions": 2, "fp_lesions": 1}
     empty = lesion_detection(np.zeros_like(truth), np.zeros_like(truth))
     assert empty == {"true_lesions": 0, "found": 0, "pred_lesions": 0, "fp_lesions": 0}
+
+
+def test_empty_prediction_and_all_negative_scan():
+    from BrainAnomalyLib.evaluation.metrics import lesion_detection, roc_auc
+
+    truth = np.zeros((10, 10, 10), bool)
+    truth[2:4, 2:4, 2:4] = True
+    empty = np.zeros_like(truth)
+    assert dice(empty, truth) == 0.0
+    assert lesion_detection(empty, truth) == {"true_lesions": 1, "found": 0, "pred_lesions": 0, "fp_lesions": 0}
+    # an all-negative scan: every predicted component is a false positive, AP/AUROC are undefined-as-zero/NaN
+    assert lesion_detection(truth, empty)["fp_lesions"] == 1
+    scores = np.random.default_rng(0).random(1000)
+    assert average_precision(scores, empty.ravel()) == 0.0
+    assert np.isnan(roc_auc(scores, empty.ravel()))
+    # constant scores (an empty heatmap) rank nothing: AP equals the prevalence
+    labels = truth.ravel()
+    assert average_precision(np.zeros(labels.size), labels) == pytest.approx(labels.mean())

@@ -62,3 +62,26 @@ def test_train_normative_from_a_manifest(tmp_path, capsys):
     assert thr["0.001"] > thr["0.01"] > thr["0.05"] > 0
     assert model.tensors["mean"].shape == tuple(reversed(Grid().size))
     assert len(list((tmp_path / "cache").glob("*.npz"))) >= 6  # preprocessed once, reused by calibration
+    # The dense calibration curve is stored beside the table, and holds the table's points.
+    curve = meta["calibration"]["curve"]
+    assert curve["fpr"][0] == 1e-4 and curve["fpr"][-1] == 0.5 and len(curve["fpr"]) == len(curve["threshold"])
+    assert np.all(np.diff(curve["fpr"]) > 0) and np.all(np.diff(curve["threshold"]) <= 0)
+    assert all(dict(zip(curve["fpr"], curve["threshold"]))[float(k)] == v for k, v in thr.items())
+    assert "whole grid brain mask" in meta["calibration"]["method"]
+
+
+def test_cache_reads_dicom_folders_and_reports_missing_files(tmp_path):
+    import pytest
+
+    from BrainAnomalyLib.cache import cache_key
+    from BrainAnomalyLib.errors import BadInputError
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"one")
+    key = cache_key(folder, PreprocessConfig(), Grid())
+    (folder / "a.dcm").write_bytes(b"two")
+    assert cache_key(folder, PreprocessConfig(), Grid()) != key  # content, not name, decides
+    with pytest.raises(BadInputError, match="not found"):
+        cache_key(tmp_path / "missing.nii.gz", PreprocessConfig(), Grid())

@@ -129,11 +129,11 @@ def main() -> int:
             for g, metrics in sorted(by_group.items()):
                 rows.append((name, g, metrics))
 
-    header = ["scorer", "dataset"] + [c for c, _ in COLUMNS] + ["scoring peak MB"]
+    header = ["scorer", "dataset"] + [c for c, _, _ in COLUMNS] + ["scoring peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, dataset, m in rows:
-        lines.append("| " + " | ".join([name, dataset] + [_fmt(_get(m, p)) for _, p in COLUMNS]
-                                       + [_fmt(m.get("scoring_peak_mb"))]) + " |")
+        lines.append("| " + " | ".join([name, dataset] + [_fmt(_get(m, p), k) for _, p, k in COLUMNS]
+                                       + [_fmt(m.get("scoring_peak_mb"), "n")]) + " |")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     total = time.perf_counter() - started

@@ -10,12 +10,13 @@ from typing import Dict
 
 from ..overlay import overlay_montage
 
-COLUMNS = [("AUPRC", ("voxel", "auprc")), ("AUROC", ("voxel", "auroc")),
-           ("best Dice (upper bound)", ("voxel", "best_dice_upper_bound")),
-           ("Dice @ calibrated thr", ("voxel", "dice_at_threshold")), ("MOOD AP", ("voxel", "mood_ap")),
-           ("lesion sensitivity", ("lesion", "sensitivity")), ("FP lesions / scan", ("fp_lesions_per_scan",)),
-           ("scan AUROC", ("scan", "auroc")), ("healthy FPR", ("healthy_fpr",)),
-           ("non-lesion FPR", ("nonlesion_fpr",)), ("s / volume", ("seconds_per_volume",))]
+# (header, path into the metrics, format): "%" for rates, "n" for counts and seconds, "f" for scores in [0, 1].
+COLUMNS = [("AUPRC", ("voxel", "auprc"), "f"), ("AUROC", ("voxel", "auroc"), "f"),
+           ("best Dice (upper bound)", ("voxel", "best_dice_upper_bound"), "f"),
+           ("Dice @ calibrated thr", ("voxel", "dice_at_threshold"), "f"), ("MOOD AP", ("voxel", "mood_ap"), "f"),
+           ("lesion sensitivity", ("lesion", "sensitivity"), "f"), ("FP lesions / scan", ("fp_lesions_per_scan",), "n"),
+           ("scan AUROC", ("scan", "auroc"), "f"), ("healthy FPR", ("healthy_fpr",), "%"),
+           ("non-lesion FPR", ("nonlesion_fpr",), "%"), ("s / volume", ("seconds_per_volume",), "n")]
 
 
 def _get(d: dict, path):
@@ -26,19 +27,21 @@ def _get(d: dict, path):
     return d
 
 
-def _fmt(v) -> str:
+def _fmt(v, kind: str = "f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if isinstance(v, float):
-        return f"{v:.2%}" if abs(v) < 0.1 and v != 0 else f"{v:.3f}"
-    return str(v)
+    if kind == "%":
+        return f"{v:.2%}"
+    if kind == "n":
+        return f"{v:.1f}"
+    return f"{v:.3f}"
 
 
 def markdown_table(results: Dict[str, dict], label_column: str = "scorer") -> str:
-    head = [label_column] + [c for c, _ in COLUMNS]
+    head = [label_column] + [c for c, _, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        lines.append("| " + " | ".join([name] + [_fmt(_get(r, path)) for _, path in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([name] + [_fmt(_get(r, path), kind) for _, path, kind in COLUMNS]) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,239 @@
+"""`brainanomaly calibrate`: re-calibrate a model's thresholds on a site's own healthy scans.
+
+Healthy rows (empty mask) of a manifest go through the model's own preprocessing, scoring and post-processing;
+the pooled cleaned maps over the whole brain mask give the FPR table and the dense curve stored in the model.
+Optionally (--labelled), a handful of labelled lesion cases choose the threshold with the best pooled Dice, stored
+beside the label-free calibration without replacing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .calibration import DEFAULT_FPR, DEFAULT_FPRS, fpr_for_threshold
+from .errors import BadInputError, ModelError
+from .progress import CancelToken, Reporter
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="re-calibrate a model's thresholds (healthy voxel false-positive "
+                                                "rates) on your own healthy scans")
+    p.add_argument("--model", required=True, help="model id (see 'brainanomaly models') or model folder")
+    p.add_argument("--manifest", required=True, help="CSV with subject,modality,image,mask: the healthy rows "
+                                                     "(empty mask) are calibrated on")
+    p.add_argument("--modality", help="which manifest rows to use (default: the model's modality)")
+    p.add_argument("--fprs", default=",".join(f"{f:g}" for f in DEFAULT_FPRS),
+                   help="comma-separated voxel false-positive rates for the table (default 0.001,0.01,0.05); "
+                        "a dense curve from 1e-4 to 0.5 is stored as well")
+    p.add_argument("--labelled", help="CSV of a few labelled lesion cases (rows with a mask): also store the "
+                                      "threshold with the best pooled Dice on them, separately")
+    p.add_argument("--device", default="cpu", help="device for the --labelled cases: cpu (default) | auto | cuda")
+    p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default ~/.cache/brainanomaly)")
+    p.add_argument("-o", "--output", help="write a calibrated copy of the model to this folder (default: update "
+                                          "the model in place; required for a shipped model)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_fprs(text: str) -> List[float]:
+    try:
+        fprs = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"--fprs: expected comma-separated numbers such as 0.001,0.01,0.05 (got {text!r})") \
+            from None
+    if not fprs:
+        raise BadInputError("--fprs: give at least one false-positive rate")
+    bad = [f for f in fprs if not 0.0 < f < 1.0]
+    if bad:
+        got = ", ".join(f"{f:g}" for f in bad)
+        raise BadInputError(f"--fprs: false-positive rates lie between 0 and 1 (got {got})")
+    return sorted(set(fprs))
+
+
+def _shipped_folders() -> dict:
+    """Resolved folder -> id for every model listed in the shipped registry."""
+    from .models import shipped_entries, shipped_registry_file
+
+    try:
+        entries = shipped_entries()
+    except (OSError, ValueError):
+        return {}
+    base = shipped_registry_file().parent
+    return {(base / e["path"]).resolve(): e["id"] for e in entries if "path" in e and "id" in e}
+
+
+def target_folder(model_path: Path, output: Optional[str]) -> Tuple[Path, bool]:
+    """Where the calibrated model goes, and whether that is the model's own folder. A shipped model is never
+    rewritten in place (its registry checksum would no longer match)."""
+    from .models import META_FILE
+
+    shipped = _shipped_folders()
+    here = Path(model_path).resolve()
+    if output is None:
+        if here in shipped:
+            raise BadInputError(f"{shipped[here]} is a shipped model and is not changed in place (its registry "
+                                "checksum would break); pass -o FOLDER to write a calibrated copy, e.g. "
+                                f"-o ~/.brainanomaly/models/{shipped[here]}-local")
+        return here, True
+    out = Path(output).expanduser()
+    resolved = out.resolve()
+    if resolved in shipped and resolved != here:
+        raise BadInputError(f"{out} is the shipped model {shipped[resolved]}; choose another -o folder")
+    if resolved == here:
+        if here in shipped:
+            raise BadInputError(f"{out} is the shipped model {shipped[here]}; choose another -o folder")
+        return here, True
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
+        raise BadInputError(f"{out} exists and is not a model folder; refusing to replace it")
+    return out, False
+
+
+def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if not Path(path).is_file():
+        raise BadInputError(f"mask not found: {path}")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise BadInputError(f"cannot read mask {path}: {lines[-1] if lines else 'unknown reason'}") from None
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    arr = sitk.GetArrayFromImage(img)
+    if arr.shape != tuple(shape):
+        raise BadInputError(f"mask {Path(path).name} has {arr.shape[::-1]} voxels but its scan has "
+                            f"{tuple(shape)[::-1]}; the mask must be on the scan's grid")
+    return arr > 0
+
+
+def labelled_threshold(model, cases, reporter: Reporter, device: str = "cpu") -> dict:
+    """Threshold with the best pooled Dice over labelled lesion cases, through the full detection path (native
+    anomaly map vs native truth > 0, within the native brain mask). Bad cases are skipped and named."""
+    from .evaluation.metrics import best_dice
+    from .io import read_volume
+    from .pipeline import Detector
+    import SimpleITK as sitk
+
+    det = Detector(model, device=device)
+    scores, labels, used, skipped = [], [], [], []
+    for i, case in enumerate(cases):
+        rep = reporter.sub(i / len(cases), (i + 1) / len(cases))
+        rep(f"labelled {case.subject}", 0.0)
+        try:
+            scan = read_volume(case.image)
+            truth = _read_truth(case.mask, sitk.GetArrayViewFromImage(scan).shape)
+            result = det.run(scan, modality=None, reporter=rep)
+        except BadInputError as exc:
+            skipped.append(f"{case.key}: {exc}")
+            continue
+        brain = sitk.GetArrayFromImage(result.brain_mask) > 0
+        scores.append(sitk.GetArrayFromImage(result.anomaly_map)[brain].astype(np.float32))
+        labels.append(truth[brain])
+        used.append(case)
+    reporter("labelled", 1.0)
+    if not used:
+        raise BadInputError("no usable labelled cases: " + "; ".join(skipped))
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    if not y.any():
+        raise BadInputError("the labelled cases have no lesion voxels inside their brain masks")
+    dice, at = best_dice(s, y)
+    # best_dice flags scores >= its threshold, detection flags scores > threshold: step one float32 below.
+    value = float(np.nextafter(np.float32(at), np.float32(-np.inf)))
+    return {"threshold": value, "dice": round(float(dice), 4), "n_cases": len(used),
+            "subjects": sorted({c.subject for c in used}), "skipped": skipped,
+            "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
+            "method": "best pooled Dice over labelled cases (native grid, within the brain mask)"}
+
+
+def run(args, cancel: CancelToken) -> int:
+    from . import __version__
+    from .manifest import normalise_modality, read_manifest
+    from .models import resolve_model, save_model
+    from .training import calibrate
+
+    fprs = parse_fprs(args.fprs)
+    model = resolve_model(args.model)  # ModelError (exit 3) for an unknown, broken or tampered model
+    target, in_place = target_folder(model.path, args.output)
+    modality = normalise_modality(args.modality) if args.modality else model.modality
+    if modality != model.modality:
+        print(f"note: calibrating a {model.modality} model on {modality} rows, as asked", file=sys.stderr)
+    healthy = [c for c in read_manifest(args.manifest, modality) if c.mask is None]
+    if not healthy:
+        raise BadInputError(f"{args.manifest}: no healthy {modality} rows (rows with an empty mask column)")
+    lesion_cases = []
+    if args.labelled:
+        lesion_cases = [c for c in read_manifest(args.labelled, modality) if c.mask is not None]
+        if not lesion_cases:
+            raise BadInputError(f"{args.labelled}: no labelled {modality} rows (rows with a mask)")
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
+
+    from .cli import _Bar
+
+    bar = _Bar(args.quiet, "calibrate")
+    reporter = Reporter(bar, cancel)
+    split = 0.7 if lesion_cases else 1.0
+    t = time.perf_counter()
+    try:
+        try:
+            calib = calibrate(model, healthy, reporter.sub(0.0, split), cache_dir, fprs)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from None
+        calib.update(manifest=Path(args.manifest).name, modality=modality,
+                     created_with=f"BrainAnomalyLib {__version__}")
+        meta = dict(model.meta, calibration=calib)
+        previous = (model.meta.get("calibration") or {}).get("labelled")
+        if lesion_cases:
+            lab = labelled_threshold(model, lesion_cases, reporter.sub(split, 1.0), args.device)
+            lab["manifest"] = Path(args.labelled).name
+            calib["labelled"] = lab
+        elif previous and previous.get("threshold") is not None:
+            # A raw threshold chosen on labelled cases stays valid; only what it means on healthy scans changed.
+            calib["labelled"] = dict(previous)
+        if "labelled" in calib:
+            calib["labelled"]["healthy_fpr"] = fpr_for_threshold(meta, calib["labelled"]["threshold"])
+        calib["seconds"] = round(time.perf_counter() - t, 1)
+    finally:
+        bar.close()
+    try:
+        folder = save_model(target, meta, model.tensors)
+    except OSError as exc:
+        raise BadInputError(f"cannot write the model to {target}: {exc}") from None
+    print(format_report(model.name, calib, folder, in_place))
+    skipped = list(calib.get("skipped", [])) + (list(calib["labelled"].get("skipped", [])) if lesion_cases else [])
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    return 0
+
+
+def _pct(f: Optional[float]) -> str:
+    return "?" if f is None else f"{100 * f:.3g} %"
+
+
+def format_report(name: str, calib: dict, folder: Path, in_place: bool) -> str:
+    lines = [f"calibrated {name} on {calib['n_scans']} healthy {calib.get('modality', '')} scan(s) of "
+             f"{len(calib.get('subjects', []))} subject(s), over the whole brain mask"
+             + (f"; {len(calib['skipped'])} skipped" if calib.get("skipped") else "") + ":",
+             "  healthy voxel FPR   threshold"]
+    for k, v in sorted(calib["thresholds"].items(), key=lambda kv: float(kv[0])):
+        mark = "  (default)" if np.isclose(float(k), DEFAULT_FPR) else ""
+        lines.append(f"  {_pct(float(k)):>17}   {v:.4g}{mark}")
+    lab = calib.get("labelled")
+    if lab:
+        fpr = _pct(lab.get("healthy_fpr"))
+        ts = (calib.get("curve") or {}).get("threshold") or []
+        if ts and lab["threshold"] > max(ts):
+            fpr = f"below {fpr}"  # beyond the calibrated range: the curve clamps
+        elif ts and lab["threshold"] < min(ts):
+            fpr = f"above {fpr}"
+        lines.append(f"labelled refinement ({lab['n_cases']} case(s), stored separately; detection still defaults "
+                     f"to the label-free {_pct(DEFAULT_FPR)} threshold): threshold {lab['threshold']:.4g}, pooled "
+                     f"Dice {lab['dice']:.3f}, healthy FPR {fpr}")
+    lines.append(f"model {'updated in place' if in_place else 'written'}: {folder}")
+    return "\n".join(lines)

@@ -1,0 +1,353 @@
+"""Healthy calibration over the whole brain mask, the dense FPR curve, and `brainanomaly calibrate`.
+
+Data are made here, on the model grid, from the bundled template: each healthy scan gets its own blur, a mild
+smooth intensity field, a global contrast and noise. The noise dominates the scan-to-scan variation on purpose:
+with conftest.template_cohort (fields of several noise SDs that a normative model fitted on a handful of scans
+cannot absorb) a scan's own FPR at a pooled 1 % threshold ranges from 0 to about 5 %, and 10 held-out scans give a
+pooled FPR outside [0.5 %, 2 %] for about one split in four, which would make the held-out test a coin toss.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainAnomalyLib import calibrate_cli
+from BrainAnomalyLib.calibration import (DEFAULT_FPRS, calibration_tables, choose_threshold, fpr_for_threshold,
+                                         score_to_unit, threshold_for_fpr, thresholds_for_fpr)
+from BrainAnomalyLib.errors import BrainAnomalyError, Cancelled
+from BrainAnomalyLib.manifest import Case, write_manifest
+from BrainAnomalyLib.models import folder_digest, load_model
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig
+from BrainAnomalyLib.progress import CancelToken, Reporter
+
+PRE = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
+
+
+def healthy_scans(n: int, seed: int):
+    """Healthy grid volumes (normalised image, brain mask) from the template, one random variation each."""
+    from scipy import ndimage
+
+    from BrainAnomalyLib.preprocess.normalise import normalise
+    from BrainAnomalyLib.template import Grid, brain_mask_on_grid, template_on_grid
+
+    grid = Grid()
+    base = sitk.GetArrayFromImage(template_on_grid(grid)) * 1000.0
+    mask = brain_mask_on_grid(grid)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in base.shape], indexing="ij", sparse=True)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        a = rng.normal(0.0, 0.01, 4)
+        field = 1.0 + a[0] * z + a[1] * y + a[2] * x + a[3] * y * x
+        vol = ndimage.gaussian_filter(base, rng.uniform(0.5, 0.9)) * field + 60.0 * rng.standard_normal(base.shape)
+        image, _ = normalise((vol * rng.uniform(0.8, 1.2)).astype(np.float32), mask)
+        yield image, mask
+
+
+def _write(image: np.ndarray, path: Path) -> Path:
+    from BrainAnomalyLib.template import Grid
+
+    img = sitk.GetImageFromArray(np.asarray(image, np.float32) * 100 + 400)
+    img.CopyInformation(Grid().reference())
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _cases(folder: Path, prefix: str, n: int, seed: int):
+    return [Case(f"{prefix}{i}", "T1", _write(image, folder / f"{prefix}{i}.nii.gz"), None)
+            for i, (image, _) in enumerate(healthy_scans(n, seed))]
+
+
+def _lesion_case(folder: Path, seed: int) -> Case:
+    """A healthy scan with a dark sphere (T1 hypo-intense lesion) and its mask, on the grid."""
+    from scipy import ndimage
+
+    from BrainAnomalyLib.template import Grid
+
+    image, mask = next(healthy_scans(1, seed))
+    inner = ndimage.binary_erosion(mask, iterations=8)
+    centre = np.argwhere(inner).mean(axis=0).round().astype(int)
+    zz, yy, xx = np.ogrid[tuple(slice(0, s) for s in mask.shape)]
+    blob = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 16) & inner
+    image = image.copy()
+    image[blob] = np.maximum(image[blob] - 2.5, image.min() + 0.5)  # stays above the background value
+    truth = sitk.GetImageFromArray(blob.astype(np.uint8))
+    truth.CopyInformation(Grid().reference())
+    sitk.WriteImage(truth, str(folder / "lesion_mask.nii.gz"))
+    return Case("les0", "T1", _write(image, folder / "lesion.nii.gz"), folder / "lesion_mask.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from BrainAnomalyLib.training import train
+
+    root = tmp_path_factory.mktemp("calibration")
+    train_cases = _cases(root, "tr", 8, seed=31)
+    cal_cases = _cases(root, "cal", 8, seed=32)
+    held = _cases(root, "held", 6, seed=33)
+    lesion = _lesion_case(root, seed=34)
+    write_manifest(root / "train.csv", train_cases)
+    write_manifest(root / "cal.csv", cal_cases + [lesion])  # the lesion row is not calibrated on
+    write_manifest(root / "labelled.csv", [lesion])
+    model = train("normative", root / "train.csv", "T1", root / "model", Reporter(), cache_dir=root / "cache",
+                  pre=PRE)
+    return SimpleNamespace(root=root, model=model, cache=root / "cache", held=held, lesion=lesion,
+                           cal=root / "cal.csv", labelled=root / "labelled.csv")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="brainanomaly")
+    calibrate_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["calibrate", *[str(a) for a in argv]])
+
+
+def run_calibrate(argv, cancel=None):
+    """(exit code, stdout, stderr) as `brainanomaly calibrate` would give them (cli.main maps the exceptions)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = calibrate_cli.run(_parse(argv), cancel or CancelToken())
+        except BrainAnomalyError as exc:
+            print(f"brainanomaly: {exc}", file=err)
+            code = exc.exit_code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _copy_model(data, dest: Path) -> Path:
+    shutil.copytree(data.model, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def calibrated(data):
+    """The trained model re-calibrated on the calibration scans, written as a copy with -o."""
+    before = (data.model / "model.json").read_bytes()
+    out = data.root / "calibrated"
+    code, stdout, stderr = run_calibrate(["--model", data.model, "--manifest", data.cal, "--cache-dir", data.cache,
+                                          "-o", out, "-q"])
+    assert code == 0, stderr
+    return SimpleNamespace(folder=out, stdout=stdout, original_unchanged=(data.model / "model.json").read_bytes()
+                           == before)
+
+
+def _assert_curve(calib: dict, fprs=DEFAULT_FPRS):
+    curve = calib["curve"]
+    f, t = np.array(curve["fpr"]), np.array(curve["threshold"])
+    assert f.size == t.size and 24 <= f.size <= 32
+    assert f[0] == pytest.approx(1e-4) and f[-1] == pytest.approx(0.5)
+    assert np.all(np.diff(f) > 0) and np.all(np.diff(t) <= 0)
+    for k, v in calib["thresholds"].items():
+        hit = np.isclose(f, float(k), rtol=1e-12, atol=0)
+        assert hit.sum() == 1 and t[hit][0] == v
+    assert sorted(float(k) for k in calib["thresholds"]) == sorted(fprs)
+
+
+# --- the curve and the look-ups -------------------------------------------------------------------------------
+
+
+def test_calibration_tables_curve_matches_the_table():
+    rng = np.random.default_rng(0)
+    values = [np.maximum(rng.standard_normal(50_000), 0), np.maximum(rng.standard_normal(30_000), 0)]
+    tables = calibration_tables(values)
+    _assert_curve(tables)
+    assert tables["thresholds"] == pytest.approx(thresholds_for_fpr(values))
+    pooled = np.concatenate(values)
+    for k, v in tables["thresholds"].items():
+        assert (pooled > v).mean() == pytest.approx(float(k), rel=0.02)
+    with pytest.raises(ValueError):
+        calibration_tables(values, (0.0, 0.01))
+
+
+def test_train_stores_the_curve_over_the_whole_brain_mask(data):
+    calib = json.loads((data.model / "model.json").read_text())["calibration"]
+    _assert_curve(calib)
+    assert "whole grid brain mask" in calib["method"]
+
+
+def test_calibrate_pools_the_whole_brain_mask_eroded_voxels_count_as_zeros(data):
+    from BrainAnomalyLib.cache import preprocessed_arrays
+    from BrainAnomalyLib.pipeline import Detector
+    from BrainAnomalyLib.training import calibrate
+
+    model = load_model(data.model)
+    cases = data.held[:2]
+    calib = calibrate(model, cases, Reporter(), data.cache)
+    det = Detector(model, device="cpu")
+    whole, inner = [], []
+    for case in cases:
+        image, mask = preprocessed_arrays(case.image, det.preprocess_config, det.grid, data.cache)
+        _, cleaned, eroded, _ = det.score_grid(image, mask)
+        whole.append(cleaned[mask])
+        inner.append(cleaned[eroded])
+    assert calib["n_voxels"] == sum(v.size for v in whole) and calib["n_scans"] == 2
+    assert calib["thresholds"] == pytest.approx(thresholds_for_fpr(whole))
+    # Calibrating on the eroded region only would flag fewer voxels of the brain than promised.
+    assert thresholds_for_fpr(inner)["0.01"] > calib["thresholds"]["0.01"]
+
+
+def test_held_out_healthy_fpr_at_one_percent(data, calibrated):
+    """Calibrate on some healthy scans; on OTHER healthy scans the full detection path flags about 1 % of the
+    brain at the 1 % threshold (pooled voxel FPR over the brain mask on the input grid)."""
+    from BrainAnomalyLib.io import read_volume
+    from BrainAnomalyLib.pipeline import Detector
+
+    model = load_model(calibrated.folder)
+    det = Detector(model, device="cpu")
+    flagged = brain = 0
+    for case in data.held:
+        result = det.run(read_volume(case.image), fpr=0.01)
+        assert result.threshold["value"] == model.meta["calibration"]["thresholds"]["0.01"]
+        heat = sitk.GetArrayFromImage(result.anomaly_map)
+        inside = sitk.GetArrayFromImage(result.brain_mask) > 0
+        flagged += int((heat[inside] > result.threshold["value"]).sum())
+        brain += int(inside.sum())
+    fpr = flagged / brain
+    assert 0.005 <= fpr <= 0.02, f"held-out healthy FPR {fpr:.4f} at the 1 % threshold"
+
+
+def test_round_trip_and_clamping(calibrated):
+    meta = load_model(calibrated.folder).meta
+    for f in list(np.geomspace(1.3e-4, 0.45, 17)) + list(DEFAULT_FPRS):
+        assert fpr_for_threshold(meta, threshold_for_fpr(meta, f)) == pytest.approx(f, rel=1e-6)
+    t = meta["calibration"]["curve"]["threshold"]
+    assert fpr_for_threshold(meta, t[0] + 100.0) == pytest.approx(1e-4)
+    assert fpr_for_threshold(meta, t[-1] - 100.0) == pytest.approx(0.5)
+    assert threshold_for_fpr(meta, 1e-6) == t[0] and threshold_for_fpr(meta, 0.9) == t[-1]
+    assert fpr_for_threshold({}, 3.0) is None and fpr_for_threshold({"calibration": {}}, 3.0) is None
+    table_only = {"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0}}}
+    assert fpr_for_threshold(table_only, 5.0) == pytest.approx(np.sqrt(0.001 * 0.01))
+    assert threshold_for_fpr(table_only, 0.01) == 4.0
+    with pytest.raises(ValueError):
+        threshold_for_fpr({}, 0.01)
+
+
+def test_choose_threshold_reads_the_curve_when_present():
+    meta = {"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0},
+                            "curve": {"fpr": [0.001, 0.01, 0.02, 0.05], "threshold": [6.0, 4.0, 3.2, 3.0]}}}
+    assert choose_threshold(meta, fpr=0.02)["value"] == 3.2  # the table alone would interpolate to about 3.57
+    assert choose_threshold(meta)["value"] == 4.0 and choose_threshold(meta)["fpr"] == 0.01
+    assert choose_threshold(meta, threshold=1.5)["value"] == 1.5
+    with pytest.raises(ValueError):
+        choose_threshold(meta, fpr=0.0)
+
+
+def test_score_to_unit_is_monotone_within_unit_interval(calibrated):
+    meta = load_model(calibrated.folder).meta
+    t = np.array(meta["calibration"]["curve"]["threshold"])
+    scores = np.linspace(-1.0, 2.0 * t[0] + 1.0, 4001)
+    u = score_to_unit(meta, scores)
+    assert u.shape == scores.shape and u.min() >= 0.0 and u.max() <= 1.0
+    assert np.all(np.diff(u) >= 0)
+    on_curve = (scores > t[-1]) & (scores <= t[0])
+    assert np.all(np.diff(u[on_curve]) > 0)
+    assert score_to_unit(meta, np.array([-1.0, 0.0])).tolist() == [0.0, 0.0]
+    assert score_to_unit(meta, np.array([threshold_for_fpr(meta, 0.01)]))[0] == pytest.approx(0.99)
+    assert score_to_unit(meta, np.array([t[0]]))[0] == pytest.approx(1 - 1e-4)
+    top = score_to_unit(meta, np.array([t[0] + 0.5, t[0] + 5.0]))
+    assert 1 - 1e-4 < top[0] < top[1] <= 1.0
+    vol = np.zeros((3, 4, 5), np.float32)
+    assert score_to_unit(meta, vol).shape == (3, 4, 5)
+    with pytest.raises(ValueError):
+        score_to_unit({}, scores)
+
+
+# --- brainanomaly calibrate --------------------------------------------------------------------------------------
+
+
+def test_calibrate_writes_a_copy_with_output(data, calibrated):
+    assert calibrated.original_unchanged
+    model = load_model(calibrated.folder)  # checksums of the rewritten folder hold
+    calib = model.meta["calibration"]
+    _assert_curve(calib)
+    assert calib["n_scans"] == 8 and calib["manifest"] == "cal.csv" and "les0" not in calib["subjects"]
+    assert model.meta["kind"] == "normative" and model.tensors.keys() == load_model(data.model).tensors.keys()
+    assert "1 %" in calibrated.stdout and str(calibrated.folder) in calibrated.stdout
+    assert f"{calib['thresholds']['0.01']:.4g}" in calibrated.stdout
+
+
+def test_shipped_model_is_not_modified_in_place(data, tmp_path, monkeypatch):
+    models_dir = tmp_path / "Resources" / "Models"
+    folder = _copy_model(data, models_dir / "site-t1")
+    digest = folder_digest(folder)
+    (models_dir / "models.json").write_text(json.dumps(
+        {"default": "site-t1", "models": [{"id": "site-t1", "path": "site-t1", "kind": "normative",
+                                            "modality": "T1", "sha256": digest}]}))
+    monkeypatch.setenv("BRAINANOMALY_RESOURCES", str(tmp_path / "Resources"))
+    for model in ("site-t1", folder):
+        code, _, err = run_calibrate(["--model", model, "--manifest", data.cal, "--cache-dir", data.cache, "-q"])
+        assert code == 2 and "-o" in err and "shipped" in err
+    code, _, err = run_calibrate(["--model", "site-t1", "--manifest", data.cal, "--cache-dir", data.cache,
+                                  "-o", folder, "-q"])
+    assert code == 2
+    assert folder_digest(folder) == digest
+    code, out, err = run_calibrate(["--model", "site-t1", "--manifest", data.cal, "--cache-dir", data.cache,
+                                    "-o", tmp_path / "site-copy", "-q"])
+    assert code == 0, err
+    assert load_model(tmp_path / "site-copy").meta["calibration"]["manifest"] == "cal.csv"
+    assert folder_digest(folder) == digest
+
+
+def test_user_model_is_updated_in_place(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINANOMALY_MODELS_DIR", str(tmp_path / "user"))
+    folder = _copy_model(data, tmp_path / "user" / "mine")
+    code, out, err = run_calibrate(["--model", "mine", "--manifest", data.cal, "--fprs", "0.002,0.02",
+                                    "--cache-dir", data.cache, "-q"])
+    assert code == 0, err
+    calib = load_model(folder).meta["calibration"]
+    assert set(calib["thresholds"]) == {"0.002", "0.02"} and calib["manifest"] == "cal.csv"
+    _assert_curve(calib, (0.002, 0.02))
+    assert "updated in place" in out and str(folder) in out
+
+
+def test_labelled_cases_store_a_separate_threshold(data, calibrated, tmp_path):
+    out = tmp_path / "labelled-model"
+    code, stdout, err = run_calibrate(["--model", data.model, "--manifest", data.cal, "--labelled", data.labelled,
+                                       "--cache-dir", data.cache, "-o", out, "-q"])
+    assert code == 0, err
+    meta = load_model(out).meta
+    calib = meta["calibration"]
+    lab = calib["labelled"]
+    assert lab["n_cases"] == 1 and lab["subjects"] == ["les0"] and lab["dice"] > 0.5
+    assert lab["healthy_fpr"] == pytest.approx(fpr_for_threshold(meta, lab["threshold"]))
+    assert 1e-4 <= lab["healthy_fpr"] <= 0.5
+    # The label-free calibration is the same as without --labelled, and stays the default.
+    assert calib["thresholds"] == load_model(calibrated.folder).meta["calibration"]["thresholds"]
+    assert choose_threshold(meta)["value"] == calib["thresholds"]["0.01"]
+    assert "labelled" in stdout and f"{lab['threshold']:.4g}" in stdout
+
+
+def test_exit_codes(data, tmp_path):
+    base = ["--cache-dir", data.cache, "-q"]
+    assert run_calibrate(["--model", data.model, "--manifest", tmp_path / "missing.csv", *base])[0] == 2
+    code, _, err = run_calibrate(["--model", "no-such-model", "--manifest", data.cal, *base])
+    assert code == 3 and "no-such-model" in err
+    assert run_calibrate(["--model", data.model, "--manifest", data.cal, "--fprs", "0.01,2", *base])[0] == 2
+    assert run_calibrate(["--model", data.model, "--manifest", data.cal, "--fprs", "one", *base])[0] == 2
+    # a manifest with only lesion rows has nothing healthy to calibrate on
+    assert run_calibrate(["--model", data.model, "--manifest", data.labelled, *base])[0] == 2
+    # --labelled with no labelled rows
+    assert run_calibrate(["--model", data.model, "--manifest", data.cal, "--labelled", data.root / "train.csv",
+                          *base])[0] == 2
+    other = tmp_path / "not-a-model"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert run_calibrate(["--model", data.model, "--manifest", data.cal, "-o", other, *base])[0] == 2
+    assert (other / "notes.txt").is_file()
+
+
+def test_cancel_leaves_the_model_untouched(data, tmp_path):
+    folder = _copy_model(data, tmp_path / "model")
+    before = folder_digest(folder)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        calibrate_cli.run(_parse(["--model", folder, "--manifest", data.cal, "--cache-dir", data.cache, "-q"]),
+                          token)
+    assert folder_digest(folder) == before
