@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,11 +19,12 @@ import numpy as np
 from .io import read_volume
 from .errors import BadInputError
 from .models import folder_digest, sha256_file
-from .preprocess.chain import PreprocessConfig, preprocess
+from .preprocess.chain import PreprocessConfig, preprocess, standardise
 from .progress import Reporter
 from .template import Grid
 
-CACHE_VERSION = 1
+# 2: the cache holds the grid volume before standardisation, so any standardisation is applied on load.
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -38,27 +40,36 @@ def cache_key(path: Path, config: PreprocessConfig, grid: Grid) -> str:
         content = sha256_file(path)
     else:
         raise BadInputError(f"input not found: {path}")
-    settings = json.dumps({"v": CACHE_VERSION, "pre": config.to_dict(), "grid": grid.to_dict()}, sort_keys=True)
+    settings = json.dumps({"v": CACHE_VERSION, "pre": config.geometry_dict(), "grid": grid.to_dict()},
+                          sort_keys=True)
     return hashlib.sha256((content + settings).encode()).hexdigest()[:32]
 
 
 def preprocessed_arrays(path, config: PreprocessConfig, grid: Grid, cache_dir: Optional[Path] = None,
-                        use_gpu: bool = False, reporter: Optional[Reporter] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """(normalised image, brain mask) on the grid for the scan at `path`, from the cache when possible."""
+                        use_gpu: bool = False, reporter: Optional[Reporter] = None,
+                        standardised: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """(image, brain mask) on the grid for the scan at `path`, from the cache when possible; the image is
+    standardised as `config` says, or left as it came out of registration with `standardised=False`."""
     path = Path(path)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"{cache_key(path, config, grid)}.npz"
     if target.is_file():
         with np.load(target) as data:
-            return data["image"], data["mask"].astype(bool)
-    pre = preprocess(read_volume(path), config, grid, use_gpu, reporter or Reporter())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, image=pre.image.astype(np.float32), mask=pre.mask.astype(np.uint8))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return pre.image, pre.mask
+            raw, mask = data["image"], data["mask"].astype(bool)
+    else:
+        # Only the volume before standardisation is kept, so run the chain with a method that needs no reference.
+        plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
+        pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
+        raw, mask = pre.raw_image, pre.mask
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, image=raw.astype(np.float32), mask=mask.astype(np.uint8))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if not standardised:
+        return raw, mask
+    return standardise(raw, mask, config, grid)[0], mask

@@ -45,6 +45,12 @@ class _Bar:
             self.bar.close()
 
 
+def _add_calibration_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default="adaptive", choices=["adaptive", "cohort"],
+                   help="adaptive (default): the healthy-cohort threshold moved to the scan's own score "
+                        "distribution, so its false-positive rate holds on other scanners; cohort: as calibrated")
+
+
 def _add_preprocess_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skull-strip", default=None, choices=["auto", "deepbet", "none"],
                    help="auto (default) strips unless the scan is already skull-stripped")
@@ -73,6 +79,7 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
     g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    _add_calibration_option(p)
     _add_preprocess_options(p)
     p.add_argument("--erode", type=int, default=None, help="brain-mask erosion in grid voxels (default 3)")
     p.add_argument("--median", type=int, default=None, help="in-plane median filter size (default 5; 1 = off)")
@@ -106,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name (default: the output folder's name)")
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default ~/.cache/brainanomaly)")
     p.add_argument("--max-train", type=int, help="use at most this many training scans")
+    p.add_argument("--normalisation", default="median-iqr",
+                   choices=["median-iqr", "percentile", "tissue-peaks", "histogram"],
+                   help="intensity standardisation, stored with the model and applied by detect "
+                        "(histogram: Nyul landmarks learned from the training scans)")
     _add_preprocess_options(p)
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -120,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="raw score threshold instead of the calibrated one")
     g.add_argument("--fpr", type=float, help="calibrated healthy FPR to threshold at (default 0.01)")
     p.add_argument("--device", default="auto")
+    _add_calibration_option(p)
     p.add_argument("-o", "--output", required=True, help="report folder")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -144,7 +156,8 @@ def _detector(args):
     for opt, attr in (("erode", "erode_voxels"), ("median", "median_size"), ("min_lesion_ml", "min_lesion_ml")):
         if getattr(args, opt, None) is not None:
             setattr(post, attr, getattr(args, opt))
-    return Detector(model, device=args.device, preprocess_config=pre, postprocess_config=post)
+    return Detector(model, device=args.device, preprocess_config=pre, postprocess_config=post,
+                    calibration=getattr(args, "calibration", "adaptive"))
 
 
 def _detect_one(det, path, modality, args, outdir, reporter) -> dict:
@@ -210,6 +223,8 @@ def _write_summary(path: Path, rows) -> None:
 def _print_summary(s: dict, out: Path) -> None:
     t = s["threshold"]
     what = f"healthy FPR {t['fpr']:.2%}" if t.get("fpr") else t["source"]
+    if "adaptive" in t:
+        what += f", scan-adaptive from {t['cohort_value']:.4g}"
     print(f"model {s['model']['name']} ({s['modality']}); threshold {t['value']:.4g} ({what}); "
           f"{s['n_lesions']} lesion(s), {s['anomalous_volume_ml']:.2f} mL; scan score {s['pred_score']:.3f}")
     print(f"outputs in {out}")
@@ -272,7 +287,7 @@ def cmd_train(args, cancel: CancelToken) -> int:
         folder = train(args.kind, Path(args.manifest), args.modality.upper(), Path(args.output),
                        Reporter(bar, cancel), name=args.name, direction=args.direction,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, max_train=args.max_train,
-                       pre=_preprocess_config(args, {}))
+                       pre=_preprocess_config(args, {"normalisation": args.normalisation}))
     except (KeyError, ValueError) as exc:
         raise BadInputError(str(exc).strip("'")) from None
     finally:
@@ -308,7 +323,7 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
     detectors, thresholds = {}, {}
     for name in args.model or [None]:
         model = resolve_model(name)
-        detectors[model.name] = Detector(model, device=args.device)
+        detectors[model.name] = Detector(model, device=args.device, calibration=args.calibration)
         thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr)
     modalities = {d.model.modality for d in detectors.values()}
     if len(modalities) > 1:

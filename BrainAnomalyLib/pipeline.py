@@ -9,37 +9,51 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .calibration import choose_threshold
+from .calibration import adapt_threshold, choose_threshold
 from .device import resolve_device
 from .errors import BadInputError
 from .io import array_to_image
 from .manifest import normalise_modality
 from .models import Model
-from .postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
+from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
+                          scan_score)
 from .preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
-from .preprocess.normalise import normalise
 from .progress import Reporter
 from .result import Result
 from .scorers import scorer_class
 from .template import Grid
 
 
+CALIBRATIONS = ("adaptive", "cohort")
+
+
 @dataclass
-class GridAnalysis:
+class GridScores:
+    """A scorer's output on the model grid after post-processing."""
+
+    raw_map: np.ndarray
+    clean_map: np.ndarray  # filtered, clipped at 0, zero outside the scoring mask
+    scoring_mask: np.ndarray  # the eroded brain mask
+    reconstruction: Optional[np.ndarray]
+    stats: dict  # robust location and spread of the filtered scores in the scoring mask
+
+
+@dataclass
+class GridAnalysis(GridScores):
     """Everything that happens on the model grid; evaluation and calibration stop here."""
 
-    pre: Preprocessed
-    raw_map: np.ndarray
-    clean_map: np.ndarray
-    scoring_mask: np.ndarray
-    reconstruction: Optional[np.ndarray]
-    seconds: dict
+    pre: Optional[Preprocessed] = None
+    seconds: Optional[dict] = None
 
 
 class Detector:
     def __init__(self, model: Model, device: str = "auto", preprocess_config: Optional[PreprocessConfig] = None,
-                 postprocess_config: Optional[PostprocessConfig] = None, scorer_params: Optional[dict] = None):
+                 postprocess_config: Optional[PostprocessConfig] = None, scorer_params: Optional[dict] = None,
+                 calibration: str = "adaptive"):
+        if calibration not in CALIBRATIONS:
+            raise BadInputError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
         self.model = model
+        self.calibration = calibration
         self.device = resolve_device(device)
         meta = model.meta
         self.grid = Grid.from_dict(meta["grid"])
@@ -61,11 +75,13 @@ class Detector:
                                 f"choose a {m} model (see 'brainanomaly models')")
         return m
 
-    def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None):
-        """Score a preprocessed grid volume: (raw map, cleaned map, scoring mask, reconstruction)."""
+    def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
+        """Score a preprocessed grid volume and post-process the map."""
         out = self.scorer.score(image, mask, reporter or Reporter())
-        cleaned, eroded = clean_map(out.anomaly_map, mask, self.postprocess_config)
-        return out.anomaly_map, cleaned, eroded, out.reconstruction
+        filtered = filter_map(out.anomaly_map, self.postprocess_config)
+        eroded = erode_mask(mask, self.postprocess_config)
+        return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
+                          robust_stats(filtered[eroded]))
 
     def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None,
                 pre: Optional[Preprocessed] = None) -> GridAnalysis:
@@ -77,9 +93,9 @@ class Detector:
                              reporter.sub(0.0, 0.8))
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
-        raw, cleaned, eroded, recon = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
+        scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
         seconds["score+postprocess"] = time.perf_counter() - t
-        return GridAnalysis(pre, raw, cleaned, eroded, recon, seconds)
+        return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
 
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
@@ -88,7 +104,8 @@ class Detector:
         chosen = self.threshold(threshold, fpr)
         started = time.perf_counter()
         analysis = self.analyse(native, reporter.sub(0.0, 0.9))
-        result = self.to_result(native, analysis, chosen, modality, reporter.sub(0.9, 1.0))
+        result = self.to_result(native, analysis, self.for_scan(chosen, analysis), modality,
+                                reporter.sub(0.9, 1.0))
         result.timings["total"] = round(time.perf_counter() - started, 3)
         return result
 
@@ -97,6 +114,13 @@ class Detector:
             return choose_threshold(self.model.meta, threshold, fpr)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
+
+    def for_scan(self, chosen: dict, scores: GridScores) -> dict:
+        """The threshold for this scan: the cohort one, moved to the scan's own score distribution when the
+        calibration is scan-adaptive."""
+        if self.calibration == "adaptive":
+            return adapt_threshold(self.model.meta, chosen, scores.stats)
+        return chosen
 
     def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: dict, modality: str,
                   reporter: Optional[Reporter] = None, with_reconstruction: bool = True) -> Result:
@@ -110,12 +134,14 @@ class Detector:
         heat = sitk.Mask(heat, native_mask)
         recon = None
         if with_reconstruction and analysis.reconstruction is not None:
-            # Undo the normalisation with the original scan's own brain statistics (N4's field has an arbitrary
-            # global scale), so the pseudo-healthy image is shown on the scan's intensity scale.
-            _, scan_scale = normalise(sitk.GetArrayViewFromImage(native), pre.native_mask,
-                                      self.preprocess_config.normalisation)
+            # Show the pseudo-healthy image on the scan's own intensity scale: map the standardised scale linearly
+            # so the brain's 1st and 99th percentiles match the original scan's (N4's field has an arbitrary
+            # global scale, so the bias-corrected scale would not do).
+            s_lo, s_hi = np.percentile(pre.image[pre.mask], [1, 99])
+            n_lo, n_hi = np.percentile(sitk.GetArrayViewFromImage(native)[pre.native_mask], [1, 99])
+            gain = (n_hi - n_lo) / max(s_hi - s_lo, 1e-6)
             recon = to_native(analysis.reconstruction, pre, native)
-            recon = sitk.Mask(recon * scan_scale["scale"] + scan_scale["offset"], native_mask)
+            recon = sitk.Mask(recon * float(gain) + float(n_lo - s_lo * gain), native_mask)
         pred_mask, lesions = label_lesions(heat, chosen["value"], self.postprocess_config.min_lesion_ml)
         reporter("back-project", 1.0)
         seconds = dict(analysis.seconds, back_project=time.perf_counter() - t)

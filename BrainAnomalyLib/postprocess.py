@@ -22,16 +22,35 @@ class PostprocessConfig:
         return asdict(self)
 
 
+def filter_map(anomaly_map: np.ndarray, config: PostprocessConfig) -> np.ndarray:
+    """In-plane median filter of each axial slice (the first cleaning step)."""
+    if config.median_size > 1:
+        return ndimage.median_filter(anomaly_map, size=(1, config.median_size, config.median_size))
+    return anomaly_map
+
+
+def erode_mask(mask: np.ndarray, config: PostprocessConfig) -> np.ndarray:
+    if config.erode_voxels > 0:
+        return ndimage.binary_erosion(mask, iterations=int(config.erode_voxels))
+    return mask
+
+
+def clip_to_mask(filtered: np.ndarray, eroded: np.ndarray) -> np.ndarray:
+    return np.where(eroded, np.maximum(filtered, 0.0), 0.0).astype(np.float32)
+
+
 def clean_map(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig) -> Tuple[np.ndarray, np.ndarray]:
     """Erode the brain mask, median-filter each axial slice, keep only positive scores inside the eroded mask."""
-    eroded = mask
-    if config.erode_voxels > 0:
-        eroded = ndimage.binary_erosion(mask, iterations=int(config.erode_voxels))
-    out = anomaly_map
-    if config.median_size > 1:
-        out = ndimage.median_filter(anomaly_map, size=(1, config.median_size, config.median_size))
-    out = np.where(eroded, np.maximum(out, 0.0), 0.0).astype(np.float32)
-    return out, eroded
+    eroded = erode_mask(mask, config)
+    return clip_to_mask(filter_map(anomaly_map, config), eroded), eroded
+
+
+def robust_stats(values: np.ndarray) -> dict:
+    """Median and scaled MAD (a standard deviation for normal data) of a scan's filtered scores in the brain."""
+    if values.size == 0:
+        return {"median": 0.0, "mad": 0.0}
+    med = float(np.median(values))
+    return {"median": med, "mad": float(1.4826 * np.median(np.abs(values - med)))}
 
 
 def scan_score(anomaly_map: np.ndarray, mask: np.ndarray, top_fraction: float = 0.01) -> float:

@@ -90,3 +90,9 @@ def grid_image(array: np.ndarray, grid: Grid) -> sitk.Image:
 
 def spacing_zyx(grid: Grid) -> Sequence[float]:
     return tuple(reversed(grid.spacing))
+
+
+@lru_cache(maxsize=4)
+def tissue_on_grid(grid: Grid = Grid()) -> dict:
+    """Template white- and grey-matter probability maps on the grid (z,y,x float32, 0..1)."""
+    return {name: sitk.GetArrayFromImage(template_on_grid(grid, name)) for name in ("WM", "GM")}

@@ -11,12 +11,13 @@ import numpy as np
 
 from . import __version__
 from .cache import preprocessed_arrays
-from .calibration import DEFAULT_FPRS, calibration_tables
+from .calibration import DEFAULT_FPRS, adaptive_reference, calibration_tables
 from .errors import BadInputError
 from .manifest import Case, read_manifest
 from .models import Model, save_model
 from .postprocess import PostprocessConfig
 from .preprocess.chain import PreprocessConfig
+from .preprocess.normalise import fit_histogram_reference, histogram_landmarks
 from .progress import Reporter
 from .scorers import direction_for, scorer_class
 from .template import TEMPLATE_NAME, Grid
@@ -50,6 +51,20 @@ def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, re
     reporter(step, 1.0)
 
 
+def histogram_reference(cases: Sequence[Case], pre: PreprocessConfig, grid: Grid, reporter: Reporter,
+                        cache_dir: Optional[Path] = None) -> list:
+    """The Nyul standard scale of a training cohort (landmarks of the un-standardised grid volumes)."""
+    landmarks = []
+    for i, case in enumerate(cases):
+        reporter(f"histogram reference {case.subject}", i / max(len(cases), 1))
+        try:
+            raw, mask = preprocessed_arrays(case.image, pre, grid, cache_dir, standardised=False)
+        except BadInputError:
+            continue  # reported when the same scan is skipped in fitting
+        landmarks.append(histogram_landmarks(raw, mask))
+    return fit_histogram_reference(landmarks)
+
+
 def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid, pre: PreprocessConfig,
               post: PostprocessConfig, params: dict) -> dict:
     return {"name": name, "kind": kind, "version": "1.0.0", "modality": modality, "description": description,
@@ -68,7 +83,7 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     from .pipeline import Detector
 
     det = Detector(model, device="cpu")
-    values, skipped, used = [], [], []
+    values, stats, skipped, used = [], [], [], []
     for i, case in enumerate(cases):
         reporter(f"calibrate {case.subject}", i / max(len(cases), 1))
         try:
@@ -76,8 +91,9 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
         except (BadInputError, OSError) as exc:  # OSError: a missing or unreadable file named in the manifest
             skipped.append(f"{case.key}: {exc}")
             continue
-        _, cleaned, _, _ = det.score_grid(image, mask)
-        values.append(cleaned[mask])
+        scores = det.score_grid(image, mask)
+        values.append(scores.clean_map[mask])
+        stats.append(scores.stats)
         used.append(case)
     reporter("calibrate", 1.0)
     if not values:
@@ -85,7 +101,8 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     tables = calibration_tables(values, fprs)
     return {"method": "pooled healthy voxel quantiles over the whole grid brain mask", **tables,
             "n_scans": len(values), "n_voxels": int(sum(v.size for v in values)),
-            "subjects": sorted({c.subject for c in used}), "skipped": skipped}
+            "subjects": sorted({c.subject for c in used}), "skipped": skipped,
+            "adaptive": adaptive_reference(stats)}
 
 
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
@@ -104,6 +121,9 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     cls = scorer_class(kind)
     t = time.perf_counter()
     skipped: List[str] = []
+    if pre.normalisation == "histogram" and not pre.normalisation_reference:
+        pre.normalisation_reference = histogram_reference(train_cases, pre, grid, reporter.sub(0.0, 0.05),
+                                                          cache_dir)
     params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir,
                                            skipped=skipped), params, reporter)
     name = name or Path(out).name

@@ -39,9 +39,9 @@ def template_cohort(n: int = 6, seed: int = 0):
 
 def build_template_normative_model(folder: Path):
     """A real normative model fitted on template-derived healthy volumes, calibrated on others."""
-    from BrainAnomalyLib.calibration import thresholds_for_fpr
+    from BrainAnomalyLib.calibration import adaptive_reference, thresholds_for_fpr
     from BrainAnomalyLib.models import load_model, save_model
-    from BrainAnomalyLib.postprocess import PostprocessConfig, clean_map
+    from BrainAnomalyLib.postprocess import PostprocessConfig, clean_map, filter_map, robust_stats
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
     from BrainAnomalyLib.progress import Reporter
     from BrainAnomalyLib.scorers.normative import NormativeScorer
@@ -52,11 +52,14 @@ def build_template_normative_model(folder: Path):
     post = PostprocessConfig()
     meta = base_meta("normative", "template-normative", "T1", "test model", Grid(), PreprocessConfig(), post, params)
     scorer = NormativeScorer(params, tensors)
-    values = []
+    values, stats = [], []
     for image, mask in template_cohort(3, seed=2):
-        cleaned, eroded = clean_map(scorer.score(image, mask, Reporter()).anomaly_map, mask, post)
-        values.append(cleaned[eroded])
-    meta["calibration"] = {"method": "test", "thresholds": thresholds_for_fpr(values), "n_scans": 3}
+        raw = scorer.score(image, mask, Reporter()).anomaly_map
+        cleaned, eroded = clean_map(raw, mask, post)
+        values.append(cleaned[mask])
+        stats.append(robust_stats(filter_map(raw, post)[eroded]))
+    meta["calibration"] = {"method": "test", "thresholds": thresholds_for_fpr(values), "n_scans": 3,
+                           "adaptive": adaptive_reference(stats)}
     return load_model(save_model(folder, meta, tensors))
 
 

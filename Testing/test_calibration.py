@@ -183,7 +183,8 @@ def test_calibrate_pools_the_whole_brain_mask_eroded_voxels_count_as_zeros(data)
     whole, inner = [], []
     for case in cases:
         image, mask = preprocessed_arrays(case.image, det.preprocess_config, det.grid, data.cache)
-        _, cleaned, eroded, _ = det.score_grid(image, mask)
+        scores = det.score_grid(image, mask)
+        cleaned, eroded = scores.clean_map, scores.scoring_mask
         whole.append(cleaned[mask])
         inner.append(cleaned[eroded])
     assert calib["n_voxels"] == sum(v.size for v in whole) and calib["n_scans"] == 2
@@ -192,18 +193,24 @@ def test_calibrate_pools_the_whole_brain_mask_eroded_voxels_count_as_zeros(data)
     assert thresholds_for_fpr(inner)["0.01"] > calib["thresholds"]["0.01"]
 
 
-def test_held_out_healthy_fpr_at_one_percent(data, calibrated):
+@pytest.mark.parametrize("mode", ["cohort", "adaptive"])
+def test_held_out_healthy_fpr_at_one_percent(data, calibrated, mode):
     """Calibrate on some healthy scans; on OTHER healthy scans the full detection path flags about 1 % of the
-    brain at the 1 % threshold (pooled voxel FPR over the brain mask on the input grid)."""
+    brain at the 1 % threshold (pooled voxel FPR over the brain mask on the input grid), with the cohort
+    threshold and with the scan-adaptive one."""
     from BrainAnomalyLib.io import read_volume
     from BrainAnomalyLib.pipeline import Detector
 
     model = load_model(calibrated.folder)
-    det = Detector(model, device="cpu")
+    det = Detector(model, device="cpu", calibration=mode)
     flagged = brain = 0
     for case in data.held:
         result = det.run(read_volume(case.image), fpr=0.01)
-        assert result.threshold["value"] == model.meta["calibration"]["thresholds"]["0.01"]
+        cohort = model.meta["calibration"]["thresholds"]["0.01"]
+        if mode == "cohort":
+            assert result.threshold["value"] == cohort
+        else:
+            assert result.threshold["cohort_value"] == cohort and "scan-adaptive" in result.threshold["source"]
         heat = sitk.GetArrayFromImage(result.anomaly_map)
         inside = sitk.GetArrayFromImage(result.brain_mask) > 0
         flagged += int((heat[inside] > result.threshold["value"]).sum())
@@ -351,3 +358,43 @@ def test_cancel_leaves_the_model_untouched(data, tmp_path):
         calibrate_cli.run(_parse(["--model", folder, "--manifest", data.cal, "--cache-dir", data.cache, "-q"]),
                           token)
     assert folder_digest(folder) == before
+
+
+def test_scan_adaptive_threshold_follows_a_shifted_and_widened_scan():
+    from BrainAnomalyLib.calibration import adapt_threshold, adaptive_reference
+
+    meta = {"calibration": {"adaptive": adaptive_reference([{"median": 0.0, "mad": 1.0},
+                                                            {"median": 0.2, "mad": 1.2},
+                                                            {"median": -0.2, "mad": 0.8}])}}
+    chosen = {"value": 2.5, "fpr": 0.01, "source": "healthy calibration"}
+    same = adapt_threshold(meta, chosen, {"median": 0.0, "mad": 1.0})
+    assert same["value"] == pytest.approx(2.5) and "scan-adaptive" in same["source"]
+    # a scan whose normal tissue scores 0.5 higher and twice as spread: the 1 % point moves with it
+    moved = adapt_threshold(meta, chosen, {"median": 0.5, "mad": 2.0})
+    assert moved["value"] == pytest.approx(0.5 + 2.5 * 2.0) and moved["cohort_value"] == 2.5
+    assert moved["adaptive"]["scale_ratio"] == 2.0
+    assert adapt_threshold(meta, chosen, {"median": 0.0, "mad": 100.0})["adaptive"]["scale_ratio"] == 4.0
+    # user values and uncalibrated models are left alone
+    user = {"value": 3.0, "fpr": None, "source": "user value"}
+    assert adapt_threshold(meta, user, {"median": 1.0, "mad": 2.0}) is user
+    assert adapt_threshold({}, chosen, {"median": 1.0, "mad": 2.0}) is chosen
+
+
+def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan():
+    """Healthy scans from a 'new scanner' (stronger noise, other contrast): the cohort threshold flags far more
+    than 1 %; the scan-adaptive one comes back near it."""
+    from BrainAnomalyLib.calibration import adapt_threshold, adaptive_reference, thresholds_for_fpr
+    from BrainAnomalyLib.postprocess import PostprocessConfig, filter_map, robust_stats
+
+    rng = np.random.default_rng(0)
+    post = PostprocessConfig(erode_voxels=0, median_size=1)
+    shape = (20, 30, 30)
+    healthy = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
+    stats = [robust_stats(filter_map(h, post).ravel()) for h in healthy]
+    meta = {"calibration": {"adaptive": adaptive_reference(stats)}}
+    chosen = {"value": thresholds_for_fpr([h.ravel() for h in healthy])["0.01"], "fpr": 0.01, "source": "cal"}
+    shifted = rng.normal(0.4, 1.8, shape).astype(np.float32)
+    cohort_fpr = (shifted > chosen["value"]).mean()
+    adapted = adapt_threshold(meta, chosen, robust_stats(filter_map(shifted, post).ravel()))
+    adaptive_fpr = (shifted > adapted["value"]).mean()
+    assert cohort_fpr > 0.08 and 0.005 < adaptive_fpr < 0.02

@@ -85,3 +85,17 @@ def test_cache_reads_dicom_folders_and_reports_missing_files(tmp_path):
     assert cache_key(folder, PreprocessConfig(), Grid()) != key  # content, not name, decides
     with pytest.raises(BadInputError, match="not found"):
         cache_key(tmp_path / "missing.nii.gz", PreprocessConfig(), Grid())
+
+
+def test_train_with_histogram_standardisation_stores_its_reference(tmp_path):
+    from BrainAnomalyLib.preprocess.normalise import LANDMARKS
+
+    csv = _cohort(tmp_path, n=6)
+    out = tmp_path / "hist-model"
+    assert main(["train", "--model", "normative", "--manifest", str(csv), "-o", str(out), "--normalisation",
+                 "histogram", "--skull-strip", "none", "--no-bias-correction", "--no-register",
+                 "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    pre = json.loads((out / "model.json").read_text())["preprocessing"]
+    assert pre["normalisation"] == "histogram"
+    ref = pre["normalisation_reference"]
+    assert len(ref) == len(LANDMARKS) and ref[0] == 0.0 and ref[-1] == 100.0 and ref == sorted(ref)

@@ -54,7 +54,7 @@ def main() -> int:
         pre = preprocess(scan, first.preprocess_config, first.grid, False, Reporter())
         brain = pre.native_mask
         for key, det in detectors.items():
-            _, cleaned, _, _ = det.score_grid(pre.image, pre.mask)
+            cleaned = det.score_grid(pre.image, pre.mask).clean_map
             heat = sitk.GetArrayFromImage(to_native(cleaned, pre, scan))[brain]
             pooled[key][0].append(heat)
             pooled[key][1].append(truth[brain])

@@ -123,7 +123,8 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
             tracemalloc.start()
             t = time.perf_counter()
             analysis = det.analyse(scan, pre=pre)
-            result = det.to_result(scan, analysis, threshold, det.model.modality, with_reconstruction=False)
+            result = det.to_result(scan, analysis, det.for_scan(threshold, analysis), det.model.modality,
+                                   with_reconstruction=False)
             seconds = pre_seconds + time.perf_counter() - t
             peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
             tracemalloc.stop()
@@ -142,8 +143,9 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
 def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -> None:
     heat = sitk.GetArrayFromImage(result.anomaly_map)
     pred = sitk.GetArrayFromImage(result.pred_mask) > 0
-    above = (heat > tally.threshold["value"]) & brain
-    row = {"case": case.key, "pred_score": round(result.pred_score, 5), "n_pred_lesions": len(result.lesions)}
+    above = (heat > result.threshold["value"]) & brain  # this scan's threshold (scan-adaptive or cohort)
+    row = {"case": case.key, "pred_score": round(result.pred_score, 5), "n_pred_lesions": len(result.lesions),
+           "threshold": round(result.threshold["value"], 5)}
     tally.scan_scores.append((result.pred_score, truth is not None))
     if truth is None:
         fpr = float(above.sum() / max(brain.sum(), 1))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import BadInputError
 from ..progress import Reporter
-from ..template import Grid, brain_mask_on_grid, template_on_grid
+from ..template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from .bias import n4_correct
 from .normalise import normalise
 from .register import affine_to_dict, register_affine
@@ -23,9 +24,15 @@ class PreprocessConfig:
     bias_correction: bool = True
     registration: str = "affine"  # affine | none (scan already in template space)
     normalisation: str = "median-iqr"
+    # The histogram method's standard scale, learned from the training cohort (stored with the model).
+    normalisation_reference: Optional[List[float]] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def geometry_dict(self) -> dict:
+        """The settings that decide the grid volume before standardisation (what the cache is keyed on)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("normalisation")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -34,12 +41,22 @@ class PreprocessConfig:
 
 @dataclass
 class Preprocessed:
-    image: np.ndarray  # normalised scan on the model grid (z,y,x)
+    image: np.ndarray  # standardised scan on the model grid (z,y,x)
     mask: np.ndarray  # brain mask on the model grid
     native_mask: np.ndarray  # brain mask on the input's own grid
     transform: sitk.Transform  # maps template points to input points
     grid: Grid
     record: List[dict] = field(default_factory=list)
+    raw_image: Optional[np.ndarray] = None  # the grid volume before standardisation
+
+
+def standardise(raw: np.ndarray, mask: np.ndarray, config: PreprocessConfig, grid: Grid) -> tuple[np.ndarray, dict]:
+    """Apply the configured intensity standardisation to a grid volume (see preprocess.normalise)."""
+    tissue = tissue_on_grid(grid) if config.normalisation == "tissue-peaks" else None
+    try:
+        return normalise(raw, mask, config.normalisation, config.normalisation_reference, tissue)
+    except ValueError as exc:
+        raise BadInputError(f"intensity standardisation failed: {exc}") from None
 
 
 class _Recorder:
@@ -93,13 +110,14 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     reporter("resample", 0.97)
 
     t = time.perf_counter()
-    image, info = normalise(sitk.GetArrayFromImage(on_grid), grid_mask, config.normalisation)
+    raw = sitk.GetArrayFromImage(on_grid)
+    image, info = standardise(raw, grid_mask, config, grid)
     rec.add("normalise", True, t, **info)
     reporter("normalise", 1.0)
 
     native_mask = sitk.GetArrayFromImage(
         sitk.Resample(mask_img, native, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
-    return Preprocessed(image, grid_mask, native_mask, transform, grid, rec.steps)
+    return Preprocessed(image, grid_mask, native_mask, transform, grid, rec.steps, raw_image=raw)
 
 
 def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest: bool = False) -> sitk.Image:
