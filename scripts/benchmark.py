@@ -88,6 +88,9 @@ def main() -> int:
     args = ap.parse_args()
     data = Path(args.data)
     started = time.perf_counter()
+    # Recorded now: the code that runs is the code at start-up, whatever is committed meanwhile.
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
     rows = []  # (scorer, dataset, metrics)
 
     ixi = read_manifest(data / "ixi_t1_2mm.csv", "T1")
@@ -132,8 +135,6 @@ def main() -> int:
     for name, dataset, m in rows:
         lines.append("| " + " | ".join([name, dataset] + [_fmt(_get(m, p), k) for _, p, k in COLUMNS]
                                        + [_fmt(m.get("scoring_peak_mb"), "n")]) + " |")
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = (f"# Benchmark (commit {commit}, {time.strftime('%Y-%m-%d')})\n\n"
