@@ -118,9 +118,12 @@ class Detector:
     def for_scan(self, chosen: dict, scores: GridScores) -> dict:
         """The threshold for this scan: the cohort one, moved to the scan's own score distribution when the
         calibration is scan-adaptive."""
-        if self.calibration == "adaptive":
-            return adapt_threshold(self.model.meta, chosen, scores.stats)
-        return chosen
+        if self.calibration != "adaptive" or chosen.get("fpr") is None:
+            return chosen
+        if self.scorer.scan_relative:
+            return dict(chosen, source=chosen["source"] + "; scores are relative to the scan's own intensities, "
+                                                          "so already scan-adaptive")
+        return adapt_threshold(self.model.meta, chosen, scores.stats)
 
     def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: dict, modality: str,
                   reporter: Optional[Reporter] = None, with_reconstruction: bool = True) -> Result:

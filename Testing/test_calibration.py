@@ -398,3 +398,16 @@ def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan()
     adapted = adapt_threshold(meta, chosen, robust_stats(filter_map(shifted, post).ravel()))
     adaptive_fpr = (shifted > adapted["value"]).mean()
     assert cohort_fpr > 0.08 and 0.005 < adaptive_fpr < 0.02
+
+
+def test_scan_relative_scorers_keep_the_cohort_threshold(intensity_model, template_normative_model):
+    from BrainAnomalyLib.pipeline import Detector, GridScores
+
+    stats = GridScores(None, None, None, None, {"median": 3.0, "mad": 5.0})
+    chosen = {"value": 1.2, "fpr": 0.01, "source": "healthy calibration"}
+    kept = Detector(intensity_model, device="cpu").for_scan(chosen, stats)
+    assert kept["value"] == 1.2 and "already scan-adaptive" in kept["source"]
+    moved = Detector(template_normative_model, device="cpu").for_scan(chosen, stats)
+    assert moved["value"] != 1.2 and "scan-adaptive" in moved["source"]
+    cohort = Detector(template_normative_model, device="cpu", calibration="cohort").for_scan(chosen, stats)
+    assert cohort is chosen

@@ -40,6 +40,9 @@ class Scorer:
 
     kind: str = ""
     needs_tensors: bool = False
+    # Scores measured against the scan's own intensity distribution already carry their own scan adaptation;
+    # moving the threshold again would only let a lesion's share of the brain inflate the spread estimate.
+    scan_relative: bool = False
 
     def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
         self.params = dict(params)

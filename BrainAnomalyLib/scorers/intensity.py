@@ -11,6 +11,7 @@ from .base import ScoreOutput, Scorer, register, signed
 @register
 class IntensityScorer(Scorer):
     kind = "intensity"
+    scan_relative = True
 
     def score(self, image, mask, reporter):
         reporter("score", 0.0)
