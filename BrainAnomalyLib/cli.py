@@ -274,8 +274,8 @@ def _demo_verdict(summary: dict, truth, out: Path) -> str:
             f"{lesions[k]['volume_ml']:.1f} mL vs {true.sum() * np.prod(truth.GetSpacing()) / 1000:.1f} mL "
             f"inserted)")
     if others:
-        text += (f"; the other {len(others)} regions peak at {max(others):.1f} or less: they pass a threshold "
-                 "calibrated on IXI scans because the template-made demo scan has another contrast (scanner shift)")
+        text += (f"; the other {len(others)} regions peak at {max(others):.1f} or less (the template-made demo scan's "
+                 "contrast differs from the healthy scans the model learned from)")
     return text + f"; see {out / 'overlay.png'}"
 
 
