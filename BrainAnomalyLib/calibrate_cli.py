@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .calibration import DEFAULT_FPR, DEFAULT_FPRS, fpr_for_threshold
-from .errors import BadInputError, ModelError
+from .errors import BadInputError
 from .progress import CancelToken, Reporter
 
 

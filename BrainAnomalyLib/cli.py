@@ -246,8 +246,6 @@ def cmd_demo(args, cancel: CancelToken) -> int:
         s = _detect_one(det, out / "demo_t1.nii.gz", "T1", args, out, Reporter(bar, cancel))
     finally:
         bar.close()
-    import numpy as np
-    import SimpleITK as sitk
 
     _print_summary(s, out)
     print(_demo_verdict(s, truth, out))

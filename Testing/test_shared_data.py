@@ -1,7 +1,6 @@
 """Real scans from ../shared/data (skipped when it is absent): deepbet + registration on a full head, and
 detection on a BraTS case with the shipped normative model."""
 
-import numpy as np
 import SimpleITK as sitk
 
 from BrainAnomalyLib.evaluation.metrics import average_precision

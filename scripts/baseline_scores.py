@@ -71,7 +71,7 @@ def main() -> int:
                      "prevalence": round(float(labels.mean()), 4), "per_case_AUPRC": per_case[key]})
     print(f"\n{Path(args.manifest).name} {args.modality}: {len(cases)} cases, pooled over brain voxels "
           "on each input grid\n")
-    print(f"| scorer | pooled AUPRC | best Dice (upper bound) | lesion prevalence |")
+    print("| scorer | pooled AUPRC | best Dice (upper bound) | lesion prevalence |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['scorer']} | {r['AUPRC']:.3f} | {r['best_dice']:.3f} | {r['prevalence']:.3f} |")
