@@ -36,33 +36,38 @@ def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[s
     return {k: [c for c in cases if c.subject in v] for k, v in groups.items()}
 
 
-def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
-                 cache_dir: Optional[Path] = None, step: str = "preprocess",
-                 skipped: Optional[List[str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """Preprocessed grid volumes of `cases`; a scan that is bad input is skipped and named in `skipped`."""
+def cases_on_grid(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
+                  cache_dir: Optional[Path] = None, step: str = "preprocess", skipped: Optional[List[str]] = None,
+                  standardised: bool = True) -> Iterator[Tuple[Case, np.ndarray, np.ndarray]]:
+    """(case, image, mask) on the grid for each case, from the preprocessing cache. A scan that is bad input or an
+    unreadable file is named in `skipped` and passed over (raised when `skipped` is None)."""
     for i, case in enumerate(cases):
         reporter(f"{step} {case.subject}", i / max(len(cases), 1))
         try:
-            yield preprocessed_arrays(case.image, config, grid, cache_dir)
-        except BadInputError as exc:
+            image, mask = preprocessed_arrays(case.image, config, grid, cache_dir, standardised=standardised)
+        except (BadInputError, OSError) as exc:  # OSError: a file named in the manifest cannot be read
             if skipped is None:
                 raise
             skipped.append(f"{case.key}: {exc}")
+            continue
+        yield case, image, mask
     reporter(step, 1.0)
+
+
+def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
+                 cache_dir: Optional[Path] = None, step: str = "preprocess",
+                 skipped: Optional[List[str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Standardised (image, mask) grid volumes of `cases`, as scorers' `fit` takes them."""
+    for _, image, mask in cases_on_grid(cases, config, grid, reporter, cache_dir, step, skipped):
+        yield image, mask
 
 
 def histogram_reference(cases: Sequence[Case], pre: PreprocessConfig, grid: Grid, reporter: Reporter,
                         cache_dir: Optional[Path] = None) -> list:
     """The Nyul standard scale of a training cohort (landmarks of the un-standardised grid volumes)."""
-    landmarks = []
-    for i, case in enumerate(cases):
-        reporter(f"histogram reference {case.subject}", i / max(len(cases), 1))
-        try:
-            raw, mask = preprocessed_arrays(case.image, pre, grid, cache_dir, standardised=False)
-        except BadInputError:
-            continue  # reported when the same scan is skipped in fitting
-        landmarks.append(histogram_landmarks(raw, mask))
-    return fit_histogram_reference(landmarks)
+    # Scans skipped here are skipped again, and reported, when the model is fitted.
+    volumes = cases_on_grid(cases, pre, grid, reporter, cache_dir, "histogram reference", [], standardised=False)
+    return fit_histogram_reference(histogram_landmarks(raw, mask) for _, raw, mask in volumes)
 
 
 def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid, pre: PreprocessConfig,
@@ -84,18 +89,12 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
 
     det = Detector(model, device="cpu")
     values, stats, skipped, used = [], [], [], []
-    for i, case in enumerate(cases):
-        reporter(f"calibrate {case.subject}", i / max(len(cases), 1))
-        try:
-            image, mask = preprocessed_arrays(case.image, det.preprocess_config, det.grid, cache_dir)
-        except (BadInputError, OSError) as exc:  # OSError: a missing or unreadable file named in the manifest
-            skipped.append(f"{case.key}: {exc}")
-            continue
+    for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter, cache_dir,
+                                           "calibrate", skipped):
         scores = det.score_grid(image, mask)
         values.append(scores.clean_map[mask])
         stats.append(scores.stats)
         used.append(case)
-    reporter("calibrate", 1.0)
     if not values:
         raise ValueError("no usable healthy scans to calibrate on" + (": " + "; ".join(skipped) if skipped else ""))
     tables = calibration_tables(values, fprs)
