@@ -181,16 +181,41 @@ def adaptive_reference(per_scan_stats) -> Optional[dict]:
             "mad": float(np.median([s["mad"] for s in stats])), "n_scans": len(stats)}
 
 
+def _adaptive_map(meta: dict, scan_stats: Optional[dict]) -> Optional[Tuple[float, float, float, dict]]:
+    """(scan median, cohort median, scale ratio, cohort reference) of the location-scale change, or None where
+    the model has no adaptive reference or either spread is degenerate."""
+    ref = ((meta or {}).get("calibration") or {}).get("adaptive")
+    if not ref or not scan_stats or ref["mad"] <= 0 or scan_stats.get("mad", 0) <= 0:
+        return None
+    ratio = float(np.clip(scan_stats["mad"] / ref["mad"], *ADAPT_SCALE_RANGE))
+    return float(scan_stats["median"]), float(ref["median"]), ratio, ref
+
+
 def adapt_threshold(meta: dict, chosen: dict, scan_stats: dict) -> dict:
     """The chosen cohort threshold moved to this scan's own score distribution. User values, uncalibrated models
     and degenerate statistics are left as they are."""
-    ref = ((meta or {}).get("calibration") or {}).get("adaptive")
-    if not ref or chosen.get("fpr") is None or ref["mad"] <= 0 or scan_stats.get("mad", 0) <= 0:
+    mapping = _adaptive_map(meta, scan_stats)
+    if mapping is None or chosen.get("fpr") is None:
         return chosen
-    ratio = float(np.clip(scan_stats["mad"] / ref["mad"], *ADAPT_SCALE_RANGE))
-    value = scan_stats["median"] + (chosen["value"] - ref["median"]) * ratio
+    scan_median, cohort_median, ratio, ref = mapping
+    value = scan_median + (chosen["value"] - cohort_median) * ratio
     return dict(chosen, value=float(value), source=chosen["source"] + ", scan-adaptive",
                 cohort_value=chosen["value"],
                 adaptive={"scan_median": round(scan_stats["median"], 5), "scan_mad": round(scan_stats["mad"], 5),
                           "cohort_median": round(ref["median"], 5), "cohort_mad": round(ref["mad"], 5),
                           "scale_ratio": round(ratio, 4)})
+
+
+def scan_curve(meta: dict, scan_stats: Optional[dict] = None) -> Optional[dict]:
+    """The model's FPR -> threshold curve for one scan: the cohort curve, carried through the same location-scale
+    change as `adapt_threshold` when scan statistics are given. A viewer maps its FPR slider through this without
+    the model. None if the model is uncalibrated."""
+    pts = _points(meta)
+    if pts is None:
+        return None
+    fs, ts = pts
+    mapping = _adaptive_map(meta, scan_stats)
+    if mapping is not None:
+        scan_median, cohort_median, ratio, _ = mapping
+        ts = scan_median + (ts - cohort_median) * ratio
+    return {"fpr": [float(f) for f in fs], "threshold": [float(t) for t in ts]}

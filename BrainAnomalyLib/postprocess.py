@@ -62,8 +62,10 @@ def scan_score(anomaly_map: np.ndarray, mask: np.ndarray, top_fraction: float = 
     return float(np.partition(values, values.size - k)[-k:].mean())
 
 
-def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float) -> Tuple[sitk.Image, List[dict]]:
-    """Threshold a map on its own grid into a label map (1 = anomaly) and a lesion table, highest peak first."""
+def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float,
+                  numbered: bool = False) -> Tuple[sitk.Image, List[dict]]:
+    """Threshold a map on its own grid into a label map (1 = anomaly; with `numbered`, each lesion's number in
+    the table) and a lesion table, highest peak first."""
     arr = sitk.GetArrayViewFromImage(anomaly_map)
     voxel_ml = float(np.prod(anomaly_map.GetSpacing())) / 1000.0
     binary = arr > threshold
@@ -83,15 +85,20 @@ def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: floa
             keep[i] = True
             ijk = [float(cz[2]), float(cz[1]), float(cz[0])]
             lps = anomaly_map.TransformContinuousIndexToPhysicalPoint(ijk)
-            lesions.append({"voxels": int(c), "volume_ml": round(volume, 4),
+            lesions.append({"component": int(i), "voxels": int(c), "volume_ml": round(volume, 4),
                             "centroid_ras": [round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)],
                             "centroid_ijk": [round(v, 2) for v in ijk],
                             "mean_score": round(float(mean), 4), "max_score": round(float(mx), 4)})
     # Most confident finding first: the peak score, not the size, is what ranks a finding.
     lesions.sort(key=lambda d: (-d["max_score"], -d["voxels"]))
+    number = np.zeros(n + 1, np.uint16)
     for k, les in enumerate(lesions, start=1):
         les["label"] = k
-    mask = keep[labels].astype(np.uint8)
+        number[les.pop("component")] = k
+    if numbered:
+        mask = number[labels].astype(np.uint8 if len(lesions) < 256 else np.uint16)
+    else:
+        mask = keep[labels].astype(np.uint8)
     out = sitk.GetImageFromArray(mask)
     out.CopyInformation(anomaly_map)
     return out, lesions

@@ -1,0 +1,136 @@
+"""A child process that speaks one JSON object per stdout line, read without blocking the caller's (GUI) thread,
+and stopped with its whole process tree on cancel. No Slicer import: tests run it with any Python."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Deque, Dict, List, Optional, Sequence
+
+
+class InferenceProcess:
+    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+                 stderr_lines: int = 200) -> None:
+        self.command = list(command)
+        self.env = env
+        self.cwd = cwd
+        self.proc: Optional[subprocess.Popen] = None
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self.stderr: Deque[str] = collections.deque(maxlen=stderr_lines)
+        self._readers: List[threading.Thread] = []
+        self.cancelled = False
+
+    def start(self) -> "InferenceProcess":
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # its own process group, so cancel reaches grandchildren too
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, text=True,
+                                     encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        for target, stream in ((self._read_stdout, self.proc.stdout), (self._read_stderr, self.proc.stderr)):
+            t = threading.Thread(target=target, args=(stream,), daemon=True)
+            t.start()
+            self._readers.append(t)
+        return self
+
+    def _read_stdout(self, stream) -> None:
+        for line in stream:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict) or "event" not in event:
+                    raise ValueError
+            except ValueError:
+                event = {"event": "log", "message": line}
+            self._events.put(event)
+
+    def _read_stderr(self, stream) -> None:
+        for line in stream:
+            self.stderr.append(line.rstrip("\n"))
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def events(self) -> List[dict]:
+        """Events that arrived since the last call (never blocks)."""
+        out = []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def finished(self) -> bool:
+        """True once the process has exited and everything it printed has been read."""
+        if self.running:
+            return False
+        for t in self._readers:
+            t.join(timeout=5)
+        return True
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.finished()
+        return self.proc.returncode
+
+    def cancel(self, grace_seconds: float = 3.0) -> None:
+        """Ask the whole tree to stop, then kill it if it has not within the grace period."""
+        self.cancelled = True
+        if not self.running:
+            return
+        self._signal_tree(graceful=True)
+        deadline = time.monotonic() + grace_seconds
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.running:
+            self._signal_tree(graceful=False)
+        self.proc.wait()
+        self.finished()
+
+    def _signal_tree(self, graceful: bool) -> None:
+        pid = self.proc.pid
+        if os.name == "nt":
+            if graceful:
+                self.proc.send_signal(signal.CTRL_BREAK_EVENT)
+            else:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+            return
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM if graceful else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        return "\n".join(list(self.stderr)[-lines:])
+
+
+def python_executable() -> str:
+    """The interpreter for the worker: PythonSlicer inside the Slicer application (Slicer's Python with its
+    environment set up; it is on Slicer's PATH), else this interpreter (pytest, plain Python)."""
+    import shutil
+
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable

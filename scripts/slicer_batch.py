@@ -1,0 +1,74 @@
+"""Batch anomaly detection through the BrainAnomaly module's logic.
+
+    Slicer --no-main-window --python-script scripts/slicer_batch.py --manifest CSV --model NAME -o OUTDIR
+
+Also runs with a plain Python that has the slicer-core wheel (same logic, same outputs). Each case gets
+OUTDIR/<subject>/ with anomaly_map.nrrd, labels.nrrd, anomalies.seg.nrrd, lesions.csv and result.json;
+OUTDIR/summary.csv lists every case. Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for folder in (ROOT, ROOT / "BrainAnomaly"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="slicer_batch.py", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True, help="CSV with subject,modality,image,mask")
+    p.add_argument("--model", help="model id or folder (default: the shipped default)")
+    p.add_argument("--modality", help="rows of this modality (default: the model's)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--fpr", type=float, default=0.01, help="healthy false-positive rate of the threshold")
+    p.add_argument("--min-lesion-ml", type=float, default=0.05)
+    p.add_argument("--per-lesion-segments", action="store_true", help="one segment per lesion (default: one "
+                                                                        "'Anomaly' segment)")
+    p.add_argument("--skull-strip", default="auto", choices=["auto", "deepbet", "none"])
+    p.add_argument("--no-bias-correction", action="store_true")
+    p.add_argument("--no-register", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import slicer
+
+    from BrainAnomalySlicer.batch import run_batch
+    from BrainAnomalySlicer.logic import DetectionError, DetectionOptions
+
+    try:
+        args = parse(argv)
+    except SystemExit as exc:
+        return 2 if exc.code else 0
+    options = DetectionOptions(model=args.model, device=args.device, fpr=args.fpr, min_lesion_ml=args.min_lesion_ml,
+                               per_lesion_segments=args.per_lesion_segments, skull_strip=args.skull_strip,
+                               bias_correction=not args.no_bias_correction, registration=not args.no_register)
+    scene = slicer.mrmlScene if hasattr(slicer, "mrmlScene") else slicer.vtkMRMLScene()
+    try:
+        rows = run_batch(args.manifest, args.output, options, scene, modality=args.modality)
+    except Exception as exc:  # a message, not a traceback, for every failure before the first case
+        print(f"slicer_batch: {exc}", file=sys.stderr)
+        if isinstance(exc, DetectionError) and exc.kind == "BadInputError":
+            return 2
+        return getattr(exc, "exit_code", None) or 1
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} cases done; summary in {Path(args.output) / 'summary.csv'}")
+    for r in failed:
+        print(f"  failed: {r['subject']}: {r['message']}", file=sys.stderr)
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    try:
+        import slicer
+
+        if hasattr(slicer, "app"):  # inside Slicer: quit the application with the code
+            slicer.util.exit(code)
+    except ImportError:
+        pass
+    sys.exit(code)
