@@ -168,8 +168,11 @@ def list_models() -> List[dict]:
                 meta = json.loads(meta_path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
+            # Same fields as a shipped entry (bar the digest, which would hash every file on each listing).
             out.append({"id": meta_path.parent.name, "kind": meta.get("kind"), "modality": meta.get("modality"),
                         "version": meta.get("version"), "description": meta.get("description", ""),
+                        "inputs": list(meta.get("inputs") or [meta.get("modality")]),
+                        "size_bytes": sum(p.stat().st_size for p in meta_path.parent.rglob("*") if p.is_file()),
                         "source": "user", "location": str(meta_path.parent)})
     return out
 
