@@ -109,8 +109,8 @@ def load_model(folder, expected_digest: Optional[str] = None) -> Model:
     if expected_digest is not None and folder_digest(folder) != expected_digest:
         raise ModelError(f"model {folder.name}: files do not match the registry checksum (broken or tampered)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bytes that are not UTF-8
         raise ModelError(f"model {folder.name}: unreadable {META_FILE} ({exc})") from None
     if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ModelError(f"model {folder.name}: not a {FORMAT} v{FORMAT_VERSION} model")

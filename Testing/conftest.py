@@ -3,6 +3,7 @@ cleanly when it is absent."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The Slicer module's GUI-free package (BrainAnomalySlicer) lives beside the module file.
+if str(ROOT / "BrainAnomaly") not in sys.path:
+    sys.path.insert(0, str(ROOT / "BrainAnomaly"))
 
 needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "ixi_t1_2mm.csv").is_file(),
                                        reason="../shared/data is not present")
@@ -95,3 +99,36 @@ def demo_result(demo_case, template_normative_model):
 
     scan, _ = demo_case
     return Detector(template_normative_model, device="cpu").run(scan, modality="T1")
+
+
+def new_scene():
+    """A real MRML scene (slicer-core) with Slicer's built-in colour tables, as the application has them."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    colours = slicer.vtkMRMLColorLogic()
+    colours.SetMRMLScene(scene)
+    scene._colour_logic = colours  # the logic must outlive the call
+    return scene
+
+
+@pytest.fixture
+def mrml_scene():
+    return new_scene()
+
+
+@pytest.fixture(scope="session")
+def worker_output(tmp_path_factory, demo_case):
+    """The inference worker run once, as the module runs it, on the oblique demo scan with the shipped default
+    model; tests load copies of its output folder."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("worker")
+    scan, truth = demo_case
+    sitk.WriteImage(scan, str(folder / "scan.nrrd"))
+    sitk.WriteImage(truth, str(folder / "truth.nrrd"))
+    proc = subprocess.run([sys.executable, "-m", "BrainAnomalyLib.worker", "--input", str(folder / "scan.nrrd"),
+                           "--output-dir", str(folder / "out"), "--device", "cpu"], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder

@@ -108,7 +108,9 @@ def update_node_from_image(node, image: sitk.Image) -> None:
     array = sitk.GetArrayFromImage(image)
     data = vtk.vtkImageData()
     data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True,
+    components = image.GetNumberOfComponentsPerPixel()
+    flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ravel(array)
+    vtk_array = numpy_support.numpy_to_vtk(flat, deep=True,
                                            array_type=numpy_support.get_vtk_array_type(array.dtype))
     data.GetPointData().SetScalars(vtk_array)
     node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras(image)))

@@ -1,0 +1,241 @@
+"""The module's logic with real MRML (slicer-core) and the real inference worker process: outputs in the scene,
+re-thresholding without a model run, node reuse, and nothing left behind after errors or cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("slicer", reason="the slicer-core wheel is part of requirements.txt")
+
+from BrainAnomalySlicer import nodes  # noqa: E402
+from BrainAnomalySlicer.logic import (DetectionError, DetectionLogic, DetectionOptions,  # noqa: E402
+                                      DetectionRun, OutOfMemory)
+
+
+def _input_node(scene, image, name="scan"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    nodes.update_node_from_image(node, image)
+    return node
+
+
+def _outputs_copy(worker_output, tmp_path):
+    dst = tmp_path / "out"
+    shutil.copytree(worker_output / "out", dst)
+    return dst
+
+
+def _node_ids(scene):
+    scene.GetSubjectHierarchyNode()
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_outputs_on_the_input_grid_with_display_and_table(mrml_scene, worker_output, tmp_path):
+    scan = sitk.ReadImage(str(worker_output / "scan.nrrd"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(worker_output / "truth.nrrd"))) > 0
+    summary = json.loads((worker_output / "out" / "result.json").read_text())
+    scan_node = _input_node(mrml_scene, scan)
+    logic = DetectionLogic(mrml_scene)
+    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
+    assert set(out.nodes()) == {"heatmap", "labelmap", "segmentation", "table", "reconstruction"}
+    # Same grid as the (oblique, anisotropic) input, voxel for voxel.
+    for node in (out.heatmap, out.labelmap, out.reconstruction):
+        assert node.GetImageData().GetDimensions() == scan_node.GetImageData().GetDimensions()
+        assert np.allclose(nodes.node_ijk_to_ras(node), nodes.node_ijk_to_ras(scan_node), atol=1e-5)
+    # Heatmap: hot colours over the calibrated range, transparent below the threshold.
+    display = out.heatmap.GetDisplayNode()
+    threshold = summary["threshold"]["value"]
+    assert display.GetColorNodeID() == nodes.hot_colour_node(mrml_scene).GetID()
+    assert display.GetWindowLevelMin() == pytest.approx(summary["display_range"][0])
+    assert display.GetWindowLevelMax() == pytest.approx(summary["display_range"][1])
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(threshold)
+    # Label map: the heatmap above the threshold, finding the inserted lesion.
+    labels = nodes.node_array(out.labelmap)
+    heat = nodes.node_array(out.heatmap)
+    assert labels.any() and not labels[heat <= threshold].any()
+    assert (labels > 0)[truth].mean() > 0.3
+    # The same lesion table as the worker's own at that threshold, peak first.
+    t = out.table.GetTable()
+    assert t.GetNumberOfRows() == summary["n_lesions"]
+    peaks = [t.GetValueByName(r, "Peak score").ToDouble() for r in range(t.GetNumberOfRows())]
+    assert peaks == sorted(peaks, reverse=True)
+    assert peaks[0] == pytest.approx(summary["lesions"][0]["max_score"], rel=1e-4)
+    seg = out.segmentation.GetSegmentation()
+    assert seg.GetNumberOfSegments() == 1 and seg.GetNthSegment(0).GetName() == "Anomaly"
+
+
+def test_threshold_slider_rethresholds_without_a_model_run(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    logic = DetectionLogic(mrml_scene)
+    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
+    heat_before = nodes.node_array(out.heatmap).copy()
+    heat_mtime = out.heatmap.GetImageData().GetMTime()
+    cal = logic.calibration(out)
+    default = logic.state(out)
+    strict = logic.apply_threshold(out, fpr=0.001)
+    loose = logic.apply_threshold(out, fpr=0.05)
+    assert strict["threshold"] == pytest.approx(cal.threshold(0.001))
+    assert strict["threshold"] > default["threshold"] > loose["threshold"]
+    assert out.heatmap.GetDisplayNode().GetLowerThreshold() == pytest.approx(loose["threshold"])
+    labels = nodes.node_array(out.labelmap) > 0
+    assert labels.any() and not labels[heat_before <= loose["threshold"]].any()
+    assert out.table.GetTable().GetNumberOfRows() == len(loose["lesions"]) >= len(strict["lesions"])
+    # A raw value shows its FPR; the heatmap itself never changes.
+    by_value = logic.apply_threshold(out, value=strict["threshold"])
+    assert by_value["fpr"] == pytest.approx(0.001, rel=0.05)
+    assert np.array_equal(nodes.node_array(out.heatmap), heat_before)
+    assert out.heatmap.GetImageData().GetMTime() == heat_mtime
+    # Minimum lesion size and per-lesion segments, also without a model run.
+    many = logic.apply_threshold(out, fpr=0.05, per_lesion=True)
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == len(many["lesions"]) > 1
+    big_only = logic.apply_threshold(out, fpr=0.05, min_lesion_ml=1.0)
+    assert all(les["volume_ml"] >= 1.0 for les in big_only["lesions"])
+    assert len(big_only["lesions"]) < len(many["lesions"])
+    # The state lives on the node, so a new logic (e.g. after reopening the module) continues from it.
+    assert DetectionLogic(mrml_scene).state(out)["min_lesion_ml"] == 1.0
+
+
+def test_rerun_reuses_output_nodes_unless_asked_for_new_ones(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    logic = DetectionLogic(mrml_scene)
+    first = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path / "a"), DetectionOptions())
+    count = mrml_scene.GetNumberOfNodes()
+    second = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path / "b"), DetectionOptions())
+    assert second.nodes() == first.nodes()
+    assert mrml_scene.GetNumberOfNodes() == count
+    third = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path / "c"),
+                               DetectionOptions(reuse_outputs=False))
+    assert third.heatmap is not first.heatmap and third.heatmap.GetName() != first.heatmap.GetName()
+    assert logic.outputs_for(scan_node).heatmap is third.heatmap  # the newest is the current one
+
+
+def test_unreadable_outputs_leave_no_nodes(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    folder = _outputs_copy(worker_output, tmp_path)
+    (folder / "anomaly_map.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    before = _node_ids(mrml_scene)
+    with pytest.raises(DetectionError, match="unreadable outputs"):
+        DetectionLogic(mrml_scene).load_outputs(scan_node, folder, DetectionOptions())
+    assert _node_ids(mrml_scene) == before
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_cancel_kills_the_worker_and_leaves_nothing(mrml_scene, demo_case):
+    scan_node = _input_node(mrml_scene, demo_case[0])
+    before = _node_ids(mrml_scene)
+    events = []
+    logic = DetectionLogic(mrml_scene)
+    run = logic.start(scan_node, DetectionOptions(device="cpu"), events.append)
+    deadline = time.monotonic() + 120
+    while not any(e.get("event") == "progress" for e in events) and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.05)
+    assert run.state == "running"
+    pid = run.process.proc.pid
+    run.cancel()
+    assert run.state == "cancelled" and run.error.kind == "Cancelled"
+    assert not _alive(pid) and not run.workdir.exists()
+    with pytest.raises(DetectionError, match="cancelled"):
+        logic.finish(run)
+    assert _node_ids(mrml_scene) == before
+
+
+def test_blocking_detect_cancel_callback(mrml_scene, demo_case):
+    scan_node = _input_node(mrml_scene, demo_case[0])
+    before = _node_ids(mrml_scene)
+    started = time.monotonic()
+    with pytest.raises(DetectionError) as info:
+        DetectionLogic(mrml_scene).detect(scan_node, DetectionOptions(device="cpu"),
+                                          cancel_requested=lambda: time.monotonic() - started > 1.0)
+    assert info.value.kind == "Cancelled"
+    assert _node_ids(mrml_scene) == before
+
+
+def test_worker_errors_reach_the_caller_as_messages(mrml_scene, demo_case):
+    logic = DetectionLogic(mrml_scene)
+    flat = sitk.Image(30, 30, 1, sitk.sitkFloat32)  # a single slice: not a 3D scan
+    flat_node = _input_node(mrml_scene, flat, "flat")
+    before = _node_ids(mrml_scene)
+    with pytest.raises(DetectionError) as info:
+        logic.detect(flat_node, DetectionOptions(device="cpu"))
+    assert info.value.kind == "BadInputError" and info.value.exit_code == 2
+    scan_node = _input_node(mrml_scene, demo_case[0])
+    before = _node_ids(mrml_scene)
+    with pytest.raises(DetectionError, match="is for T1 scans but the input is FLAIR") as info:
+        logic.detect(scan_node, DetectionOptions(device="cpu", modality="FLAIR"))
+    assert info.value.kind == "BadInputError"
+    with pytest.raises(DetectionError, match="no model named") as info:
+        logic.detect(scan_node, DetectionOptions(device="cpu", model="no-such-model"))
+    assert info.value.kind == "ModelError"
+    assert _node_ids(mrml_scene) == before
+    with pytest.raises(DetectionError, match="select an input volume"):
+        logic.start(None, DetectionOptions())
+
+
+FAKE_WORKER = textwrap.dedent('''
+    import json, shutil, sys
+    args = sys.argv[1:]
+    batch = int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 32
+    out = args[args.index("--output-dir") + 1]
+    with open(out + ".calls", "a") as fh:
+        fh.write(f"{batch} {args[args.index('--device') + 1]}\\n")
+    if batch > LIMIT:
+        print(json.dumps({"event": "error", "kind": "OutOfMemory", "message": "CUDA out of memory", "exit_code": 4}))
+        sys.exit(4)
+    shutil.copytree(SOURCE, out)
+    print(json.dumps({"event": "done", "output_dir": out}))
+''')
+
+
+class FakeGpuRun(DetectionRun):
+    script = None
+
+    def command(self):
+        return [sys.executable, str(self.script), "--output-dir", str(self.output_dir),
+                *self.options.worker_args()]
+
+
+def _fake(tmp_path, limit, source):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(f"LIMIT = {limit}\nSOURCE = {str(source)!r}\n" + FAKE_WORKER)
+    return type("Run", (FakeGpuRun,), {"script": script})
+
+
+def test_gpu_out_of_memory_retries_with_smaller_batches(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    run_cls = _fake(tmp_path, limit=8, source=worker_output / "out")
+    events = []
+    run = run_cls(scan_node, DetectionOptions(device="cuda"), on_event=events.append).start()
+    calls_file = run.output_dir.with_suffix(".calls")
+    run.wait()
+    assert run.state == "done"
+    assert calls_file.read_text().split("\n")[:3] == ["32 cuda", "16 cuda", "8 cuda"]
+    assert sum("trying again with batch size" in e.get("message", "") for e in events) == 2
+    out = DetectionLogic(mrml_scene).finish(run)
+    assert out.heatmap is not None and not run.workdir.exists()
+
+
+def test_gpu_out_of_memory_at_batch_one_offers_cpu(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    run_cls = _fake(tmp_path, limit=0, source=worker_output / "out")
+    before = _node_ids(mrml_scene)
+    run = run_cls(scan_node, DetectionOptions(device="cuda"), on_event=lambda e: None).start()
+    run.wait()
+    assert run.state == "failed" and isinstance(run.error, OutOfMemory)
+    assert run.options.batch_size == 1 and not run.workdir.exists()
+    assert _node_ids(mrml_scene) == before
