@@ -72,15 +72,15 @@ def test_multicomponent_and_empty_volumes_are_refused(mrml_scene):
 
 def test_hot_colour_prefers_slicer_table_and_falls_back_to_own():
     with_colours = new_scene()
-    assert nodes.hot_colour_node(with_colours).GetID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert nodes.hot_colour_node(with_colours).GetID() == "vtkMRMLColorTableNodefMRIPA"
     bare = slicer.vtkMRMLScene()  # no colour logic: no built-in tables at all
     own = nodes.hot_colour_node(bare)
     assert own.GetName() == nodes.HOT_COLOUR_NAME and own.GetNumberOfColors() == 256
     rgba = [0.0] * 4
     own.GetColor(0, rgba)
-    assert rgba[:3] == [0.0, 0.0, 0.0]
+    assert rgba[:3] == pytest.approx([0.5, 0.0, 0.0], abs=0.01)  # dark red at the threshold
     own.GetColor(255, rgba)
-    assert rgba[:3] == [1.0, 1.0, 1.0]
+    assert rgba[:3] == pytest.approx([1.0, 1.0, 0.0], abs=0.01)  # yellow at the top, never white
     assert nodes.hot_colour_node(bare) is own  # made once, then found again
 
 

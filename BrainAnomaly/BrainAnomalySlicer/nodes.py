@@ -20,9 +20,10 @@ ROLE_ATTRIBUTE = "BrainAnomaly.Role"
 SOURCE_ATTRIBUTE = "BrainAnomaly.Source"
 CALIBRATION_ATTRIBUTE = "BrainAnomaly.Calibration"
 HOT_COLOUR_NAME = "BrainAnomaly Hot"
-# Preferred hot colour tables, best first: Slicer's file table (absent where colour files are not installed, as in
-# the slicer-core wheel), then a procedural one Slicer's colour logic always makes; our own table is the fallback.
-HOT_COLOUR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
+# Heat colours that stay saturated (red -> yellow, no white end: a white top would vanish over bright white matter).
+# Slicer's colour logic always makes the fMRI positive-activation table, meant for thresholded overlays; a scene
+# without Slicer's colour tables gets our own equivalent.
+HOT_COLOUR_IDS = ("vtkMRMLColorTableNodefMRIPA",)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 ROLES = {  # role: (node class, name suffix)
@@ -247,8 +248,8 @@ def hot_colour_node(scene):
     node.SetNumberOfColors(n)
     node.SetNamesInitialised(True)
     for i in range(n):
-        t = i / (n - 1)  # black -> red -> yellow -> white
-        node.SetColor(i, f"{t:.3f}", min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2)),
+        t = i / (n - 1)  # dark red -> red -> yellow
+        node.SetColor(i, f"{t:.3f}", min(1.0, 0.5 + 1.5 * t), max(0.0, 1.5 * (t - 1.0 / 3.0)), 0.0,
                       1.0)
     node.SetAttribute("Category", "BrainAnomaly")
     return node
