@@ -1,0 +1,216 @@
+"""What the BrainAnomaly panel shows and hands on, without Qt or slicer: the threshold slider's scale (healthy
+false-positive rate), the texts of the model, device, threshold and progress displays, and the DetectionOptions a
+click on "Detect anomalies" starts. Kept here so that plain pytest checks them; the widget only wires them up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple
+
+# The threshold slider runs over log10 of the healthy FPR in percent: -1 .. 1 is 0.1 % .. 10 %.
+SLIDER_MIN, SLIDER_MAX = -1.0, 1.0
+DEFAULT_FPR = 0.01
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+MODALITIES = ("T1", "T1CE", "T2", "FLAIR", "PD")
+
+
+# --- threshold slider ---------------------------------------------------------------------------------------
+
+def slider_to_fpr(value: float) -> float:
+    """Slider position (log10 of percent) -> healthy false-positive rate as a fraction (0.01 = 1 %)."""
+    value = min(max(float(value), SLIDER_MIN), SLIDER_MAX)
+    return 10.0 ** value / 100.0
+
+
+def fpr_to_slider(fpr: Optional[float]) -> float:
+    """Healthy FPR fraction -> slider position, clamped to the slider's range; the default for a missing FPR."""
+    if fpr is None or not fpr > 0 or not math.isfinite(fpr):
+        fpr = DEFAULT_FPR
+    return min(max(math.log10(fpr * 100.0), SLIDER_MIN), SLIDER_MAX)
+
+
+def format_percent(fpr: float) -> str:
+    pct = fpr * 100.0
+    return f"{pct:.2f} %" if pct < 10 else f"{pct:.1f} %"
+
+
+def threshold_text(fpr: Optional[float], score: Optional[float], calibrated: bool = True) -> str:
+    """The label beside the slider, e.g. '1.00 % healthy FPR · score ≥ 2.35'."""
+    if not calibrated:
+        base = "model has no calibration, the slider has no effect"
+        return base if score is None else f"score ≥ {score:.2f} ({base})"
+    parts = [f"{format_percent(fpr if fpr is not None else DEFAULT_FPR)} healthy FPR"]
+    if score is not None:
+        parts.append(f"score ≥ {score:.2f}")
+    return " · ".join(parts)
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+def format_size(n_bytes: Optional[float]) -> str:
+    if n_bytes is None:
+        return "size unknown"
+    n = float(n_bytes)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def guess_modality(entry: Optional[dict]) -> str:
+    """The modality a model expects: its own, else its first input."""
+    if not entry:
+        return ""
+    inputs = entry.get("inputs") or []
+    return str(entry.get("modality") or (inputs[0] if inputs else "") or "")
+
+
+def model_item_text(entry: dict, default_id: Optional[str] = None) -> str:
+    """Text of a model in the selector: 'normative-t1-ixi (T1, default)'."""
+    tags = [t for t in (guess_modality(entry), "default" if entry.get("id") == default_id else "",
+                        "yours" if entry.get("source") == "user" else "") if t]
+    return f"{entry.get('id', '?')} ({', '.join(tags)})" if tags else str(entry.get("id", "?"))
+
+
+def model_details(entry: Optional[dict]) -> str:
+    """Description, modality and size of a model, for the label under the selector."""
+    if not entry:
+        return "No model found. Import one with 'Import model…'."
+    facts = [f"modality {guess_modality(entry) or '?'}"]
+    if entry.get("kind"):
+        facts.append(f"{entry['kind']} scorer")
+    facts.append(format_size(entry.get("size_bytes")))
+    facts.append("shipped" if entry.get("source") == "shipped" else "imported")
+    description = (entry.get("description") or "").strip()
+    return (description + "\n" if description else "") + " · ".join(facts)
+
+
+def model_index(entries: List[dict], model_id: Optional[str], default_id: Optional[str] = None) -> int:
+    """Index of `model_id` in the list, else of the default model, else 0 (-1 for an empty list)."""
+    if not entries:
+        return -1
+    ids = [e.get("id") for e in entries]
+    for wanted in (model_id, default_id):
+        if wanted and wanted in ids:
+            return ids.index(wanted)
+    return 0
+
+
+def modality_choices(entries: Iterable[dict]) -> List[str]:
+    """Known modalities first, then any the installed models add."""
+    out = list(MODALITIES)
+    for e in entries:
+        m = guess_modality(e)
+        if m and m not in out:
+            out.append(m)
+    return out
+
+
+def model_source(path) -> Path:
+    """What the user picked in the import dialog -> what import_model takes: a model.json stands for its folder."""
+    p = Path(path)
+    return p.parent if p.name == "model.json" else p
+
+
+def is_already_installed(exc: BaseException) -> bool:
+    """import_model's refusal to replace an installed model (the one ModelError the user can answer with yes)."""
+    return "already installed" in str(exc)
+
+
+# --- device ---------------------------------------------------------------------------------------------------
+
+def describe_devices(torch_module=None) -> str:
+    """What PyTorch sees, for the label beside the device selector. Imports torch only if it is installed."""
+    if torch_module is None:
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch is not installed yet (it is installed on the first detection)"
+        try:
+            import torch as torch_module
+        except Exception as exc:  # a broken install must not break the panel
+            return f"PyTorch cannot be loaded ({type(exc).__name__})"
+    try:
+        if torch_module.cuda.is_available():
+            n = torch_module.cuda.device_count()
+            props = torch_module.cuda.get_device_properties(0)
+            more = f" (+{n - 1} more)" if n > 1 else ""
+            return f"GPU found: {props.name}, {props.total_memory / 2 ** 30:.0f} GB{more}"
+    except Exception as exc:
+        return f"No usable GPU ({type(exc).__name__}); detection runs on the CPU"
+    return "No CUDA GPU found; detection runs on the CPU"
+
+
+# --- run ------------------------------------------------------------------------------------------------------
+
+def detection_options(*, model: Optional[str], modality: Optional[str], device: str = "auto",
+                      skull_strip: bool = True, bias_correction: bool = True, registration: bool = True,
+                      fpr: float = DEFAULT_FPR, min_lesion_ml: float = 0.05, per_lesion: bool = False,
+                      create_new: bool = False):
+    """The panel's choices as the logic's DetectionOptions."""
+    from .logic import DetectionOptions
+
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"unknown device {device!r}")
+    return DetectionOptions(model=model or None, modality=(modality or "").strip() or None, device=device,
+                            skull_strip="auto" if skull_strip else "none", bias_correction=bool(bias_correction),
+                            registration=bool(registration), fpr=float(fpr), min_lesion_ml=float(min_lesion_ml),
+                            per_lesion_segments=bool(per_lesion), reuse_outputs=not create_new)
+
+
+def progress_state(event: dict) -> Optional[Tuple[int, str]]:
+    """(percent, progress bar text) for a worker 'progress' event; None for other events."""
+    if event.get("event") != "progress":
+        return None
+    fraction = min(max(float(event.get("fraction") or 0.0), 0.0), 1.0)
+    step = str(event.get("step") or "working").replace("%", "%%")
+    return int(round(fraction * 100)), f"{step}: %p%"
+
+
+def event_log_line(event: dict, last_step: Optional[str] = None) -> Optional[str]:
+    """The log box line for a worker event (a progress event only when its step changes); None for nothing."""
+    kind = event.get("event")
+    if kind == "log":
+        return str(event.get("message", ""))
+    if kind == "progress":
+        step = event.get("step")
+        return f"{step}…" if step and step != last_step else None
+    if kind == "started":
+        batch = event.get("batch_size")
+        return f"Inference process started (device {event.get('device', 'auto')}" + \
+            (f", batch size {batch})" if batch else ")")
+    if kind == "error":
+        return f"Error ({event.get('kind', 'error')}): {event.get('message', '')}"
+    if kind == "done":
+        return "Inference finished; loading the results"
+    return None
+
+
+def result_summary(result: dict) -> str:
+    """One line for the log and the status label after (re-)thresholding."""
+    lesions = result.get("lesions") or []
+    volume = sum(float(les.get("volume_ml", 0.0)) for les in lesions)
+    text = f"{len(lesions)} lesion{'s' if len(lesions) != 1 else ''}, {volume:.2f} mL"
+    if result.get("threshold") is not None:
+        text += f" at score ≥ {result['threshold']:.2f}"
+    if result.get("fpr") is not None:
+        text += f" ({format_percent(result['fpr'])} healthy FPR)"
+    return text
+
+
+def state_summary(state: dict) -> str:
+    """The Lesions line for outputs already in the scene, from the calibration state stored with their heatmap."""
+    n = state.get("n_lesions")
+    text = "lesions not counted yet" if n is None else f"{n} lesion{'s' if n != 1 else ''}"
+    if state.get("threshold") is not None:
+        text += f" at score ≥ {state['threshold']:.2f}"
+    if state.get("fpr") is not None:
+        text += f" ({format_percent(state['fpr'])} healthy FPR)"
+    return text
+
+
+OOM_QUESTION = ("The GPU ran out of memory, even with the smallest batch size.\n\nRun the detection on the CPU "
+                "instead? It is slower but not limited by GPU memory.")

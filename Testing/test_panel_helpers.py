@@ -1,0 +1,210 @@
+"""The Slicer panel's GUI-free helpers (BrainAnomalySlicer.panel): slider <-> healthy FPR, the texts the panel
+shows, and the options a click on "Detect anomalies" hands the logic."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "BrainAnomaly") not in sys.path:
+    sys.path.insert(0, str(ROOT / "BrainAnomaly"))  # where Slicer puts the scripted module's folder
+
+from BrainAnomalySlicer import panel  # noqa: E402
+
+
+def test_slider_spans_a_tenth_of_a_percent_to_ten_percent():
+    assert panel.slider_to_fpr(panel.SLIDER_MIN) == pytest.approx(0.001)
+    assert panel.slider_to_fpr(0.0) == pytest.approx(0.01)
+    assert panel.slider_to_fpr(panel.SLIDER_MAX) == pytest.approx(0.1)
+    assert panel.slider_to_fpr(5.0) == pytest.approx(0.1)  # clamped
+    assert panel.slider_to_fpr(-5.0) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("fpr", [0.001, 0.002, 0.01, 0.05, 0.1])
+def test_slider_round_trip(fpr):
+    assert panel.slider_to_fpr(panel.fpr_to_slider(fpr)) == pytest.approx(fpr)
+
+
+def test_slider_position_of_odd_rates():
+    assert panel.fpr_to_slider(None) == pytest.approx(0.0)  # default 1 %
+    assert panel.fpr_to_slider(0.0) == pytest.approx(0.0)
+    assert panel.fpr_to_slider(float("nan")) == pytest.approx(0.0)
+    assert panel.fpr_to_slider(0.5) == panel.SLIDER_MAX
+    assert panel.fpr_to_slider(1e-6) == panel.SLIDER_MIN
+
+
+def test_slider_is_monotonic():
+    values = [panel.slider_to_fpr(v / 10) for v in range(-10, 11)]
+    assert values == sorted(values) and len(set(values)) == len(values)
+
+
+def test_threshold_text():
+    assert panel.threshold_text(0.01, 2.3456) == "1.00 % healthy FPR · score ≥ 2.35"
+    assert panel.threshold_text(0.001, None) == "0.10 % healthy FPR"
+    assert panel.threshold_text(0.1, 0.5) == "10.0 % healthy FPR · score ≥ 0.50"
+    text = panel.threshold_text(None, 1.5, calibrated=False)
+    assert "1.50" in text and "no calibration" in text
+    assert "no calibration" in panel.threshold_text(None, None, calibrated=False)
+
+
+def test_format_size():
+    assert panel.format_size(5930) == "5.9 kB"
+    assert panel.format_size(7748388) == "7.7 MB"
+    assert panel.format_size(123456789) == "123 MB"
+    assert panel.format_size(2.5e9) == "2.5 GB"
+    assert panel.format_size(12) == "12 B"
+    assert panel.format_size(None) == "size unknown"
+
+
+SHIPPED = {"id": "normative-t1-ixi", "kind": "normative", "modality": "T1", "inputs": ["T1"],
+           "description": "normative scorer for T1", "size_bytes": 7748388, "source": "shipped"}
+USER = {"id": "my-flair", "kind": "intensity", "modality": None, "inputs": ["FLAIR"], "description": "",
+        "size_bytes": 4000, "source": "user"}
+
+
+def test_model_texts():
+    assert panel.model_item_text(SHIPPED, "normative-t1-ixi") == "normative-t1-ixi (T1, default)"
+    assert panel.model_item_text(USER, "normative-t1-ixi") == "my-flair (FLAIR, yours)"
+    details = panel.model_details(SHIPPED)
+    assert details.splitlines()[0] == "normative scorer for T1"
+    assert "modality T1" in details and "7.7 MB" in details and "normative" in details and "shipped" in details
+    assert panel.model_details(USER).startswith("modality FLAIR")
+    assert "Import" in panel.model_details(None)
+
+
+def test_guess_modality():
+    assert panel.guess_modality(SHIPPED) == "T1"
+    assert panel.guess_modality(USER) == "FLAIR"
+    assert panel.guess_modality({"id": "x"}) == ""
+    assert panel.guess_modality(None) == ""
+
+
+def test_model_index_prefers_the_chosen_then_the_default():
+    entries = [USER, SHIPPED]
+    assert panel.model_index(entries, "my-flair", "normative-t1-ixi") == 0
+    assert panel.model_index(entries, "gone", "normative-t1-ixi") == 1
+    assert panel.model_index(entries, None, None) == 0
+    assert panel.model_index([], "x", "y") == -1
+
+
+def test_modality_choices_add_the_models_own():
+    out = panel.modality_choices([SHIPPED, {"id": "z", "modality": "SWI"}])
+    assert out[: len(panel.MODALITIES)] == list(panel.MODALITIES) and out[-1] == "SWI"
+    assert len(out) == len(set(out))
+
+
+def test_model_source(tmp_path):
+    assert panel.model_source(tmp_path / "m" / "model.json") == tmp_path / "m"
+    assert panel.model_source(tmp_path / "m.zip") == tmp_path / "m.zip"
+    assert panel.model_source(tmp_path / "m") == tmp_path / "m"
+
+
+def test_already_installed_matches_model_store_message(tmp_path):
+    """The panel offers to replace a model only for import_model's 'already installed' refusal."""
+    from BrainAnomalyLib.errors import ModelError
+
+    assert panel.is_already_installed(ModelError("a model named 'x' is already installed in /y; pass overwrite"))
+    assert not panel.is_already_installed(ModelError("model x: model.safetensors does not match its checksum"))
+    store = ROOT / "BrainAnomalyLib" / "model_store.py"
+    if store.is_file():
+        assert "is already installed" in store.read_text()
+
+
+def _fake_torch(available, name="Fake GPU", memory=16 * 2 ** 30, count=1, fail=False):
+    def is_available():
+        if fail:
+            raise RuntimeError("driver")
+        return available
+
+    cuda = types.SimpleNamespace(is_available=is_available, device_count=lambda: count,
+                                 get_device_properties=lambda i: types.SimpleNamespace(name=name,
+                                                                                       total_memory=memory))
+    return types.SimpleNamespace(cuda=cuda)
+
+
+def test_describe_devices():
+    assert panel.describe_devices(_fake_torch(True)) == "GPU found: Fake GPU, 16 GB"
+    assert "+1 more" in panel.describe_devices(_fake_torch(True, count=2))
+    assert "CPU" in panel.describe_devices(_fake_torch(False))
+    assert "CPU" in panel.describe_devices(_fake_torch(True, fail=True))
+
+
+def test_describe_devices_without_torch(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert "not installed" in panel.describe_devices()
+
+
+def test_detection_options():
+    opts = panel.detection_options(model="normative-t1-ixi", modality=" T1 ", device="cuda", skull_strip=False,
+                                   bias_correction=False, registration=True, fpr=0.005, min_lesion_ml=0.2,
+                                   per_lesion=True, create_new=True)
+    assert opts.model == "normative-t1-ixi" and opts.modality == "T1" and opts.device == "cuda"
+    assert opts.skull_strip == "none" and not opts.bias_correction and opts.registration
+    assert opts.fpr == pytest.approx(0.005) and opts.min_lesion_ml == pytest.approx(0.2)
+    assert opts.per_lesion_segments and not opts.reuse_outputs
+    args = opts.worker_args()
+    assert "--no-bias-correction" in args and "--no-register" not in args
+    assert args[args.index("--skull-strip") + 1] == "none"
+
+    default = panel.detection_options(model="", modality="")
+    assert default.model is None and default.modality is None and default.skull_strip == "auto"
+    assert default.reuse_outputs and default.device == "auto"
+    with pytest.raises(ValueError):
+        panel.detection_options(model=None, modality=None, device="tpu")
+
+
+def test_progress_state():
+    assert panel.progress_state({"event": "progress", "step": "register", "fraction": 0.42}) == (42, "register: %p%")
+    assert panel.progress_state({"event": "progress", "step": "50% done", "fraction": 2.0}) == (100, "50%% done: %p%")
+    assert panel.progress_state({"event": "log", "message": "x"}) is None
+
+
+def test_event_log_lines():
+    assert panel.event_log_line({"event": "log", "message": "model x on cpu"}) == "model x on cpu"
+    assert panel.event_log_line({"event": "progress", "step": "register", "fraction": 0.1}) == "register…"
+    assert panel.event_log_line({"event": "progress", "step": "register", "fraction": 0.2}, "register") is None
+    assert "batch size 8" in panel.event_log_line({"event": "started", "device": "cuda", "batch_size": 8})
+    assert panel.event_log_line({"event": "started", "device": "cpu", "batch_size": None}).endswith("cpu)")
+    line = panel.event_log_line({"event": "error", "kind": "BadInputError", "message": "constant image"})
+    assert "BadInputError" in line and "constant image" in line
+    assert panel.event_log_line({"event": "done"})
+    assert panel.event_log_line({"event": "unknown"}) is None
+
+
+def test_result_summary():
+    result = {"threshold": 2.345, "fpr": 0.01, "lesions": [{"volume_ml": 1.5}, {"volume_ml": 0.25}]}
+    assert panel.result_summary(result) == "2 lesions, 1.75 mL at score ≥ 2.35 (1.00 % healthy FPR)"
+    assert panel.result_summary({"threshold": 1.0, "fpr": None, "lesions": [{"volume_ml": 1}]}) == \
+        "1 lesion, 1.00 mL at score ≥ 1.00"
+    assert panel.result_summary({"lesions": []}) == "0 lesions, 0.00 mL"
+
+
+def test_state_summary():
+    assert panel.state_summary({"n_lesions": 1, "threshold": 3.371, "fpr": 0.005}) == \
+        "1 lesion at score ≥ 3.37 (0.50 % healthy FPR)"
+    assert panel.state_summary({"n_lesions": 0, "threshold": 1.0, "fpr": None}) == "0 lesions at score ≥ 1.00"
+    assert panel.state_summary({}) == "lesions not counted yet"
+
+
+def test_panel_module_needs_neither_qt_nor_torch():
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'BrainAnomaly'); import BrainAnomalySlicer.panel; "
+            "bad = [m for m in ('torch', 'qt', 'monai', 'slicer') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_default_fpr_is_the_logic_default():
+    from BrainAnomalySlicer.logic import DetectionOptions
+
+    assert DetectionOptions().fpr == panel.DEFAULT_FPR
+    assert math.isclose(panel.slider_to_fpr(panel.fpr_to_slider(DetectionOptions().fpr)), panel.DEFAULT_FPR)
