@@ -302,7 +302,7 @@ class BrainAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self._log("Cancelling…")
             self.ui.detectButton.enabled = False
-            self._run.cancel()  # stops the whole process tree; the poll timer reports it
+            self._run.cancel(wait=False)  # stops the whole process tree; the poll timer finishes and reports it
             return
         if self._parameterNode is None or not self._ensureDependencies():
             return
@@ -494,7 +494,8 @@ class BrainAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class BrainAnomalyLogic(ScriptedLoadableModuleLogic):
     """BrainAnomalySlicer.logic.DetectionLogic on the application's scene (or the one given), for the widget, scripts
     and tests. Headless: it never opens a dialog. DetectionLogic's methods (start, finish, detect, state, calibration,
-    apply_threshold, show, set_opacity, jump_to_lesion, outputs_for) are called on it directly."""
+    apply_threshold, preview_threshold, show, set_opacity, jump_to_lesion, outputs_for) are called on it
+    directly."""
 
     def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -509,16 +510,6 @@ class BrainAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return BrainAnomalyParameterNode(super().getParameterNode())
-
-    def preview_threshold(self, outputs, fpr):
-        """Move only the heatmap's display threshold to a healthy FPR (cheap, for a slider being dragged) and return
-        the raw score; apply_threshold then brings label map, segmentation and table along."""
-        from BrainAnomalySlicer import nodes
-
-        calibration = self.detection.calibration(outputs)
-        value = calibration.threshold(fpr) if calibration.calibrated else self.detection.state(outputs)["threshold"]
-        nodes.set_display_threshold(outputs.heatmap, float(value))
-        return float(value)
 
 
 class BrainAnomalyTest(ScriptedLoadableModuleTest):

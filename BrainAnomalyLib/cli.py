@@ -225,7 +225,7 @@ def _write_summary(path: Path, rows) -> None:
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["subject", "modality", "status", "n_lesions", "anomalous_volume_ml", "pred_score", "message"])
         w.writerows(rows)
@@ -301,7 +301,7 @@ def cmd_train(args, cancel: CancelToken) -> int:
         raise BadInputError(str(exc).strip("'")) from None
     finally:
         bar.close()
-    meta = json.loads((folder / "model.json").read_text())
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     print(f"model written to {folder}; calibrated thresholds {meta['calibration']['thresholds']}")
     return 0
 

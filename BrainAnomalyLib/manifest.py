@@ -29,7 +29,7 @@ def read_manifest(path, modality: Optional[str] = None) -> List[Case]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"manifest not found: {path}")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in ("subject", "modality", "image") if c not in (reader.fieldnames or [])]
         if missing:
@@ -51,7 +51,7 @@ def read_manifest(path, modality: Optional[str] = None) -> List[Case]:
 
 def write_manifest(path, cases: List[Case]) -> None:
     path = Path(path)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
         for c in cases:

@@ -286,7 +286,7 @@ def verify_registry() -> List[str]:
     if not path.is_file():
         return [f"{path}: registry file missing"]
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         entries = data["models"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return [f"{path}: unreadable registry ({exc})"]

@@ -146,13 +146,13 @@ def shipped_entries() -> List[dict]:
     path = shipped_registry_file()
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return data.get("models", [])
 
 
 def default_model_name() -> str:
     path = shipped_registry_file()
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return data.get("default", "intensity-t1")
 
 
@@ -165,7 +165,7 @@ def list_models() -> List[dict]:
     if udir.is_dir():
         for meta_path in sorted(udir.glob(f"*/{META_FILE}")):
             try:
-                meta = json.loads(meta_path.read_text())
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 continue
             # Same fields as a shipped entry (bar the digest, which would hash every file on each listing).

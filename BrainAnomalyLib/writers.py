@@ -21,7 +21,7 @@ OUTPUT_FILES = ("anomaly_map.nii.gz", "pred_mask.nii.gz", "brain_mask.nii.gz", "
 
 
 def write_lesions_csv(lesions, path: Path) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["label", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "centroid_i",
                     "centroid_j", "centroid_k", "mean_score", "max_score"])

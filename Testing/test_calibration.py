@@ -166,7 +166,7 @@ def test_calibration_tables_curve_matches_the_table():
 
 
 def test_train_stores_the_curve_over_the_whole_brain_mask(data):
-    calib = json.loads((data.model / "model.json").read_text())["calibration"]
+    calib = json.loads((data.model / "model.json").read_text(encoding="utf-8"))["calibration"]
     _assert_curve(calib)
     assert "whole grid brain mask" in calib["method"]
 

@@ -35,12 +35,12 @@ def test_detect_writes_every_output_on_the_input_grid(tmp_path, demo_file, templ
     scan = sitk.ReadImage(str(demo_file))
     for name in ("anomaly_map.nii.gz", "pred_mask.nii.gz", "brain_mask.nii.gz"):
         assert same_geometry(sitk.ReadImage(str(out / name)), scan, tol=1e-4)
-    summary = json.loads((out / "result.json").read_text())
+    summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert summary["threshold"]["fpr"] == 0.01 and "calibration" in summary["threshold"]["source"]
     assert summary["n_lesions"] >= 1
     assert [s["step"] for s in summary["preprocessing"]] == ["orient", "skull-strip", "bias-correct", "register",
                                                              "resample", "normalise"]
-    lines = (out / "lesions.csv").read_text().strip().splitlines()
+    lines = (out / "lesions.csv").read_text(encoding="utf-8").strip().splitlines()
     assert lines[0].startswith("label,voxels,volume_ml,centroid_r") and len(lines) == summary["n_lesions"] + 1
     assert "1 lesion" in capsys.readouterr().out or summary["n_lesions"] > 1
 
@@ -49,7 +49,7 @@ def test_threshold_option_overrides_calibration(tmp_path, demo_file, template_no
     out = tmp_path / "out"
     assert main(["detect", str(demo_file), "--model", str(template_normative_model.path), "--threshold", "1e6",
                  "--no-bias-correction", "-o", str(out), "-q"]) == 0
-    summary = json.loads((out / "result.json").read_text())
+    summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert summary["threshold"] == {"value": 1e6, "fpr": None, "source": "user value"}
     assert summary["n_lesions"] == 0
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pred_mask.nii.gz"))).sum() == 0
@@ -68,7 +68,7 @@ def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, demo_file, intens
     assert code == 2  # one case failed
     assert (out / "s1_T1" / "anomaly_map.nii.gz").is_file()
     assert not (out / "s2_T1").exists()
-    summary = (out / "summary.csv").read_text().splitlines()
+    summary = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert summary[1].startswith("s1,T1,ok,") and summary[2].startswith("s2,T1,failed,")
     captured = capsys.readouterr()
     assert "1 of 2 scans done" in captured.out and "s2_T1" in captured.err and "constant" in captured.err

@@ -48,7 +48,7 @@ def _variables(text: str) -> Dict[str, List[str]]:
 
 
 def _listed(cmake: Path, names) -> List[str]:
-    variables = _variables(cmake.read_text())
+    variables = _variables(cmake.read_text(encoding="utf-8"))
     out = []
     for name in names:
         assert name in variables, f"{cmake.relative_to(ROOT)} sets no {name}"
@@ -102,30 +102,30 @@ def test_installed_layout():
     assert all(f.startswith("BrainAnomalyLib/") and f.endswith(".py") for f in _listed(
         ROOT_CMAKE, ("BRAINANOMALY_LIB_SCRIPTS",)))
     assert all(f.startswith(RESOURCE_DIRS) for f in _listed(ROOT_CMAKE, ("BRAINANOMALY_RESOURCES",)))
-    (call,) = _commands(ROOT_CMAKE.read_text(), "ctkMacroCompilePythonScript")
+    (call,) = _commands(ROOT_CMAKE.read_text(encoding="utf-8"), "ctkMacroCompilePythonScript")
     args = dict(zip(call, call[1:]))
     assert args["SCRIPTS"] == "${BRAINANOMALY_LIB_SCRIPTS}" and args["RESOURCES"] == "${BRAINANOMALY_RESOURCES}"
     assert args["SOURCE_DIR"] == "${CMAKE_CURRENT_SOURCE_DIR}"
     assert args["DESTINATION_DIR"] == "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}"
     assert args["INSTALL_DIR"] == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"
     assert "NO_INSTALL_SUBDIR" in call  # install the folder's content, not a qt-scripted-modules/ inside it
-    (module_call,) = _commands(MODULE_CMAKE.read_text(), "slicerMacroBuildScriptedModule")
+    (module_call,) = _commands(MODULE_CMAKE.read_text(encoding="utf-8"), "slicerMacroBuildScriptedModule")
     assert "${MODULE_PYTHON_SCRIPTS}" in module_call and "${MODULE_PYTHON_RESOURCES}" in module_call
-    assert "add_subdirectory(BrainAnomaly)" in ROOT_CMAKE.read_text()
+    assert "add_subdirectory(BrainAnomaly)" in ROOT_CMAKE.read_text(encoding="utf-8")
 
 
 def test_no_glob():
     for cmake in (ROOT_CMAKE, MODULE_CMAKE):
-        assert not re.search(r"(?i)\bfile\s*\(\s*GLOB", _strip_comments(cmake.read_text())), cmake
+        assert not re.search(r"(?i)\bfile\s*\(\s*GLOB", _strip_comments(cmake.read_text(encoding="utf-8"))), cmake
 
 
 def test_the_ui_file_the_widget_loads_is_installed():
     assert "Resources/UI/BrainAnomaly.ui" in root_files()
-    assert '"UI" / "BrainAnomaly.ui"' in (MODULE_DIR / "BrainAnomaly.py").read_text()
+    assert '"UI" / "BrainAnomaly.ui"' in (MODULE_DIR / "BrainAnomaly.py").read_text(encoding="utf-8")
 
 
 def test_extension_description_is_filled_in():
-    variables = _variables(ROOT_CMAKE.read_text())
+    variables = _variables(ROOT_CMAKE.read_text(encoding="utf-8"))
     for field in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         values = variables.get(f"EXTENSION_{field}")
         assert values and all(v.strip() for v in values), f"EXTENSION_{field} is empty"

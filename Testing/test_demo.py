@@ -12,7 +12,7 @@ from BrainAnomalyLib.models import default_model_name
 def test_demo_ranks_the_inserted_lesion_first_with_the_default_model(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path), "-q"]) == 0
     assert "demo lesion: found as finding #1 of" in capsys.readouterr().out
-    summary = json.loads((tmp_path / "result.json").read_text())
+    summary = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
     assert summary["model"]["name"] == default_model_name()
     assert summary["threshold"]["fpr"] == 0.01
     truth_img = sitk.ReadImage(str(tmp_path / "demo_truth.nii.gz"))

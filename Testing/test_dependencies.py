@@ -137,9 +137,9 @@ def test_checking_imports_neither_torch_nor_the_other_packages():
 def test_requirements_match_pyproject_and_the_pinned_versions():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert sorted(ALL) == sorted(d for d in declared if _name(d) not in deps.PROTECTED)
-    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
                 if "==" in line and not line.startswith("#"))
     for req in ALL:
         name, minimum = deps._parse(req)
@@ -152,7 +152,7 @@ def test_every_third_party_import_of_the_library_is_covered():
     covered.add("simpleitk")
     found = set()
     for path in (ROOT / "BrainAnomalyLib").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -170,7 +170,7 @@ def fake_slicer(monkeypatch):
     calls = []
     slicer = types.ModuleType("slicer")
     slicer.util = types.SimpleNamespace(pip_install=lambda args: calls.append(("pip_install", list(args),
-                                                                                Path(args[-1]).read_text())))
+                                                                                Path(args[-1]).read_text(encoding="utf-8"))))
     monkeypatch.setitem(sys.modules, "slicer", slicer)
     return slicer, calls
 
@@ -180,7 +180,7 @@ def test_slicer_pip_installer_uses_pip_ensure_with_a_constraints_file(fake_slice
     pydeps = types.ModuleType("slicer.pydeps")
 
     def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):
-        calls.append(("pip_ensure", [str(r) for r in requirements], Path(constraints).read_text(), prompt_install,
+        calls.append(("pip_ensure", [str(r) for r in requirements], Path(constraints).read_text(encoding="utf-8"), prompt_install,
                       requester, constraints))
 
     pydeps.pip_ensure = pip_ensure

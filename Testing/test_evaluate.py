@@ -37,7 +37,7 @@ def test_evaluate_compares_models_and_writes_the_report(cohort, tmp_path, templa
                  "--model", str(template_normative_model.path), "--model", str(intensity_model.path),
                  "--device", "cpu", "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     norm, inten = metrics["template-normative"], metrics["test-intensity"]
     assert norm["n_lesion_scans"] == 2 and norm["n_healthy_scans"] == 1
     assert norm["voxel"]["auprc"] > 0.5 and norm["voxel"]["auprc"] > inten["voxel"]["auprc"]
@@ -50,7 +50,7 @@ def test_evaluate_compares_models_and_writes_the_report(cohort, tmp_path, templa
     assert len(norm["per_case"]) == 3 and norm["seconds_per_volume"] > 0
     for name in ("metrics.md", "pr_curves.png", "template-normative_best.png", "template-normative_worst.png"):
         assert (out / name).is_file(), name
-    table = (out / "metrics.md").read_text()
+    table = (out / "metrics.md").read_text(encoding="utf-8")
     assert "| template-normative |" in table and "| test-intensity |" in table
 
 
@@ -59,7 +59,7 @@ def test_evaluate_rejects_models_of_different_modalities(cohort, tmp_path, templ
 
     flair = tmp_path / "flair-model"
     shutil.copytree(template_normative_model.path, flair)
-    meta = json.loads((flair / "model.json").read_text())
+    meta = json.loads((flair / "model.json").read_text(encoding="utf-8"))
     meta["modality"], meta["name"] = "FLAIR", "flair-copy"
     (flair / "model.json").write_text(json.dumps(meta))
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--model",

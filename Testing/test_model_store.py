@@ -69,7 +69,7 @@ def test_import_from_folder_installs_a_loadable_model_that_is_listed(tmp_path, m
     installed = model_store.import_model(src)
     assert installed == models_dir / "my-intensity"
     assert load_model(installed).kind == "intensity"
-    assert (installed / "MODEL_CARD.md").read_text() == "# test model\n"
+    assert (installed / "MODEL_CARD.md").read_text(encoding="utf-8") == "# test model\n"
     assert everything_under(models_dir) == ["my-intensity", "my-intensity/MODEL_CARD.md",
                                             "my-intensity/model.json", "my-intensity/model.safetensors"]
     row = next(r for r in list_models() if r["id"] == "my-intensity")
@@ -117,7 +117,7 @@ def test_model_json_that_is_not_text_is_refused(tmp_path, models_dir):
 
 def test_model_with_unknown_kind_is_refused(tmp_path, models_dir):
     src = make_model(tmp_path / "src")
-    meta = json.loads((src / "model.json").read_text())
+    meta = json.loads((src / "model.json").read_text(encoding="utf-8"))
     meta["kind"] = "no-such-scorer"
     (src / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="unknown scorer kind"):
@@ -286,7 +286,7 @@ def resources_copy(tmp_path, monkeypatch):
 def test_verify_registry_finds_a_tampered_file(resources_copy):
     # MODEL_CARD.md is not listed in model.json, so only the registry digest and size can catch this.
     card = resources_copy / "intensity-t1" / "MODEL_CARD.md"
-    card.write_text(card.read_text() + "tampered\n")
+    card.write_text(card.read_text(encoding="utf-8") + "tampered\n")
     problems = model_store.verify_registry()
     assert any("intensity-t1" in p and "broken or tampered" in p for p in problems)
     assert any("intensity-t1" in p and "bytes" in p for p in problems)
@@ -296,7 +296,7 @@ def test_verify_registry_finds_a_tampered_file(resources_copy):
 def test_verify_registry_finds_same_size_corruption_and_bad_entries(resources_copy):
     flip_a_byte(resources_copy / "normative-t1-ixi" / "model.safetensors")
     registry = resources_copy / "models.json"
-    data = json.loads(registry.read_text())
+    data = json.loads(registry.read_text(encoding="utf-8"))
     del data["models"][1]["description"]
     data["models"].append({"id": "ghost", "path": "ghost", "version": "1", "kind": "intensity", "modality": "T1",
                            "inputs": ["T1"], "size_bytes": 1, "sha256": "0" * 64, "description": ""})

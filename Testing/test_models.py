@@ -17,7 +17,7 @@ def test_round_trip_keeps_tensors_exactly(tmp_path):
     m = load_model(folder)
     assert set(m.tensors) == {"mean", "support"}
     assert np.array_equal(m.tensors["mean"], t["mean"]) and m.tensors["support"].dtype == np.uint8
-    assert json.loads((folder / "model.json").read_text())["files"]["model.safetensors"]
+    assert json.loads((folder / "model.json").read_text(encoding="utf-8"))["files"]["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
 
 
@@ -51,7 +51,7 @@ def test_registry_digest_catches_changed_metadata(tmp_path, template_normative_m
     shutil.copytree(template_normative_model.path, folder)
     digest = folder_digest(folder)
     load_model(folder, expected_digest=digest)
-    meta = json.loads((folder / "model.json").read_text())
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     meta["calibration"]["thresholds"]["0.01"] = 0.0
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="registry checksum"):

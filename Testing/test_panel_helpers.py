@@ -112,7 +112,7 @@ def test_already_installed_matches_model_store_message(tmp_path):
     assert not panel.is_already_installed(ModelError("model x: model.safetensors does not match its checksum"))
     store = ROOT / "BrainAnomalyLib" / "model_store.py"
     if store.is_file():
-        assert "is already installed" in store.read_text()
+        assert "is already installed" in store.read_text(encoding="utf-8")
 
 
 def _fake_torch(available, name="Fake GPU", memory=16 * 2 ** 30, count=1, fail=False):

@@ -42,7 +42,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     case = out / "demo"
     assert {p.name for p in case.iterdir()} >= {"anomaly_map.nrrd", "labels.nrrd", "anomalies.seg.nrrd",
                                                 "lesions.csv", "result.json"}
-    result = json.loads((case / "result.json").read_text())
+    result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
     assert result["fpr"] == pytest.approx(0.01)
     # Maps on the input grid, the inserted lesion in the label map.

@@ -41,7 +41,7 @@ def _node_ids(scene):
 def test_outputs_on_the_input_grid_with_display_and_table(mrml_scene, worker_output, tmp_path):
     scan = sitk.ReadImage(str(worker_output / "scan.nrrd"))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(worker_output / "truth.nrrd"))) > 0
-    summary = json.loads((worker_output / "out" / "result.json").read_text())
+    summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
     scan_node = _input_node(mrml_scene, scan)
     logic = DetectionLogic(mrml_scene)
     out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
@@ -88,6 +88,12 @@ def test_threshold_slider_rethresholds_without_a_model_run(mrml_scene, worker_ou
     labels = nodes.node_array(out.labelmap) > 0
     assert labels.any() and not labels[heat_before <= loose["threshold"]].any()
     assert out.table.GetTable().GetNumberOfRows() == len(loose["lesions"]) >= len(strict["lesions"])
+    # Dragging the slider moves only the display threshold; the label map follows on release.
+    labels_before = nodes.node_array(out.labelmap).copy()
+    moved = logic.preview_threshold(out, 0.002)
+    assert moved == pytest.approx(cal.threshold(0.002))
+    assert out.heatmap.GetDisplayNode().GetLowerThreshold() == pytest.approx(moved)
+    assert np.array_equal(nodes.node_array(out.labelmap), labels_before)
     # A raw value shows its FPR; the heatmap itself never changes.
     by_value = logic.apply_threshold(out, value=strict["threshold"])
     assert by_value["fpr"] == pytest.approx(0.001, rel=0.05)
@@ -147,7 +153,12 @@ def test_cancel_kills_the_worker_and_leaves_nothing(mrml_scene, demo_case):
         time.sleep(0.05)
     assert run.state == "running"
     pid = run.process.proc.pid
-    run.cancel()
+    asked = time.monotonic()
+    run.cancel(wait=False)  # what the GUI does: returns at once, its poll timer finishes the job
+    assert time.monotonic() - asked < 0.5
+    while not run.poll():
+        time.sleep(0.05)
+    assert time.monotonic() - asked < 10
     assert run.state == "cancelled" and run.error.kind == "Cancelled"
     assert not _alive(pid) and not run.workdir.exists()
     with pytest.raises(DetectionError, match="cancelled"):
@@ -224,7 +235,7 @@ def test_gpu_out_of_memory_retries_with_smaller_batches(mrml_scene, worker_outpu
     calls_file = run.output_dir.with_suffix(".calls")
     run.wait()
     assert run.state == "done"
-    assert calls_file.read_text().split("\n")[:3] == ["32 cuda", "16 cuda", "8 cuda"]
+    assert calls_file.read_text(encoding="utf-8").split("\n")[:3] == ["32 cuda", "16 cuda", "8 cuda"]
     assert sum("trying again with batch size" in e.get("message", "") for e in events) == 2
     out = DetectionLogic(mrml_scene).finish(run)
     assert out.heatmap is not None and not run.workdir.exists()

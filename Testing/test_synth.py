@@ -244,7 +244,7 @@ def test_make_cohort_on_the_template_writes_readable_cases(tmp_path):
         assert sitk.GetArrayFromImage(mask).any()
     artefacts = read_manifest(tmp_path / "artefacts.csv")
     assert len(artefacts) == 2 and all(c.mask is None and c.image.is_file() for c in artefacts)
-    info = json.loads((tmp_path / "synth.json").read_text())
+    info = json.loads((tmp_path / "synth.json").read_text(encoding="utf-8"))
     assert len(info["cases"]) == 6 and info["seed"] == 5
     tumour = next(e for e in info["cases"] if e["subject"] == "template_tumour_1")
     assert (tmp_path / tumour["displacement"]).is_file()
@@ -321,7 +321,7 @@ def test_tissue_maps_for_scan_pull_the_template_onto_the_scan(moved_scan, tmp_pa
                                          Case("s3", "FLAIR", tmp_path / "scan.nii.gz", None),
                                          Case("blank", "T1", tmp_path / "blank.nii.gz", None)])
     out = make_cohort(read_manifest(tmp_path / "in.csv"), tmp_path / "out", "T1", ["ms", "artefact-bias"])
-    failures = json.loads((tmp_path / "out" / "synth.json").read_text())["failures"]
+    failures = json.loads((tmp_path / "out" / "synth.json").read_text(encoding="utf-8"))["failures"]
     assert [f["subject"] for f in failures] == ["blank"]  # an unreadable scan is reported, the rest go on
     (row,) = read_manifest(out)
     assert row.subject == "s1_ms" and row.mask is not None

@@ -53,7 +53,7 @@ def test_train_normative_from_a_manifest(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert code == 0, capsys.readouterr().err
     model = load_model(out)
-    meta = json.loads((out / "model.json").read_text())
+    meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     assert meta["kind"] == "normative" and meta["params"]["direction"] == "hypo"
     assert meta["training_data"]["lesion_rows_ignored"] == 1
     assert meta["training_data"]["n_train"] + meta["training_data"]["n_calibration"] \
@@ -95,7 +95,7 @@ def test_train_with_histogram_standardisation_stores_its_reference(tmp_path):
     assert main(["train", "--model", "normative", "--manifest", str(csv), "-o", str(out), "--normalisation",
                  "histogram", "--skull-strip", "none", "--no-bias-correction", "--no-register",
                  "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
-    pre = json.loads((out / "model.json").read_text())["preprocessing"]
+    pre = json.loads((out / "model.json").read_text(encoding="utf-8"))["preprocessing"]
     assert pre["normalisation"] == "histogram"
     ref = pre["normalisation_reference"]
     assert len(ref) == len(LANDMARKS) and ref[0] == 0.0 and ref[-1] == 100.0 and ref == sorted(ref)

@@ -147,7 +147,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(
         [{"scorer": n, "dataset": d, **{k: v for k, v in public(m).items() if k not in ("per_case", "pr_curve")}}
          for n, d, m in rows], indent=2, default=float) + "\n")

@@ -114,7 +114,7 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
         rows.append(row)
         log(f"[{i}/{len(cases)}] {case.subject}: {row['status']}"
             + (f", {row['n_lesions']} lesion(s)" if row["status"] == "ok" else f" ({row['message']})"))
-    with open(outdir / "summary.csv", "w", newline="") as fh:
+    with open(outdir / "summary.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in rows:

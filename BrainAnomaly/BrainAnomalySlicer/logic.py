@@ -146,6 +146,8 @@ class DetectionRun:
         """Pass new events on; True once the run has ended (see `state`)."""
         if self.state != "running":
             return True
+        if self.process.cancelled:
+            self.process.enforce_cancel()
         for event in self.process.events():
             if event.get("event") == "error":
                 self._last_error_event = event
@@ -190,10 +192,15 @@ class DetectionRun:
                 self.cancel()
             time.sleep(interval)
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the worker's whole process tree. With `wait=False` (a GUI) this returns at once and later `poll()`
+        calls finish the job, killing the tree if it has not stopped within a few seconds."""
         if self.process is not None and self.state == "running":
-            self.process.cancel()
-            self.poll()
+            if wait:
+                self.process.cancel()
+                self.poll()
+            else:
+                self.process.request_cancel()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -265,7 +272,7 @@ class DetectionLogic:
         and nodes made here are removed again if anything fails."""
         folder = Path(folder)
         try:
-            summary = json.loads((folder / "result.json").read_text())
+            summary = json.loads((folder / "result.json").read_text(encoding="utf-8"))
             heat = sitk.ReadImage(str(folder / "anomaly_map.nrrd"), sitk.sitkFloat32)
             recon_path = folder / "reconstruction.nrrd"
             recon = sitk.ReadImage(str(recon_path), sitk.sitkFloat32) if recon_path.is_file() else None
@@ -332,6 +339,15 @@ class DetectionLogic:
         state.update(threshold=float(value), fpr=fpr, n_lesions=len(lesions))
         outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))
         return {"threshold": float(value), "fpr": fpr, "lesions": lesions}
+
+    def preview_threshold(self, outputs: nodes.OutputNodes, fpr: float) -> float:
+        """Move only the heatmap's display threshold to a healthy FPR (cheap enough for a slider being dragged) and
+        return the raw score; `apply_threshold` then brings label map, segmentation and table along."""
+        state = self.state(outputs)
+        cal = Calibration(state.get("curve"))
+        value = cal.threshold(fpr) if cal.calibrated else float(state["threshold"])
+        nodes.set_display_threshold(outputs.heatmap, float(value))
+        return float(value)
 
     def show(self, input_node, outputs: nodes.OutputNodes, opacity: float = 0.6) -> None:
         nodes.show_in_slice_views(self.scene, input_node, outputs.heatmap, opacity)

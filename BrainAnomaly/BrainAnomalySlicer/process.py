@@ -26,6 +26,7 @@ class InferenceProcess:
         self.stderr: Deque[str] = collections.deque(maxlen=stderr_lines)
         self._readers: List[threading.Thread] = []
         self.cancelled = False
+        self._kill_at: Optional[float] = None
 
     def start(self) -> "InferenceProcess":
         kwargs = {}
@@ -92,19 +93,28 @@ class InferenceProcess:
         self.finished()
         return self.proc.returncode
 
-    def cancel(self, grace_seconds: float = 3.0) -> None:
-        """Ask the whole tree to stop, then kill it if it has not within the grace period."""
+    def request_cancel(self, grace_seconds: float = 3.0) -> None:
+        """Ask the whole tree to stop and return at once; `enforce_cancel` kills it once the grace period is over
+        (a GUI calls that from its poll timer, so it never waits)."""
         self.cancelled = True
-        if not self.running:
+        if not self.running or self._kill_at is not None:
             return
         self._signal_tree(graceful=True)
-        deadline = time.monotonic() + grace_seconds
-        while self.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.running:
+        self._kill_at = time.monotonic() + grace_seconds
+
+    def enforce_cancel(self) -> None:
+        if self._kill_at is not None and self.running and time.monotonic() >= self._kill_at:
             self._signal_tree(graceful=False)
-        self.proc.wait()
-        self.finished()
+
+    def cancel(self, grace_seconds: float = 3.0) -> None:
+        """Stop the whole tree and wait until it is gone: politely first, killed after the grace period."""
+        self.request_cancel(grace_seconds)
+        while self.running:
+            self.enforce_cancel()
+            time.sleep(0.05)
+        if self.proc is not None:
+            self.proc.wait()
+            self.finished()
 
     def _signal_tree(self, graceful: bool) -> None:
         pid = self.proc.pid

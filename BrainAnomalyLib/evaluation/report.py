@@ -62,7 +62,7 @@ def write_report(results: Dict[str, dict], outdir, title: str = "") -> Path:
     (outdir / "metrics.md").write_text((f"# {title}\n\n" if title else "") + table + "\n\n"
                                        "Voxel metrics pool brain voxels of all lesion scans on each scan's own grid; "
                                        "best Dice is an upper bound over thresholds; FPRs at the calibrated "
-                                       "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n")
+                                       "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n", encoding="utf-8")
     _pr_plot(results, outdir / "pr_curves.png", title)
     for name, r in results.items():
         for which, shown in (r.get("_shown") or {}).items():

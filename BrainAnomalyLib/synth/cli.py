@@ -43,7 +43,7 @@ def run(args, cancel: CancelToken) -> int:
     finally:
         bar.close()
     out = csv_path.parent
-    info = json.loads((out / "synth.json").read_text())
+    info = json.loads((out / "synth.json").read_text(encoding="utf-8"))
     print(f"{len(info['cases'])} synthetic case(s) in {out}: lesions in {csv_path.name}, artefacts in "
           "artefacts.csv, records in synth.json")
     for f in info["failures"]:
