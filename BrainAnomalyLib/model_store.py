@@ -40,6 +40,10 @@ REGISTRY_FIELDS = ("id", "version", "kind", "modality", "inputs", "size_bytes", 
 # helpers
 
 
+class ModelExistsError(ModelError):
+    """A model of that name is installed already; importing again with `overwrite` replaces it."""
+
+
 def folder_size(folder: Path) -> int:
     """Total bytes of the files of a folder, the way the registry's size_bytes counts them."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -218,7 +222,7 @@ def import_model(source, dest_dir=None, overwrite: bool = False, reporter: Optio
         reporter("install model", 0.9)
         if os.path.lexists(target):
             if not overwrite:
-                raise ModelError(f"a model named {name!r} is already installed in {dest_dir}; pass overwrite "
+                raise ModelExistsError(f"a model named {name!r} is already installed in {dest_dir}; pass overwrite "
                                  "(--overwrite) to replace it")
             # Move the old one aside first: rename cannot replace a non-empty folder, and the old model must
             # come back if the swap fails.

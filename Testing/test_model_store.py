@@ -189,7 +189,7 @@ def test_zip_without_a_model_and_non_model_inputs(tmp_path, models_dir):
 def test_overwrite_is_refused_unless_asked(tmp_path, models_dir):
     model_store.import_model(make_model(tmp_path / "v1", description="first"))
     newer = make_model(tmp_path / "v2", description="second")
-    with pytest.raises(ModelError, match="already installed"):
+    with pytest.raises(model_store.ModelExistsError, match="already installed"):
         model_store.import_model(newer)
     assert load_model(models_dir / "my-intensity").meta["description"] == "first"
     model_store.import_model(newer, overwrite=True)

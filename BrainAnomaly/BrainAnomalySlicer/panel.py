@@ -119,7 +119,9 @@ def model_source(path) -> Path:
 
 def is_already_installed(exc: BaseException) -> bool:
     """import_model's refusal to replace an installed model (the one ModelError the user can answer with yes)."""
-    return "already installed" in str(exc)
+    from BrainAnomalyLib.model_store import ModelExistsError
+
+    return isinstance(exc, ModelExistsError)
 
 
 # --- device ---------------------------------------------------------------------------------------------------
