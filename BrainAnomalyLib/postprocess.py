@@ -73,12 +73,20 @@ def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: floa
     lesions = []
     keep = np.zeros(n + 1, bool)
     if n:
+        # Statistics over the flagged voxels only (ndimage's per-label functions sort the whole volume, seconds on a
+        # BraTS-sized map; a threshold slider needs this fast).
+        flat = np.flatnonzero(labels)
+        lab = labels.ravel()[flat]
+        values = np.asarray(arr, np.float64).ravel()[flat]
+        counts = np.bincount(lab, minlength=n + 1)[1:]
+        means = np.bincount(lab, weights=values, minlength=n + 1)[1:] / np.maximum(counts, 1)
+        maxes = np.full(n + 1, -np.inf)
+        np.maximum.at(maxes, lab, values)
+        coords = np.unravel_index(flat, labels.shape)
+        centroids = np.stack([np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1)[1:]
+                              for c in coords], axis=1) / np.maximum(counts, 1)[:, None]
         idx = np.arange(1, n + 1)
-        counts = ndimage.sum_labels(binary, labels, idx)
-        means = ndimage.mean(arr, labels, idx)
-        maxes = ndimage.maximum(arr, labels, idx)
-        centroids = ndimage.center_of_mass(binary, labels, idx)
-        for i, c, mean, mx, cz in zip(idx, counts, means, maxes, centroids):
+        for i, c, mean, mx, cz in zip(idx, counts, means, maxes[1:], centroids):
             volume = float(c) * voxel_ml
             if volume < min_lesion_ml:
                 continue
