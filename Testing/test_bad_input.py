@@ -1,5 +1,7 @@
 """Every kind of bad input gives one clear message (BadInputError, exit 2) and writes nothing."""
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -107,6 +109,7 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
     vol.SetOrigin((-30.0, 12.0, 5.0))
     folder = tmp_path / "dicom"
     folder.mkdir()
+    saved_locale = locale.setlocale(locale.LC_ALL)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     common = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
@@ -122,6 +125,9 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
         sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{k + 1}")
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
+    # GDCM's writer leaves the process in the "C" locale (Python's default text encoding then becomes ASCII for
+    # the rest of the test session); the library never writes DICOM, so restore it here.
+    locale.setlocale(locale.LC_ALL, saved_locale)
     img = read_volume(folder)
     assert img.GetSize() == (48, 40, 36)
     assert np.allclose(img.GetSpacing(), (1.5, 1.5, 2.5), atol=1e-3)

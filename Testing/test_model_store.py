@@ -286,7 +286,7 @@ def resources_copy(tmp_path, monkeypatch):
 def test_verify_registry_finds_a_tampered_file(resources_copy):
     # MODEL_CARD.md is not listed in model.json, so only the registry digest and size can catch this.
     card = resources_copy / "intensity-t1" / "MODEL_CARD.md"
-    card.write_text(card.read_text(encoding="utf-8") + "tampered\n")
+    card.write_text(card.read_text(encoding="utf-8") + "tampered\n", encoding="utf-8")
     problems = model_store.verify_registry()
     assert any("intensity-t1" in p and "broken or tampered" in p for p in problems)
     assert any("intensity-t1" in p and "bytes" in p for p in problems)
