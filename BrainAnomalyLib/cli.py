@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser("train", help="train a model on healthy scans from a manifest")
-    p.add_argument("--model", required=True, dest="kind", help="scorer kind: normative, intensity")
+    p.add_argument("--model", required=True, dest="kind",
+                   help="scorer kind: normative, intensity (non-deep); ae_dense, ae_spatial, vae, cae, anovaegan, "
+                        "dae, dpa (learned, on axial slices)")
     p.add_argument("--manifest", required=True, help="CSV of healthy scans (rows with a mask are skipped)")
     p.add_argument("--modality", default="T1")
     p.add_argument("--direction", default="auto", choices=["auto", "hyper", "hypo", "two-sided"],
@@ -118,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intensity standardisation, stored with the model and applied by detect "
                         "(histogram: Nyul landmarks learned from the training scans)")
     _add_preprocess_options(p)
+    g = p.add_argument_group("learned scorers")
+    g.add_argument("--epochs", type=int, help="most epochs (early stopping on validation loss may stop sooner)")
+    g.add_argument("--batch-size", type=int, help="slices per batch")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    g.add_argument("--max-minutes", type=float, help="time budget; stops cleanly with the best weights so far")
+    g.add_argument("--steps-per-epoch", type=int, help="cap on training steps per epoch")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    g.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as extra channels "
+                                                              "(2.5D; default 0)")
+    g.add_argument("--score", choices=["signed", "l1", "ssim", "perceptual"], help="anomaly score of the model")
+    g.add_argument("--arch", help="JSON object overriding the network's default hyperparameters")
+    g.add_argument("--no-augment", action="store_true", help="no intensity/affine/bias-field augmentation")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoints if present")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -147,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
     m.add_argument("-q", "--quiet", action="store_true")
     msub.add_parser("verify", help="check the shipped models against their registry (exit 3 if not intact)")
+    p = sub.add_parser("ensemble", help="combine calibrated models of one modality into one model (maps on a "
+                                        "common healthy scale, averaged); calibrate the result like any model")
+    p.add_argument("--model", action="append", required=True, help="member model id or folder; repeat")
+    p.add_argument("--weight", action="append", type=float, help="member weight, in --model order (default equal)")
+    p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
     from .synth import cli as synth_cli
 
     synth_cli.add_parser(sub)
@@ -291,16 +314,28 @@ def _demo_verdict(summary: dict, truth, out: Path) -> str:
 def cmd_train(args, cancel: CancelToken) -> int:
     from .training import train
 
+    options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
+               "max_minutes": args.max_minutes, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
+               "device": args.device, "context": args.context, "score": args.score, "resume": args.resume,
+               "augment": False if args.no_augment else None}
+    if args.arch:
+        try:
+            options["arch"] = json.loads(args.arch)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"--arch is not a JSON object: {exc}") from None
+    options = {k: v for k, v in options.items() if v is not None}
     bar = _Bar(args.quiet, "train")
     try:
         folder = train(args.kind, Path(args.manifest), args.modality.upper(), Path(args.output),
                        Reporter(bar, cancel), name=args.name, direction=args.direction,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, max_train=args.max_train,
-                       pre=_preprocess_config(args, {"normalisation": args.normalisation}))
+                       pre=_preprocess_config(args, {"normalisation": args.normalisation}), options=options)
     except (KeyError, ValueError) as exc:
         raise BadInputError(str(exc).strip("'")) from None
     finally:
         bar.close()
+    if folder is None:  # a torchrun worker other than rank 0: rank 0 writes the model
+        return 0
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     print(f"model written to {folder}; calibrated thresholds {meta['calibration']['thresholds']}")
     return 0
@@ -383,6 +418,29 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
     return 0
 
 
+def cmd_ensemble(args, cancel: CancelToken) -> int:
+    from .models import resolve_model, save_model
+    from .scorers.ensemble import build_ensemble
+
+    models = [resolve_model(m) for m in args.model]
+    if args.weight and len(args.weight) != len(models):
+        raise BadInputError(f"{len(args.weight)} --weight values for {len(models)} models")
+    try:
+        params, tensors = build_ensemble(models, args.weight or ())
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    first = models[0].meta
+    name = args.name or Path(args.output).name
+    meta = {k: first[k] for k in ("template", "grid", "preprocessing", "postprocess") if k in first}
+    meta.update(name=name, kind="ensemble", version="1.0.0", modality=models[0].modality,
+                description="ensemble of " + ", ".join(m.name for m in models), params=params,
+                members=[m.name for m in models])
+    folder = save_model(Path(args.output), meta, tensors)
+    print(f"ensemble written to {folder}; calibrate it on healthy scans: brainanomaly calibrate --model {folder} "
+          "--manifest HEALTHY.csv")
+    return 0
+
+
 def cmd_calibrate(args, cancel: CancelToken) -> int:
     from . import calibrate_cli
 
@@ -396,7 +454,7 @@ def cmd_synth(args, cancel: CancelToken) -> int:
 
 
 COMMANDS = {"detect": cmd_detect, "demo": cmd_demo, "train": cmd_train, "models": cmd_models, "synth": cmd_synth,
-            "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
+            "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "ensemble": cmd_ensemble}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

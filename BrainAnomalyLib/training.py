@@ -104,10 +104,28 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
             "adaptive": adaptive_reference(stats)}
 
 
+def validation_split(cases: Sequence[Case], fraction: float = 0.1) -> Tuple[List[Case], List[Case]]:
+    """(fit, validation) subjects of a training split for early stopping; stable, by a hash of the subject id."""
+    subjects = sorted({c.subject for c in cases}, key=lambda s: hashlib.sha1(("val:" + s).encode()).hexdigest())
+    n_val = max(1, int(round(fraction * len(subjects)))) if len(subjects) > 1 else 0
+    val = set(subjects[:n_val])
+    return [c for c in cases if c.subject not in val], [c for c in cases if c.subject in val]
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes the model."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
           direction: str = "auto", cache_dir: Optional[Path] = None,
           pre: Optional[PreprocessConfig] = None, post: Optional[PostprocessConfig] = None,
-          max_train: Optional[int] = None) -> Path:
+          max_train: Optional[int] = None, options: Optional[dict] = None) -> Optional[Path]:
+    """Train a scorer on the healthy rows of a manifest, then calibrate it on held-out healthy scans. `options`
+    carries the settings of learned scorers (see scorers/learned_fit.py). Under torchrun every rank trains and
+    rank 0 alone writes the model (the others return None)."""
     cases = read_manifest(manifest, modality)
     lesion_cases = [c for c in cases if c.mask is not None]
     cases = [c for c in cases if c.mask is None]  # healthy-only: rows with a lesion mask are not trained on
@@ -123,8 +141,42 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     if pre.normalisation == "histogram" and not pre.normalisation_reference:
         pre.normalisation_reference = histogram_reference(train_cases, pre, grid, reporter.sub(0.0, 0.05),
                                                           cache_dir)
+    from .scorers.learned import LearnedScorer
+
+    if issubclass(cls, LearnedScorer):
+        import shutil
+        import tempfile
+
+        fit_cases, val_cases = validation_split(train_cases)
+        options = dict(options or {})
+        options.setdefault("checkpoint_dir", str(Path(out).with_name(Path(out).name + ".checkpoints")))
+        report_dir = Path(tempfile.mkdtemp(prefix="brainanomaly-report-"))
+        options["report_dir"] = str(report_dir)
+        try:
+            params, tensors = cls.fit(
+                grid_volumes(fit_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, skipped=skipped), params,
+                reporter.sub(0.05, 0.85),
+                validation=grid_volumes(val_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, "validation",
+                                        skipped=skipped),
+                options=options)
+            if _rank() != 0:
+                return None
+            folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
+                             splits, lesion_cases, skipped, t, reporter, cache_dir)
+            if any(report_dir.iterdir()):
+                shutil.copytree(report_dir, folder / "training")
+            return folder
+        finally:
+            shutil.rmtree(report_dir, ignore_errors=True)
     params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir,
                                            skipped=skipped), params, reporter)
+    return _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases, splits,
+                   lesion_cases, skipped, t, reporter, cache_dir)
+
+
+def _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases, splits,
+            lesion_cases, skipped, t, reporter, cache_dir) -> Path:
+    """Write the model folder, calibrate it on the calibration split and write it again with its thresholds."""
     name = name or Path(out).name
     meta = base_meta(kind, name, modality, f"{kind} scorer for {modality}, trained on {Path(manifest).name}",
                      grid, pre, post, params)

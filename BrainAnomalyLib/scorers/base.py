@@ -68,7 +68,7 @@ def register(cls: Type[Scorer]) -> Type[Scorer]:
 
 
 def scorer_class(kind: str) -> Type[Scorer]:
-    from . import intensity, normative  # noqa: F401  (importing registers them)
+    from . import ensemble, intensity, learned, normative  # noqa: F401  (importing registers them)
 
     if kind not in SCORERS:
         raise KeyError(kind)

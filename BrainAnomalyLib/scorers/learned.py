@@ -1,0 +1,108 @@
+"""Learned scorers: networks trained on healthy axial slices (autoencoder family, denoising AE, deep perceptual AE)
+that score a voxel by what they cannot reconstruct.
+
+One class serves every network type; the kinds registered here only name the method in model listings. The
+network is rebuilt from `params["arch"]` and its weights come from the model's safetensors (keys "net.*").
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..progress import Reporter
+from .base import ScoreOutput, Scorer, register, signed
+
+SCORES = ("signed", "l1", "ssim", "perceptual")
+DEFAULT_BATCH = 32
+
+
+class LearnedScorer(Scorer):
+    needs_tensors = True
+
+    def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
+        super().__init__(params, tensors, device)
+        self._net = None
+        score = self.params.get("score", "signed")
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+
+    # -- the network --
+    def net(self):
+        if self._net is None:
+            import torch
+
+            from ..nets import build_net
+
+            net = build_net(self.params["arch"])
+            state = {k[len("net."):]: torch.from_numpy(np.array(v)) for k, v in self.tensors.items()
+                     if k.startswith("net.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                from ..errors import ModelError
+
+                raise ModelError(f"model weights do not fit the {self.params['arch'].get('type')} network "
+                                 f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+            net.eval().to(self.device)
+            if self.device.startswith("cuda"):
+                net = net.to(memory_format=torch.channels_last)
+            self._net = net
+        return self._net
+
+    def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
+        import torch
+
+        from ..learn.slices import slices_to_volume, volume_slices_for_scoring
+
+        net = self.net()
+        context = int(self.params.get("context", 0))
+        x, m = volume_slices_for_scoring(image, mask, context)
+        batch = max(1, int(self.params.get("batch_size") or DEFAULT_BATCH))
+        score_kind = self.params.get("score", "signed")
+        maps, recons = [], []
+        centre = context  # the centre channel is the slice itself
+        reporter("score", 0.0)
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch):
+                reporter.check()
+                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch])).to(self.device)
+                if self.device.startswith("cuda"):
+                    xb = xb.to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+                    recon = net.reconstruct(xb)
+                    out = net.score_maps(xb, recon)
+                if score_kind not in out:
+                    raise ValueError(f"the {self.params['arch'].get('type')} network has no {score_kind!r} score "
+                                     f"(it has {', '.join(sorted(out))})")
+                maps.append(out[score_kind][:, 0].float().cpu().numpy())
+                recons.append(recon[:, centre].float().cpu().numpy())
+                reporter("score", min(1.0, (start + batch) / x.shape[0]))
+        anomaly = slices_to_volume(np.concatenate(maps), image.shape)
+        if score_kind == "signed":
+            anomaly = signed(anomaly, self.params.get("direction", "two-sided"))
+        recon_volume = slices_to_volume(np.concatenate(recons), image.shape)
+        anomaly = np.where(mask, anomaly, 0.0).astype(np.float32)
+        return ScoreOutput(anomaly, reconstruction=np.where(mask, recon_volume, image).astype(np.float32))
+
+    @classmethod
+    def fit(cls, samples, params, reporter: Reporter, validation=None, options: Optional[dict] = None):
+        from .learned_fit import fit_learned
+
+        return fit_learned(cls.kind, samples, params, reporter, validation, options or {})
+
+
+def _register(kind: str, doc: str):
+    cls = type(f"{kind.title().replace('_', '')}Scorer", (LearnedScorer,), {"kind": kind, "__doc__": doc})
+    register(cls)
+    return cls
+
+
+AeDenseScorer = _register("ae_dense", "Autoencoder with a dense bottleneck (Baur et al. 2018).")
+AeSpatialScorer = _register("ae_spatial", "Autoencoder with a spatial bottleneck (Baur et al. 2018).")
+VaeScorer = _register("vae", "Variational autoencoder, residual scoring (Chen et al. 2018).")
+CaeScorer = _register("cae", "Constrained autoencoder: latent-consistency loss (Chen et al. 2018).")
+AnoVaeGanScorer = _register("anovaegan", "VAE with a patch discriminator (AnoVAEGAN, Baur et al. 2018).")
+DaeScorer = _register("dae", "Denoising autoencoder with coarse noise, one-pass residual (Kascenas et al. 2022).")
+DpaScorer = _register("dpa", "Deep perceptual autoencoder scored in a self-trained feature space "
+                             "(Shvetsova et al. 2020).")

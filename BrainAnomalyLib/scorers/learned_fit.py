@@ -1,0 +1,105 @@
+"""Training a learned scorer: healthy grid volumes -> axial slices -> the training engine -> (params, tensors)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+from ..progress import Reporter
+
+# How each method scores by default: the residual's sign carries hypo/hyper (direction per modality); the
+# perceptual AE scores in its feature space.
+DEFAULT_SCORE = {"dpa": "perceptual"}
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "device", "amp", "patience", "max_minutes",
+              "steps_per_epoch", "val_batches", "checkpoint_every_epochs", "log_every")
+
+
+def collect_slices(volumes: Iterable[Tuple[np.ndarray, np.ndarray]], context: int,
+                   min_brain_fraction: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:
+    from ..learn.slices import slices_from_volume
+
+    xs, ms = [], []
+    for image, mask in volumes:
+        x, m, _ = slices_from_volume(image, mask, context=context, min_brain_fraction=min_brain_fraction)
+        xs.append(x)
+        ms.append(m)
+    if not xs:
+        raise ValueError("no training volumes")
+    return np.concatenate(xs), np.concatenate(ms)
+
+
+def train_config(options: dict):
+    from ..learn.engine import TrainConfig
+
+    kwargs = {k: options[k] for k in TRAIN_KEYS if options.get(k) is not None}
+    if options.get("augment") is False:
+        from ..learn.augment2d import Augment2DConfig
+
+        kwargs["augment"] = Augment2DConfig(enabled=False)
+    return TrainConfig(**kwargs)
+
+
+def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation=None,
+                options: Optional[dict] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """Fit a network of type `kind` on healthy (image, mask) grid volumes; `validation` volumes drive early
+    stopping. `options`: training settings (TRAIN_KEYS), context, arch overrides, checkpoint_dir, resume,
+    report_dir."""
+    import torch
+
+    from ..learn.engine import fit_net
+    from ..nets import build_net, default_arch
+
+    options = dict(options or {})
+    context = int(options.get("context", params.get("context", 0)))
+    started = time.perf_counter()
+    reporter("collect slices", 0.0)
+    train = collect_slices(samples, context)
+    if validation is None:
+        raise ValueError("learned scorers need validation volumes for early stopping")
+    val = collect_slices(validation, context)
+    reporter("collect slices", 1.0)
+    arch = dict(default_arch(kind, in_channels=1 + 2 * context), **(options.get("arch") or {}))
+    config = train_config(options)
+    checkpoint_dir = Path(options["checkpoint_dir"]) if options.get("checkpoint_dir") else None
+    histories = {}
+    if kind == "dpa":
+        # The perceptual space comes from a feature network trained here first, on the same healthy slices.
+        feature_arch = dict(arch.get("feature_net") or default_arch("feature_net", in_channels=1 + 2 * context))
+        feature_net = build_net(feature_arch)
+        histories["feature_net"] = fit_net(feature_net, train, val, config, reporter.sub(0.0, 0.4),
+                                           checkpoint_dir / "feature_net" if checkpoint_dir else None,
+                                           bool(options.get("resume")))
+        arch["feature_net"] = feature_net.arch
+        net = build_net(arch)
+        net.set_feature_net(feature_net)
+        sub = reporter.sub(0.4, 1.0)
+    else:
+        net = build_net(arch)
+        sub = reporter
+    histories["net"] = fit_net(net, train, val, config, sub, checkpoint_dir / "net" if checkpoint_dir else None,
+                               bool(options.get("resume")))
+    if options.get("report_dir"):
+        _report(options["report_dir"], histories["net"], net, val)
+    state = {f"net.{k}": v.detach().cpu().contiguous().numpy() for k, v in net.state_dict().items()}
+    out = dict(params, arch=net.arch, context=context, score=options.get("score") or params.get("score")
+               or DEFAULT_SCORE.get(kind, "signed"),
+               training={"n_train_slices": int(train[0].shape[0]), "n_val_slices": int(val[0].shape[0]),
+                         "config": {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))},
+                         "history": {k: _summary(h) for k, h in histories.items()},
+                         "seconds": round(time.perf_counter() - started, 1),
+                         "torch": torch.__version__})
+    return out, state
+
+
+def _summary(history: dict) -> dict:
+    keep = ("best_epoch", "best_val_loss", "stop_reason", "epochs_run", "total_seconds", "train_loss", "val_loss")
+    return {k: history[k] for k in keep if k in history}
+
+
+def _report(folder, history: dict, net, val) -> None:
+    from ..learn.report import write_training_report
+
+    write_training_report(Path(folder), history, {"net": net, "x": val[0][:6], "mask": val[1][:6]})
