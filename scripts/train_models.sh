@@ -15,3 +15,9 @@ $BA train --model intensity --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --na
 
 $PY scripts/register_model.py "$OUT/normative-t1-ixi" --default --card docs/model_cards/normative-t1-ixi.md
 $PY scripts/register_model.py "$OUT/intensity-t1" --card docs/model_cards/intensity-t1.md
+
+# FLAIR and T2: no healthy cohort of those contrasts here, so the intensity scorer ships uncalibrated.
+for M in flair t2; do
+    $PY scripts/make_intensity_model.py --modality "$M" -o "$OUT/intensity-$M"
+    $PY scripts/register_model.py "$OUT/intensity-$M" --card "docs/model_cards/intensity-$M.md"
+done
