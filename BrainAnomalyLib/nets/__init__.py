@@ -1,0 +1,78 @@
+"""Learned anomaly scorers' networks on 2D axial slices (C, H=112, W=96) of the template grid.
+
+    net = build_net({"type": "vae", "latent": 64})   # missing hyperparameters come from default_arch
+    net.arch                                         # the completed, JSON-serialisable arch: build_net(net.arch)
+    net.training_losses(x, mask[, generator])        # {"loss": ..., ["d_loss": ...], parts for logging}
+    net.param_groups()                               # {"main": [...]} (+ "disc" for anovaegan)
+    net.reconstruct(x)                               # deterministic pseudo-healthy image, eval mode, no grad
+    net.score_maps(x, recon)                         # {"signed", "l1", "ssim"[, "perceptual"]}: (B, 1, H, W)
+
+Types (ARCHS): ae_dense, ae_spatial, vae, cae, anovaegan (autoencoders.py; MONAI AutoEncoder, VarAutoEncoder,
+PatchDiscriminator), dae (dae.py; MONAI BasicUNet, coarse noise from noise.py), feature_net and dpa (perceptual.py).
+With in_channels > 1 (neighbouring slices as context) every net reconstructs all channels; the maps average over
+channels, or use one (score_maps(..., channel=k), e.g. the centre slice).
+
+Training a DPA: train a feature_net on healthy slices first (its own training_losses: the inpainting + denoising
+pretext), then net = build_net({"type": "dpa", "feature_net": feature_net.arch, ...}); net.set_feature_net(it).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Mapping, Sequence, Type
+
+from .autoencoders import VAE, AnoVAEGAN, ConstrainedAE, DenseAE, SpatialAE
+from .base import SliceNet, jsonable
+from .dae import DenoisingAE
+from .noise import coarse_noise
+from .perceptual import DPA, FeatureNet, perceptual_map
+
+ARCHS = ("ae_dense", "ae_spatial", "vae", "cae", "anovaegan", "dae", "feature_net", "dpa")
+
+NETS: Dict[str, Type[SliceNet]] = {
+    "ae_dense": DenseAE, "ae_spatial": SpatialAE, "vae": VAE, "cae": ConstrainedAE, "anovaegan": AnoVAEGAN,
+    "dae": DenoisingAE, "feature_net": FeatureNet, "dpa": DPA,
+}
+
+DEFAULT_SIZE = (112, 96)
+
+
+def _net_class(type_name) -> Type[SliceNet]:
+    if type_name not in NETS:
+        raise ValueError(f"unknown network type {type_name!r}; choose from {', '.join(ARCHS)}")
+    return NETS[type_name]
+
+
+def default_arch(type: str, in_channels: int = 1, size: Sequence[int] = DEFAULT_SIZE) -> dict:
+    """Small default hyperparameters of network `type` for slices of `size` (H, W) with `in_channels` channels."""
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise ValueError(f"size must be (H, W), got {size!r}")
+    return jsonable(_net_class(type).defaults(in_channels, tuple(size)))
+
+
+def build_net(arch: Mapping) -> SliceNet:
+    """Network from an arch dict {"type": one of ARCHS, **hyperparameters}; hyperparameters left out take the
+    defaults of default_arch(type, arch's in_channels, arch's size). Unknown types or keys, and bad values, raise
+    ValueError."""
+    if not isinstance(arch, Mapping) or "type" not in arch:
+        raise ValueError(f"an arch must be a dict with a 'type' (one of {', '.join(ARCHS)}), got {arch!r}")
+    type_name = arch["type"]
+    cls = _net_class(type_name)
+    full = default_arch(type_name, arch.get("in_channels", 1), arch.get("size", DEFAULT_SIZE))
+    unknown = sorted(set(arch) - set(full))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for network type {type_name!r}; "
+                         f"known: {sorted(k for k in full if k != 'type')}")
+    full.update(copy.deepcopy(dict(arch)))
+    return cls(jsonable(full))
+
+
+def count_parameters(net) -> int:
+    """All parameters (frozen ones included: they are part of the weights file too)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+__all__ = ["ARCHS", "NETS", "build_net", "default_arch", "count_parameters", "coarse_noise", "perceptual_map",
+           "SliceNet", "DenseAE", "SpatialAE", "VAE", "ConstrainedAE", "AnoVAEGAN", "DenoisingAE", "FeatureNet", "DPA"]
