@@ -64,25 +64,26 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
     arch = dict(default_arch(kind, in_channels=1 + 2 * context), **(options.get("arch") or {}))
     config = train_config(options)
     checkpoint_dir = Path(options["checkpoint_dir"]) if options.get("checkpoint_dir") else None
+    report_dir = Path(options["report_dir"]) if options.get("report_dir") else None
+    resume = bool(options.get("resume"))
     histories = {}
+
+    def _fit(net, part: str, sub: Reporter) -> dict:
+        return fit_net(net, train, val, config, sub, checkpoint_dir / part if checkpoint_dir else None, resume,
+                       report_dir=(report_dir / part) if report_dir else None, write_report=report_dir is not None)
+
     if kind == "dpa":
         # The perceptual space comes from a feature network trained here first, on the same healthy slices.
         feature_arch = dict(arch.get("feature_net") or default_arch("feature_net", in_channels=1 + 2 * context))
         feature_net = build_net(feature_arch)
-        histories["feature_net"] = fit_net(feature_net, train, val, config, reporter.sub(0.0, 0.4),
-                                           checkpoint_dir / "feature_net" if checkpoint_dir else None,
-                                           bool(options.get("resume")))
+        histories["feature_net"] = _fit(feature_net, "feature_net", reporter.sub(0.0, 0.4))
         arch["feature_net"] = feature_net.arch
         net = build_net(arch)
         net.set_feature_net(feature_net)
-        sub = reporter.sub(0.4, 1.0)
+        histories["net"] = _fit(net, "net", reporter.sub(0.4, 1.0))
     else:
         net = build_net(arch)
-        sub = reporter
-    histories["net"] = fit_net(net, train, val, config, sub, checkpoint_dir / "net" if checkpoint_dir else None,
-                               bool(options.get("resume")))
-    if options.get("report_dir"):
-        _report(options["report_dir"], histories["net"], net, val)
+        histories["net"] = _fit(net, "net", reporter)
     state = {f"net.{k}": v.detach().cpu().contiguous().numpy() for k, v in net.state_dict().items()}
     out = dict(params, arch=net.arch, context=context, score=options.get("score") or params.get("score")
                or DEFAULT_SCORE.get(kind, "signed"),
@@ -98,8 +99,3 @@ def _summary(history: dict) -> dict:
     keep = ("best_epoch", "best_val_loss", "stop_reason", "epochs_run", "total_seconds", "train_loss", "val_loss")
     return {k: history[k] for k in keep if k in history}
 
-
-def _report(folder, history: dict, net, val) -> None:
-    from ..learn.report import write_training_report
-
-    write_training_report(Path(folder), history, {"net": net, "x": val[0][:6], "mask": val[1][:6]})
