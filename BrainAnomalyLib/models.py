@@ -87,6 +87,9 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
             from safetensors.numpy import save_file
 
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSOR_FILE))
+            from .io import _umask
+
+            os.chmod(tmp / TENSOR_FILE, 0o666 & ~_umask())  # a model is shareable; the writer makes it private
             meta["files"][TENSOR_FILE] = sha256_file(tmp / TENSOR_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
         from .io import _umask

@@ -164,7 +164,13 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
                              splits, lesion_cases, skipped, t, reporter, cache_dir)
             if any(report_dir.iterdir()):
+                import os
+
+                from .io import _umask
+
                 shutil.copytree(report_dir, folder / "training")
+                for d in [folder / "training", *(q for q in (folder / "training").rglob("*") if q.is_dir())]:
+                    os.chmod(d, 0o777 & ~_umask())  # the report came from a private temporary folder
             return folder
         finally:
             shutil.rmtree(report_dir, ignore_errors=True)

@@ -55,7 +55,9 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> Tuple[dic
         raise ValueError(f"ensemble members must share a modality (got {', '.join(sorted(modalities))})")
     for key, what in (("grid", "model grid"), ("preprocessing", "preprocessing (intensity standardisation "
                                                                        "included)")):
-        if len({repr(sorted((m.meta.get(key) or {}).items())) for m in models}) > 1:
+        # Keys set to None mean "not used" (older folders simply lack them).
+        if len({repr(sorted((k, v) for k, v in (m.meta.get(key) or {}).items() if v is not None))
+                for m in models}) > 1:
             raise ValueError(f"ensemble members must share their {what}")
     members: List[dict] = []
     tensors: Dict[str, np.ndarray] = {}
