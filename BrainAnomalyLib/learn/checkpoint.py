@@ -18,7 +18,6 @@ the moved-aside copy if the swap itself was cut short.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..models import sha256_file
 
 FORMAT = "brainanomaly-checkpoint"
 FORMAT_VERSION = 1
@@ -42,14 +42,6 @@ OPTIM_FILE = "optimisers.safetensors"
 RNG_FILE = "rng.safetensors"
 _RESERVED = {"net", "optimisers", "rng", "checkpoint"}
 _SET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
@@ -191,7 +183,7 @@ def save_checkpoint(folder, net: torch.nn.Module, optimisers: Optional[Mapping[s
     try:
         for fname, tensors in files.items():
             save_file(tensors, str(tmp / fname))
-            meta["files"][fname] = _sha256(tmp / fname)
+            meta["files"][fname] = sha256_file(tmp / fname)
         with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(meta, indent=1) + "\n")
             fh.flush()
@@ -242,7 +234,7 @@ def read_checkpoint_meta(folder) -> dict:
         raise ModelError(f"{folder} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
     for fname, digest in meta.get("files", {}).items():
         path = where / fname
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise ModelError(f"checkpoint {folder}: {fname} is missing or does not match its checksum")
     meta["_path"] = str(where)
     return meta

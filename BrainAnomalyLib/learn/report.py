@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..io import _umask
+
 CURVES = "loss_curves.png"
 RECONSTRUCTIONS = "reconstructions.png"
 HISTORY = "training.json"
@@ -29,18 +31,26 @@ def json_safe(value):
     return value
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Move a finished temporary file into place, readable as any new file would be (mkstemp makes it private);
+    the temporary file never stays behind."""
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    _publish(tmp, path)
 
 
 def write_history_json(folder, result: dict) -> Path:
@@ -63,13 +73,10 @@ def _save_figure(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    _publish(tmp, path)
 
 
 def _scale(ax, values: Sequence[float]) -> None:
