@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as extra channels "
                                                               "(2.5D; default 0)")
     g.add_argument("--score", choices=["signed", "l1", "ssim", "perceptual"], help="anomaly score of the model")
+    g.add_argument("--residual-norm", choices=["voxel", "none"], default="voxel",
+                   help="voxel (default): score each voxel's map against the spread of the trained network's maps "
+                        "on the healthy training scans at that voxel; none: the raw map")
+    g.add_argument("--scan-norm", choices=["robust", "none"], default="robust",
+                   help="robust (default): then divide each scan's map by its own median and MAD in the brain, so "
+                        "scans from other scanners share one scale")
     g.add_argument("--arch", help="JSON object overriding the network's default hyperparameters")
     g.add_argument("--no-augment", action="store_true", help="no intensity/affine/bias-field augmentation")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoints if present")
@@ -317,6 +323,7 @@ def cmd_train(args, cancel: CancelToken) -> int:
     options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                "max_minutes": args.max_minutes, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                "device": args.device, "context": args.context, "score": args.score, "resume": args.resume,
+               "residual_norm": args.residual_norm, "scan_norm": args.scan_norm,
                "augment": False if args.no_augment else None}
     if args.arch:
         try:

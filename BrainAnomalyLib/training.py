@@ -155,12 +155,23 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
         try:
             params, tensors = cls.fit(
                 grid_volumes(fit_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, skipped=skipped), params,
-                reporter.sub(0.05, 0.85),
+                reporter.sub(0.05, 0.8),
                 validation=grid_volumes(val_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, "validation",
                                         skipped=skipped),
                 options=options)
             if _rank() != 0:
                 return None
+            if options.get("residual_norm", "voxel") == "voxel":
+                from .device import resolve_device
+                from .scorers.learned import fit_residual_norm
+
+                # Over every training subject (fit and validation): the more scans, the steadier each voxel's spread.
+                volumes = grid_volumes(train_cases, pre, grid, Reporter(cancel=reporter.cancel), cache_dir,
+                                       skipped=[])
+                params, tensors = fit_residual_norm(kind, params, tensors, volumes, reporter.sub(0.8, 0.85),
+                                                    resolve_device(options.get("device") or "auto"),
+                                                    len(train_cases))
+            params = dict(params, scan_norm=options.get("scan_norm", "robust"))
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
                              splits, lesion_cases, skipped, t, reporter, cache_dir)
             if any(report_dir.iterdir()):

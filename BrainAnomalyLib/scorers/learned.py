@@ -13,6 +13,7 @@ import numpy as np
 
 from ..progress import Reporter
 from .base import ScoreOutput, Scorer, register, signed
+from .residual_norm import scan_standardise, standardise
 
 SCORES = ("signed", "l1", "ssim", "perceptual")
 DEFAULT_BATCH = 32
@@ -27,6 +28,8 @@ class LearnedScorer(Scorer):
         score = self.params.get("score", "signed")
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+        # A map already standardised by the scan's own spread needs no second, threshold-side adaptation.
+        self.scan_relative = self.params.get("scan_norm", "none") == "robust"
 
     # -- the network --
     def net(self):
@@ -50,7 +53,9 @@ class LearnedScorer(Scorer):
             self._net = net
         return self._net
 
-    def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
+    def raw_map(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
+        """(map, reconstruction) on the grid: the network's chosen score map before any voxel-wise standardisation
+        or direction (the signed map is observed - reconstructed)."""
         import torch
 
         from ..learn.slices import slices_to_volume, volume_slices_for_scoring
@@ -78,10 +83,15 @@ class LearnedScorer(Scorer):
                 maps.append(out[score_kind][:, 0].float().cpu().numpy())
                 recons.append(recon[:, centre].float().cpu().numpy())
                 reporter("score", min(1.0, (start + batch) / x.shape[0]))
-        anomaly = slices_to_volume(np.concatenate(maps), image.shape)
-        if score_kind == "signed":
+        raw = slices_to_volume(np.concatenate(maps), image.shape)
+        return raw.astype(np.float32), slices_to_volume(np.concatenate(recons), image.shape)
+
+    def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
+        raw, recon_volume = self.raw_map(image, mask, reporter)
+        anomaly = standardise(raw, self.tensors, self.params.get("residual_norm"))
+        if self.params.get("score", "signed") == "signed":
             anomaly = signed(anomaly, self.params.get("direction", "two-sided"))
-        recon_volume = slices_to_volume(np.concatenate(recons), image.shape)
+        anomaly = scan_standardise(anomaly, mask, self.params.get("scan_norm"))
         anomaly = np.where(mask, anomaly, 0.0).astype(np.float32)
         return ScoreOutput(anomaly, reconstruction=np.where(mask, recon_volume, image).astype(np.float32))
 
@@ -106,3 +116,31 @@ AnoVaeGanScorer = _register("anovaegan", "VAE with a patch discriminator (AnoVAE
 DaeScorer = _register("dae", "Denoising autoencoder with coarse noise, one-pass residual (Kascenas et al. 2022).")
 DpaScorer = _register("dpa", "Deep perceptual autoencoder scored in a self-trained feature space "
                              "(Shvetsova et al. 2020).")
+
+
+def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], volumes, reporter: Reporter,
+                      device: str = "cpu", n_volumes: Optional[int] = None):
+    """Add voxel-wise healthy statistics of the trained network's map (scorers/residual_norm.py) to a learned
+    model: its maps on the healthy (image, mask) grid `volumes` give a per-voxel mean and spread."""
+    from .residual_norm import fit_stats
+
+    scorer = scorer_class_for(kind)(dict(params, residual_norm=None), tensors, device)
+
+    def maps():
+        for i, (image, mask) in enumerate(volumes):
+            reporter("healthy residual statistics", i / n_volumes if n_volumes else 0.0)
+            raw, _ = scorer.raw_map(image, mask, Reporter(cancel=reporter.cancel))
+            yield raw, mask
+        reporter("healthy residual statistics", 1.0)
+
+    norm_params, norm_tensors = fit_stats(maps())
+    return dict(params, residual_norm=norm_params), {**tensors, **norm_tensors}
+
+
+def scorer_class_for(kind: str):
+    from .base import scorer_class
+
+    cls = scorer_class(kind)
+    if not issubclass(cls, LearnedScorer):
+        raise ValueError(f"{kind!r} is not a learned scorer")
+    return cls

@@ -1,0 +1,105 @@
+"""Voxel-wise standardisation of learned maps against healthy maps (scorers/residual_norm.py), and its place in
+training from a manifest."""
+
+import json
+
+import numpy as np
+import pytest
+
+from BrainAnomalyLib.errors import ModelError
+from BrainAnomalyLib.scorers.residual_norm import fit_stats, scan_standardise, standardise
+
+
+def _healthy_maps(n=40, seed=0):
+    """Maps whose spread is 1 on the left half and 4 on the right half, mean 0.5 everywhere; a border slab has
+    brain in only a few scans."""
+    rng = np.random.default_rng(seed)
+    shape = (12, 12, 24)
+    spread = np.ones(shape, np.float32)
+    spread[..., 12:] = 4.0
+    for i in range(n):
+        mask = np.ones(shape, bool)
+        if i % 5:
+            mask[0] = False  # slab 0 is brain in a fifth of the scans only: outside the support
+        yield (0.5 + spread * rng.standard_normal(shape)).astype(np.float32), mask
+
+
+def test_fit_stats_learns_each_voxels_mean_and_spread():
+    params, tensors = fit_stats(_healthy_maps(400))
+    mean, std = tensors["norm.mean"], tensors["norm.std"]
+    assert params["method"] == "voxel" and params["n_scans"] == 400
+    inner = (slice(5, 8), slice(4, 8))  # away from the slab outside the support and the blur of the volume edges
+    assert np.allclose(mean[inner + (slice(0, 12),)], 0.5, atol=0.25)
+    assert np.allclose(std[inner + (slice(3, 7),)], 1.0, atol=0.2)  # the border at 12 is blurred over a few voxels
+    assert np.allclose(std[inner + (slice(17, 21),)], 4.0, atol=0.6)
+    # Outside the support the pooled statistics stand in.
+    assert np.allclose(mean[0], params["pooled_mean"]) and params["pooled_std"] > 2.0
+    assert (std >= params["std_floor"]).all()
+
+
+def test_same_residual_is_less_anomalous_where_healthy_maps_vary_more():
+    params, tensors = fit_stats(_healthy_maps(200))
+    raw = np.full((12, 12, 24), 3.0, np.float32)
+    z = standardise(raw, tensors, params)
+    assert z[6, 6, 4] > 2.0 * z[6, 6, 20] > 0
+    assert standardise(raw, tensors, None) is raw
+    assert standardise(raw, tensors, {"method": "none"}) is raw
+
+
+def test_per_scan_standardisation_puts_scans_on_one_scale():
+    rng = np.random.default_rng(1)
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:18, 2:18, 2:18] = True
+    base = rng.standard_normal(mask.shape).astype(np.float32)
+    base[5:8, 5:8, 5:8] += 6.0  # a lesion: 27 of 4096 brain voxels
+    other_scanner = 3.0 + 2.5 * base  # the same scan, shifted and stretched
+    a, b = scan_standardise(base, mask, "robust"), scan_standardise(other_scanner, mask, "robust")
+    assert np.allclose(a[mask], b[mask], atol=1e-4)
+    assert abs(np.median(a[mask])) < 1e-5 and a[6, 6, 6] > 4.0
+    assert scan_standardise(base, mask, "none") is base and scan_standardise(base, mask, None) is base
+    flat = np.full(mask.shape, 2.0, np.float32)
+    assert not scan_standardise(flat, mask, "robust")[mask].any()  # no spread: only the median is removed
+    with pytest.raises(ValueError, match="per-scan standardisation"):
+        scan_standardise(base, mask, "zscore")
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="at least two"):
+        fit_stats(_healthy_maps(1))
+    params, tensors = fit_stats(_healthy_maps(3))
+    with pytest.raises(ModelError, match="norm.std"):
+        standardise(np.zeros((12, 12, 24), np.float32), {"norm.mean": tensors["norm.mean"]}, params)
+    with pytest.raises(ValueError, match="does not match"):
+        standardise(np.zeros((2, 2, 2), np.float32), tensors, params)
+    with pytest.raises(ValueError, match="unknown residual standardisation"):
+        standardise(np.zeros((12, 12, 24), np.float32), tensors, {"method": "robust"})
+
+
+def test_training_a_learned_model_adds_healthy_statistics(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from BrainAnomalyLib.cli import main
+    from BrainAnomalyLib.models import load_model
+    from BrainAnomalyLib.pipeline import Detector
+    from test_training import _cohort
+    from conftest import template_cohort
+
+    csv = _cohort(tmp_path)
+    out = tmp_path / "dae"
+    code = main(["train", "--model", "dae", "--manifest", str(csv), "--modality", "T1", "-o", str(out),
+                 "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir",
+                 str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
+                 "--device", "cpu", "--arch", json.dumps({"features": [4, 4, 8, 8, 8, 4]}),
+                 "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = load_model(out)
+    assert {"norm.mean", "norm.std"} <= set(model.tensors)  # on by default
+    stats = model.meta["params"]["residual_norm"]
+    assert stats["n_scans"] == model.meta["training_data"]["n_train"] and stats["std_floor"] > 0
+    assert model.meta["params"]["scan_norm"] == "robust"
+    image, mask = next(template_cohort(1, seed=9))
+    det = Detector(model, device="cpu")
+    scores = det.score_grid(image, mask)
+    assert np.isfinite(scores.raw_map).all() and not scores.raw_map[~mask].any()
+    assert abs(np.median(scores.raw_map[mask])) < 1e-3 and det.scorer.scan_relative
+    thr = model.meta["calibration"]["thresholds"]
+    assert thr["0.001"] >= thr["0.01"] >= thr["0.05"]
