@@ -103,3 +103,17 @@ def test_training_a_learned_model_adds_healthy_statistics(tmp_path, capsys):
     assert abs(np.median(scores.raw_map[mask])) < 1e-3 and det.scorer.scan_relative
     thr = model.meta["calibration"]["thresholds"]
     assert thr["0.001"] >= thr["0.01"] >= thr["0.05"]
+
+
+def test_maps_that_are_mostly_exactly_zero_get_a_floor_from_the_pooled_spread():
+    rng = np.random.default_rng(2)
+    maps = []
+    for _ in range(10):
+        raw = np.zeros((12, 12, 24), np.float32)
+        raw[6, 6, rng.integers(0, 24)] = 5.0  # one changed voxel per scan, the rest untouched
+        maps.append((raw, np.ones(raw.shape, bool)))
+    params, tensors = fit_stats(maps)
+    assert params["std_floor"] >= 0.1 * params["pooled_std"] > 0
+    z = standardise(np.full((12, 12, 24), 0.01, np.float32), tensors, params)
+    untouched = tensors["norm.mean"] == 0  # voxels no healthy scan ever changed
+    assert untouched.sum() > 0.9 * z.size and np.abs(z[untouched]).max() < 10  # a tiny residual stays small

@@ -55,8 +55,10 @@ def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[dict, Dict
     mean = np.where(support, mean, pooled_mean)
     # The spread from a few dozen scans is noisy; a light blur and a floor keep single voxels from exploding.
     std = ndimage.gaussian_filter(np.where(support, np.sqrt(var), pooled_std), sigma=SMOOTH_SIGMA)
-    floor = float(np.percentile(std[support], 5)) if support.any() else max(pooled_std, 1e-6)
-    floor = max(floor, 1e-6)
+    floor = float(np.percentile(std[support], 5)) if support.any() else pooled_std
+    # Maps that are exactly 0 wherever nothing changed (a latent diffusion model's masked residual) have no spread
+    # in most voxels; a tenth of the pooled spread keeps their small residuals from exploding.
+    floor = max(floor, 0.1 * pooled_std, 1e-6)
     params = {"method": "voxel", "n_scans": n, "std_floor": floor, "pooled_mean": pooled_mean,
               "pooled_std": pooled_std}
     return params, {"norm.mean": mean.astype(np.float32), "norm.std": np.maximum(std, floor).astype(np.float32)}
