@@ -14,6 +14,11 @@ channels, or use one (score_maps(..., channel=k), e.g. the centre slice).
 
 Training a DPA: train a feature_net on healthy slices first (its own training_losses: the inpainting + denoising
 pretext), then net = build_net({"type": "dpa", "feature_net": feature_net.arch, ...}); net.set_feature_net(it).
+
+Diffusion types (DIFFUSION_ARCHS): ddpm, pddpm, cddpm (diffusion.py; AnoDDPM partial noising + DDIM, patched and
+conditioned DDPM) and ldm with its first stage vqvae (latent_diffusion.py). Training an ldm is two-stage like a dpa:
+fit a vqvae, then net.set_first_stage(vqvae, training slices). A net class naming its first stage's arch key in
+`first_stage_key` is trained that way by scorers/learned_fit.py.
 """
 
 from __future__ import annotations
@@ -24,14 +29,20 @@ from typing import Dict, Mapping, Sequence, Type
 from .autoencoders import VAE, AnoVAEGAN, ConstrainedAE, DenseAE, SpatialAE
 from .base import SliceNet, jsonable
 from .dae import DenoisingAE
+from .diffusion import ConditionedDDPM, PatchedDDPM, PixelDiffusion
+from .latent_diffusion import LatentDDPM, VQVAENet
 from .noise import coarse_noise
 from .perceptual import DPA, FeatureNet, perceptual_map
 
 ARCHS = ("ae_dense", "ae_spatial", "vae", "cae", "anovaegan", "dae", "feature_net", "dpa")
+# Kept apart from ARCHS: their tests (Testing/test_diffusion.py) need other tiny configurations and training budgets.
+DIFFUSION_ARCHS = ("ddpm", "pddpm", "cddpm", "vqvae", "ldm")
+ALL_ARCHS = ARCHS + DIFFUSION_ARCHS
 
 NETS: Dict[str, Type[SliceNet]] = {
     "ae_dense": DenseAE, "ae_spatial": SpatialAE, "vae": VAE, "cae": ConstrainedAE, "anovaegan": AnoVAEGAN,
     "dae": DenoisingAE, "feature_net": FeatureNet, "dpa": DPA,
+    "ddpm": PixelDiffusion, "pddpm": PatchedDDPM, "cddpm": ConditionedDDPM, "vqvae": VQVAENet, "ldm": LatentDDPM,
 }
 
 DEFAULT_SIZE = (112, 96)
@@ -39,7 +50,7 @@ DEFAULT_SIZE = (112, 96)
 
 def _net_class(type_name) -> Type[SliceNet]:
     if type_name not in NETS:
-        raise ValueError(f"unknown network type {type_name!r}; choose from {', '.join(ARCHS)}")
+        raise ValueError(f"unknown network type {type_name!r}; choose from {', '.join(ALL_ARCHS)}")
     return NETS[type_name]
 
 
@@ -53,11 +64,11 @@ def default_arch(type: str, in_channels: int = 1, size: Sequence[int] = DEFAULT_
 
 
 def build_net(arch: Mapping) -> SliceNet:
-    """Network from an arch dict {"type": one of ARCHS, **hyperparameters}; hyperparameters left out take the
+    """Network from an arch dict {"type": one of ALL_ARCHS, **hyperparameters}; hyperparameters left out take the
     defaults of default_arch(type, arch's in_channels, arch's size). Unknown types or keys, and bad values, raise
     ValueError."""
     if not isinstance(arch, Mapping) or "type" not in arch:
-        raise ValueError(f"an arch must be a dict with a 'type' (one of {', '.join(ARCHS)}), got {arch!r}")
+        raise ValueError(f"an arch must be a dict with a 'type' (one of {', '.join(ALL_ARCHS)}), got {arch!r}")
     type_name = arch["type"]
     cls = _net_class(type_name)
     full = default_arch(type_name, arch.get("in_channels", 1), arch.get("size", DEFAULT_SIZE))
@@ -74,5 +85,7 @@ def count_parameters(net) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["ARCHS", "NETS", "build_net", "default_arch", "count_parameters", "coarse_noise", "perceptual_map",
-           "SliceNet", "DenseAE", "SpatialAE", "VAE", "ConstrainedAE", "AnoVAEGAN", "DenoisingAE", "FeatureNet", "DPA"]
+__all__ = ["ARCHS", "DIFFUSION_ARCHS", "ALL_ARCHS", "NETS", "build_net", "default_arch", "count_parameters",
+           "coarse_noise", "perceptual_map", "SliceNet", "DenseAE", "SpatialAE", "VAE", "ConstrainedAE", "AnoVAEGAN",
+           "DenoisingAE", "FeatureNet", "DPA", "PixelDiffusion", "PatchedDDPM", "ConditionedDDPM", "VQVAENet",
+           "LatentDDPM"]

@@ -116,6 +116,14 @@ AnoVaeGanScorer = _register("anovaegan", "VAE with a patch discriminator (AnoVAE
 DaeScorer = _register("dae", "Denoising autoencoder with coarse noise, one-pass residual (Kascenas et al. 2022).")
 DpaScorer = _register("dpa", "Deep perceptual autoencoder scored in a self-trained feature space "
                              "(Shvetsova et al. 2020).")
+DdpmScorer = _register("ddpm", "Diffusion model, partial noising (Gaussian or simplex) and DDIM denoising, ensembled "
+                               "over noise levels (AnoDDPM, Wyatt et al. 2022).")
+PddpmScorer = _register("pddpm", "Patched diffusion model: each patch noised and denoised with clean context, "
+                                 "stitched (pDDPM, Behrendt et al. 2023).")
+CddpmScorer = _register("cddpm", "Diffusion model conditioned on an encoding of the input slice (cDDPM, Behrendt et "
+                                 "al. 2023).")
+LdmScorer = _register("ldm", "Latent diffusion on VQ-VAE codes: changed latents resampled, decoded, pixel residual "
+                             "(Pinaya et al. 2022); the fast diffusion scorer.")
 
 
 def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], volumes, reporter: Reporter,

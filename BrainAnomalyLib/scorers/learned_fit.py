@@ -13,6 +13,10 @@ from ..progress import Reporter
 # How each method scores by default: the residual's sign carries hypo/hyper (direction per modality); the
 # perceptual AE scores in its feature space.
 DEFAULT_SCORE = {"dpa": "perceptual"}
+# Two-stage nets: the arch key of the network fitted first, on the same slices. Net classes declare it as
+# `first_stage_key` and take the trained network with `set_first_stage(first, training slices)`; the dpa, older
+# than that protocol, is listed here and takes it with `set_feature_net`.
+FIRST_STAGE = {"dpa": "feature_net"}
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "device", "amp", "patience", "max_minutes",
               "steps_per_epoch", "val_batches", "checkpoint_every_epochs", "log_every")
 
@@ -72,14 +76,21 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
         return fit_net(net, train, val, config, sub, checkpoint_dir / part if checkpoint_dir else None, resume,
                        report_dir=(report_dir / part) if report_dir else None, write_report=report_dir is not None)
 
-    if kind == "dpa":
-        # The perceptual space comes from a feature network trained here first, on the same healthy slices.
-        feature_arch = dict(arch.get("feature_net") or default_arch("feature_net", in_channels=1 + 2 * context))
-        feature_net = build_net(feature_arch)
-        histories["feature_net"] = _fit(feature_net, "feature_net", reporter.sub(0.0, 0.4))
-        arch["feature_net"] = feature_net.arch
+    stage = first_stage_key(kind)
+    if stage is not None:
+        # E.g. the dpa's perceptual space, the ldm's latent space: a network trained here first, on the same healthy
+        # slices, then frozen inside the second.
+        first_arch = dict(arch.get(stage) or default_arch(stage, in_channels=1 + 2 * context))
+        first_arch.setdefault("in_channels", arch["in_channels"])
+        first_arch.setdefault("size", arch["size"])
+        first = build_net(first_arch)
+        histories[stage] = _fit(first, stage, reporter.sub(0.0, 0.4))
+        arch[stage] = first.arch
         net = build_net(arch)
-        net.set_feature_net(feature_net)
+        if hasattr(net, "set_first_stage"):
+            net.set_first_stage(first, train[0])
+        else:
+            net.set_feature_net(first)
         histories["net"] = _fit(net, "net", reporter.sub(0.4, 1.0))
     else:
         net = build_net(arch)
@@ -93,6 +104,13 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
                          "seconds": round(time.perf_counter() - started, 1),
                          "torch": torch.__version__})
     return out, state
+
+
+def first_stage_key(kind: str):
+    """The arch key of the network a `kind` net is trained on top of (None: trained in one stage)."""
+    from ..nets import NETS
+
+    return getattr(NETS.get(kind), "first_stage_key", None) or FIRST_STAGE.get(kind)
 
 
 def _summary(history: dict) -> dict:
