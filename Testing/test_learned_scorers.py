@@ -54,3 +54,18 @@ def test_batch_size_does_not_change_the_map(tmp_path):
     maps = [scorer_class("dae")(dict(params, batch_size=b), tensors).score(image, mask, Reporter()).anomaly_map
             for b in (1, 7, 80)]
     assert np.allclose(maps[0], maps[1], atol=1e-5) and np.allclose(maps[0], maps[2], atol=1e-5)
+
+
+def test_resuming_a_two_stage_fit_keeps_the_first_stage_and_trains_the_second_on(tmp_path):
+    base = {"steps_per_epoch": 2, "batch_size": 8, "device": "cpu", "seed": 3, "arch": TINY["dpa"],
+            "checkpoint_dir": str(tmp_path / "ckpt")}
+    cls = scorer_class("dpa")
+    first_params, first = cls.fit(template_cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
+                                  validation=template_cohort(1, seed=2), options=dict(base, epochs=1))
+    params, tensors = cls.fit(template_cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
+                              validation=template_cohort(1, seed=2), options=dict(base, epochs=2, resume=True))
+    history = params["training"]["history"]
+    assert history["feature_net"]["epochs_run"] == 1 and history["net"]["epochs_run"] == 2
+    feature_keys = [k for k in first if ".feature_net." in k or k.startswith("net.feature_net.")]
+    assert feature_keys and all(np.array_equal(first[k], tensors[k]) for k in feature_keys)
+    assert len(history["net"]["val_loss"]) == 2  # the second stage went on (its best epoch's weights are kept)

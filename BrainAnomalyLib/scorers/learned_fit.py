@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
@@ -53,7 +54,8 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
     report_dir."""
     import torch
 
-    from ..learn.engine import fit_net
+    from ..learn.checkpoint import checkpoint_exists
+    from ..learn.engine import CHECKPOINT_SUBDIR, fit_net
     from ..nets import build_net, default_arch
 
     options = dict(options or {})
@@ -72,8 +74,8 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
     resume = bool(options.get("resume"))
     histories = {}
 
-    def _fit(net, part: str, sub: Reporter) -> dict:
-        return fit_net(net, train, val, config, sub, checkpoint_dir / part if checkpoint_dir else None, resume,
+    def _fit(net, part: str, sub: Reporter, cfg=config) -> dict:
+        return fit_net(net, train, val, cfg, sub, checkpoint_dir / part if checkpoint_dir else None, resume,
                        report_dir=(report_dir / part) if report_dir else None, write_report=report_dir is not None)
 
     stage = first_stage_key(kind)
@@ -84,7 +86,12 @@ def fit_learned(kind: str, samples, params: dict, reporter: Reporter, validation
         first_arch.setdefault("in_channels", arch["in_channels"])
         first_arch.setdefault("size", arch["size"])
         first = build_net(first_arch)
-        histories[stage] = _fit(first, stage, reporter.sub(0.0, 0.4))
+        first_config = config
+        if resume and checkpoint_dir is not None and checkpoint_exists(checkpoint_dir / "net" / CHECKPOINT_SUBDIR):
+            # The second stage was trained on this first stage as it is: training it further would pull the ground
+            # from under the second, so a resumed run only reloads it (0 more epochs) and goes on with the second.
+            first_config = dataclasses.replace(config, epochs=0)
+        histories[stage] = _fit(first, stage, reporter.sub(0.0, 0.4), first_config)
         arch[stage] = first.arch
         net = build_net(arch)
         if hasattr(net, "set_first_stage"):
