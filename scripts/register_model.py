@@ -39,7 +39,11 @@ def main() -> int:
              "sha256": folder_digest(dest),
              "training_data": meta.get("training_data", {}).get("manifest", "none"),
              "metrics": meta.get("metrics", {})}
-    data["models"] = [e for e in data["models"] if e["id"] != model.name] + [entry]
+    ids = [e["id"] for e in data["models"]]
+    if model.name in ids:  # re-registered: keep its place in the list
+        data["models"][ids.index(model.name)] = entry
+    else:
+        data["models"].append(entry)
     if args.default:
         data["default"] = model.name
     registry.write_text(json.dumps(data, indent=2) + "\n")
