@@ -3,6 +3,8 @@ scans registered to the template; a scan is scored by its z-score against them."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -31,23 +33,11 @@ class NormativeScorer(Scorer):
 
     @classmethod
     def fit(cls, samples, params, reporter: Reporter):
-        total = s1 = s2 = None
-        n_scans = 0
-        for image, mask in samples:
-            if total is None:
-                total = np.zeros(image.shape, np.float64)
-                s1, s2 = np.zeros_like(total), np.zeros_like(total)
-            m = mask.astype(np.float64)
-            total += m
-            s1 += image * m
-            s2 += (image.astype(np.float64) ** 2) * m
-            n_scans += 1
+        moments = voxel_moments(samples)
+        n_scans, mean, var = moments.n_scans, moments.mean, moments.var
         if n_scans < 2:
             raise ValueError("the normative model needs at least two healthy scans")
-        count = np.maximum(total, 1.0)
-        mean = s1 / count
-        var = np.maximum(s2 / count - mean ** 2, 0.0) * count / np.maximum(count - 1.0, 1.0)
-        support = total >= SUPPORT_FRACTION * n_scans
+        support = moments.count >= SUPPORT_FRACTION * n_scans
         # A few scans give a noisy spread; smoothing it slightly and flooring it keeps z-scores from exploding.
         std = ndimage.gaussian_filter(np.sqrt(var), sigma=1.0)
         floor = float(np.percentile(std[support], 5)) if support.any() else 1e-3
@@ -56,3 +46,37 @@ class NormativeScorer(Scorer):
                    "std": np.where(support, std, 1).astype(np.float32),
                    "support": support.astype(np.uint8)}
         return out, tensors
+
+
+@dataclass
+class VoxelMoments:
+    n_scans: int
+    count: np.ndarray  # scans with brain at each voxel
+    sum: np.ndarray  # of the values over those scans
+    sum_sq: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / np.maximum(self.count, 1.0)
+
+    @property
+    def var(self) -> np.ndarray:
+        """Unbiased per-voxel variance (0 where fewer than two scans had brain)."""
+        c = np.maximum(self.count, 1.0)
+        return np.maximum(self.sum_sq / c - self.mean ** 2, 0.0) * c / np.maximum(c - 1.0, 1.0)
+
+
+def voxel_moments(samples) -> VoxelMoments:
+    """Per-voxel sums of (values, mask) volumes, each voxel over the scans whose mask holds it."""
+    count = s1 = s2 = None
+    n_scans = 0
+    for values, mask in samples:
+        if count is None:
+            count = np.zeros(values.shape, np.float64)
+            s1, s2 = np.zeros_like(count), np.zeros_like(count)
+        v = np.where(mask, values, 0).astype(np.float64)
+        count += mask
+        s1 += v
+        s2 += v ** 2
+        n_scans += 1
+    return VoxelMoments(n_scans, count, s1, s2)

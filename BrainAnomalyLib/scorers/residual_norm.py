@@ -19,6 +19,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
+from .normative import voxel_moments
+
 METHODS = ("voxel", "none")
 SCAN_METHODS = ("robust", "none")
 # Voxels where fewer than this share of the healthy scans had brain use the pooled statistics instead.
@@ -31,26 +33,14 @@ SMOOTH_SIGMA = 2.0
 
 def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(params, tensors) from (raw map, brain mask) pairs of healthy scans on the grid."""
-    count = s1 = s2 = None
-    n = 0
-    for raw, mask in maps:
-        if count is None:
-            count = np.zeros(raw.shape, np.float64)
-            s1, s2 = np.zeros_like(count), np.zeros_like(count)
-        m = mask.astype(bool)
-        r = raw.astype(np.float64)
-        count[m] += 1.0
-        s1[m] += r[m]
-        s2[m] += r[m] ** 2
-        n += 1
+    moments = voxel_moments(maps)
+    n = moments.n_scans
     if n < 2:
         raise ValueError("voxel-wise standardisation needs the maps of at least two healthy scans")
+    count, mean, var = moments.count, moments.mean, moments.var
     total = float(count.sum())
-    pooled_mean = float(s1.sum() / total)
-    pooled_std = float(np.sqrt(max(s2.sum() / total - pooled_mean ** 2, 0.0)))
-    c = np.maximum(count, 1.0)
-    mean = s1 / c
-    var = np.maximum(s2 / c - mean ** 2, 0.0) * c / np.maximum(c - 1.0, 1.0)
+    pooled_mean = float(moments.sum.sum() / total)
+    pooled_std = float(np.sqrt(max(moments.sum_sq.sum() / total - pooled_mean ** 2, 0.0)))
     support = count >= SUPPORT_FRACTION * n
     mean = np.where(support, mean, pooled_mean)
     # The spread from a few dozen scans is noisy; a light blur and a floor keep single voxels from exploding.
