@@ -88,6 +88,15 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _score_arg(text: str) -> str:
+    from .scorers.learned import score_parts
+
+    try:
+        return "+".join(score_parts(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainanomaly", description="Unsupervised anomaly detection in brain MRI.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -131,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     g.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as extra channels "
                                                               "(2.5D; default 0)")
-    g.add_argument("--score", choices=["signed", "l1", "ssim", "perceptual"], help="anomaly score of the model")
+    g.add_argument("--score", type=_score_arg, metavar="SCORE",
+                   help="anomaly score of the model: signed, l1, ssim or perceptual, or several joined by '+' "
+                        "(e.g. perceptual+signed: the standardised maps are averaged)")
     g.add_argument("--residual-norm", choices=["voxel", "none"], default="voxel",
                    help="voxel (default): score each voxel's map against the spread of the trained network's maps "
                         "on the healthy training scans at that voxel; none: the raw map")

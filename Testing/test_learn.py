@@ -502,3 +502,29 @@ def test_torchrun_two_processes(tmp_path):
         assert float(loss) == pytest.approx(info["best_val_loss"], rel=1e-5)
     assert not list(tmp_path.glob("rank*-*.json.tmp"))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_checkpoint_from_before_a_new_hyperparameter_still_resumes(tmp_path):
+    """An arch saved before a hyperparameter existed (here the autoencoders' noise_std/noise_res, whose defaults
+    keep the old behaviour) matches the same net today; a really different arch is still refused."""
+    import json
+
+    from BrainAnomalyLib.errors import ModelError
+    from BrainAnomalyLib.learn import checkpoint as ckpt
+    from BrainAnomalyLib.nets import build_net
+
+    arch = {"type": "ae_dense", "size": [32, 32], "channels": [4, 8], "strides": [2, 2], "latent": 8}
+    net = build_net(arch)
+    folder = ckpt.save_checkpoint(tmp_path / "ck", net, None, {"epoch": 1})
+    meta_file = folder / ckpt.META_FILE
+    meta = json.loads(meta_file.read_text())
+    for key in ("noise_std", "noise_res"):
+        del meta["arch"][key]
+    meta_file.write_text(json.dumps(meta))
+    same = build_net(arch)
+    assert ckpt.load_checkpoint(folder, same)["epoch"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ModelError, match="arch differs"):
+        ckpt.load_checkpoint(folder, build_net(dict(arch, noise_std=0.3)))
+    with pytest.raises(ModelError, match="arch differs"):
+        ckpt.load_checkpoint(folder, build_net(dict(arch, latent=4)))

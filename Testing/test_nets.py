@@ -317,6 +317,39 @@ def test_dae_trains_on_noisy_inputs_and_reconstructs_the_clean_one():
     assert torch.equal(seen["input"], x)  # one pass on the clean input
 
 
+@pytest.mark.parametrize("t", ["ae_dense", "ae_spatial", "vae", "cae", "anovaegan", "dpa"])
+def test_autoencoders_train_as_denoisers_when_asked(t):
+    """noise_std > 0: the network's first layer sees the coarse-noised slice (noise inside the brain only, seeded),
+    the loss is against the clean slice, and reconstruct() is still one pass on the clean input. noise_std = 0 (the
+    default) leaves the input as it is."""
+    arch = tiny_arch(t)
+    if t == "dpa":
+        arch["ae"] = dict(arch["ae"], noise_std=0.5, noise_res=[4, 4])
+    else:
+        arch.update(noise_std=0.5, noise_res=[4, 4])
+    net = build_net(arch)
+    ae = net.ae if t == "dpa" else net
+    if t == "dpa":
+        net.set_feature_net(build_net(net.arch["feature_net"]))
+    x, m = brain_batch(4)
+    mf = m.float()
+    assert ae.corrupt(x, mf) is not x
+    off = build_net(dict(ae.arch, noise_std=0.0))
+    assert off.corrupt(x, mf) is x
+    first = next(mod for mod in ae.modules() if isinstance(mod, torch.nn.Conv2d))
+    seen = []
+    first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    losses = net.training_losses(x, m, generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(losses["loss"])
+    expected = ae.corrupt(x, mf, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(seen[0], expected)
+    changed = (seen[0] != x)
+    assert changed[m].any() and not changed[~m].any()
+    seen.clear()
+    ae.reconstruct(x)
+    assert torch.equal(seen[0], x)
+
+
 # ----------------------------------------------------------------------------------------------- DPA, feature net
 def test_dpa_feature_net_is_frozen_and_ships_in_the_state_dict():
     torch.manual_seed(0)

@@ -117,3 +117,45 @@ def test_maps_that_are_mostly_exactly_zero_get_a_floor_from_the_pooled_spread():
     z = standardise(np.full((12, 12, 24), 0.01, np.float32), tensors, params)
     untouched = tensors["norm.mean"] == 0  # voxels no healthy scan ever changed
     assert untouched.sum() > 0.9 * z.size and np.abs(z[untouched]).max() < 10  # a tiny residual stays small
+
+
+def test_a_combined_score_standardises_each_map_and_averages_them(capsys):
+    """score "l1+signed": statistics per map from one pass ("norm.<score>.*"), each map standardised, made
+    directional and scan-scaled on its own, then averaged; it equals the mean of the two one-map scorers built
+    from the same statistics. Unknown parts and unscaled combinations are refused."""
+    torch = pytest.importorskip("torch")
+    from BrainAnomalyLib.cli import main
+    from BrainAnomalyLib.nets import build_net
+    from BrainAnomalyLib.progress import Reporter
+    from BrainAnomalyLib.scorers.learned import fit_residual_norm, score_parts, scorer_class_for
+    from conftest import template_cohort
+
+    torch.manual_seed(0)
+    net = build_net({"type": "ae_spatial", "channels": [4, 8], "strides": [2, 2], "latent_channels": 2})
+    tensors = {f"net.{k}": v.numpy() for k, v in net.state_dict().items()}
+    base = {"arch": net.arch, "direction": "hypo", "context": 0, "batch_size": 64}
+    volumes = list(template_cohort(3, seed=4))
+    params, out = fit_residual_norm("ae_spatial", dict(base, score="l1+signed"), tensors, iter(volumes), Reporter())
+    per = params["residual_norm"]["per_score"]
+    assert set(per) == {"l1", "signed"} and all(p["n_scans"] == 3 for p in per.values())
+    assert {"norm.l1.mean", "norm.l1.std", "norm.signed.mean", "norm.signed.std"} <= set(out)
+    image, mask = next(template_cohort(1, seed=11))
+    cls = scorer_class_for("ae_spatial")
+    both = cls(dict(params, scan_norm="robust"), out).score(image, mask, Reporter()).anomaly_map
+    singles = []
+    for part in ("l1", "signed"):
+        one = {k.replace(f"norm.{part}.", "norm."): v for k, v in out.items() if not k.startswith("norm.")
+               or k.startswith(f"norm.{part}.")}
+        singles.append(cls(dict(base, score=part, residual_norm=per[part], scan_norm="robust"), one)
+                       .score(image, mask, Reporter()).anomaly_map)
+    assert np.allclose(both, (singles[0] + singles[1]) / 2, atol=1e-5)
+    assert not np.allclose(singles[0], singles[1])
+    with pytest.raises(ValueError, match="scan_norm"):
+        cls(dict(params, scan_norm="none"), out).score(image, mask, Reporter())
+    assert score_parts("perceptual+signed") == ["perceptual", "signed"]
+    for bad in ("blur", "signed+signed", "signed+"):
+        with pytest.raises(ValueError, match="unknown score"):
+            score_parts(bad)
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "dae", "--manifest", "x.csv", "-o", "y", "--score", "signed+blur"])
+    assert "unknown score" in capsys.readouterr().err

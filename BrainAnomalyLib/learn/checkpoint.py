@@ -248,6 +248,17 @@ def _load_file(meta: dict, fname: str) -> Dict[str, torch.Tensor]:
     return load_file(str(Path(meta["_path"]) / fname), device="cpu")
 
 
+def _completed_arch(arch: dict):
+    """A saved arch with the hyperparameters added since it was written, at their defaults (which keep the old
+    behaviour), so checkpoints of older versions still resume; None if it no longer builds."""
+    from ..nets import build_net
+
+    try:
+        return build_net(arch).arch
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def load_checkpoint(folder, net: Optional[torch.nn.Module] = None,
                     optimisers: Optional[Mapping[str, torch.optim.Optimizer]] = None, restore_rng: bool = False,
                     check_arch: bool = True) -> dict:
@@ -256,7 +267,8 @@ def load_checkpoint(folder, net: Optional[torch.nn.Module] = None,
     meta = read_checkpoint_meta(folder)
     if net is not None:
         arch = _to_json(getattr(net, "arch", None), "arch")
-        if check_arch and meta.get("arch") is not None and arch is not None and meta["arch"] != arch:
+        if check_arch and meta.get("arch") is not None and arch is not None and meta["arch"] != arch \
+                and _completed_arch(meta["arch"]) != arch:
             raise ModelError(f"checkpoint {folder} was written for another network (arch differs)")
         try:
             net.load_state_dict(_load_file(meta, NET_FILE), strict=True)

@@ -9,6 +9,12 @@
 
 All reconstruct every input channel. Losses are brain-masked mean pixel errors ("l1" or "l2") plus `bg_weight` x the
 error outside the brain.
+
+Every one can also be trained as a denoising autoencoder (`noise_std` > 0, default 0 = off): the input is corrupted
+with the DAE's coarse, lesion-sized noise inside the brain (`noise_res` = its coarse grid) and the loss compares the
+output with the clean slice. A bottleneck alone lets a network keep a large dark region if it fits in the code; the
+denoising objective teaches it to replace such regions with healthy tissue (Kascenas et al. 2022). Scoring is
+unchanged: one pass on the observed slice.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 from .base import (ACTS, NORMS, REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints,
                    check_layer_name, check_size, eval_mode, kl_divergence, mask_float, pixel_error,
                    reconstruction_loss)
+from .noise import coarse_noise
 
 
 def _prod(values: Sequence[int]) -> int:
@@ -35,7 +42,8 @@ def _prod(values: Sequence[int]) -> int:
 def _common_defaults(type_name: str, in_channels: int, size: Sequence[int]) -> dict:
     return {"type": type_name, "in_channels": int(in_channels), "size": [int(s) for s in size],
             "channels": [32, 64, 128, 128], "strides": [2, 2, 2, 2], "num_res_units": 0,
-            "act": "PRELU", "norm": "BATCH", "rec_loss": "l1", "bg_weight": 0.1}
+            "act": "PRELU", "norm": "BATCH", "rec_loss": "l1", "bg_weight": 0.1,
+            "noise_std": 0.0, "noise_res": [max(1, int(size[0]) // 8), max(1, int(size[1]) // 8)]}
 
 
 class _ConvAEBase(SliceNet):
@@ -53,9 +61,21 @@ class _ConvAEBase(SliceNet):
         self.norm = check_layer_name(a, "norm", NORMS)
         self.rec_kind = check_choice(a, "rec_loss", REC_LOSSES)
         self.bg_weight = check_float(a, "bg_weight")
+        self.noise_std = check_float(a, "noise_std")
+        self.noise_res = check_ints(a, "noise_res", length=2)
+        if any(r > s for r, s in zip(self.noise_res, self.size)):
+            raise ValueError(f"arch {a['type']!r}: noise_res {self.noise_res} must not exceed the size {list(self.size)}")
 
     def _rec(self, recon, x, m):
         return reconstruction_loss(recon, x, m, self.rec_kind, self.bg_weight)
+
+    def corrupt(self, x: torch.Tensor, m: torch.Tensor, generator=None) -> torch.Tensor:
+        """The training input: x plus coarse noise inside the brain mask m (B, 1, H, W); x itself when noise_std
+        is 0."""
+        if self.noise_std == 0.0:
+            return x
+        return x + coarse_noise(x.shape, self.noise_res, self.noise_std, mask=m, generator=generator,
+                                device=x.device, dtype=x.dtype)
 
 
 class DenseAE(_ConvAEBase):
@@ -96,7 +116,7 @@ class DenseAE(_ConvAEBase):
     def training_losses(self, x, mask, generator=None):
         self.check_input(x)
         m = mask_float(mask, x)
-        rec = self._rec(self(x), x, m)
+        rec = self._rec(self(self.corrupt(x, m, generator)), x, m)
         return {"loss": rec, "rec": rec.detach()}
 
 
@@ -133,7 +153,7 @@ class SpatialAE(_ConvAEBase):
     def training_losses(self, x, mask, generator=None):
         self.check_input(x)
         m = mask_float(mask, x)
-        rec = self._rec(self(x), x, m)
+        rec = self._rec(self(self.corrupt(x, m, generator)), x, m)
         return {"loss": rec, "rec": rec.detach()}
 
 
@@ -159,7 +179,7 @@ class ConstrainedAE(DenseAE):
     def training_losses(self, x, mask, generator=None):
         self.check_input(x)
         m = mask_float(mask, x)
-        z = self.encode(x)
+        z = self.encode(self.corrupt(x, m, generator))
         recon = self.decode(z)
         rec = self._rec(recon, x, m)
         consistency = (z - self.encode(recon)).pow(2).mean()
@@ -210,7 +230,7 @@ class VAE(_ConvAEBase):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def _vae_terms(self, x, m, generator):
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(self.corrupt(x, m, generator))
         recon = self.decode(self.sample(mu, logvar, generator))
         rec = self._rec(recon, x, m)
         kl = kl_divergence(mu, logvar).mean() / self.values_per_slice

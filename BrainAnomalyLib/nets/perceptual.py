@@ -231,7 +231,8 @@ class DPA(SliceNet):
         self.check_input(x)
         self._need_features()
         m = mask_float(mask, x)
-        recon = self.ae(x)
+        # The perceptual target is always the clean slice; with ae noise_std > 0 the input is corrupted.
+        recon = self.ae(self.ae.corrupt(x, m, generator))
         with torch.no_grad():
             fx = self.feature_net.features(x)
         dists = feature_distances(self.feature_net, x, recon, x_features=fx)

@@ -7,16 +7,26 @@ network is rebuilt from `params["arch"]` and its weights come from the model's s
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..progress import Reporter
 from .base import ScoreOutput, Scorer, register, signed
-from .residual_norm import scan_standardise, standardise
+from .residual_norm import fit_stats, scan_standardise, standardise
 
 SCORES = ("signed", "l1", "ssim", "perceptual")
 DEFAULT_BATCH = 32
+
+
+def score_parts(score) -> List[str]:
+    """The maps a model's `score` names: one of SCORES, or several joined by "+" (e.g. "perceptual+signed"), whose
+    standardised maps are averaged. Raises ValueError for unknown or repeated names."""
+    parts = str(score).split("+")
+    unknown = [p for p in parts if p not in SCORES]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}, or several joined by '+'")
+    return parts
 
 
 class LearnedScorer(Scorer):
@@ -25,9 +35,7 @@ class LearnedScorer(Scorer):
     def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
         super().__init__(params, tensors, device)
         self._net = None
-        score = self.params.get("score", "signed")
-        if score not in SCORES:
-            raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+        self.parts = score_parts(self.params.get("score", "signed"))
         # A map already standardised by the scan's own spread needs no second, threshold-side adaptation.
         self.scan_relative = self.params.get("scan_norm", "none") == "robust"
 
@@ -53,9 +61,9 @@ class LearnedScorer(Scorer):
             self._net = net
         return self._net
 
-    def raw_map(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
-        """(map, reconstruction) on the grid: the network's chosen score map before any voxel-wise standardisation
-        or direction (the signed map is observed - reconstructed)."""
+    def raw_maps(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
+        """({score: map}, reconstruction) on the grid: the network's maps of this model's score parts before any
+        voxel-wise standardisation or direction (the signed map is observed - reconstructed)."""
         import torch
 
         from ..learn.slices import slices_to_volume, volume_slices_for_scoring
@@ -64,8 +72,8 @@ class LearnedScorer(Scorer):
         context = int(self.params.get("context", 0))
         x, m = volume_slices_for_scoring(image, mask, context)
         batch = max(1, int(self.params.get("batch_size") or DEFAULT_BATCH))
-        score_kind = self.params.get("score", "signed")
-        maps, recons = [], []
+        maps: Dict[str, list] = {p: [] for p in self.parts}
+        recons = []
         centre = context  # the centre channel is the slice itself
         reporter("score", 0.0)
         with torch.no_grad():
@@ -77,22 +85,48 @@ class LearnedScorer(Scorer):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                     recon = net.reconstruct(xb)
                     out = net.score_maps(xb, recon)
-                if score_kind not in out:
-                    raise ValueError(f"the {self.params['arch'].get('type')} network has no {score_kind!r} score "
-                                     f"(it has {', '.join(sorted(out))})")
-                maps.append(out[score_kind][:, 0].float().cpu().numpy())
+                for part in self.parts:
+                    if part not in out:
+                        raise ValueError(f"the {self.params['arch'].get('type')} network has no {part!r} score "
+                                         f"(it has {', '.join(sorted(out))})")
+                    maps[part].append(out[part][:, 0].float().cpu().numpy())
                 recons.append(recon[:, centre].float().cpu().numpy())
                 reporter("score", min(1.0, (start + batch) / x.shape[0]))
-        raw = slices_to_volume(np.concatenate(maps), image.shape)
-        return raw.astype(np.float32), slices_to_volume(np.concatenate(recons), image.shape)
+        raws = {p: slices_to_volume(np.concatenate(v), image.shape).astype(np.float32) for p, v in maps.items()}
+        return raws, slices_to_volume(np.concatenate(recons), image.shape)
+
+    def raw_map(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
+        """(map, reconstruction) of a one-map model (see raw_maps)."""
+        if len(self.parts) != 1:
+            raise ValueError(f"score {self.params.get('score')!r} has several maps; use raw_maps")
+        raws, recon = self.raw_maps(image, mask, reporter)
+        return raws[self.parts[0]], recon
+
+    def _part_norm(self, part: str):
+        """(standardisation params, tensor prefix) of one score part."""
+        norm = self.params.get("residual_norm")
+        if len(self.parts) == 1 or not norm or norm.get("method", "none") == "none":
+            return norm, "norm."
+        return (norm.get("per_score") or {}).get(part, {"method": "missing"}), f"norm.{part}."
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
-        raw, recon_volume = self.raw_map(image, mask, reporter)
-        anomaly = standardise(raw, self.tensors, self.params.get("residual_norm"))
-        if self.params.get("score", "signed") == "signed":
-            anomaly = signed(anomaly, self.params.get("direction", "two-sided"))
-        anomaly = scan_standardise(anomaly, mask, self.params.get("scan_norm"))
-        anomaly = np.where(mask, anomaly, 0.0).astype(np.float32)
+        raws, recon_volume = self.raw_maps(image, mask, reporter)
+        scan_norm = self.params.get("scan_norm")
+        if len(self.parts) > 1 and scan_norm != "robust":
+            # Perceptual distances and intensity residuals have different units: only scan-scaled maps add up.
+            raise ValueError(f"score {self.params.get('score')!r} combines several maps and needs scan_norm "
+                             f"'robust', got {scan_norm!r}")
+        total = None
+        for part, raw in raws.items():
+            norm, prefix = self._part_norm(part)
+            anomaly = standardise(raw, self.tensors, norm, prefix)
+            if part == "signed":
+                anomaly = signed(anomaly, self.params.get("direction", "two-sided"))
+            anomaly = scan_standardise(anomaly, mask, scan_norm)
+            total = anomaly if total is None else total + anomaly
+        if len(raws) > 1:
+            total = total / float(len(raws))
+        anomaly = np.where(mask, total, 0.0).astype(np.float32)
         return ScoreOutput(anomaly, reconstruction=np.where(mask, recon_volume, image).astype(np.float32))
 
     @classmethod
@@ -129,20 +163,32 @@ LdmScorer = _register("ldm", "Latent diffusion on VQ-VAE codes: changed latents 
 def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], volumes, reporter: Reporter,
                       device: str = "cpu", n_volumes: Optional[int] = None):
     """Add voxel-wise healthy statistics of the trained network's map (scorers/residual_norm.py) to a learned
-    model: its maps on the healthy (image, mask) grid `volumes` give a per-voxel mean and spread."""
-    from .residual_norm import fit_stats
-
+    model: its maps on the healthy (image, mask) grid `volumes` give a per-voxel mean and spread. A combined score
+    gets statistics per map (tensors "norm.<score>.mean/std"), from one pass over the scans."""
     scorer = scorer_class_for(kind)(dict(params, residual_norm=None), tensors, device)
+    parts = scorer.parts
+    # Maps of the second and later parts wait in memory (a few MB per scan) while the first part streams.
+    held: Dict[str, list] = {p: [] for p in parts[1:]}
 
     def maps():
         for i, (image, mask) in enumerate(volumes):
             reporter("healthy residual statistics", i / n_volumes if n_volumes else 0.0)
-            raw, _ = scorer.raw_map(image, mask, Reporter(cancel=reporter.cancel))
-            yield raw, mask
+            raws, _ = scorer.raw_maps(image, mask, Reporter(cancel=reporter.cancel))
+            for p in parts[1:]:
+                held[p].append((raws[p], mask))
+            yield raws[parts[0]], mask
         reporter("healthy residual statistics", 1.0)
 
-    norm_params, norm_tensors = fit_stats(maps())
-    return dict(params, residual_norm=norm_params), {**tensors, **norm_tensors}
+    if len(parts) == 1:
+        norm_params, norm_tensors = fit_stats(maps())
+        return dict(params, residual_norm=norm_params), {**tensors, **norm_tensors}
+    per_score, norm_tensors = {}, {}
+    per_score[parts[0]], first = fit_stats(maps(), prefix=f"norm.{parts[0]}.")
+    norm_tensors.update(first)
+    for p in parts[1:]:
+        per_score[p], more = fit_stats(held.pop(p), prefix=f"norm.{p}.")
+        norm_tensors.update(more)
+    return dict(params, residual_norm={"method": "voxel", "per_score": per_score}), {**tensors, **norm_tensors}
 
 
 def scorer_class_for(kind: str):

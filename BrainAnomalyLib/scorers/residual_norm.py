@@ -25,13 +25,18 @@ METHODS = ("voxel", "none")
 SCAN_METHODS = ("robust", "none")
 # Voxels where fewer than this share of the healthy scans had brain use the pooled statistics instead.
 SUPPORT_FRACTION = 0.5
-KEYS = ("norm.mean", "norm.std")
 # Voxels of blur on the healthy spread: 2 scored slightly better than 0 or 1 on brats18_dev T1 (AUPRC 0.276 against
 # 0.270 / 0.273), and the 5th-percentile floor better than the 25th (0.258).
 SMOOTH_SIGMA = 2.0
 
 
-def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[dict, Dict[str, np.ndarray]]:
+def tensor_keys(prefix: str = "norm.") -> Tuple[str, str]:
+    """The (mean, std) tensor names under `prefix` ("norm." for a one-map model, "norm.<score>." per map of a
+    combined score)."""
+    return f"{prefix}mean", f"{prefix}std"
+
+
+def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]], prefix: str = "norm.") -> Tuple[dict, Dict[str, np.ndarray]]:
     """(params, tensors) from (raw map, brain mask) pairs of healthy scans on the grid."""
     moments = voxel_moments(maps)
     n = moments.n_scans
@@ -51,21 +56,24 @@ def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[dict, Dict
     floor = max(floor, 0.1 * pooled_std, 1e-6)
     params = {"method": "voxel", "n_scans": n, "std_floor": floor, "pooled_mean": pooled_mean,
               "pooled_std": pooled_std}
-    return params, {"norm.mean": mean.astype(np.float32), "norm.std": np.maximum(std, floor).astype(np.float32)}
+    mean_key, std_key = tensor_keys(prefix)
+    return params, {mean_key: mean.astype(np.float32), std_key: np.maximum(std, floor).astype(np.float32)}
 
 
-def standardise(raw: np.ndarray, tensors: Dict[str, np.ndarray], params: Optional[dict]) -> np.ndarray:
+def standardise(raw: np.ndarray, tensors: Dict[str, np.ndarray], params: Optional[dict],
+                prefix: str = "norm.") -> np.ndarray:
     """The raw map in units of the healthy spread at each voxel (unchanged when the model has no statistics)."""
     if not params or params.get("method", "none") == "none":
         return raw
     if params["method"] != "voxel":
         raise ValueError(f"unknown residual standardisation {params['method']!r}; choose from {METHODS}")
-    missing = [k for k in KEYS if k not in tensors]
+    keys = tensor_keys(prefix)
+    missing = [k for k in keys if k not in tensors]
     if missing:
         from ..errors import ModelError
 
         raise ModelError(f"the model asks for voxel-wise standardisation but has no {', '.join(missing)} tensors")
-    mean, std = tensors["norm.mean"], tensors["norm.std"]
+    mean, std = tensors[keys[0]], tensors[keys[1]]
     if mean.shape != raw.shape:
         raise ValueError(f"model grid {mean.shape} does not match the preprocessed volume {raw.shape}")
     return ((raw - mean) / std).astype(np.float32)
