@@ -454,3 +454,26 @@ def test_cae_code_is_normalised_and_consistency_is_the_code_distance():
     expected = (z - net.encode(net.decode(z))).pow(2).mean()
     assert torch.allclose(losses["consistency"], expected)
     assert torch.allclose(losses["loss"], losses["rec"] + net.consistency_weight * losses["consistency"])
+
+
+def test_cae_with_a_spatial_code():
+    """bottleneck "spatial": the code is maps at 1/4 resolution, normalised over each slice's whole code; the
+    consistency term is the same; any size divisible by the stride works; dense is still the default."""
+    torch.manual_seed(0)
+    assert build_net(tiny_arch("cae")).arch["bottleneck"] == "dense"
+    net = build_net(dict(tiny_arch("cae"), bottleneck="spatial", latent_channels=3))
+    x, m = brain_batch(4)
+    z = net.encode(x)
+    assert z.shape == (4, 3, 8, 8)
+    flat = z.flatten(1)
+    assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(flat.pow(2).mean(1), torch.ones(4), atol=1e-3)
+    losses = net.training_losses(x, m)
+    expected = (z - net.encode(net.decode(z))).pow(2).mean()
+    assert torch.allclose(losses["consistency"], expected)
+    assert net.reconstruct(torch.randn(2, 1, 48, 40)).shape == (2, 1, 48, 40)
+    with pytest.raises(ValueError, match="bottleneck"):
+        build_net(dict(tiny_arch("cae"), bottleneck="global"))
+    again = build_net(net.arch)
+    again.load_state_dict(net.state_dict())
+    assert torch.equal(again.reconstruct(x), net.reconstruct(x))

@@ -3,8 +3,9 @@
 * ae_dense   - convolutional encoder, dense (fully connected) bottleneck of `latent` units (Baur et al. 2018).
 * ae_spatial - fully convolutional, spatial bottleneck of `latent_channels` maps at 1/prod(strides) resolution.
 * vae        - variational AE, dense latent; reconstruct = decode(mu); optional restoration (Chen et al. 2018).
-* cae        - dense AE with a latent-consistency loss ||enc(x) - enc(dec(enc(x)))||^2 (Chen et al. 2018); the code is
-               layer-normalised (per sample zero mean, unit RMS) so the term cannot be cheated by shrinking the code.
+* cae        - AE with a latent-consistency loss ||enc(x) - enc(dec(enc(x)))||^2 (Chen et al. 2018); the code (dense, or
+               spatial with bottleneck="spatial") is layer-normalised (per sample zero mean, unit RMS) so the term
+               cannot be cheated by shrinking the code.
 * anovaegan  - VAE generator plus a least-squares PatchGAN discriminator on its reconstructions (Baur et al. 2018).
 
 All reconstruct every input channel. Losses are brain-masked mean pixel errors ("l1" or "l2") plus `bg_weight` x the
@@ -158,23 +159,42 @@ class SpatialAE(_ConvAEBase):
 
 
 class ConstrainedAE(DenseAE):
-    """Dense AE whose code is layer-normalised, trained with rec + consistency_weight * mean (z - enc(dec(z)))^2."""
+    """AE whose code is layer-normalised, trained with rec + consistency_weight * mean (z - enc(dec(z)))^2.
+    bottleneck "dense" (default): DenseAE's `latent` units; "spatial": SpatialAE's `latent_channels` maps at the
+    coarsest resolution, normalised over the whole code of each slice (any slice size divisible by the stride)."""
 
     type_name = "cae"
+    BOTTLENECKS = ("dense", "spatial")
 
     @staticmethod
     def defaults(in_channels: int = 1, size: Sequence[int] = (112, 96)) -> dict:
         d = DenseAE.defaults(in_channels, size)
-        d["type"] = "cae"
-        d["consistency_weight"] = 1.0
+        d.update(type="cae", consistency_weight=1.0, bottleneck="dense", latent_channels=16)
         return d
 
     def __init__(self, arch: dict) -> None:
-        super().__init__(arch)
+        self.spatial = check_choice(arch, "bottleneck", self.BOTTLENECKS) == "spatial"
+        if not self.spatial:
+            super().__init__(arch)
+        else:
+            SliceNet.__init__(self, arch)
+            self._check_common()
+            self.latent_channels = check_int(self.arch, "latent_channels")
+            self.fixed_size = False
+            c = self.in_channels
+            self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c,
+                                    channels=self.channels + [self.latent_channels], strides=self.strides + [1],
+                                    num_res_units=self.num_res_units, act=self.act, norm=self.norm)
         self.consistency_weight = check_float(self.arch, "consistency_weight")
 
     def encode(self, x):
+        if self.spatial:
+            h = self.body.encode(x)
+            return F.layer_norm(h, tuple(h.shape[1:]))
         return F.layer_norm(super().encode(x), (self.latent,))
+
+    def decode(self, z):
+        return self.body.decode(z) if self.spatial else super().decode(z)
 
     def training_losses(self, x, mask, generator=None):
         self.check_input(x)
