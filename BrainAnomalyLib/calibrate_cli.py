@@ -28,6 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="CSV with subject,modality,image,mask: the healthy rows "
                                                      "(empty mask) are calibrated on")
     p.add_argument("--modality", help="which manifest rows to use (default: the model's modality)")
+    p.add_argument("--split", choices=["all", "train", "calibration", "test"], default="all",
+                   help="calibrate on this part of the manifest's subjects, split as `brainanomaly train` splits "
+                        "them (calibration: the held-out scans a model trained on the same manifest was "
+                        "calibrated on; default all)")
     p.add_argument("--fprs", default=",".join(f"{f:g}" for f in DEFAULT_FPRS),
                    help="comma-separated voxel false-positive rates for the table (default 0.001,0.01,0.05); "
                         "a dense curve from 1e-4 to 0.5 is stored as well")
@@ -165,8 +169,14 @@ def run(args, cancel: CancelToken) -> int:
     if modality != model.modality:
         print(f"note: calibrating a {model.modality} model on {modality} rows, as asked", file=sys.stderr)
     healthy = [c for c in read_manifest(args.manifest, modality) if c.mask is None]
+    split_name = getattr(args, "split", "all")
+    if split_name != "all":
+        from .training import split_subjects
+
+        healthy = split_subjects(healthy)[split_name]
     if not healthy:
-        raise BadInputError(f"{args.manifest}: no healthy {modality} rows (rows with an empty mask column)")
+        raise BadInputError(f"{args.manifest}: no healthy {modality} rows (rows with an empty mask column)"
+                            + (f" in the {split_name} split" if split_name != "all" else ""))
     lesion_cases = []
     if args.labelled:
         lesion_cases = [c for c in read_manifest(args.labelled, modality) if c.mask is not None]
@@ -185,7 +195,7 @@ def run(args, cancel: CancelToken) -> int:
             calib = calibrate(model, healthy, reporter.sub(0.0, split), cache_dir, fprs)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
-        calib.update(manifest=Path(args.manifest).name, modality=modality,
+        calib.update(manifest=Path(args.manifest).name, modality=modality, split=split_name,
                      created_with=f"BrainAnomalyLib {__version__}")
         meta = dict(model.meta, calibration=calib)
         previous = (model.meta.get("calibration") or {}).get("labelled")

@@ -411,3 +411,20 @@ def test_scan_relative_scorers_keep_the_cohort_threshold(intensity_model, templa
     assert moved["value"] != 1.2 and "scan-adaptive" in moved["source"]
     cohort = Detector(template_normative_model, device="cpu", calibration="cohort").for_scan(chosen, stats)
     assert cohort is chosen
+
+
+def test_calibrate_on_one_split_of_the_manifest(data):
+    """--split calibration: only the subjects `brainanomaly train` holds out for calibration, so a model built
+    from trained ones (an ensemble) is calibrated on the same held-out scans."""
+    from BrainAnomalyLib.manifest import read_manifest
+    from BrainAnomalyLib.training import split_subjects
+
+    out = data.root / "split-calibrated"
+    code, _, stderr = run_calibrate(["--model", data.model, "--manifest", data.cal, "--cache-dir", data.cache,
+                                     "--split", "calibration", "-o", out, "-q"])
+    assert code == 0, stderr
+    calib = json.loads((out / "model.json").read_text(encoding="utf-8"))["calibration"]
+    expected = split_subjects([c for c in read_manifest(data.cal, "T1") if c.mask is None])["calibration"]
+    assert calib["split"] == "calibration" and 0 < calib["n_scans"] == len(expected) < 8
+    with pytest.raises(SystemExit):
+        _parse(["--model", data.model, "--manifest", data.cal, "--split", "validation"])
