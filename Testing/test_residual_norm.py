@@ -152,6 +152,9 @@ def test_a_combined_score_standardises_each_map_and_averages_them(capsys):
     assert not np.allclose(singles[0], singles[1])
     with pytest.raises(ValueError, match="scan_norm"):
         cls(dict(params, scan_norm="none"), out).score(image, mask, Reporter())
+    lacking = dict(params, scan_norm="robust", residual_norm={"method": "voxel", "per_score": {"l1": per["l1"]}})
+    with pytest.raises(ModelError, match="no 'signed' map"):
+        cls(lacking, out).score(image, mask, Reporter())
     assert score_parts("perceptual+signed") == ["perceptual", "signed"]
     for bad in ("blur", "signed+signed", "signed+"):
         with pytest.raises(ValueError, match="unknown score"):

@@ -107,7 +107,13 @@ class LearnedScorer(Scorer):
         norm = self.params.get("residual_norm")
         if len(self.parts) == 1 or not norm or norm.get("method", "none") == "none":
             return norm, "norm."
-        return (norm.get("per_score") or {}).get(part, {"method": "missing"}), f"norm.{part}."
+        per_score = norm.get("per_score") or {}
+        if part not in per_score:
+            from ..errors import ModelError
+
+            raise ModelError(f"the model's voxel-wise statistics have no {part!r} map (it has "
+                             f"{', '.join(sorted(per_score)) or 'none'}); train or standardise it again")
+        return per_score[part], f"norm.{part}."
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         raws, recon_volume = self.raw_maps(image, mask, reporter)
