@@ -406,6 +406,10 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
     detectors, thresholds = {}, {}
     for name in args.model or [None]:
         model = resolve_model(name)
+        if model.name in detectors:
+            # Results are keyed by model name: a second folder of the same name would silently replace the first.
+            raise BadInputError(f"two of the models are named {model.name!r}; give one another name (the 'name' in "
+                                "its model.json, or train it with --name) to compare them")
         detectors[model.name] = Detector(model, device=args.device, calibration=args.calibration)
         thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr)
     modalities = {d.model.modality for d in detectors.values()}

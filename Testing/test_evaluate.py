@@ -65,3 +65,15 @@ def test_evaluate_rejects_models_of_different_modalities(cohort, tmp_path, templ
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--model",
                  str(template_normative_model.path), "--model", str(flair), "-o", str(tmp_path / "o"), "-q"])
     assert code == 2 and "different modalities" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_two_models_of_the_same_name(cohort, tmp_path, template_normative_model, capsys):
+    """Results are keyed by model name, so two folders of one name would silently show as one row."""
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(template_normative_model.path, twin)
+    code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--model",
+                 str(template_normative_model.path), "--model", str(twin), "-o", str(tmp_path / "o"), "-q"])
+    assert code == 2 and "named" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
