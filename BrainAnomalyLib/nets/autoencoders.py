@@ -70,6 +70,15 @@ class _ConvAEBase(SliceNet):
     def _rec(self, recon, x, m):
         return reconstruction_loss(recon, x, m, self.rec_kind, self.bg_weight)
 
+    def _build_spatial_body(self) -> None:
+        """MONAI AutoEncoder whose bottleneck is a stride-1 layer of `latent_channels` maps at the coarsest
+        resolution (after _check_common)."""
+        self.latent_channels = check_int(self.arch, "latent_channels")
+        c = self.in_channels
+        self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c,
+                                channels=self.channels + [self.latent_channels], strides=self.strides + [1],
+                                num_res_units=self.num_res_units, act=self.act, norm=self.norm)
+
     def corrupt(self, x: torch.Tensor, m: torch.Tensor, generator=None) -> torch.Tensor:
         """The training input: x plus coarse noise inside the brain mask m (B, 1, H, W); x itself when noise_std
         is 0."""
@@ -136,11 +145,7 @@ class SpatialAE(_ConvAEBase):
     def __init__(self, arch: dict) -> None:
         super().__init__(arch)
         self._check_common()
-        self.latent_channels = check_int(self.arch, "latent_channels")
-        c = self.in_channels
-        self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c,
-                                channels=self.channels + [self.latent_channels], strides=self.strides + [1],
-                                num_res_units=self.num_res_units, act=self.act, norm=self.norm)
+        self._build_spatial_body()
 
     def encode(self, x):
         return self.body.encode(x)
@@ -179,12 +184,8 @@ class ConstrainedAE(DenseAE):
         else:
             SliceNet.__init__(self, arch)
             self._check_common()
-            self.latent_channels = check_int(self.arch, "latent_channels")
+            self._build_spatial_body()
             self.fixed_size = False
-            c = self.in_channels
-            self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c,
-                                    channels=self.channels + [self.latent_channels], strides=self.strides + [1],
-                                    num_res_units=self.num_res_units, act=self.act, norm=self.norm)
         self.consistency_weight = check_float(self.arch, "consistency_weight")
 
     def encode(self, x):
