@@ -29,6 +29,12 @@ def score_parts(score) -> List[str]:
     return parts
 
 
+def norm_prefix(parts: List[str], part: str) -> str:
+    """Tensor prefix of one map's voxel statistics: "norm." for a one-map model (the format before combined scores),
+    "norm.<score>." per map of a combined score."""
+    return "norm." if len(parts) == 1 else f"norm.{part}."
+
+
 class LearnedScorer(Scorer):
     needs_tensors = True
 
@@ -106,22 +112,22 @@ class LearnedScorer(Scorer):
         """(standardisation params, tensor prefix) of one score part."""
         norm = self.params.get("residual_norm")
         if len(self.parts) == 1 or not norm or norm.get("method", "none") == "none":
-            return norm, "norm."
+            return norm, norm_prefix(self.parts, part)
         per_score = norm.get("per_score") or {}
         if part not in per_score:
             from ..errors import ModelError
 
             raise ModelError(f"the model's voxel-wise statistics have no {part!r} map (it has "
                              f"{', '.join(sorted(per_score)) or 'none'}); train or standardise it again")
-        return per_score[part], f"norm.{part}."
+        return per_score[part], norm_prefix(self.parts, part)
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
-        raws, recon_volume = self.raw_maps(image, mask, reporter)
         scan_norm = self.params.get("scan_norm")
         if len(self.parts) > 1 and scan_norm != "robust":
             # Perceptual distances and intensity residuals have different units: only scan-scaled maps add up.
             raise ValueError(f"score {self.params.get('score')!r} combines several maps and needs scan_norm "
                              f"'robust', got {scan_norm!r}")
+        raws, recon_volume = self.raw_maps(image, mask, reporter)
         total = None
         for part, raw in raws.items():
             norm, prefix = self._part_norm(part)
@@ -189,10 +195,10 @@ def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], v
         norm_params, norm_tensors = fit_stats(maps())
         return dict(params, residual_norm=norm_params), {**tensors, **norm_tensors}
     per_score, norm_tensors = {}, {}
-    per_score[parts[0]], first = fit_stats(maps(), prefix=f"norm.{parts[0]}.")
+    per_score[parts[0]], first = fit_stats(maps(), prefix=norm_prefix(parts, parts[0]))
     norm_tensors.update(first)
     for p in parts[1:]:
-        per_score[p], more = fit_stats(held.pop(p), prefix=f"norm.{p}.")
+        per_score[p], more = fit_stats(held.pop(p), prefix=norm_prefix(parts, p))
         norm_tensors.update(more)
     return dict(params, residual_norm={"method": "voxel", "per_score": per_score}), {**tensors, **norm_tensors}
 
