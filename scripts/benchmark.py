@@ -11,6 +11,7 @@ full metrics as JSON, to --out (default docs/benchmark/latest.md and .json) so r
 commits. Defaults run in under 30 minutes on 2 CPU cores.
 
     python scripts/benchmark.py [--data ../shared/data] [--synth-subjects 4] [--out docs/benchmark/latest]
+    python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm   # one model only
 """
 
 import argparse
@@ -28,6 +29,7 @@ from BrainAnomalyLib.cache import default_cache_dir  # noqa: E402
 from BrainAnomalyLib.evaluation.evaluate import evaluate_groups  # noqa: E402
 from BrainAnomalyLib.evaluation.report import COLUMNS, _fmt, _get, public  # noqa: E402
 from BrainAnomalyLib.manifest import read_manifest  # noqa: E402
+from BrainAnomalyLib.errors import ModelError  # noqa: E402
 from BrainAnomalyLib.models import Model, list_models, resolve_model  # noqa: E402
 from BrainAnomalyLib.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.postprocess import PostprocessConfig  # noqa: E402
@@ -49,9 +51,16 @@ def progress(step: str, fraction: float, _last=[None]) -> None:
         _last[0] = step
 
 
-def scorers_for(modality: str) -> dict:
-    """Shipped and user models of this modality, plus an intensity scorer when none is shipped for it."""
+def scorers_for(modality: str, only=None) -> dict:
+    """Shipped and user models of this modality, plus an intensity scorer when none is shipped for it; with `only`
+    (model ids, names or folders) just those of them that are of this modality."""
     models = {}
+    if only:
+        for name in only:
+            m = resolve_model(name)
+            if m.modality == modality:
+                models[m.name] = m
+        return {name: Detector(m, device="cpu") for name, m in models.items()}
     for entry in list_models():
         if entry.get("modality") == modality:
             m = resolve_model(entry["id"])
@@ -65,8 +74,11 @@ def scorers_for(modality: str) -> dict:
     return {name: Detector(m, device="cpu") for name, m in models.items()}
 
 
-def run_groups(cases, modality, group_of, label):
-    detectors = scorers_for(modality)
+def run_groups(cases, modality, group_of, label, only=None):
+    detectors = scorers_for(modality, only)
+    if not detectors:
+        log(f"{label}: none of the chosen models is for {modality}; skipped")
+        return {}
     log(f"{label}: {len(cases)} scans x {len(detectors)} scorers ({', '.join(detectors)})")
     skipped = []
     t = time.perf_counter()
@@ -84,8 +96,18 @@ def main() -> int:
     ap.add_argument("--healthy-subjects", type=int, default=23, help="held-out IXI scans for the healthy FPR")
     ap.add_argument("--modalities", default="T1,T1CE,T2,FLAIR")
     ap.add_argument("--skip-synth", action="store_true")
+    ap.add_argument("--models", help="comma-separated model ids, names or folders to run instead of every shipped "
+                    "and user model (e.g. a newly trained one beside an earlier run's table)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmark" / "latest"))
     args = ap.parse_args()
+    only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if only:
+        try:
+            for name in only:
+                resolve_model(name)  # an unknown model fails now, not after the first half hour
+        except ModelError as e:
+            print(f"benchmark: {e}", file=sys.stderr)
+            return 2
     data = Path(args.data)
     started = time.perf_counter()
     # Recorded now: the code that runs is the code at start-up, whatever is committed meanwhile.
@@ -103,7 +125,7 @@ def main() -> int:
         lesion_cases = [c for c in brats if c.modality == modality]
         cases = lesion_cases + (healthy if modality == "T1" else [])
         res = run_groups(cases, modality, lambda c: "brats18_dev" if c.mask is not None else None,
-                         f"brats18_dev {modality}")
+                         f"brats18_dev {modality}", only)
         label = f"brats18_dev {modality}" + (f" + {len(healthy)} held-out healthy IXI" if modality == "T1" else "")
         for name, by_group in res.items():
             rows.append((name, label, by_group["brats18_dev"]))
@@ -125,7 +147,7 @@ def main() -> int:
                 return None  # the untouched scans: healthy references for every kind
             return "synth " + ("artefacts" if c in artefacts else kind_of[c.subject])
 
-        res = run_groups(synth + artefacts + subjects, "T1", group, "synthetic")
+        res = run_groups(synth + artefacts + subjects, "T1", group, "synthetic", only)
         for name, by_group in res.items():
             for g, metrics in sorted(by_group.items()):
                 rows.append((name, g, metrics))
