@@ -17,6 +17,7 @@ matmul in the scoring dtype (bf16 with --bf16 on CUDA, else fp32), timed here.
     python scripts/benchmark_diffusion.py --nets ldm --threads 2
     python scripts/benchmark_diffusion.py --device cuda --bf16 --compile --repeats 5
     python scripts/benchmark_diffusion.py --slices 16             # time 16 slices, extrapolate to the volume
+    python scripts/benchmark_diffusion.py --model ldm-t1-ixi      # a trained model (id or folder): its arch, weights
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
     return 2.0 * n ** 3 * count / (time.perf_counter() - started)
 
 
+def build_trained(name: str):
+    """(label, net) of a trained diffusion model: a shipped id, a user model or a model folder."""
+    from BrainAnomalyLib.models import resolve_model
+    from BrainAnomalyLib.scorers import scorer_class
+
+    model = resolve_model(name)
+    if model.kind not in NETS:
+        raise SystemExit(f"{model.name} is a {model.kind!r} model, not one of the diffusion kinds {', '.join(NETS)}")
+    return model.name, scorer_class(model.kind)(model.meta.get("params", {}), model.tensors, "cpu").net()
+
+
 def build(kind: str, slices: np.ndarray):
     torch.manual_seed(0)
     net = build_net(default_arch(kind))
@@ -103,7 +115,8 @@ def count_flops(net, x: torch.Tensor, device: str, bf16: bool) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
+    ap.add_argument("--nets", nargs="+", choices=NETS, help="default archs, untrained (default: all, unless --model)")
+    ap.add_argument("--model", action="append", default=[], help="a trained diffusion model (id or folder); repeatable")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as the scorer does)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (meant for CUDA)")
@@ -146,8 +159,12 @@ def main() -> int:
           f"volume {tuple(image.shape)}, {'all' if batch >= n_timed else batch} slices per batch"
           + (f"; timing {n_timed} of {z} slices, scaled" if n_timed < z else ""))
     results = []
-    for kind in args.nets:
-        net = build(kind, all_slices)
+    nets = args.nets if args.nets or args.model else list(NETS)
+    jobs = [lambda kind=kind: (kind, build(kind, all_slices)) for kind in nets or []]
+    jobs += [lambda name=name: build_trained(name) for name in args.model]
+    for make in jobs:
+        label, net = make()
+        kind = net.type_name
         params = count_parameters(net)
         net.to(device)
         if cuda:
@@ -182,14 +199,15 @@ def main() -> int:
         scale = 1.0 if args.via_scorer else z / n_timed
         seconds = statistics.median(times) * scale
         rate = flops / seconds
-        row = {"net": kind, "parameters": params, "gflop_per_volume": round(flops / 1e9, 2),
+        row = {"net": label, "type": kind, "arch": net.arch, "parameters": params,
+               "gflop_per_volume": round(flops / 1e9, 2),
                "seconds_per_volume": round(seconds, 3), "achieved_tflops": round(rate / 1e12, 4),
                "peak_tflops": round(peak / 1e12, 3), "fraction_of_peak": round(rate / peak, 4),
                "repeats": len(times), "device": name, "bf16": bf16, "compile": args.compile,
                "via_scorer": args.via_scorer, "slices_timed": z if args.via_scorer else n_timed,
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)}
         results.append(row)
-        print(f"{kind:6s} {params / 1e6:5.2f} M params  {flops / 1e9:8.1f} GFLOP/volume  {seconds:8.2f} s/volume  "
+        print(f"{label:6s} {params / 1e6:5.2f} M params  {flops / 1e9:8.1f} GFLOP/volume  {seconds:8.2f} s/volume  "
               f"{rate / 1e12:8.4f} TFLOP/s = {100 * rate / peak:5.1f} % of peak", flush=True)
         del net
     if args.json:
