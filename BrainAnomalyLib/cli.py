@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", help="JSON object overriding the network's default hyperparameters")
     g.add_argument("--no-augment", action="store_true", help="no intensity/affine/bias-field augmentation")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoints if present")
+    g.add_argument("--realism-samples", type=int, default=None, metavar="N",
+                   help="ddpm, ldm: slices to draw from the trained model for the realism check in the training "
+                        "report (training/realism.json, samples.png; default 256, 0 skips it)")
+    g.add_argument("--realism-encoder", default=None, metavar="MODEL",
+                   help="model whose trained feature net judges realism (default dpa-t1-ixi, for T1)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -335,7 +340,8 @@ def cmd_train(args, cancel: CancelToken) -> int:
                "max_minutes": args.max_minutes, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                "device": args.device, "context": args.context, "score": args.score, "resume": args.resume,
                "residual_norm": args.residual_norm, "scan_norm": args.scan_norm,
-               "augment": False if args.no_augment else None}
+               "augment": False if args.no_augment else None, "realism_samples": args.realism_samples,
+               "realism_encoder": args.realism_encoder}
     if args.arch:
         try:
             options["arch"] = json.loads(args.arch)

@@ -174,6 +174,12 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             params = dict(params, scan_norm=options.get("scan_norm", "robust"))
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
                              splits, lesion_cases, skipped, t, reporter, cache_dir)
+            from .evaluation.realism_run import check_after_training
+
+            # Samples of a diffusion model against the calibration split, in the report (after the model is saved:
+            # nothing here can cost it).
+            check_after_training(kind, params, tensors, fit_cases, splits["calibration"], pre, grid, report_dir,
+                                 modality, options, cache_dir, reporter.sub(1.0, 1.0))
             if any(report_dir.iterdir()):
                 import os
 

@@ -18,7 +18,8 @@ pretext), then net = build_net({"type": "dpa", "feature_net": feature_net.arch, 
 Diffusion types (DIFFUSION_ARCHS): ddpm, pddpm, cddpm (diffusion.py; AnoDDPM partial noising + DDIM, patched and
 conditioned DDPM) and ldm with its first stage vqvae (latent_diffusion.py). Training an ldm is two-stage like a dpa:
 fit a vqvae, then net.set_first_stage(vqvae, training slices). A net class naming its first stage's arch key in
-`first_stage_key` is trained that way by scorers/learned_fit.py.
+`first_stage_key` is trained that way by scorers/learned_fit.py. ddpm and ldm also draw slices from pure noise:
+net.sample(n, generator, steps) (pddpm and cddpm refuse; evaluation/realism.py judges the samples).
 """
 
 from __future__ import annotations

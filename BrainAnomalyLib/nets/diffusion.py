@@ -33,17 +33,23 @@ Conventions shared by all three (and by ldm, nets/latent_diffusion.py):
   to the device, so CPU and CUDA start from the same noise, and it is one noise image (C, H, W) shared by every slice,
   so a slice's reconstruction does not depend on the batch it comes in. Training noise comes from the generator the
   training engine passes (seeded per epoch, so resumed runs continue identically).
+
+Sampling (`sample(n)`, ddpm and ldm only): deterministic DDIM from pure noise of the net's own kind (simplex for a
+simplex-trained ddpm: that is what it saw at the end of its training chain), returned in the units the net scores in.
+pddpm and cddpm refuse: the first only ever learned to fill a patch inside clean context, the second needs the
+condition of a real slice. Each sample's noise comes from its own seed, drawn in turn from the caller's generator, so
+sample k is the same whatever the batch size. evaluation/realism.py judges the samples.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size, mask_float,
-                   masked_mean, pixel_error)
+from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size, eval_mode,
+                   mask_float, masked_mean, pixel_error)
 from .simplex import simplex_noise
 
 NOISES = ("gaussian", "simplex")
@@ -198,6 +204,67 @@ class DiffusionBase(SliceNet):
         """One reconstruction (B, C, H, W) per noise level, in the order of t_stars."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ sampling
+    # Why the type cannot draw slices from pure noise; empty where it can.
+    sampling_refusal = "it has no unconditional sampler"
+
+    def _sample_shape(self) -> Tuple[int, ...]:
+        """(C, h, w) of the diffusion's own space for slices of arch["size"]."""
+        raise NotImplementedError
+
+    def _to_slices(self, z: torch.Tensor) -> torch.Tensor:
+        """Clean diffusion-space values back to slices in standardised intensities."""
+        raise NotImplementedError
+
+    def sampling_chain(self, steps: int) -> List[int]:
+        """The timesteps of a `steps`-step DDIM chain from pure noise: from train_steps - 1 down by
+        r = train_steps // steps. The scheduler's step() goes from t to t - r whatever its own timestep list says,
+        so the chain keeps to that stride rather than to MONAI's rounded, unevenly spaced list."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.train_steps:
+            raise ValueError(f"{self.type_name}: sampling steps must be an integer in [1, {self.train_steps}], "
+                             f"got {steps!r}")
+        r = self.train_steps // steps
+        return [self.train_steps - 1 - k * r for k in range(steps)]
+
+    def _sample_noise(self, seeds: Sequence[int], shape) -> torch.Tensor:
+        # One CPU generator per sample: its noise depends on its seed alone, not on the batch or the device.
+        return torch.cat([self._draw_noise((1, *shape), torch.Generator().manual_seed(s), torch.device("cpu"))
+                          for s in seeds])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, steps: int = 50, device=None,
+               batch: int = 32, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+        """`n` slices (n, C, H, W) drawn from pure noise with `steps` deterministic DDIM steps, on the CPU, in the
+        standardised intensities the net scores in. Deterministic given `generator` (torch's global RNG without
+        one) and independent of `batch` (slices per UNet pass, which bounds memory). Runs on `device` (default:
+        where the net's weights are) in eval mode; the net's mode is restored. `progress(fraction)` after every
+        batch (a Reporter there makes the loop cancellable)."""
+        if self.sampling_refusal:
+            raise ValueError(f"{self.type_name} cannot sample slices from noise: {self.sampling_refusal}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{self.type_name}: the number of samples must be a positive integer, got {n!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"{self.type_name}: batch must be a positive integer, got {batch!r}")
+        chain = self.sampling_chain(steps)
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        seeds = torch.randint(0, 2 ** 62, (n,), generator=generator, device=gen_device).tolist()
+        shape = self._sample_shape()
+        out = []
+        with eval_mode(self):
+            self.ddim.set_timesteps(steps)  # sets the stride train_steps // steps that step() uses
+            for start in range(0, n, batch):
+                z = self._sample_noise(seeds[start:start + batch], shape).to(device)
+                pred = z
+                for t in chain:
+                    ts = torch.full((z.shape[0],), t, device=device, dtype=torch.long)
+                    eps = self._predict(z, ts, None).float()
+                    z, pred = self.ddim.step(eps, t, z.float())
+                out.append(self._to_slices(pred).float().cpu())
+                if progress is not None:
+                    progress(min(1.0, (start + batch) / n))
+        return torch.cat(out)
+
     def forward(self, x):
         levels = self.level_reconstructions(x)
         return torch.stack(levels).mean(dim=0) if len(levels) > 1 else levels[0]
@@ -253,8 +320,16 @@ class PixelDiffusion(DiffusionBase):
         self._init_schedule(clip * self.data_scale)
         self._build()
 
+    sampling_refusal = ""
+
     def _build(self) -> None:
         self.unet = build_unet(self.arch, self.in_channels, self.in_channels)
+
+    def _sample_shape(self):
+        return (self.in_channels, *self.size_hw)
+
+    def _to_slices(self, z):
+        return z / self.data_scale
 
     def training_losses(self, x, mask, generator=None):
         self.check_input(x)
@@ -279,6 +354,8 @@ class PatchedDDPM(PixelDiffusion):
 
     type_name = "pddpm"
     default_noise = "gaussian"
+    sampling_refusal = ("it only ever learned to fill one noised patch inside clean context, never a whole slice "
+                        "from noise")
 
     @classmethod
     def defaults(cls, in_channels: int = 1, size: Sequence[int] = (112, 96)) -> dict:
@@ -360,6 +437,7 @@ class ConditionedDDPM(PixelDiffusion):
 
     type_name = "cddpm"
     default_noise = "gaussian"
+    sampling_refusal = "it denoises under the condition encoded from a real slice, and there is none to sample from"
 
     @staticmethod
     def extra_defaults() -> dict:

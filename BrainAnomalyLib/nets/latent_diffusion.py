@@ -8,6 +8,8 @@ ldm: a small DiffusionModelUNet trained, like ddpm (nets/diffusion.py), to predi
     vqvae's quantised latents scaled to unit spread (`latent_scale`, 1 / their std on the training slices). Training
     is two-stage, like the dpa's: fit a vqvae first, then `ldm.set_first_stage(vqvae, slices)` and fit the ldm.
 
+Sampling (`sample(n)`): DDIM from Gaussian latents, divided by the latent scale and decoded (nets/diffusion.py).
+
 Scoring one noise level (ensembles over `t_stars` as in nets/diffusion.py): encode and quantise the slice, noise the
 latent to t*, denoise with DDIM; the latent positions whose root-mean-square change over channels exceeds
 `latent_threshold` (in units of the latents' healthy spread) are those the model considers unlikely; replace them with
@@ -101,6 +103,7 @@ class LatentDDPM(DiffusionBase):
 
     type_name = "ldm"
     first_stage_key = "vqvae"
+    sampling_refusal = ""
 
     @staticmethod
     def defaults(in_channels: int = 1, size: Sequence[int] = (112, 96)) -> dict:
@@ -198,6 +201,13 @@ class LatentDDPM(DiffusionBase):
         pred = self.inferer(inputs=z0, diffusion_model=self.unet, noise=noise, timesteps=t)
         loss = self._eps_loss(pred, noise, weight)
         return {"loss": loss, "eps": loss.detach()}
+
+    def _sample_shape(self):
+        self._need_first_stage()
+        return self.vqvae.latent_shape(self.size)
+
+    def _to_slices(self, z):
+        return self.vqvae.decode(z / self.latent_scale)
 
     def latent_change(self, z0: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w): root-mean-square over channels of the denoised minus the encoded latent (scaled units)."""
