@@ -1,0 +1,59 @@
+"""scripts/rescore_model.py: a trained learned model scored another way, same weights, statistics and calibration
+fitted again on the same subjects."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from BrainAnomalyLib.cli import main as cli_main
+from BrainAnomalyLib.models import load_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rescore_model.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("rescore_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rescoring_keeps_the_weights_and_fits_statistics_and_thresholds_again(tmp_path, capsys):
+    from test_training import _cohort
+
+    csv = _cohort(tmp_path)
+    cache = str(tmp_path / "cache")
+    trained = tmp_path / "ddpm"
+    arch = {"channels": [8, 8], "attention_levels": [False, False], "norm_groups": 4, "head_channels": 8,
+            "train_steps": 20, "t_stars": [4, 8], "ddim_steps": 2, "noise": "gaussian"}
+    code = cli_main(["train", "--model", "ddpm", "--manifest", str(csv), "--modality", "T1", "-o", str(trained),
+                     "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir", cache,
+                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu",
+                     "--arch", json.dumps(arch), "-q"])
+    assert code == 0, capsys.readouterr().err
+    script = _script()
+    out = tmp_path / "ddpm-one-level"
+    assert script.main(["--model", str(trained), "--manifest", str(csv), "--cache-dir", cache, "--score", "l1",
+                        "--arch", json.dumps({"t_stars": [8]}), "-o", str(out)]) == 0
+    before, after = load_model(trained), load_model(out)
+    assert after.meta["params"]["arch"]["t_stars"] == [8] and after.meta["params"]["score"] == "l1"
+    assert after.name == "ddpm-one-level" and after.meta["rescored_from"]["model"] == before.name
+    for key, value in before.tensors.items():
+        if key.startswith("net."):
+            np.testing.assert_array_equal(after.tensors[key], value)
+    # New statistics (another map), new thresholds from the same calibration subjects.
+    assert not np.allclose(after.tensors["norm.mean"], before.tensors["norm.mean"])
+    assert after.meta["calibration"]["subjects"] == before.meta["calibration"]["subjects"]
+    assert after.meta["calibration"]["thresholds"] != before.meta["calibration"]["thresholds"]
+
+    # An arch that needs other weights, the model itself as output, a model that is not learned: refused, nothing
+    # written.
+    for argv in (["--arch", json.dumps({"channels": [8, 16]}), "-o", str(tmp_path / "wider")],
+                 ["-o", str(trained)],
+                 ["--arch", "[1]", "-o", str(tmp_path / "list")]):
+        assert script.main(["--model", str(trained), "--manifest", str(csv), "--cache-dir", cache] + argv) == 2
+    err = capsys.readouterr().err
+    assert "does not take" in err and "new folder" in err and "JSON object" in err
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "list").exists()
