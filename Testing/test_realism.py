@@ -146,6 +146,26 @@ def test_sample_steps_keep_to_the_scheduler_stride():
         net.sample(0)
 
 
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_sampling_with_the_exact_noise_predictor_of_a_one_image_world_returns_that_image(steps):
+    # If every healthy slice were the same image c, the ideal noise prediction at step t is known in closed form and
+    # makes every step's clean-image estimate exactly c: the chain must end at c, in the units the net scores in,
+    # from any start and for any step count. A sampler that returned the noisy state, lost the data scale or added
+    # noise after the last step would not.
+    net = build_net(tiny("ddpm"))
+    target = torch.linspace(-1.5, 1.5, SIZE[0] * SIZE[1]).view(1, 1, *SIZE)
+    c = target * net.data_scale
+    alphas = net.ddim.alphas_cumprod
+
+    def ideal(z, t, cond):
+        a = alphas[t].view(-1, 1, 1, 1).to(z)
+        return (z - a.sqrt() * c) / (1 - a).sqrt()
+
+    net._predict = ideal
+    out = net.sample(3, torch.Generator().manual_seed(1), steps=steps)
+    torch.testing.assert_close(out, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
 def test_pddpm_and_cddpm_refuse_to_sample_and_ldm_needs_its_first_stage():
     with pytest.raises(ValueError, match="patch"):
         build_net(tiny("pddpm")).sample(1)
