@@ -20,6 +20,18 @@ needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "ixi_t1_2mm.csv").is_f
                                        reason="../shared/data is not present")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """For tests of tiny nets: one thread is faster than two contending ones (and far faster on a busy machine).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def template_cohort(n: int = 6, seed: int = 0):
     """Healthy-looking grid volumes: the template with per-scan blur, smooth intensity fields, contrast and noise
     (the variation a normative model meets between registered scans)."""

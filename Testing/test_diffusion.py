@@ -50,12 +50,7 @@ LOSS_KEYS = {"ddpm": {"loss", "eps"}, "pddpm": {"loss", "eps"}, "cddpm": {"loss"
 SCORER_KINDS = ("ddpm", "pddpm", "cddpm", "ldm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(t, in_channels=1, size=SIZE, **changes):

@@ -28,12 +28,7 @@ from test_training import _cohort  # noqa: E402
 FEATURES = {"channels": [4, 8], "feature_layers": [0, 1], "norm_groups": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(size=SIZE, in_channels=1, modality="T1", seed=0):
