@@ -112,6 +112,16 @@ def validation_split(cases: Sequence[Case], fraction: float = 0.1) -> Tuple[List
     return [c for c in cases if c.subject not in val], [c for c in cases if c.subject in val]
 
 
+
+def recorded_splits(model: Model, manifest: Path) -> Tuple[Dict[str, List[Case]], List[Case]]:
+    """(splits, training cases) of a trained model's healthy manifest, as `train` made them: the same subject split
+    and the first n_train training subjects it recorded. For work on a trained model that must see the same
+    subjects (statistics, calibration, realism)."""
+    cases = [c for c in read_manifest(Path(manifest), model.modality) if c.mask is None]
+    splits = split_subjects(cases)
+    n_train = (model.meta.get("training_data") or {}).get("n_train")
+    return splits, (splits["train"][:n_train] if n_train else splits["train"])
+
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise): only rank 0 writes the model."""
     import os

@@ -21,13 +21,12 @@ sys.path.insert(0, str(ROOT))
 from BrainAnomalyLib.device import resolve_device  # noqa: E402
 from BrainAnomalyLib.evaluation.realism import DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS  # noqa: E402
 from BrainAnomalyLib.evaluation.realism_run import realism_for_cases  # noqa: E402
-from BrainAnomalyLib.manifest import read_manifest  # noqa: E402
 from BrainAnomalyLib.models import load_model  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers.learned import scorer_class_for  # noqa: E402
 from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import split_subjects, validation_split  # noqa: E402
+from BrainAnomalyLib.training import recorded_splits, validation_split  # noqa: E402
 
 
 def progress(step: str, fraction: float, _last=[-1]) -> None:
@@ -58,10 +57,7 @@ def main() -> int:
     if model.modality != modality:
         p.error(f"the model is for {model.modality}, not {modality}")
     meta = model.meta
-    cases = [c for c in read_manifest(Path(args.manifest), modality) if c.mask is None]
-    splits = split_subjects(cases)
-    n_train = (meta.get("training_data") or {}).get("n_train")
-    train_cases = splits["train"][:n_train] if n_train else splits["train"]
+    splits, train_cases = recorded_splits(model, Path(args.manifest))
     fit_cases, _ = validation_split(train_cases)
     pre = PreprocessConfig.from_dict(meta.get("preprocessing", {}))
     device = resolve_device(args.device)

@@ -21,12 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.errors import ModelError  # noqa: E402
-from BrainAnomalyLib.manifest import read_manifest  # noqa: E402
 from BrainAnomalyLib.models import load_model, resolve_model, save_model  # noqa: E402
 from BrainAnomalyLib.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers.learned import fit_residual_norm, scorer_class_for  # noqa: E402
-from BrainAnomalyLib.training import calibrate, grid_volumes, split_subjects  # noqa: E402
+from BrainAnomalyLib.training import calibrate, grid_volumes, recorded_splits  # noqa: E402
 
 
 def rescored_params(model, arch_changes: dict, score) -> dict:
@@ -66,12 +65,10 @@ def main(argv=None) -> int:
         if args.output.resolve() == Path(model.path).resolve():
             raise ValueError("--output must be a new folder, not the model itself")
         params = rescored_params(model, changes, args.score)
-        cases = [c for c in read_manifest(Path(args.manifest), model.modality) if c.mask is None]
         info = model.meta.get("training_data", {})
         if info.get("manifest") and info["manifest"] != Path(args.manifest).name:
             raise ValueError(f"{model.name} was trained on {info['manifest']}, not {Path(args.manifest).name}")
-        splits = split_subjects(cases)
-        train_cases = splits["train"][:info["n_train"]] if info.get("n_train") else splits["train"]
+        splits, train_cases = recorded_splits(model, Path(args.manifest))
     except (ModelError, ValueError, json.JSONDecodeError) as e:
         print(f"rescore_model: {e}", file=sys.stderr)
         return 2
