@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..learn.slices import spread_pick
+
 DEFAULT_ENCODER = "dpa-t1-ixi"
 DEFAULT_SAMPLES = 256
 DEFAULT_STEPS = 50
@@ -158,11 +160,6 @@ def blurred(x: np.ndarray, mask: np.ndarray, sigma: float = BLUR_SIGMA) -> np.nd
 
     y = gaussian_blur(torch.as_tensor(np.asarray(x), dtype=torch.float32), sigma).numpy()
     return y * np.asarray(mask, np.float32)
-
-
-def spread_pick(n_total: int, n: int) -> np.ndarray:
-    """min(n, n_total) indices evenly spaced over range(n_total)."""
-    return np.unique(np.linspace(0, n_total - 1, min(n, n_total)).round().astype(np.int64))
 
 
 def realism_report(net, held_out, training, encoder: Encoder, n: int = DEFAULT_SAMPLES, steps: int = DEFAULT_STEPS,

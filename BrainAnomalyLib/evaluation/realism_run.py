@@ -15,9 +15,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..learn.slices import spread_pick
 from ..progress import Reporter
 from .realism import DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS, Encoder, load_encoder, realism_report, \
-    spread_pick, write_realism
+    write_realism
 
 HELD_OUT_SLICES = 2048  # bounds memory; the calibration split of a 116-subject cohort has about 1600
 SAMPLING_TYPES = ("ddpm", "ldm")

@@ -37,6 +37,7 @@ from ..errors import BadInputError, Cancelled
 from ..progress import Reporter
 from .augment2d import Augment2DConfig, Augmenter2D
 from .checkpoint import checkpoint_exists, load_checkpoint, load_tensor_set, save_checkpoint
+from .slices import spread_pick
 
 CHECKPOINT_SUBDIR = "checkpoint"
 N_EXAMPLES = 6
@@ -671,8 +672,7 @@ class _Trainer:
 
             examples = None
             if self.val_x is not None:
-                pick = np.unique(np.linspace(0, self.val_x.shape[0] - 1, min(N_EXAMPLES, self.val_x.shape[0]))
-                                 .round().astype(int))
+                pick = spread_pick(self.val_x.shape[0], N_EXAMPLES)
                 examples = {"net": self.net, "x": self.val_x[pick], "mask": self.val_m[pick]}
             write_training_report(self.report_dir, result, examples)
         self.dist.barrier()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..learn.slices import spread_pick
 from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size, jsonable,
                    mask_float, reconstruction_loss)
 from .diffusion import DiffusionBase, build_unet, schedule_defaults, unet_defaults
@@ -165,7 +166,7 @@ class LatentDDPM(DiffusionBase):
             n = int(x.shape[0])
             if n == 0:
                 raise ValueError("ldm: no slices to set the latent scale from")
-            pick = np.unique(np.linspace(0, n - 1, min(n, LATENT_SCALE_SLICES)).round().astype(np.int64))
+            pick = spread_pick(n, LATENT_SCALE_SLICES)
             device = next(vqvae.parameters()).device
             was = vqvae.training
             vqvae.eval()
