@@ -191,7 +191,7 @@ class BrainAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- inputs ---------------------------------------------------------------------------------------------------
     def _refreshModels(self, select=None):
         from BrainAnomalySlicer.logic import available_models
-        from BrainAnomalyLib.models import default_model_name
+        from BrainAnomalyLib.store.models import default_model_name
 
         try:
             self._models, default = available_models(), default_model_name()
@@ -252,8 +252,8 @@ class BrainAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Models (*.zip model.json);;All files (*)")
         if not path or not self._ensureDependencies():  # checking a model reads its tensors (safetensors)
             return
-        from BrainAnomalyLib.errors import BrainAnomalyError
-        from BrainAnomalyLib.model_store import import_model
+        from BrainAnomalyLib.core.errors import BrainAnomalyError
+        from BrainAnomalyLib.store.model_store import import_model
 
         for overwrite in (False, True):
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
@@ -532,7 +532,7 @@ class BrainAnomalyTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Checking Python packages (installed on first use)")
         self.assertTrue(ensure_dependencies(logging.info, None, *slicer_installers()))
-        from BrainAnomalyLib.demo import make_demo_case
+        from BrainAnomalyLib.synth.demo import make_demo_case
 
         scan, truth = make_demo_case()
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "BrainAnomalyDemo")

@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import BrainAnomalyError, Cancelled
+from .core.errors import BrainAnomalyError, Cancelled
 
 OUT_OF_MEMORY = "OutOfMemory"
 OUT_OF_MEMORY_EXIT = 4
@@ -100,13 +100,13 @@ def detect(args, channel: Channel, cancel) -> Path:
     import numpy as np
     import SimpleITK as sitk
 
-    from .calibration import scan_curve
-    from .cli import _preprocess_config
-    from .io import read_volume, write_volume
-    from .models import resolve_model
-    from .pipeline import Detector
-    from .postprocess import LESION_COLUMNS
-    from .progress import Reporter
+    from .calibration.curve import scan_curve
+    from .cli.main import _preprocess_config
+    from .core.io import read_volume, write_volume
+    from .store.models import resolve_model
+    from .detection.pipeline import Detector
+    from .detection.postprocess import LESION_COLUMNS
+    from .core.progress import Reporter
 
     reporter = Reporter(channel.progress, cancel)
     started = time.perf_counter()
@@ -154,7 +154,7 @@ def detect(args, channel: Channel, cancel) -> Path:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     channel = Channel()
-    from .progress import CancelToken
+    from .core.progress import CancelToken
 
     cancel = CancelToken()
 

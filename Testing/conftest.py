@@ -38,7 +38,7 @@ def template_cohort(n: int = 6, seed: int = 0):
     from scipy import ndimage
 
     from BrainAnomalyLib.preprocess.normalise import normalise
-    from BrainAnomalyLib.template import Grid, brain_mask_on_grid, template_on_grid
+    from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid
 
     grid = Grid()
     base = sitk.GetArrayFromImage(template_on_grid(grid)) * 1000.0
@@ -55,14 +55,14 @@ def template_cohort(n: int = 6, seed: int = 0):
 
 def build_template_normative_model(folder: Path):
     """A real normative model fitted on template-derived healthy volumes, calibrated on others."""
-    from BrainAnomalyLib.calibration import adaptive_reference, thresholds_for_fpr
-    from BrainAnomalyLib.models import load_model, save_model
-    from BrainAnomalyLib.postprocess import PostprocessConfig, clean_map, filter_map, robust_stats
+    from BrainAnomalyLib.calibration.curve import adaptive_reference, thresholds_for_fpr
+    from BrainAnomalyLib.store.models import load_model, save_model
+    from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, filter_map, robust_stats
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
-    from BrainAnomalyLib.progress import Reporter
+    from BrainAnomalyLib.core.progress import Reporter
     from BrainAnomalyLib.scorers.normative import NormativeScorer
-    from BrainAnomalyLib.template import Grid
-    from BrainAnomalyLib.training import base_meta
+    from BrainAnomalyLib.core.template import Grid
+    from BrainAnomalyLib.training.run import base_meta
 
     params, tensors = NormativeScorer.fit(template_cohort(6, seed=1), {"direction": "hypo"}, Reporter())
     post = PostprocessConfig()
@@ -86,11 +86,11 @@ def template_normative_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def intensity_model(tmp_path_factory):
-    from BrainAnomalyLib.models import load_model, save_model
-    from BrainAnomalyLib.postprocess import PostprocessConfig
+    from BrainAnomalyLib.store.models import load_model, save_model
+    from BrainAnomalyLib.detection.postprocess import PostprocessConfig
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
-    from BrainAnomalyLib.template import Grid
-    from BrainAnomalyLib.training import base_meta
+    from BrainAnomalyLib.core.template import Grid
+    from BrainAnomalyLib.training.run import base_meta
 
     meta = base_meta("intensity", "test-intensity", "T1", "test model", Grid(), PreprocessConfig(),
                      PostprocessConfig(), {"direction": "hypo"})
@@ -100,14 +100,14 @@ def intensity_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_case():
-    from BrainAnomalyLib.demo import make_demo_case
+    from BrainAnomalyLib.synth.demo import make_demo_case
 
     return make_demo_case()
 
 
 @pytest.fixture(scope="session")
 def demo_result(demo_case, template_normative_model):
-    from BrainAnomalyLib.pipeline import Detector
+    from BrainAnomalyLib.detection.pipeline import Detector
 
     scan, _ = demo_case
     return Detector(template_normative_model, device="cpu").run(scan, modality="T1")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.errors import BadInputError
-from BrainAnomalyLib.io import read_volume
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.core.errors import BadInputError
+from BrainAnomalyLib.core.io import read_volume
 from BrainAnomalyLib.preprocess.skullstrip import brain_mask
-from BrainAnomalyLib.progress import Reporter
+from BrainAnomalyLib.core.progress import Reporter
 
 
 def _write(image, path):

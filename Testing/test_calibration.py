@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib import calibrate_cli
-from BrainAnomalyLib.calibration import (DEFAULT_FPRS, calibration_tables, choose_threshold, fpr_for_threshold,
-                                         score_to_unit, threshold_for_fpr, thresholds_for_fpr)
-from BrainAnomalyLib.errors import BrainAnomalyError, Cancelled
-from BrainAnomalyLib.manifest import Case, write_manifest
-from BrainAnomalyLib.models import folder_digest, load_model
+from BrainAnomalyLib.cli import calibrate as calibrate_cli
+from BrainAnomalyLib.calibration.curve import (DEFAULT_FPRS, calibration_tables, choose_threshold, fpr_for_threshold,
+                                               score_to_unit, threshold_for_fpr, thresholds_for_fpr)
+from BrainAnomalyLib.core.errors import BrainAnomalyError, Cancelled
+from BrainAnomalyLib.core.manifest import Case, write_manifest
+from BrainAnomalyLib.store.models import folder_digest, load_model
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig
-from BrainAnomalyLib.progress import CancelToken, Reporter
+from BrainAnomalyLib.core.progress import CancelToken, Reporter
 
 PRE = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
 
@@ -36,7 +36,7 @@ def healthy_scans(n: int, seed: int):
     from scipy import ndimage
 
     from BrainAnomalyLib.preprocess.normalise import normalise
-    from BrainAnomalyLib.template import Grid, brain_mask_on_grid, template_on_grid
+    from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid
 
     grid = Grid()
     base = sitk.GetArrayFromImage(template_on_grid(grid)) * 1000.0
@@ -52,7 +52,7 @@ def healthy_scans(n: int, seed: int):
 
 
 def _write(image: np.ndarray, path: Path) -> Path:
-    from BrainAnomalyLib.template import Grid
+    from BrainAnomalyLib.core.template import Grid
 
     img = sitk.GetImageFromArray(np.asarray(image, np.float32) * 100 + 400)
     img.CopyInformation(Grid().reference())
@@ -69,7 +69,7 @@ def _lesion_case(folder: Path, seed: int) -> Case:
     """A healthy scan with a dark sphere (T1 hypo-intense lesion) and its mask, on the grid."""
     from scipy import ndimage
 
-    from BrainAnomalyLib.template import Grid
+    from BrainAnomalyLib.core.template import Grid
 
     image, mask = next(healthy_scans(1, seed))
     inner = ndimage.binary_erosion(mask, iterations=8)
@@ -86,7 +86,7 @@ def _lesion_case(folder: Path, seed: int) -> Case:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from BrainAnomalyLib.training import train
+    from BrainAnomalyLib.training.run import train
 
     root = tmp_path_factory.mktemp("calibration")
     train_cases = _cases(root, "tr", 8, seed=31)
@@ -172,9 +172,9 @@ def test_train_stores_the_curve_over_the_whole_brain_mask(data):
 
 
 def test_calibrate_pools_the_whole_brain_mask_eroded_voxels_count_as_zeros(data):
-    from BrainAnomalyLib.cache import preprocessed_arrays
-    from BrainAnomalyLib.pipeline import Detector
-    from BrainAnomalyLib.training import calibrate
+    from BrainAnomalyLib.store.cache import preprocessed_arrays
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.training.run import calibrate
 
     model = load_model(data.model)
     cases = data.held[:2]
@@ -198,8 +198,8 @@ def test_held_out_healthy_fpr_at_one_percent(data, calibrated, mode):
     """Calibrate on some healthy scans; on OTHER healthy scans the full detection path flags about 1 % of the
     brain at the 1 % threshold (pooled voxel FPR over the brain mask on the input grid), with the cohort
     threshold and with the scan-adaptive one."""
-    from BrainAnomalyLib.io import read_volume
-    from BrainAnomalyLib.pipeline import Detector
+    from BrainAnomalyLib.core.io import read_volume
+    from BrainAnomalyLib.detection.pipeline import Detector
 
     model = load_model(calibrated.folder)
     det = Detector(model, device="cpu", calibration=mode)
@@ -361,7 +361,7 @@ def test_cancel_leaves_the_model_untouched(data, tmp_path):
 
 
 def test_scan_adaptive_threshold_follows_a_shifted_and_widened_scan():
-    from BrainAnomalyLib.calibration import adapt_threshold, adaptive_reference
+    from BrainAnomalyLib.calibration.curve import adapt_threshold, adaptive_reference
 
     meta = {"calibration": {"adaptive": adaptive_reference([{"median": 0.0, "mad": 1.0},
                                                             {"median": 0.2, "mad": 1.2},
@@ -383,8 +383,8 @@ def test_scan_adaptive_threshold_follows_a_shifted_and_widened_scan():
 def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan():
     """Healthy scans from a 'new scanner' (stronger noise, other contrast): the cohort threshold flags far more
     than 1 %; the scan-adaptive one comes back near it."""
-    from BrainAnomalyLib.calibration import adapt_threshold, adaptive_reference, thresholds_for_fpr
-    from BrainAnomalyLib.postprocess import PostprocessConfig, filter_map, robust_stats
+    from BrainAnomalyLib.calibration.curve import adapt_threshold, adaptive_reference, thresholds_for_fpr
+    from BrainAnomalyLib.detection.postprocess import PostprocessConfig, filter_map, robust_stats
 
     rng = np.random.default_rng(0)
     post = PostprocessConfig(erode_voxels=0, median_size=1)
@@ -401,7 +401,7 @@ def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan()
 
 
 def test_scan_relative_scorers_keep_the_cohort_threshold(intensity_model, template_normative_model):
-    from BrainAnomalyLib.pipeline import Detector, GridScores
+    from BrainAnomalyLib.detection.pipeline import Detector, GridScores
 
     stats = GridScores(None, None, None, None, {"median": 3.0, "mad": 5.0})
     chosen = {"value": 1.2, "fpr": 0.01, "source": "healthy calibration"}
@@ -416,8 +416,8 @@ def test_scan_relative_scorers_keep_the_cohort_threshold(intensity_model, templa
 def test_calibrate_on_one_split_of_the_manifest(data):
     """--split calibration: only the subjects `brainanomaly train` holds out for calibration, so a model built
     from trained ones (an ensemble) is calibrated on the same held-out scans."""
-    from BrainAnomalyLib.manifest import read_manifest
-    from BrainAnomalyLib.training import split_subjects
+    from BrainAnomalyLib.core.manifest import read_manifest
+    from BrainAnomalyLib.training.run import split_subjects
 
     out = data.root / "split-calibrated"
     code, _, stderr = run_calibrate(["--model", data.model, "--manifest", data.cal, "--cache-dir", data.cache,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.io import same_geometry
-from BrainAnomalyLib.writers import OUTPUT_FILES
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.core.io import same_geometry
+from BrainAnomalyLib.detection.writers import OUTPUT_FILES
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_models_lists_shipped_models(capsys):
 def test_ctrl_c_cancels_with_exit_130_and_no_outputs(tmp_path, demo_file, template_normative_model):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "BrainAnomalyLib.cli", "detect", str(demo_file), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "BrainAnomalyLib.cli.main", "detect", str(demo_file), "--model",
                              str(template_normative_model.path), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     time.sleep(6.0)  # well inside preprocessing (N4 and registration take longer than this)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.models import default_model_name
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.store.models import default_model_name
 
 
 def test_demo_ranks_the_inserted_lesion_first_with_the_default_model(tmp_path, capsys):

@@ -13,17 +13,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from BrainAnomalyLib.models import load_model, save_model  # noqa: E402
+from BrainAnomalyLib.store.models import load_model, save_model  # noqa: E402
 from BrainAnomalyLib.nets import DIFFUSION_ARCHS, build_net, count_parameters, default_arch  # noqa: E402
 from BrainAnomalyLib.nets.diffusion import ddim_level  # noqa: E402
 from BrainAnomalyLib.nets.simplex import simplex_noise  # noqa: E402
-from BrainAnomalyLib.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers import scorer_class  # noqa: E402
-from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import base_meta  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.training.run import base_meta  # noqa: E402
 from conftest import template_cohort  # noqa: E402
 
 SIZE = [32, 32]

@@ -8,9 +8,9 @@ import copy
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.models import Model, load_model
-from BrainAnomalyLib.progress import Reporter
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.store.models import Model, load_model
+from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.scorers import scorer_class
 from BrainAnomalyLib.scorers.ensemble import build_ensemble
 from conftest import template_cohort

@@ -5,9 +5,9 @@ import json
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.demo import make_demo_case
-from BrainAnomalyLib.manifest import Case, write_manifest
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.synth.demo import make_demo_case
+from BrainAnomalyLib.core.manifest import Case, write_manifest
 
 
 @pytest.fixture(scope="module")

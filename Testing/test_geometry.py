@@ -3,9 +3,9 @@
 import numpy as np
 import SimpleITK as sitk
 
-from BrainAnomalyLib.io import same_geometry
+from BrainAnomalyLib.core.io import same_geometry
 from BrainAnomalyLib.preprocess.chain import Preprocessed, to_native
-from BrainAnomalyLib.template import Grid
+from BrainAnomalyLib.core.template import Grid
 
 
 def _dice(a, b):

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from BrainAnomalyLib.errors import Cancelled, ModelError
+from BrainAnomalyLib.core.errors import Cancelled, ModelError
 from BrainAnomalyLib.learn import checkpoint as ckpt
 from BrainAnomalyLib.learn.augment2d import Augment2DConfig, Augmenter2D
 from BrainAnomalyLib.learn.engine import TrainConfig, fit_net
 from BrainAnomalyLib.learn.slices import (SliceSet, slices_from_volume, slices_to_volume, split_by_subject,
                                           volume_slices_for_scoring)
-from BrainAnomalyLib.progress import Reporter
+from BrainAnomalyLib.core.progress import Reporter
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUG = Augment2DConfig(enabled=False)
@@ -455,7 +455,7 @@ def test_two_optimiser_groups(tmp_path, d_scale):
 
 
 def test_bad_inputs_are_refused():
-    from BrainAnomalyLib.errors import BadInputError
+    from BrainAnomalyLib.core.errors import BadInputError
 
     x, m = tiny_slices(8)
     with pytest.raises(BadInputError):
@@ -509,7 +509,7 @@ def test_a_checkpoint_from_before_a_new_hyperparameter_still_resumes(tmp_path):
     keep the old behaviour) matches the same net today; a really different arch is still refused."""
     import json
 
-    from BrainAnomalyLib.errors import ModelError
+    from BrainAnomalyLib.core.errors import ModelError
     from BrainAnomalyLib.learn import checkpoint as ckpt
     from BrainAnomalyLib.nets import build_net
 

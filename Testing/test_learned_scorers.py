@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.models import load_model, save_model
-from BrainAnomalyLib.pipeline import Detector
-from BrainAnomalyLib.postprocess import PostprocessConfig
+from BrainAnomalyLib.store.models import load_model, save_model
+from BrainAnomalyLib.detection.pipeline import Detector
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig
-from BrainAnomalyLib.progress import Reporter
+from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.scorers import scorer_class
-from BrainAnomalyLib.template import Grid
-from BrainAnomalyLib.training import base_meta
+from BrainAnomalyLib.core.template import Grid
+from BrainAnomalyLib.training.run import base_meta
 from conftest import template_cohort
 
 pytest.importorskip("torch")

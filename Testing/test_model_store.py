@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from BrainAnomalyLib import model_store
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.errors import BadInputError, Cancelled, ModelError
-from BrainAnomalyLib.models import list_models, load_model, resources_dir, save_model, user_models_dir
-from BrainAnomalyLib.progress import CancelToken, Reporter
+from BrainAnomalyLib.store import model_store
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.core.errors import BadInputError, Cancelled, ModelError
+from BrainAnomalyLib.store.models import list_models, load_model, resources_dir, save_model, user_models_dir
+from BrainAnomalyLib.core.progress import CancelToken, Reporter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,10 +30,10 @@ def models_dir(tmp_path, monkeypatch):
 
 def make_model(folder: Path, name: str = "my-intensity", description: str = "test model") -> Path:
     """A small real model: an intensity scorer plus a tensor file, so there is a checksummed file to tamper with."""
-    from BrainAnomalyLib.postprocess import PostprocessConfig
+    from BrainAnomalyLib.detection.postprocess import PostprocessConfig
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
-    from BrainAnomalyLib.template import Grid
-    from BrainAnomalyLib.training import base_meta
+    from BrainAnomalyLib.core.template import Grid
+    from BrainAnomalyLib.training.run import base_meta
 
     meta = base_meta("intensity", name, "T1", description, Grid(), PreprocessConfig(), PostprocessConfig(),
                      {"direction": "hypo"})
@@ -92,7 +92,7 @@ def test_entry_for_matches_the_registry_format(tmp_path):
     entry = model_store.entry_for(load_model(folder).meta, folder)
     assert set(model_store.REGISTRY_FIELDS) <= set(entry)
     assert entry["id"] == "my-intensity" and entry["source"] == "user" and entry["inputs"] == ["T1"]
-    from BrainAnomalyLib.models import folder_digest
+    from BrainAnomalyLib.store.models import folder_digest
 
     assert entry["sha256"] == folder_digest(folder) and entry["size_bytes"] == model_store.folder_size(folder)
 

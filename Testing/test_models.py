@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.errors import ModelError
-from BrainAnomalyLib.models import (folder_digest, list_models, load_model, resolve_model, save_model,
-                                    shipped_entries, shipped_registry_file)
+from BrainAnomalyLib.core.errors import ModelError
+from BrainAnomalyLib.store.models import (folder_digest, list_models, load_model, resolve_model, save_model,
+                                          shipped_entries, shipped_registry_file)
 
 
 def test_round_trip_keeps_tensors_exactly(tmp_path):

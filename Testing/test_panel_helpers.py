@@ -106,8 +106,8 @@ def test_model_source(tmp_path):
 
 def test_already_installed_matches_model_store_message(tmp_path):
     """The panel offers to replace a model only for import_model's 'already installed' refusal."""
-    from BrainAnomalyLib.errors import ModelError
-    from BrainAnomalyLib.model_store import ModelExistsError
+    from BrainAnomalyLib.core.errors import ModelError
+    from BrainAnomalyLib.store.model_store import ModelExistsError
 
     assert panel.is_already_installed(ModelExistsError("a model named 'x' is already installed in /y"))
     assert not panel.is_already_installed(ModelError("a model named 'x' is already installed (but not the type)"))

@@ -11,17 +11,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from BrainAnomalyLib.errors import ModelError  # noqa: E402
+from BrainAnomalyLib.core.errors import ModelError  # noqa: E402
 from BrainAnomalyLib.evaluation.realism import (Encoder, encoder_features, frechet_distance, load_encoder,  # noqa: E402
                                                 realism_report)
-from BrainAnomalyLib.evaluation.realism_run import check_after_training  # noqa: E402
-from BrainAnomalyLib.models import resolve_model, save_model  # noqa: E402
+from BrainAnomalyLib.training.realism_run import check_after_training  # noqa: E402
+from BrainAnomalyLib.store.models import resolve_model, save_model  # noqa: E402
 from BrainAnomalyLib.nets import build_net  # noqa: E402
-from BrainAnomalyLib.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
-from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import base_meta, train  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.training.run import base_meta, train  # noqa: E402
 from test_diffusion import SIZE, brain_batch, ready, tiny  # noqa: E402
 from test_training import _cohort  # noqa: E402
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from BrainAnomalyLib.cli import main as cli_main
-from BrainAnomalyLib.models import load_model
+from BrainAnomalyLib.cli.main import main as cli_main
+from BrainAnomalyLib.store.models import load_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rescore_model.py"
 

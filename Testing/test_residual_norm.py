@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.errors import ModelError
+from BrainAnomalyLib.core.errors import ModelError
 from BrainAnomalyLib.scorers.residual_norm import fit_stats, scan_standardise, standardise
 
 
@@ -77,9 +77,9 @@ def test_errors_are_clear():
 
 def test_training_a_learned_model_adds_healthy_statistics(tmp_path, capsys):
     pytest.importorskip("torch")
-    from BrainAnomalyLib.cli import main
-    from BrainAnomalyLib.models import load_model
-    from BrainAnomalyLib.pipeline import Detector
+    from BrainAnomalyLib.cli.main import main
+    from BrainAnomalyLib.store.models import load_model
+    from BrainAnomalyLib.detection.pipeline import Detector
     from test_training import _cohort
     from conftest import template_cohort
 
@@ -124,9 +124,9 @@ def test_a_combined_score_standardises_each_map_and_averages_them(capsys):
     directional and scan-scaled on its own, then averaged; it equals the mean of the two one-map scorers built
     from the same statistics. Unknown parts and unscaled combinations are refused."""
     torch = pytest.importorskip("torch")
-    from BrainAnomalyLib.cli import main
+    from BrainAnomalyLib.cli.main import main
     from BrainAnomalyLib.nets import build_net
-    from BrainAnomalyLib.progress import Reporter
+    from BrainAnomalyLib.core.progress import Reporter
     from BrainAnomalyLib.scorers.learned import fit_residual_norm, score_parts, scorer_class_for
     from conftest import template_cohort
 

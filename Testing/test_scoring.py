@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib.calibration import choose_threshold, thresholds_for_fpr
-from BrainAnomalyLib.postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
+from BrainAnomalyLib.calibration.curve import choose_threshold, thresholds_for_fpr
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
 from BrainAnomalyLib.preprocess.normalise import normalise
-from BrainAnomalyLib.progress import CancelToken, Reporter
-from BrainAnomalyLib.errors import Cancelled
+from BrainAnomalyLib.core.progress import CancelToken, Reporter
+from BrainAnomalyLib.core.errors import Cancelled
 from BrainAnomalyLib.scorers import direction_for
 from BrainAnomalyLib.scorers.intensity import IntensityScorer
 from BrainAnomalyLib.scorers.normative import NormativeScorer

@@ -4,13 +4,13 @@ detection on a BraTS case with the shipped normative model."""
 import SimpleITK as sitk
 
 from BrainAnomalyLib.evaluation.metrics import average_precision
-from BrainAnomalyLib.io import read_volume, same_geometry
-from BrainAnomalyLib.manifest import read_manifest
-from BrainAnomalyLib.models import resolve_model
-from BrainAnomalyLib.pipeline import Detector
+from BrainAnomalyLib.core.io import read_volume, same_geometry
+from BrainAnomalyLib.core.manifest import read_manifest
+from BrainAnomalyLib.store.models import resolve_model
+from BrainAnomalyLib.detection.pipeline import Detector
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess
-from BrainAnomalyLib.progress import Reporter
-from BrainAnomalyLib.template import Grid, brain_mask_on_grid
+from BrainAnomalyLib.core.progress import Reporter
+from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid
 
 from conftest import SHARED_DATA, needs_shared_data
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from BrainAnomalyLib.preprocess.normalise import fit_histogram_reference, histogram_landmarks, normalise
-from BrainAnomalyLib.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
+from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 
 
 @pytest.fixture(scope="module")

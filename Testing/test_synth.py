@@ -14,14 +14,14 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from BrainAnomalyLib.demo import head_motion, oblique_grid
-from BrainAnomalyLib.errors import BadInputError, Cancelled
-from BrainAnomalyLib.io import same_geometry, write_volume
-from BrainAnomalyLib.manifest import Case, read_manifest, write_manifest
-from BrainAnomalyLib.progress import CancelToken, Reporter
+from BrainAnomalyLib.synth.demo import head_motion, oblique_grid
+from BrainAnomalyLib.core.errors import BadInputError, Cancelled
+from BrainAnomalyLib.core.io import same_geometry, write_volume
+from BrainAnomalyLib.core.manifest import Case, read_manifest, write_manifest
+from BrainAnomalyLib.core.progress import CancelToken, Reporter
 from BrainAnomalyLib.synth import (ARTEFACT_KINDS, LESION_KINDS, TissueMaps, displacement_image, fractal_noise,
                                    make_cohort, synthesize, warp)
-from BrainAnomalyLib.template import Grid, template_1mm, template_on_grid
+from BrainAnomalyLib.core.template import Grid, template_1mm, template_on_grid
 
 GRID = Grid()
 _CACHE: dict = {}
@@ -269,7 +269,7 @@ def test_make_cohort_honours_cancel(tmp_path):
 
 
 def test_cli_synth_on_the_1mm_template(tmp_path, capsys):
-    from BrainAnomalyLib.synth import cli as synth_cli
+    from BrainAnomalyLib.cli import synth as synth_cli
 
     parser = argparse.ArgumentParser(prog="brainanomaly")
     synth_cli.add_parser(parser.add_subparsers(dest="command", required=True))

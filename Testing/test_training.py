@@ -5,11 +5,11 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from BrainAnomalyLib.cli import main
-from BrainAnomalyLib.manifest import Case, read_manifest, write_manifest
-from BrainAnomalyLib.models import load_model
-from BrainAnomalyLib.template import Grid
-from BrainAnomalyLib.training import split_subjects
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.core.manifest import Case, read_manifest, write_manifest
+from BrainAnomalyLib.store.models import load_model
+from BrainAnomalyLib.core.template import Grid
+from BrainAnomalyLib.training.run import split_subjects
 
 from conftest import template_cohort
 
@@ -73,8 +73,8 @@ def test_train_normative_from_a_manifest(tmp_path, capsys):
 def test_cache_reads_dicom_folders_and_reports_missing_files(tmp_path):
     import pytest
 
-    from BrainAnomalyLib.cache import cache_key
-    from BrainAnomalyLib.errors import BadInputError
+    from BrainAnomalyLib.store.cache import cache_key
+    from BrainAnomalyLib.core.errors import BadInputError
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 
     folder = tmp_path / "series"

@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from BrainAnomalyLib.evaluation.evaluate import evaluate  # noqa: E402
-from BrainAnomalyLib.manifest import read_manifest  # noqa: E402
-from BrainAnomalyLib.models import resolve_model  # noqa: E402
-from BrainAnomalyLib.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
+from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 
 
 def _log(step: str, fraction: float, _shown=set()) -> None:

@@ -25,20 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.cache import default_cache_dir  # noqa: E402
+from BrainAnomalyLib.store.cache import default_cache_dir  # noqa: E402
 from BrainAnomalyLib.evaluation.evaluate import evaluate_groups  # noqa: E402
 from BrainAnomalyLib.evaluation.report import COLUMNS, _fmt, _get, public  # noqa: E402
-from BrainAnomalyLib.manifest import read_manifest  # noqa: E402
-from BrainAnomalyLib.errors import ModelError  # noqa: E402
-from BrainAnomalyLib.models import Model, list_models, resolve_model  # noqa: E402
-from BrainAnomalyLib.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
+from BrainAnomalyLib.core.errors import ModelError  # noqa: E402
+from BrainAnomalyLib.store.models import Model, list_models, resolve_model  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers import direction_for  # noqa: E402
 from BrainAnomalyLib.synth import ARTEFACT_KINDS, LESION_KINDS, make_cohort  # noqa: E402
-from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import base_meta, split_subjects  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.training.run import base_meta, split_subjects  # noqa: E402
 
 
 def log(msg: str) -> None:

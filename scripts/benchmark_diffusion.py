@@ -45,7 +45,7 @@ def grid_volume():
     import SimpleITK as sitk
 
     from BrainAnomalyLib.preprocess.normalise import normalise
-    from BrainAnomalyLib.template import Grid, brain_mask_on_grid, template_on_grid
+    from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid
 
     grid = Grid()
     image = sitk.GetArrayFromImage(template_on_grid(grid)).astype(np.float32) * 1000.0
@@ -79,7 +79,7 @@ def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
 
 def build_trained(name: str):
     """(label, net) of a trained diffusion model: a shipped id, a user model or a model folder."""
-    from BrainAnomalyLib.models import resolve_model
+    from BrainAnomalyLib.store.models import resolve_model
     from BrainAnomalyLib.scorers import scorer_class
 
     model = resolve_model(name)
@@ -174,7 +174,7 @@ def main() -> int:
         if args.compile:
             net.unet = torch.compile(net.unet)
         if args.via_scorer:
-            from BrainAnomalyLib.progress import Reporter
+            from BrainAnomalyLib.core.progress import Reporter
             from BrainAnomalyLib.scorers import scorer_class
 
             tensors = {f"net.{key}": v.detach().cpu().numpy() for key, v in net.state_dict().items()}

@@ -21,12 +21,12 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from BrainAnomalyLib.demo import make_demo_case  # noqa: E402
-from BrainAnomalyLib.io import read_volume  # noqa: E402
-from BrainAnomalyLib.models import resolve_model  # noqa: E402
-from BrainAnomalyLib.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.synth.demo import make_demo_case  # noqa: E402
+from BrainAnomalyLib.core.io import read_volume  # noqa: E402
+from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.writers import write_result  # noqa: E402
+from BrainAnomalyLib.detection.writers import write_result  # noqa: E402
 
 
 def brats_sized_case() -> sitk.Image:

@@ -18,15 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.device import resolve_device  # noqa: E402
+from BrainAnomalyLib.core.device import resolve_device  # noqa: E402
 from BrainAnomalyLib.evaluation.realism import DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS  # noqa: E402
-from BrainAnomalyLib.evaluation.realism_run import realism_for_cases  # noqa: E402
-from BrainAnomalyLib.models import load_model  # noqa: E402
+from BrainAnomalyLib.training.realism_run import realism_for_cases  # noqa: E402
+from BrainAnomalyLib.store.models import load_model  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers.learned import scorer_class_for  # noqa: E402
-from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import recorded_splits, validation_split  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.training.run import recorded_splits, validation_split  # noqa: E402
 
 
 def progress(step: str, fraction: float, _last=[-1]) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.manifest import normalise_modality  # noqa: E402
-from BrainAnomalyLib.models import save_model  # noqa: E402
-from BrainAnomalyLib.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.core.manifest import normalise_modality  # noqa: E402
+from BrainAnomalyLib.store.models import save_model  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.scorers import direction_for  # noqa: E402
-from BrainAnomalyLib.template import Grid  # noqa: E402
-from BrainAnomalyLib.training import base_meta  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.training.run import base_meta  # noqa: E402
 
 DEFAULT_THRESHOLD = 2.0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.models import shipped_registry_file  # noqa: E402
+from BrainAnomalyLib.store.models import shipped_registry_file  # noqa: E402
 
 KEEP = {"auprc": ("voxel", "auprc"), "auroc": ("voxel", "auroc"),
         "best_dice_upper_bound": ("voxel", "best_dice_upper_bound"),

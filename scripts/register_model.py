@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.models import folder_digest, load_model, shipped_registry_file  # noqa: E402
+from BrainAnomalyLib.store.models import folder_digest, load_model, shipped_registry_file  # noqa: E402
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ def main() -> int:
     import matplotlib.pyplot as plt
     import slicer
 
-    from BrainAnomalyLib.demo import make_demo_case
+    from BrainAnomalyLib.synth.demo import make_demo_case
     from BrainAnomalySlicer import nodes
     from BrainAnomalySlicer.logic import DetectionLogic, DetectionOptions
     from BrainAnomalySlicer.render import render_views

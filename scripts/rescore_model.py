@@ -20,12 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.errors import ModelError  # noqa: E402
-from BrainAnomalyLib.models import load_model, resolve_model, save_model  # noqa: E402
-from BrainAnomalyLib.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.errors import ModelError  # noqa: E402
+from BrainAnomalyLib.store.models import load_model, resolve_model, save_model  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers.learned import fit_residual_norm, scorer_class_for  # noqa: E402
-from BrainAnomalyLib.training import calibrate, grid_volumes, recorded_splits  # noqa: E402
+from BrainAnomalyLib.training.run import calibrate, grid_volumes, recorded_splits  # noqa: E402
 
 
 def rescored_params(model, arch_changes: dict, score) -> dict:

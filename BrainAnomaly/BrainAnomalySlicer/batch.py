@@ -21,7 +21,7 @@ SUMMARY_COLUMNS = ("subject", "modality", "image", "status", "n_lesions", "anoma
 
 
 def _load_volume(scene, path: Path, name: str):
-    from BrainAnomalyLib.io import read_volume
+    from BrainAnomalyLib.core.io import read_volume
 
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     try:
@@ -58,7 +58,7 @@ def save_case(scene, outputs: nodes.OutputNodes, state: dict, lesions: List[dict
                                               "timings", "notes")}
         summary["lesions"] = lesions
         (stage / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from BrainAnomalyLib.io import _umask
+        from BrainAnomalyLib.core.io import _umask
 
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes a private folder; results are for sharing
         if folder.exists():
@@ -73,9 +73,9 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
               cancel_requested: Optional[Callable[[], bool]] = None) -> List[dict]:
     """Detect on every row of a manifest (rows of `modality`, default the model's); returns one summary row per
     case and writes OUTDIR/summary.csv. A failing case is reported and the batch goes on."""
-    from BrainAnomalyLib.errors import BrainAnomalyError
-    from BrainAnomalyLib.manifest import read_manifest
-    from BrainAnomalyLib.models import resolve_model
+    from BrainAnomalyLib.core.errors import BrainAnomalyError
+    from BrainAnomalyLib.core.manifest import read_manifest
+    from BrainAnomalyLib.store.models import resolve_model
 
     model = resolve_model(options.model)  # fail early on a missing or broken model
     modality = modality or options.modality or model.modality

@@ -225,12 +225,12 @@ class Calibration:
         return self.curve is not None
 
     def threshold(self, fpr: float) -> float:
-        from BrainAnomalyLib.calibration import threshold_for_fpr
+        from BrainAnomalyLib.calibration.curve import threshold_for_fpr
 
         return threshold_for_fpr(self._meta, fpr)
 
     def fpr(self, value: float) -> Optional[float]:
-        from BrainAnomalyLib.calibration import fpr_for_threshold
+        from BrainAnomalyLib.calibration.curve import fpr_for_threshold
 
         return fpr_for_threshold(self._meta, value) if self.curve else None
 
@@ -310,7 +310,7 @@ class DetectionLogic:
                         min_lesion_ml: Optional[float] = None, per_lesion: Optional[bool] = None) -> dict:
         """New display threshold, label map, segmentation and lesion table from the anomaly map already in the
         scene, at a healthy FPR (through the scan's calibration) or a raw score. No model runs."""
-        from BrainAnomalyLib.postprocess import label_lesions
+        from BrainAnomalyLib.detection.postprocess import label_lesions
 
         state = self.state(outputs)
         cal = Calibration(state.get("curve"))
@@ -367,6 +367,6 @@ class DetectionLogic:
 
 def available_models() -> List[dict]:
     """Registry entries (shipped and user models) for the model selector."""
-    from BrainAnomalyLib.models import list_models
+    from BrainAnomalyLib.store.models import list_models
 
     return list_models()

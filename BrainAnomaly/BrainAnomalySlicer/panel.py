@@ -119,7 +119,7 @@ def model_source(path) -> Path:
 
 def is_already_installed(exc: BaseException) -> bool:
     """import_model's refusal to replace an installed model (the one ModelError the user can answer with yes)."""
-    from BrainAnomalyLib.model_store import ModelExistsError
+    from BrainAnomalyLib.store.model_store import ModelExistsError
 
     return isinstance(exc, ModelExistsError)
 

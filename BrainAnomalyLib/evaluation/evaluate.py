@@ -11,12 +11,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import BadInputError
-from ..io import read_volume
-from ..manifest import Case
-from ..pipeline import Detector
+from ..core.errors import BadInputError
+from ..core.io import read_volume
+from ..core.manifest import Case
+from ..detection.pipeline import Detector
 from ..preprocess.chain import preprocess
-from ..progress import Reporter
+from ..core.progress import Reporter
 from .metrics import average_precision, best_dice, lesion_detection, pr_curve, roc_auc
 
 
@@ -186,7 +186,7 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -
 
 def _unit(meta: dict, scores: np.ndarray) -> np.ndarray:
     """Scores in [0, 1] for MOOD-style AP: 1 - healthy FPR through the calibration; clipped raw scores otherwise."""
-    from ..calibration import score_to_unit
+    from ..calibration.curve import score_to_unit
 
     try:
         return np.clip(score_to_unit(meta, scores), 0, 1)

@@ -109,8 +109,8 @@ def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu") -> En
     missing, holds no feature net, or holds an untrained one."""
     import torch
 
-    from ..errors import ModelError
-    from ..models import resolve_model
+    from ..core.errors import ModelError
+    from ..store.models import resolve_model
     from ..nets import build_net
 
     model = resolve_model(name_or_path)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Dict
 
-from ..overlay import overlay_montage
+from ..detection.overlay import overlay_montage
 
 # (header, path into the metrics, format): "%" for rates, "n" for counts and seconds, "f" for scores in [0, 1].
 COLUMNS = [("AUPRC", ("voxel", "auprc"), "f"), ("AUROC", ("voxel", "auroc"), "f"),

@@ -31,8 +31,8 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from ..errors import ModelError
-from ..models import sha256_file
+from ..core.errors import ModelError
+from ..store.models import sha256_file
 
 FORMAT = "brainanomaly-checkpoint"
 FORMAT_VERSION = 1

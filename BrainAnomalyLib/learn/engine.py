@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import BadInputError, Cancelled
-from ..progress import Reporter
+from ..core.errors import BadInputError, Cancelled
+from ..core.progress import Reporter
 from .augment2d import Augment2DConfig, Augmenter2D
 from .checkpoint import checkpoint_exists, load_checkpoint, load_tensor_set, save_checkpoint
 from .slices import spread_pick
@@ -114,7 +114,7 @@ class _Dist:
     """Single process, or one rank of a torchrun job (WORLD_SIZE > 1): process group, device, collectives."""
 
     def __init__(self, device_name: str) -> None:
-        from ..device import resolve_device
+        from ..core.device import resolve_device
 
         import torch.distributed as dist
 

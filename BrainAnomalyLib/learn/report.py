@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..io import _umask
+from ..core.io import _umask
 
 CURVES = "loss_curves.png"
 RECONSTRUCTIONS = "reconstructions.png"

@@ -9,9 +9,9 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import BadInputError
-from ..progress import Reporter
-from ..template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
+from ..core.errors import BadInputError
+from ..core.progress import Reporter
+from ..core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from .bias import n4_correct
 from .normalise import normalise
 from .register import affine_to_dict, register_affine

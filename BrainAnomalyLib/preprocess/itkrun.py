@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import SimpleITK as sitk
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 
 
 def execute_cancellable(obj, reporter: Reporter, step: str, *args, abort=None, on_iteration=None):

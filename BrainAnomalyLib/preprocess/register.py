@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 from .itkrun import execute_cancellable
 
 SEED = 20240611

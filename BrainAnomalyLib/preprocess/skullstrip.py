@@ -8,8 +8,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import BadInputError
-from ..progress import Reporter
+from ..core.errors import BadInputError
+from ..core.progress import Reporter
 
 MIN_BRAIN_ML = 300.0
 # A stripped scan is mostly one constant background value, and what remains has the volume of a brain.

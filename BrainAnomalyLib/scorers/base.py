@@ -7,7 +7,7 @@ from typing import Dict, Iterable, Optional, Tuple, Type
 
 import numpy as np
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 
 # Which way a lesion departs from healthy tissue, per contrast (Meissen et al. 2021; FINDINGS on T1 glioma).
 DEFAULT_DIRECTION = {"T1": "hypo", "T1CE": "two-sided", "T2": "hyper", "FLAIR": "hyper", "PD": "hyper"}

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 from .base import ScoreOutput, Scorer, register
 
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 from .base import ScoreOutput, Scorer, register, signed
 from .residual_norm import fit_stats, scan_standardise, standardise
 
@@ -57,7 +57,7 @@ class LearnedScorer(Scorer):
                      if k.startswith("net.")}
             missing, unexpected = net.load_state_dict(state, strict=False)
             if missing or unexpected:
-                from ..errors import ModelError
+                from ..core.errors import ModelError
 
                 raise ModelError(f"model weights do not fit the {self.params['arch'].get('type')} network "
                                  f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
@@ -115,7 +115,7 @@ class LearnedScorer(Scorer):
             return norm, norm_prefix(self.parts, part)
         per_score = norm.get("per_score") or {}
         if part not in per_score:
-            from ..errors import ModelError
+            from ..core.errors import ModelError
 
             raise ModelError(f"the model's voxel-wise statistics have no {part!r} map (it has "
                              f"{', '.join(sorted(per_score)) or 'none'}); train or standardise it again")

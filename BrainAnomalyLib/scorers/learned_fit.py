@@ -9,7 +9,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 
 # How each method scores by default: the residual's sign carries hypo/hyper (direction per modality); the
 # perceptual AE scores in its feature space.

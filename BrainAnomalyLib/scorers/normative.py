@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..progress import Reporter
+from ..core.progress import Reporter
 from .base import ScoreOutput, Scorer, register, signed
 
 # Voxels where fewer than this share of training scans had brain are outside the model's support.

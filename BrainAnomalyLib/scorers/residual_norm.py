@@ -70,7 +70,7 @@ def standardise(raw: np.ndarray, tensors: Dict[str, np.ndarray], params: Optiona
     keys = tensor_keys(prefix)
     missing = [k for k in keys if k not in tensors]
     if missing:
-        from ..errors import ModelError
+        from ..core.errors import ModelError
 
         raise ModelError(f"the model asks for voxel-wise standardisation but has no {', '.join(missing)} tensors")
     mean, std = tensors[keys[0]], tensors[keys[1]]

@@ -13,7 +13,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..manifest import normalise_modality
+from ..core.manifest import normalise_modality
 from .tissue import TissueMaps
 
 # k (in brain IQRs above the WM median) per modality and component.

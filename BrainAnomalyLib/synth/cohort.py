@@ -10,11 +10,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import BadInputError
-from ..io import read_volume, write_volume
-from ..manifest import Case, normalise_modality, write_manifest
-from ..progress import Reporter
-from ..template import Grid, template_1mm, template_on_grid
+from ..core.errors import BadInputError
+from ..core.io import read_volume, write_volume
+from ..core.manifest import Case, normalise_modality, write_manifest
+from ..core.progress import Reporter
+from ..core.template import Grid, template_1mm, template_on_grid
 from .generate import KINDS, SynthCase, displacement_image, synthesize
 from .tissue import TissueMaps
 

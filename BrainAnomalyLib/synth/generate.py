@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..manifest import normalise_modality
+from ..core.manifest import normalise_modality
 from . import artefacts, lesions
 from .appearance import rule_modality, tissue_stats
 from .tissue import TissueMaps, lps_to_ras

@@ -14,8 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..progress import Reporter
-from ..template import Grid, template_1mm, template_on_grid
+from ..core.progress import Reporter
+from ..core.template import Grid, template_1mm, template_on_grid
 
 # Inside the brain, voxels with little GM and WM probability are CSF (ventricles, sulci).
 CSF_MAX_PARENCHYMA = 0.3

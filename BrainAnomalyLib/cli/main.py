@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
-from .errors import BadInputError, BrainAnomalyError, Cancelled, ModelError
-from .progress import CancelToken, Reporter
+from .. import __version__
+from ..core.errors import BadInputError, BrainAnomalyError, Cancelled, ModelError
+from ..core.progress import CancelToken, Reporter
 
 
 class _Bar:
@@ -59,7 +59,7 @@ def _add_preprocess_options(p: argparse.ArgumentParser) -> None:
 
 
 def _preprocess_config(args, base: dict):
-    from .preprocess.chain import PreprocessConfig
+    from ..preprocess.chain import PreprocessConfig
 
     pre = PreprocessConfig.from_dict(base)
     if getattr(args, "skull_strip", None):
@@ -89,7 +89,7 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
 
 
 def _score_arg(text: str) -> str:
-    from .scorers.learned import score_parts
+    from ..scorers.learned import score_parts
 
     try:
         return "+".join(score_parts(text))
@@ -192,19 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", action="append", type=float, help="member weight, in --model order (default equal)")
     p.add_argument("--name", help="model name (default: the output folder's name)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
-    from .synth import cli as synth_cli
+    from . import synth as synth_cli
 
     synth_cli.add_parser(sub)
-    from . import calibrate_cli
+    from . import calibrate as calibrate_cli
 
     calibrate_cli.add_parser(sub)
     return parser
 
 
 def _detector(args):
-    from .models import resolve_model
-    from .pipeline import Detector
-    from .postprocess import PostprocessConfig
+    from ..store.models import resolve_model
+    from ..detection.pipeline import Detector
+    from ..detection.postprocess import PostprocessConfig
 
     model = resolve_model(args.model)
     pre = _preprocess_config(args, model.meta.get("preprocessing", {}))
@@ -217,8 +217,8 @@ def _detector(args):
 
 
 def _detect_one(det, path, modality, args, outdir, reporter) -> dict:
-    from .io import read_volume
-    from .writers import write_result
+    from ..core.io import read_volume
+    from ..detection.writers import write_result
 
     scan = read_volume(path)
     result = det.run(scan, modality=modality, threshold=args.threshold, fpr=args.fpr, reporter=reporter)
@@ -239,7 +239,7 @@ def cmd_detect(args, cancel: CancelToken) -> int:
             bar.close()
         _print_summary(s, out)
         return 0
-    from .manifest import read_manifest
+    from ..core.manifest import read_manifest
 
     # Rows of other contrasts are for other models: run only those this model was built for.
     cases = read_manifest(args.manifest, args.modality or det.model.modality)
@@ -287,8 +287,8 @@ def _print_summary(s: dict, out: Path) -> None:
 
 
 def cmd_demo(args, cancel: CancelToken) -> int:
-    from .demo import make_demo_case
-    from .io import write_volume
+    from ..synth.demo import make_demo_case
+    from ..core.io import write_volume
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +334,7 @@ def _demo_verdict(summary: dict, truth, out: Path) -> str:
 
 
 def cmd_train(args, cancel: CancelToken) -> int:
-    from .training import train
+    from ..training.run import train
 
     options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                "max_minutes": args.max_minutes, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
@@ -366,8 +366,8 @@ def cmd_train(args, cancel: CancelToken) -> int:
 
 
 def cmd_models(args, cancel: CancelToken) -> int:
-    from . import model_store
-    from .models import default_model_name, list_models
+    from ..store import model_store
+    from ..store.models import default_model_name, list_models
 
     action = getattr(args, "models_command", None)
     if action == "import":
@@ -403,11 +403,11 @@ def cmd_models(args, cancel: CancelToken) -> int:
 
 
 def cmd_evaluate(args, cancel: CancelToken) -> int:
-    from .evaluation.evaluate import evaluate
-    from .evaluation.report import markdown_table, write_report
-    from .manifest import read_manifest
-    from .models import resolve_model
-    from .pipeline import Detector
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.report import markdown_table, write_report
+    from ..core.manifest import read_manifest
+    from ..store.models import resolve_model
+    from ..detection.pipeline import Detector
 
     detectors, thresholds = {}, {}
     for name in args.model or [None]:
@@ -447,8 +447,8 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
 
 
 def cmd_ensemble(args, cancel: CancelToken) -> int:
-    from .models import resolve_model, save_model
-    from .scorers.ensemble import build_ensemble
+    from ..store.models import resolve_model, save_model
+    from ..scorers.ensemble import build_ensemble
 
     models = [resolve_model(m) for m in args.model]
     if args.weight and len(args.weight) != len(models):
@@ -470,13 +470,13 @@ def cmd_ensemble(args, cancel: CancelToken) -> int:
 
 
 def cmd_calibrate(args, cancel: CancelToken) -> int:
-    from . import calibrate_cli
+    from . import calibrate as calibrate_cli
 
     return calibrate_cli.run(args, cancel)
 
 
 def cmd_synth(args, cancel: CancelToken) -> int:
-    from .synth import cli as synth_cli
+    from . import synth as synth_cli
 
     return synth_cli.run(args, cancel)
 

@@ -9,18 +9,18 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import __version__
-from .cache import preprocessed_arrays
-from .calibration import DEFAULT_FPRS, adaptive_reference, calibration_tables
-from .errors import BadInputError
-from .manifest import Case, read_manifest
-from .models import Model, save_model
-from .postprocess import PostprocessConfig
-from .preprocess.chain import PreprocessConfig
-from .preprocess.normalise import fit_histogram_reference, histogram_landmarks
-from .progress import Reporter
-from .scorers import direction_for, scorer_class
-from .template import TEMPLATE_NAME, Grid
+from .. import __version__
+from ..store.cache import preprocessed_arrays
+from ..calibration.curve import DEFAULT_FPRS, adaptive_reference, calibration_tables
+from ..core.errors import BadInputError
+from ..core.manifest import Case, read_manifest
+from ..store.models import Model, save_model
+from ..detection.postprocess import PostprocessConfig
+from ..preprocess.chain import PreprocessConfig
+from ..preprocess.normalise import fit_histogram_reference, histogram_landmarks
+from ..core.progress import Reporter
+from ..scorers import direction_for, scorer_class
+from ..core.template import TEMPLATE_NAME, Grid
 
 SPLITS = ("train", "calibration", "test")
 
@@ -85,7 +85,7 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     healthy voxels that are never flagged, so "1 % FPR" means 1 % of the brain, as a user reads it and as the
     evaluation measures it. Returns the table at `fprs` and the dense curve (see calibration.calibration_tables).
     """
-    from .pipeline import Detector
+    from ..detection.pipeline import Detector
 
     det = Detector(model, device="cpu")
     values, stats, skipped, used = [], [], [], []
@@ -151,7 +151,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     if pre.normalisation == "histogram" and not pre.normalisation_reference:
         pre.normalisation_reference = histogram_reference(train_cases, pre, grid, reporter.sub(0.0, 0.05),
                                                           cache_dir)
-    from .scorers.learned import LearnedScorer
+    from ..scorers.learned import LearnedScorer
 
     if issubclass(cls, LearnedScorer):
         import shutil
@@ -172,8 +172,8 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             if _rank() != 0:
                 return None
             if options.get("residual_norm", "voxel") == "voxel":
-                from .device import resolve_device
-                from .scorers.learned import fit_residual_norm
+                from ..core.device import resolve_device
+                from ..scorers.learned import fit_residual_norm
 
                 # Over every training subject (fit and validation): the more scans, the steadier each voxel's spread.
                 volumes = grid_volumes(train_cases, pre, grid, Reporter(cancel=reporter.cancel), cache_dir,
@@ -184,7 +184,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             params = dict(params, scan_norm=options.get("scan_norm", "robust"))
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
                              splits, lesion_cases, skipped, t, reporter, cache_dir)
-            from .evaluation.realism_run import check_after_training
+            from .realism_run import check_after_training
 
             # Samples of a diffusion model against the calibration split, in the report (after the model is saved:
             # nothing here can cost it).
@@ -193,7 +193,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             if any(report_dir.iterdir()):
                 import os
 
-                from .io import _umask
+                from ..core.io import _umask
 
                 shutil.copytree(report_dir, folder / "training")
                 for d in [folder / "training", *(q for q in (folder / "training").rglob("*") if q.is_dir())]:
@@ -219,7 +219,7 @@ def _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensor
                              "test_subjects": sorted({c.subject for c in splits["test"]}),
                              "seconds": round(time.perf_counter() - t, 1)}
     folder = save_model(out, meta, tensors)
-    from .models import load_model
+    from ..store.models import load_model
 
     calib = calibrate(load_model(folder), splits["calibration"], reporter.sub(0.85, 1.0), cache_dir)
     meta["calibration"] = calib

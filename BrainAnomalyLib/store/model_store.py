@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import List, Optional
 
-from .errors import BadInputError, ModelError
+from ..core.errors import BadInputError, ModelError
 from .models import META_FILE, folder_digest, load_model, shipped_entries, shipped_registry_file, user_models_dir
-from .progress import Reporter
+from ..core.progress import Reporter
 
 # A model is a few MB today; learned models may reach a few hundred MB. The cap stops a zip bomb or a runaway
 # download from filling the disk long before it could be a real model.

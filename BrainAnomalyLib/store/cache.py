@@ -16,12 +16,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .io import read_volume
-from .errors import BadInputError
+from ..core.io import read_volume
+from ..core.errors import BadInputError
 from .models import folder_digest, sha256_file
-from .preprocess.chain import PreprocessConfig, preprocess, standardise
-from .progress import Reporter
-from .template import Grid
+from ..preprocess.chain import PreprocessConfig, preprocess, standardise
+from ..core.progress import Reporter
+from ..core.template import Grid
 
 # 2: the cache holds the grid volume before standardisation, so any standardisation is applied on load.
 CACHE_VERSION = 2

@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .template import template_1mm
+from ..core.template import template_1mm
 
 # A point in right frontal periventricular white matter (RAS mm).
 DEMO_LESION_RAS = (24.0, 10.0, 24.0)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .postprocess import label_lesions
+from ..detection.postprocess import label_lesions
 
 
 @dataclass

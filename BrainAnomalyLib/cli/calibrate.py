@@ -16,9 +16,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .calibration import DEFAULT_FPR, DEFAULT_FPRS, fpr_for_threshold
-from .errors import BadInputError
-from .progress import CancelToken, Reporter
+from ..calibration.curve import DEFAULT_FPR, DEFAULT_FPRS, fpr_for_threshold
+from ..core.errors import BadInputError
+from ..core.progress import CancelToken, Reporter
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def parse_fprs(text: str) -> List[float]:
 
 def _shipped_folders() -> dict:
     """Resolved folder -> id for every model listed in the shipped registry."""
-    from .models import shipped_entries, shipped_registry_file
+    from ..store.models import shipped_entries, shipped_registry_file
 
     try:
         entries = shipped_entries()
@@ -75,7 +75,7 @@ def _shipped_folders() -> dict:
 def target_folder(model_path: Path, output: Optional[str]) -> Tuple[Path, bool]:
     """Where the calibrated model goes, and whether that is the model's own folder. A shipped model is never
     rewritten in place (its registry checksum would no longer match)."""
-    from .models import META_FILE
+    from ..store.models import META_FILE
 
     shipped = _shipped_folders()
     here = Path(model_path).resolve()
@@ -120,9 +120,9 @@ def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
 def labelled_threshold(model, cases, reporter: Reporter, device: str = "cpu") -> dict:
     """Threshold with the best pooled Dice over labelled lesion cases, through the full detection path (native
     anomaly map vs native truth > 0, within the native brain mask). Bad cases are skipped and named."""
-    from .evaluation.metrics import best_dice
-    from .io import read_volume
-    from .pipeline import Detector
+    from ..evaluation.metrics import best_dice
+    from ..core.io import read_volume
+    from ..detection.pipeline import Detector
     import SimpleITK as sitk
 
     det = Detector(model, device=device)
@@ -157,10 +157,10 @@ def labelled_threshold(model, cases, reporter: Reporter, device: str = "cpu") ->
 
 
 def run(args, cancel: CancelToken) -> int:
-    from . import __version__
-    from .manifest import normalise_modality, read_manifest
-    from .models import resolve_model, save_model
-    from .training import calibrate
+    from .. import __version__
+    from ..core.manifest import normalise_modality, read_manifest
+    from ..store.models import resolve_model, save_model
+    from ..training.run import calibrate
 
     fprs = parse_fprs(args.fprs)
     model = resolve_model(args.model)  # ModelError (exit 3) for an unknown, broken or tampered model
@@ -171,7 +171,7 @@ def run(args, cancel: CancelToken) -> int:
     healthy = [c for c in read_manifest(args.manifest, modality) if c.mask is None]
     split_name = getattr(args, "split", "all")
     if split_name != "all":
-        from .training import split_subjects
+        from ..training.run import split_subjects
 
         healthy = split_subjects(healthy)[split_name]
     if not healthy:
@@ -184,7 +184,7 @@ def run(args, cancel: CancelToken) -> int:
             raise BadInputError(f"{args.labelled}: no labelled {modality} rows (rows with a mask)")
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
 
-    from .cli import _Bar
+    from .main import _Bar
 
     bar = _Bar(args.quiet, "calibrate")
     reporter = Reporter(bar, cancel)

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import BadInputError
-from ..progress import CancelToken, Reporter
-from .generate import KINDS
+from ..core.errors import BadInputError
+from ..core.progress import CancelToken, Reporter
+from ..synth.generate import KINDS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,9 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args, cancel: CancelToken) -> int:
-    from ..cli import _Bar
-    from ..manifest import read_manifest
-    from .cohort import check_kinds, make_cohort
+    from .main import _Bar
+    from ..core.manifest import read_manifest
+    from ..synth.cohort import check_kinds, make_cohort
 
     kinds = check_kinds(args.kinds.split(","))
     cases = None if args.template else read_manifest(args.manifest, args.modality)

@@ -16,9 +16,9 @@ from typing import Optional
 import numpy as np
 
 from ..learn.slices import spread_pick
-from ..progress import Reporter
-from .realism import DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS, Encoder, load_encoder, realism_report, \
-    write_realism
+from ..core.progress import Reporter
+from ..evaluation.realism import (DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS, Encoder, load_encoder,
+                                  realism_report, write_realism)
 
 HELD_OUT_SLICES = 2048  # bounds memory; the calibration split of a 116-subject cohort has about 1600
 SAMPLING_TYPES = ("ddpm", "ldm")
@@ -50,7 +50,7 @@ def realism_for_cases(net, fit_cases, held_cases, pre, grid, out_dir, *, context
                       cache_dir=None, reporter: Optional[Reporter] = None) -> dict:
     """realism_report for `net` with held-out slices of `held_cases` and training slices of `fit_cases` (manifest
     Cases, read through `pre` and `grid` from the cache). `encoder`: an Encoder, or a model name or folder."""
-    from ..training import grid_volumes
+    from .run import grid_volumes
 
     reporter = reporter or Reporter()
     if net.sampling_refusal:
@@ -75,8 +75,8 @@ def check_after_training(kind: str, params: dict, tensors: dict, fit_cases, held
     """The realism check at the end of `train` for the types that can sample (options: realism_samples, 0 skips;
     realism_steps; realism_encoder; device; seed). Whatever goes wrong (no encoder installed, one of another
     modality or context, ...) is one log line and a realism.json saying why: the trained model stands either way."""
-    from ..device import resolve_device
-    from ..errors import Cancelled
+    from ..core.device import resolve_device
+    from ..core.errors import Cancelled
     from ..scorers.learned import scorer_class_for
 
     n = int(options.get("realism_samples", DEFAULT_SAMPLES))

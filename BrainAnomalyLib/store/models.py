@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ModelError
+from ..core.errors import ModelError
 
 FORMAT = "brainanomaly-model"
 FORMAT_VERSION = 1
@@ -28,7 +28,7 @@ META_FILE = "model.json"
 
 def resources_dir() -> Path:
     env = os.environ.get("BRAINANOMALY_RESOURCES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "Resources"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "Resources"
 
 
 def shipped_registry_file() -> Path:
@@ -87,12 +87,12 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
             from safetensors.numpy import save_file
 
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSOR_FILE))
-            from .io import _umask
+            from ..core.io import _umask
 
             os.chmod(tmp / TENSOR_FILE, 0o666 & ~_umask())  # a model is shareable; the writer makes it private
             meta["files"][TENSOR_FILE] = sha256_file(tmp / TENSOR_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        from .io import _umask
+        from ..core.io import _umask
 
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; a model folder is shareable
         if folder.exists():
@@ -134,7 +134,7 @@ def load_model(folder, expected_digest: Optional[str] = None) -> Model:
             tensors = load_file(str(folder / TENSOR_FILE))
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(f"model {folder.name}: cannot read {TENSOR_FILE} ({exc})") from None
-    from .scorers import scorer_class
+    from ..scorers import scorer_class
 
     try:
         cls = scorer_class(meta["kind"])

@@ -9,19 +9,19 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .calibration import adapt_threshold, choose_threshold
-from .device import resolve_device
-from .errors import BadInputError
-from .io import array_to_image
-from .manifest import normalise_modality
-from .models import Model
+from ..calibration.curve import adapt_threshold, choose_threshold
+from ..core.device import resolve_device
+from ..core.errors import BadInputError
+from ..core.io import array_to_image
+from ..core.manifest import normalise_modality
+from ..store.models import Model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
                           scan_score)
-from .preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
-from .progress import Reporter
-from .result import Result
-from .scorers import scorer_class
-from .template import Grid
+from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
+from ..core.progress import Reporter
+from ..core.result import Result
+from ..scorers import scorer_class
+from ..core.template import Grid
 
 
 CALIBRATIONS = ("adaptive", "cohort")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .io import write_volume
+from ..core.io import write_volume
 from .overlay import overlay_montage
 from .postprocess import LESION_COLUMNS
-from .result import Result
+from ..core.result import Result
 
 OUTPUT_FILES = ("anomaly_map.nii.gz", "pred_mask.nii.gz", "brain_mask.nii.gz", "lesions.csv", "result.json",
                 "overlay.png")

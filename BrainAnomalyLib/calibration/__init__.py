@@ -1,0 +1,1 @@
+"""Calibration: score <-> healthy false-positive rate, the scan-adaptive move and the labelled refinement."""

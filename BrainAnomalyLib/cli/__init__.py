@@ -1,0 +1,1 @@
+"""The brainanomaly command line: one module per subcommand."""

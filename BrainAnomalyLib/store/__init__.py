@@ -1,0 +1,1 @@
+"""Model folders, the registry, importing and the preprocessing cache."""
