@@ -21,6 +21,8 @@ def main() -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--default", action="store_true", help="make it the default model")
     ap.add_argument("--card", help="model card markdown file to copy in as MODEL_CARD.md")
+    ap.add_argument("--keep-metrics", action="store_true",
+                    help="keep the registry's recorded metrics: for a model re-packed without changing its scores")
     args = ap.parse_args()
     model = load_model(args.folder)  # refuses broken folders before anything is copied
     registry = shipped_registry_file()
@@ -40,6 +42,8 @@ def main() -> int:
              "training_data": meta.get("training_data", {}).get("manifest", "none"),
              "metrics": meta.get("metrics", {})}
     ids = [e["id"] for e in data["models"]]
+    if args.keep_metrics and model.name in ids:
+        entry["metrics"] = data["models"][ids.index(model.name)].get("metrics", {})
     if model.name in ids:  # re-registered: keep its place in the list
         data["models"][ids.index(model.name)] = entry
     else:
