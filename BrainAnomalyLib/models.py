@@ -212,7 +212,7 @@ def installed_folder(name: str) -> Optional[Tuple[Path, Optional[str]]]:
     for e in shipped_entries():
         if e["id"] == name:
             return shipped_registry_file().parent / e["path"], e.get("sha256")
-    if name and Path(name).name == name and (user_models_dir() / name).is_dir():
+    if name not in ("", ".", "..") and Path(name).name == name and (user_models_dir() / name).is_dir():
         return user_models_dir() / name, None
     return None
 
@@ -246,12 +246,25 @@ def _load_members(ensemble: Model) -> List[Model]:
     """Each member named by the ensemble, found as an installed model (never as a path relative to the working
     folder) and refused unless its folder digest is the one recorded when the ensemble was built: a member that
     was retrained or recalibrated since no longer matches the scale the ensemble put its map on."""
+    params = ensemble.meta.get("params")
+    refs = params.get("members") if isinstance(params, dict) else None
+    if not isinstance(refs, list) or len(refs) < 2:
+        raise ModelError(f"model {ensemble.name}: an ensemble names at least two members in its {META_FILE}")
+    weights = params.get("weights")
+    if weights is not None and not (isinstance(weights, list) and len(weights) == len(refs)
+                                    and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
+        raise ModelError(f"model {ensemble.name}: its weights are not {len(refs)} non-negative numbers")
     members = []
-    for n, ref in enumerate(ensemble.meta.get("params", {}).get("members") or []):
-        member_id, digest = ref.get("id"), ref.get("sha256")
-        if not member_id or not digest:
+    for n, ref in enumerate(refs):
+        member_id = ref.get("id") if isinstance(ref, dict) else None
+        digest = ref.get("sha256") if isinstance(ref, dict) else None
+        if not isinstance(member_id, str) or not isinstance(digest, str) or not member_id:
             raise ModelError(f"model {ensemble.name}: member {n + 1} is not named by id and sha256 (an ensemble "
                              "from an older version?); rebuild it with 'brainanomaly ensemble'")
+        scale = ref.get("scale")
+        if not (isinstance(scale, dict) and _is_number(scale.get("median")) and _is_number(scale.get("mad"))
+                and scale["mad"] > 0):
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} has no healthy scale (median, mad > 0)")
         found = installed_folder(member_id)
         if found is None:
             raise ModelError(f"model {ensemble.name}: member {member_id!r} is not installed (neither a shipped "
@@ -267,7 +280,8 @@ def _load_members(ensemble: Model) -> List[Model]:
         if member.kind == "ensemble":
             raise ModelError(f"model {ensemble.name}: member {member_id!r} is an ensemble itself")
         members.append(member)
-    if len(members) < 2:
-        raise ModelError(f"model {ensemble.name}: an ensemble needs at least two members, {META_FILE} names "
-                         f"{len(members)}")
     return members
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)

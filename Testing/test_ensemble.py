@@ -92,6 +92,21 @@ def test_a_changed_member_is_a_model_error_naming_it(installed, tmp_path, what):
         load_model(folder)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["members"][0].pop("sha256"), "member 1 is not named by id and sha256"),  # the old, copied form
+    (lambda p: p["members"][1]["scale"].update(mad=0.0), "member 'two-sided' has no healthy scale"),
+    (lambda p: p.update(weights=[1.0]), "weights are not 2 non-negative numbers"),
+    (lambda p: p.update(members=p["members"][:1]), "at least two members"),
+])
+def test_a_malformed_ensemble_is_a_model_error(installed, tmp_path, edit, message):
+    folder = _build(tmp_path)
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    edit(meta["params"])
+    (folder / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelError, match=message):
+        load_model(folder)
+
+
 def test_ensemble_refuses_uncalibrated_or_mixed_members(template_normative_model, intensity_model):
     with pytest.raises(ValueError, match="at least two"):
         build_ensemble([template_normative_model])
