@@ -92,3 +92,26 @@ def test_user_folder_models_are_listed_and_resolved(tmp_path, monkeypatch, inten
     shutil.copytree(intensity_model.path, tmp_path / "mine")
     assert any(r["id"] == "mine" and r["source"] == "user" for r in list_models())
     assert resolve_model("mine").kind == "intensity"
+
+
+
+def test_register_model_half_keeps_the_card_and_training_report(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "register_model.py"
+    spec = importlib.util.spec_from_file_location("register_model", script)
+    register = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(register)
+    t = {"net.w": np.random.rand(30, 40).astype(np.float32)}
+    folder = save_model(tmp_path / "m", {"kind": "normative", "modality": "T1", "grid": {}}, t)
+    (folder / "MODEL_CARD.md").write_text("card")
+    (folder / "training" / "net").mkdir(parents=True)
+    (folder / "training" / "net" / "loss_curves.png").write_bytes(b"png")
+    register.store_half(folder)
+    m = load_model(folder)
+    assert m.meta["storage_dtype"] == "float16"
+    assert np.array_equal(m.tensors["net.w"], t["net.w"].astype(np.float16).astype(np.float32))
+    assert (folder / "MODEL_CARD.md").read_text() == "card"
+    assert (folder / "training" / "net" / "loss_curves.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
