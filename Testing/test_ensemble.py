@@ -1,16 +1,20 @@
-"""Ensembles of calibrated models: members on a common healthy scale, averaged; built, saved, loaded and run
-like any model."""
+"""Ensembles of calibrated models: members on a common healthy scale, averaged; built, saved, loaded and run like
+any model. An ensemble names its installed members by id and folder sha256 instead of copying their weights, so a
+member that is missing or has changed is refused when the ensemble is loaded."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 
 from BrainAnomalyLib.cli.main import main
-from BrainAnomalyLib.store.models import Model, load_model
+from BrainAnomalyLib.core.errors import ModelError
 from BrainAnomalyLib.core.progress import Reporter
+from BrainAnomalyLib.store.model_store import import_model
+from BrainAnomalyLib.store.models import Model, folder_digest, load_model, save_model
 from BrainAnomalyLib.scorers import scorer_class
 from BrainAnomalyLib.scorers.ensemble import build_ensemble
 from conftest import template_cohort
@@ -23,19 +27,84 @@ def _two_sided(model):
     return Model(model.path, meta, model.tensors)
 
 
-def test_ensemble_averages_members_on_their_healthy_scale(template_normative_model):
-    a, b = template_normative_model, _two_sided(template_normative_model)
-    params, tensors = build_ensemble([a, b], weights=[1.0, 3.0])
+@pytest.fixture
+def installed(tmp_path, monkeypatch, template_normative_model):
+    """Two small calibrated models installed in a user models folder of their own: 'hypo' and 'two-sided'."""
+    udir = tmp_path / "user-models"
+    monkeypatch.setenv("BRAINANOMALY_MODELS_DIR", str(udir))
+    two = _two_sided(template_normative_model)
+    for name, m in (("hypo", template_normative_model), ("two-sided", two)):
+        save_model(udir / name, dict(m.meta, name=name), m.tensors)
+    return udir
+
+
+def _build(tmp_path, *extra):
+    out = tmp_path / "ens"
+    assert main(["ensemble", "--model", "hypo", "--model", "two-sided", *extra, "-o", str(out)]) == 0
+    return out
+
+
+def test_ensemble_averages_members_on_their_healthy_scale(installed, tmp_path):
+    folder = _build(tmp_path, "--weight", "1", "--weight", "3")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json"]  # no copies of the members' weights
+    model = load_model(folder)
+    assert [m["id"] for m in model.meta["params"]["members"]] == ["hypo", "two-sided"]
+    assert [m.name for m in model.members] == ["hypo", "two-sided"]
     image, mask = next(template_cohort(1, seed=9))
-    got = scorer_class("ensemble")(params, tensors).score(image, mask, Reporter()).anomaly_map
+    got = scorer_class("ensemble").for_model(model, model.meta["params"]).score(image, mask, Reporter()).anomaly_map
     expected = np.zeros(image.shape)
-    for model, w in ((a, 1.0), (b, 3.0)):
-        raw = scorer_class(model.kind)(model.meta["params"], model.tensors).score(image, mask, Reporter())
-        ref = model.meta["calibration"]["adaptive"]
+    for name, w in (("hypo", 1.0), ("two-sided", 3.0)):
+        member = load_model(installed / name)
+        raw = scorer_class(member.kind)(member.meta["params"], member.tensors).score(image, mask, Reporter())
+        ref = member.meta["calibration"]["adaptive"]
         expected += w * (raw.anomaly_map - ref["median"]) / ref["mad"]
     expected = np.where(mask, expected / 4.0, 0.0)
     assert np.allclose(got, expected, atol=1e-4)
     assert not np.allclose(got, 0.0)
+
+
+def test_a_missing_member_is_a_model_error_naming_it(installed, tmp_path):
+    folder = _build(tmp_path)
+    (installed / "two-sided" / "model.safetensors").unlink()
+    (installed / "two-sided" / "model.json").unlink()
+    (installed / "two-sided").rmdir()
+    with pytest.raises(ModelError, match="member 'two-sided' is not installed"):
+        load_model(folder)
+    # The CLI turns it into exit 3 before reading any input.
+    assert main(["detect", str(tmp_path / "no-scan.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--model", str(folder)]) == 3
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("what", ["tensors", "calibration"])
+def test_a_changed_member_is_a_model_error_naming_it(installed, tmp_path, what):
+    folder = _build(tmp_path)
+    member = installed / "hypo"
+    if what == "tensors":  # same size, one byte different: a corrupted or tampered file
+        data = bytearray((member / "model.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (member / "model.safetensors").write_bytes(bytes(data))
+    else:  # recalibrated since: the scale the ensemble recorded no longer belongs to this member
+        meta = json.loads((member / "model.json").read_text(encoding="utf-8"))
+        meta["calibration"]["adaptive"]["mad"] *= 2
+        (member / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelError, match="member 'hypo' .* does not match the sha256 the ensemble recorded"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["members"][0].pop("sha256"), "member 1 is not named by id and sha256"),  # the old, copied form
+    (lambda p: p["members"][1]["scale"].update(mad=0.0), "member 'two-sided' has no healthy scale"),
+    (lambda p: p.update(weights=[1.0]), "weights are not 2 non-negative numbers"),
+    (lambda p: p.update(members=p["members"][:1]), "at least two members"),
+])
+def test_a_malformed_ensemble_is_a_model_error(installed, tmp_path, edit, message):
+    folder = _build(tmp_path)
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    edit(meta["params"])
+    (folder / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(ModelError, match=message):
+        load_model(folder)
 
 
 def test_ensemble_refuses_uncalibrated_or_mixed_members(template_normative_model, intensity_model):
@@ -49,12 +118,22 @@ def test_ensemble_refuses_uncalibrated_or_mixed_members(template_normative_model
         build_ensemble([template_normative_model, flair])
 
 
-def test_ensemble_cli_writes_a_loadable_model(template_normative_model, tmp_path):
-    out = tmp_path / "ens"
-    code = main(["ensemble", "--model", str(template_normative_model.path), "--model",
-                 str(template_normative_model.path), "-o", str(out)])
-    assert code == 0
-    model = load_model(out)
-    assert model.kind == "ensemble" and len(model.meta["params"]["members"]) == 2
-    assert set(model.tensors) == {f"m{i}.{k}" for i in range(2) for k in template_normative_model.tensors}
-    assert main(["ensemble", "--model", str(template_normative_model.path), "-o", str(tmp_path / "x")]) == 2
+def test_ensemble_cli_refuses_members_that_are_not_installed(installed, tmp_path, template_normative_model,
+                                                              capsys):
+    out = tmp_path / "x"
+    assert main(["ensemble", "--model", "hypo", "--model", str(template_normative_model.path), "-o", str(out)]) == 2
+    assert "is not installed" in capsys.readouterr().err and not out.exists()
+    assert main(["ensemble", "--model", "hypo", "-o", str(out)]) == 2 and not out.exists()
+    # A folder that is a copy of an installed model is named by that model's id.
+    params = build_ensemble([load_model(installed / "two-sided"), load_model(tmp_path / "user-models" / "hypo")])
+    assert [m["id"] for m in params["members"]] == ["two-sided", "hypo"]
+    assert params["members"][1]["sha256"] == folder_digest(installed / "hypo")
+
+
+def test_importing_an_ensemble_needs_its_members(installed, tmp_path):
+    folder = _build(tmp_path)
+    target = import_model(folder)
+    assert target == installed / "ens" and len(load_model(target).members) == 2
+    (installed / "two-sided" / "model.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ModelError, match="cannot import .*member 'two-sided'"):
+        import_model(folder, overwrite=True)

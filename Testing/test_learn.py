@@ -323,6 +323,30 @@ def test_checkpoint_swap_interrupted_keeps_previous(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ fit_net
+def test_report_figures_are_palette_pngs_that_look_like_the_full_render():
+    import io
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from BrainAnomalyLib.learn.report import png_bytes
+
+    fig = Figure(figsize=(4, 2))
+    grey, hot = fig.subplots(1, 2)
+    rng = np.random.default_rng(0)
+    grey.imshow(rng.random((64, 64)), cmap="gray")
+    hot.imshow(rng.random((64, 64)), cmap="inferno")
+    fig.suptitle("reconstruction")
+    full = io.BytesIO()
+    fig.savefig(full, dpi=100, format="png")
+    small = png_bytes(fig)
+    assert len(small) < 0.7 * len(full.getvalue())
+    image = Image.open(io.BytesIO(small))
+    assert image.mode == "P"
+    diff = np.abs(np.asarray(image.convert("RGB"), np.int16) - np.asarray(Image.open(full).convert("RGB"), np.int16))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 16
+
+
 def test_training_reduces_loss_and_writes_report(tmp_path):
     train, val = data()
     seen = []

@@ -21,6 +21,22 @@ def test_round_trip_keeps_tensors_exactly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
 
 
+def test_half_precision_storage_is_read_back_as_float32_and_kept_on_resave(tmp_path):
+    t = {"net.w": np.random.rand(20, 30, 40).astype(np.float32), "net.steps": np.arange(3, dtype=np.int64)}
+    full = save_model(tmp_path / "full", {"kind": "normative", "modality": "T1", "grid": {}}, t)
+    half = save_model(tmp_path / "half", {"kind": "normative", "modality": "T1", "grid": {}}, t, half=True)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    m = load_model(half)
+    assert m.meta["storage_dtype"] == "float16" and m.tensors["net.w"].dtype == np.float32
+    assert np.array_equal(m.tensors["net.w"], t["net.w"].astype(np.float16).astype(np.float32))
+    assert not np.array_equal(m.tensors["net.w"], t["net.w"])
+    assert m.tensors["net.steps"].dtype == np.int64 and np.array_equal(m.tensors["net.steps"], t["net.steps"])
+    # Re-saving (e.g. after calibrating) keeps the half-precision file byte for byte.
+    again = save_model(tmp_path / "again", dict(m.meta, calibration={}), m.tensors)
+    assert (again / "model.safetensors").read_bytes() == (half / "model.safetensors").read_bytes()
+    assert "storage_dtype" not in load_model(save_model(tmp_path / "f", m.meta, m.tensors, half=False)).meta
+
+
 def test_missing_and_broken_folders_are_refused(tmp_path):
     with pytest.raises(ModelError, match="not a model folder"):
         load_model(tmp_path)
@@ -76,3 +92,26 @@ def test_user_folder_models_are_listed_and_resolved(tmp_path, monkeypatch, inten
     shutil.copytree(intensity_model.path, tmp_path / "mine")
     assert any(r["id"] == "mine" and r["source"] == "user" for r in list_models())
     assert resolve_model("mine").kind == "intensity"
+
+
+
+def test_register_model_half_keeps_the_card_and_training_report(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "register_model.py"
+    spec = importlib.util.spec_from_file_location("register_model", script)
+    register = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(register)
+    t = {"net.w": np.random.rand(30, 40).astype(np.float32)}
+    folder = save_model(tmp_path / "m", {"kind": "normative", "modality": "T1", "grid": {}}, t)
+    (folder / "MODEL_CARD.md").write_text("card")
+    (folder / "training" / "net").mkdir(parents=True)
+    (folder / "training" / "net" / "loss_curves.png").write_bytes(b"png")
+    register.store_half(folder)
+    m = load_model(folder)
+    assert m.meta["storage_dtype"] == "float16"
+    assert np.array_equal(m.tensors["net.w"], t["net.w"].astype(np.float16).astype(np.float32))
+    assert (folder / "MODEL_CARD.md").read_text() == "card"
+    assert (folder / "training" / "net" / "loss_curves.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind

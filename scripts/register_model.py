@@ -1,19 +1,37 @@
 #!/usr/bin/env python
 """Copy a trained model folder into Resources/Models and (re)write its registry entry with size and sha256.
 
-    python scripts/register_model.py /path/to/model-folder [--default]
+    python scripts/register_model.py /path/to/model-folder [--default] [--half] [--keep-metrics]
 """
 
 import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.store.models import folder_digest, load_model, shipped_registry_file  # noqa: E402
+from BrainAnomalyLib.store.models import (META_FILE, TENSOR_FILE, folder_digest, load_model,  # noqa: E402
+                                          save_model, shipped_registry_file)
+
+
+def store_half(folder: Path) -> None:
+    """Re-write a model folder's tensors in half precision, keeping its other files (card, training report)."""
+    model = load_model(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".half-", dir=folder.parent))
+    try:
+        staged = save_model(staging / folder.name, model.meta, model.tensors, half=True)
+        for p in folder.rglob("*"):
+            if p.is_file() and p.relative_to(folder).as_posix() not in (META_FILE, TENSOR_FILE):
+                (staged / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, staged / p.relative_to(folder))
+        shutil.rmtree(folder)
+        staged.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main() -> int:
@@ -21,6 +39,11 @@ def main() -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--default", action="store_true", help="make it the default model")
     ap.add_argument("--card", help="model card markdown file to copy in as MODEL_CARD.md")
+    ap.add_argument("--half", action="store_true",
+                    help="store the float32 tensors as float16 (read back as float32): half the size; check the "
+                         "model's scores before and after")
+    ap.add_argument("--keep-metrics", action="store_true",
+                    help="keep the registry's recorded metrics: for a model re-packed without changing its scores")
     args = ap.parse_args()
     model = load_model(args.folder)  # refuses broken folders before anything is copied
     registry = shipped_registry_file()
@@ -30,6 +53,8 @@ def main() -> int:
         shutil.copytree(args.folder, dest)
     if args.card:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
+    if args.half:
+        store_half(dest)
     data = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {"default": model.name, "models": []}
     meta = model.meta
     entry = {"id": model.name, "path": model.name, "kind": meta["kind"], "version": meta.get("version", "1.0.0"),
@@ -40,6 +65,8 @@ def main() -> int:
              "training_data": meta.get("training_data", {}).get("manifest", "none"),
              "metrics": meta.get("metrics", {})}
     ids = [e["id"] for e in data["models"]]
+    if args.keep_metrics and model.name in ids:
+        entry["metrics"] = data["models"][ids.index(model.name)].get("metrics", {})
     if model.name in ids:  # re-registered: keep its place in the list
         data["models"][ids.index(model.name)] = entry
     else:

@@ -63,7 +63,7 @@ class Detector:
             "normalisation", self.preprocess_config.normalisation)
         self.postprocess_config = postprocess_config or PostprocessConfig(**meta.get("postprocess", {}))
         params = dict(meta.get("params", {}), **(scorer_params or {}))
-        self.scorer = scorer_class(model.kind)(params, model.tensors, self.device)
+        self.scorer = scorer_class(model.kind).for_model(model, params, self.device)
 
     def check_modality(self, modality: Optional[str]) -> str:
         expected = self.model.modality

@@ -49,6 +49,11 @@ class Scorer:
         self.tensors = tensors
         self.device = device
 
+    @classmethod
+    def for_model(cls, model, params: dict, device: str = "cpu") -> "Scorer":
+        """The scorer of a loaded model (models.Model), run with `params` (its own, or overridden)."""
+        return cls(params, model.tensors, device)
+
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         raise NotImplementedError
 

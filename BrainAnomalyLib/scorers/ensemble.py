@@ -1,11 +1,11 @@
 """An ensemble of calibrated models scored as one: each member's map is put on a common scale (its healthy
 cohort's robust location and spread) and the maps are averaged. Build one with `brainanomaly ensemble`; calibrate
-it like any model. Members' weights are stored in the ensemble's own safetensors (keys "m<i>.<name>"), so the
-folder stands alone."""
+it like any model. The ensemble stores no weights: it names each member by its installed id and the sha256 of the
+member's folder (the digest the registry uses), and `models.load_model` finds and checks the members."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -18,18 +18,23 @@ class EnsembleScorer(Scorer):
     kind = "ensemble"
     needs_tensors = False
 
-    def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
+    def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu",
+                 members: Sequence[Scorer] = ()) -> None:
         super().__init__(params, tensors, device)
+        if len(members) != len(self.params["members"]):
+            raise ValueError(f"the ensemble names {len(self.params['members'])} members but got {len(members)} "
+                             "scorers; load it with models.load_model")
+        self.members = list(members)
+
+    @classmethod
+    def for_model(cls, model, params: dict, device: str = "cpu") -> "EnsembleScorer":
         from . import scorer_class
 
-        self.members = []
-        for i, member in enumerate(self.params["members"]):
-            prefix = f"m{i}."
-            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            # Settings given to the ensemble (e.g. a batch size after GPU out-of-memory) reach every member.
-            member_params = dict(member["params"], **{k: v for k, v in self.params.items()
-                                                      if k in ("batch_size",)})
-            self.members.append(scorer_class(member["kind"])(member_params, sub, device))
+        # Settings given to the ensemble (e.g. a batch size after GPU out-of-memory) reach every member.
+        shared = {k: v for k, v in params.items() if k in ("batch_size",)}
+        members = [scorer_class(m.kind).for_model(m, dict(m.meta.get("params", {}), **shared), device)
+                   for m in model.members]
+        return cls(params, model.tensors, device, members)
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         total = np.zeros(image.shape, np.float64)
@@ -46,8 +51,10 @@ class EnsembleScorer(Scorer):
         return ScoreOutput(np.where(mask, total, 0.0).astype(np.float32), reconstruction=recon)
 
 
-def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> Tuple[dict, Dict[str, np.ndarray]]:
-    """(params, tensors) of an ensemble of calibrated models of one modality and grid."""
+def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> dict:
+    """The params of an ensemble of calibrated, installed models of one modality and grid."""
+    from ..store.models import folder_digest, installed_id, user_models_dir
+
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two models")
     modalities = {m.modality for m in models}
@@ -59,16 +66,19 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> Tuple[dic
         if len({repr(sorted((k, v) for k, v in (m.meta.get(key) or {}).items() if v is not None))
                 for m in models}) > 1:
             raise ValueError(f"ensemble members must share their {what}")
-    members: List[dict] = []
-    tensors: Dict[str, np.ndarray] = {}
-    for i, m in enumerate(models):
+    scales = []
+    for m in models:
         if m.kind == "ensemble":
             raise ValueError(f"{m.name} is an ensemble itself; list its members instead")
         ref = ((m.meta.get("calibration") or {}).get("adaptive")) or {}
         if not ref.get("mad"):
             raise ValueError(f"model {m.name} has no healthy score statistics; calibrate it first")
-        members.append({"name": m.name, "kind": m.kind, "params": m.meta.get("params", {}),
-                        "scale": {"median": float(ref["median"]), "mad": float(ref["mad"])}})
-        tensors.update({f"m{i}.{k}": v for k, v in m.tensors.items()})
-    params = {"members": members, "weights": [float(w) for w in weights] or None}
-    return params, tensors
+        scales.append({"median": float(ref["median"]), "mad": float(ref["mad"])})
+    members: List[dict] = []
+    for m, scale in zip(models, scales):
+        member_id = installed_id(m.path)
+        if member_id is None:
+            raise ValueError(f"model {m.path} is not installed; an ensemble names its members by id, so install it "
+                             f"first (brainanomaly models import {m.path}, into {user_models_dir()})")
+        members.append({"id": member_id, "sha256": folder_digest(m.path), "scale": scale})
+    return {"members": members, "weights": [float(w) for w in weights] or None}

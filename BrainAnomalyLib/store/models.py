@@ -2,7 +2,8 @@
 
 A model is never unpickled: tensors are safetensors, everything else is JSON. Every file of a folder is listed
 with its sha256 in model.json, and shipped models are listed with a folder digest in Resources/Models/models.json,
-so a broken or tampered model is refused before use.
+so a broken or tampered model is refused before use. An ensemble holds no weights of its own: it names each member
+by id with the member folder's digest, and loading it finds and checks each member the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -24,6 +25,9 @@ FORMAT = "brainanomaly-model"
 FORMAT_VERSION = 1
 TENSOR_FILE = "model.safetensors"
 META_FILE = "model.json"
+# model.json's "storage_dtype" when the floating-point tensors were stored in half precision to keep the folder
+# small; they are cast back to float32 on loading, so scorers always see float32.
+HALF = "float16"
 
 
 def resources_dir() -> Path:
@@ -45,6 +49,8 @@ class Model:
     path: Path
     meta: dict
     tensors: Dict[str, np.ndarray] = field(default_factory=dict)
+    # An ensemble's members, found and checked when it is loaded; never written back into its folder.
+    members: List["Model"] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -76,13 +82,23 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = None) -> Path:
-    """Write a model folder atomically (a temporary sibling renamed into place)."""
+def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = None,
+               half: Optional[bool] = None) -> Path:
+    """Write a model folder atomically (a temporary sibling renamed into place).
+
+    `half` stores the float32 tensors as float16 (read back as float32); None keeps what `meta` says, so a model
+    stored in half precision stays so when it is re-saved (e.g. recalibrated)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files={})
+        if half is None:
+            half = meta.get("storage_dtype") == HALF
+        meta.pop("storage_dtype", None)
+        if half and tensors:
+            meta["storage_dtype"] = HALF
+            tensors = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in tensors.items()}
         if tensors:
             from safetensors.numpy import save_file
 
@@ -105,7 +121,15 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
 
 
 def load_model(folder, expected_digest: Optional[str] = None) -> Model:
-    folder = Path(folder)
+    """A checked model folder; an ensemble comes with its members, each found by id and checked against the digest
+    the ensemble recorded."""
+    model = _load_folder(Path(folder), expected_digest)
+    if model.kind == "ensemble":
+        model.members = _load_members(model)
+    return model
+
+
+def _load_folder(folder: Path, expected_digest: Optional[str]) -> Model:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise ModelError(f"{folder} is not a model folder (no {META_FILE})")
@@ -134,6 +158,8 @@ def load_model(folder, expected_digest: Optional[str] = None) -> Model:
             tensors = load_file(str(folder / TENSOR_FILE))
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(f"model {folder.name}: cannot read {TENSOR_FILE} ({exc})") from None
+        if meta.get("storage_dtype") == HALF:
+            tensors = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in tensors.items()}
     from ..scorers import scorer_class
 
     try:
@@ -180,16 +206,82 @@ def list_models() -> List[dict]:
     return out
 
 
+def installed_folder(name: str) -> Optional[Tuple[Path, Optional[str]]]:
+    """(folder, registry digest) of the shipped model with id `name`, else of the user's model of that name (no
+    registry digest); None when neither exists."""
+    for e in shipped_entries():
+        if e["id"] == name:
+            return shipped_registry_file().parent / e["path"], e.get("sha256")
+    if name not in ("", ".", "..") and Path(name).name == name and (user_models_dir() / name).is_dir():
+        return user_models_dir() / name, None
+    return None
+
+
+def installed_id(folder: Path) -> Optional[str]:
+    """The id under which `folder` (or an identical copy of it) is installed, i.e. how an ensemble can name it."""
+    folder = Path(folder).resolve()
+    for e in shipped_entries():
+        if (shipped_registry_file().parent / e["path"]).resolve() == folder:
+            return e["id"]
+    found = installed_folder(folder.name)
+    if found and (found[0].resolve() == folder or folder_digest(found[0]) == folder_digest(folder)):
+        return folder.name
+    return None
+
+
 def resolve_model(name_or_path: Optional[str]) -> Model:
     """A model folder path, a shipped model id, or a model in the user folder."""
     name = name_or_path or default_model_name()
     p = Path(name).expanduser()
     if p.is_dir():
         return load_model(p)
-    for e in shipped_entries():
-        if e["id"] == name:
-            return load_model(shipped_registry_file().parent / e["path"], expected_digest=e.get("sha256"))
-    if (user_models_dir() / name).is_dir():
-        return load_model(user_models_dir() / name)
+    found = installed_folder(name)
+    if found:
+        return load_model(found[0], expected_digest=found[1])
     known = ", ".join(e["id"] for e in list_models()) or "none"
     raise ModelError(f"no model named {name!r} (available: {known})")
+
+
+def _load_members(ensemble: Model) -> List[Model]:
+    """Each member named by the ensemble, found as an installed model (never as a path relative to the working
+    folder) and refused unless its folder digest is the one recorded when the ensemble was built: a member that
+    was retrained or recalibrated since no longer matches the scale the ensemble put its map on."""
+    params = ensemble.meta.get("params")
+    refs = params.get("members") if isinstance(params, dict) else None
+    if not isinstance(refs, list) or len(refs) < 2:
+        raise ModelError(f"model {ensemble.name}: an ensemble names at least two members in its {META_FILE}")
+    weights = params.get("weights")
+    if weights is not None and not (isinstance(weights, list) and len(weights) == len(refs)
+                                    and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
+        raise ModelError(f"model {ensemble.name}: its weights are not {len(refs)} non-negative numbers")
+    members = []
+    for n, ref in enumerate(refs):
+        member_id = ref.get("id") if isinstance(ref, dict) else None
+        digest = ref.get("sha256") if isinstance(ref, dict) else None
+        if not isinstance(member_id, str) or not isinstance(digest, str) or not member_id:
+            raise ModelError(f"model {ensemble.name}: member {n + 1} is not named by id and sha256 (an ensemble "
+                             "from an older version?); rebuild it with 'brainanomaly ensemble'")
+        scale = ref.get("scale")
+        if not (isinstance(scale, dict) and _is_number(scale.get("median")) and _is_number(scale.get("mad"))
+                and scale["mad"] > 0):
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} has no healthy scale (median, mad > 0)")
+        found = installed_folder(member_id)
+        if found is None:
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} is not installed (neither a shipped "
+                             f"model nor in {user_models_dir()}); install it with 'brainanomaly models import'")
+        if folder_digest(found[0]) != digest:
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} ({found[0]}) does not match the sha256 "
+                             "the ensemble recorded (changed, recalibrated or tampered with since); rebuild the "
+                             "ensemble with 'brainanomaly ensemble'")
+        try:
+            member = _load_folder(found[0], None)
+        except ModelError as exc:
+            raise ModelError(f"model {ensemble.name}: member {member_id!r}: {exc}") from None
+        if member.kind == "ensemble":
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} is an ensemble itself")
+        members.append(member)
+    return members
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
