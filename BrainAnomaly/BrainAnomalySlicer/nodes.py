@@ -411,3 +411,14 @@ def lesion_position(table, row: int) -> Optional[List[float]]:
         return None
     names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
     return [float(t.GetValue(row, names.index(axis)).ToDouble()) for axis in ("R", "A", "S")]
+
+
+def output_volume_ids(scene) -> List[str]:
+    """IDs of the volumes this module made (heatmaps, label maps, pseudo-healthy images): hidden from the input
+    selector, so a run is never started on an earlier run's output."""
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE):
+            out.append(node.GetID())
+    return out
