@@ -140,7 +140,8 @@ def test_licence_file_matches_the_declared_licence():
 
 def test_contributors_are_name_and_organisation():
     # The Extensions Index form: "Name (Organisation)", comma-separated; the module says the same.
-    people = " ".join(_variables(ROOT_CMAKE.read_text(encoding="utf-8"))["EXTENSION_CONTRIBUTORS"]).split(", ")
+    line = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', ROOT_CMAKE.read_text(encoding="utf-8"))
+    people = line.group(1).split(", ")
     assert people and all(re.fullmatch(r"[^()]+ \([^()]+\)", p.strip()) for p in people), people
     module = (MODULE_DIR / "BrainAnomaly.py").read_text(encoding="utf-8")
     assert all(f'"{p}"' in module for p in people)
