@@ -257,6 +257,7 @@ def test_results_go_with_the_runs_own_input_and_keep_device_and_notes(mrml_scene
     assert logic.outputs_for(second).heatmap is None
     state = logic.state(out)
     assert state["device"] == "cuda" and state["notes"] == summary["notes"]
+    assert state["min_lesion_ml"] == summary["min_lesion_ml"]  # what the worker's table was really made with
     # The table is the worker's own at its threshold (not recomputed), and the label map agrees with it.
     t = out.table.GetTable()
     assert t.GetNumberOfRows() == len(summary["lesions"])

@@ -297,7 +297,9 @@ class DetectionLogic:
                 nodes._display_node(self.scene, outputs.reconstruction)
             state = {"curve": summary.get("scan_calibration"), "window": summary.get("display_range"),
                      "threshold": threshold, "fpr": summary["threshold"].get("fpr"),
-                     "peak": summary.get("peak_score"), "min_lesion_ml": float(options.min_lesion_ml),
+                     "peak": summary.get("peak_score"),
+                     # What the worker's table was made with (it was sent options.min_lesion_ml).
+                     "min_lesion_ml": float(summary.get("min_lesion_ml", options.min_lesion_ml)),
                      "per_lesion": bool(options.per_lesion_segments), "model": summary.get("model"),
                      "modality": summary.get("modality"), "pred_score": summary.get("pred_score"),
                      "device": summary.get("device"), "timings": summary.get("timings"),

@@ -244,8 +244,10 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
 
     def _hideOutputsFromInput(self, caller=None, event=None):
         # Deferred: a node is added before the logic gives it its role attribute.
-        qt.QTimer.singleShot(0, lambda: self.ui.inputSelector.sortFilterProxyModel().setHiddenNodeIDs(
-            nodes.output_volume_ids(slicer.mrmlScene)))
+        qt.QTimer.singleShot(0, self._updateHiddenInputs)
+
+    def _updateHiddenInputs(self):
+        self.ui.inputSelector.sortFilterProxyModel().hiddenNodeIDs = nodes.output_volume_ids(slicer.mrmlScene)
 
     def onImportModel(self):
         path = qt.QFileDialog.getOpenFileName(
