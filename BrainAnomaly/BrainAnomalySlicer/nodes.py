@@ -342,17 +342,17 @@ def update_segmentation(scene, segmentation, numbered: np.ndarray, ijk_to_ras: n
 
     seg = segmentation.GetSegmentation()
     seg.RemoveAllSegments()
-    if not lesions:
-        return
-    # The segments' geometry is the whole grid's, but only the lesions' bounding box is imported (the import's
-    # time follows the voxels it is given), straight from an oriented image: no temporary node in the scene.
+    converter = slicer.vtkSegmentationConverter
     matrix = _numpy_to_matrix(ijk_to_ras)
-    whole = slicer.vtkOrientedImageData()
+    whole = slicer.vtkOrientedImageData()  # the segments' geometry is the whole grid's
     whole.SetExtent(0, numbered.shape[2] - 1, 0, numbered.shape[1] - 1, 0, numbered.shape[0] - 1)
     whole.SetImageToWorldMatrix(matrix)
-    converter = slicer.vtkSegmentationConverter
     seg.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
                                converter.SerializeImageGeometry(whole))
+    if not lesions:
+        return
+    # Segments are made straight from the lesions' bounding box, as one labelmap they share (each segment its
+    # label value), in a fraction of the time an import of the whole grid takes, and with no temporary node.
     spans = [np.flatnonzero(numbered.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     (k0, k1), (j0, j1), (i0, i1) = ((int(s[0]), int(s[-1])) for s in spans)
     box = numbered[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
@@ -362,21 +362,18 @@ def update_segmentation(scene, segmentation, numbered: np.ndarray, ijk_to_ras: n
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
         np.ravel(values), deep=True, array_type=numpy_support.get_vtk_array_type(values.dtype)))
     image.SetImageToWorldMatrix(matrix)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentation):
-        raise RuntimeError("could not turn the label map into segments")
-    # Imported segments come in label order (numbers 1..n, all present); name and colour them for the user.
-    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-    if per_lesion:
-        present = sorted(les["label"] for les in lesions)
-        for seg_id, number in zip(ids, present):
-            segment = seg.GetSegment(seg_id)
+    labels = sorted(les["label"] for les in lesions) if per_lesion else [1]
+    for number in labels:
+        segment = slicer.vtkSegment()
+        if per_lesion:
             segment.SetName(f"Lesion {number}")
-            hue = (0.61803 * number) % 1.0
-            segment.SetColor(*_hsv_to_rgb(hue, 0.8, 1.0))
-    else:
-        segment = seg.GetSegment(ids[0])
-        segment.SetName("Anomaly")
-        segment.SetColor(*ANOMALY_COLOUR)
+            segment.SetColor(*_hsv_to_rgb((0.61803 * number) % 1.0, 0.8, 1.0))
+        else:
+            segment.SetName("Anomaly")
+            segment.SetColor(*ANOMALY_COLOUR)
+        segment.SetLabelValue(int(number))
+        segment.AddRepresentation(converter.GetBinaryLabelmapRepresentationName(), image)
+        seg.AddSegment(segment)
     display = _display_node(scene, segmentation)
     # Outlines only in 2D, so the heatmap under them stays visible.
     display.SetOpacity2DFill(0.0)
