@@ -141,8 +141,26 @@ def test_worker_lists_devices_without_input(tmp_path):
     assert missing.returncode == 2 and "--input and --output-dir are required" in missing.stderr
 
 
-class _Connector:
-    """A stand-in for one of the parameter node wrapper's GUI connectors."""
+def test_worker_device_listing_with_a_gpu(monkeypatch):
+    # No GPU where this is developed: the CUDA branch of the worker's answer against a stand-in torch.
+    import types
+
+    from BrainAnomalyLib import worker
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2,
+                                 get_device_name=lambda i: f"GPU {i}",
+                                 get_device_properties=lambda i: types.SimpleNamespace(total_memory=80 * 2 ** 30))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.5.1", cuda=cuda))
+    answer = worker.list_devices()
+    assert answer == {"torch": "2.5.1", "cuda": [{"name": "GPU 0", "memory_gb": 80.0},
+                                                 {"name": "GPU 1", "memory_gb": 80.0}]}
+    assert panel.describe_devices(answer) == "GPU found: GPU 0, 80 GB (+1 more)"
+
+    def broken():
+        raise RuntimeError("driver too old")
+
+    monkeypatch.setattr(cuda, "is_available", broken)
+    assert "driver too old" in panel.describe_devices(worker.list_devices())
 
 
 class _WrapperOfSlicer58:
