@@ -121,7 +121,8 @@ class InferenceProcess:
             if graceful:
                 self.proc.send_signal(signal.CTRL_BREAK_EVENT)
             else:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True,  # no console flash
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000))
             return
         try:
             os.killpg(os.getpgid(pid), signal.SIGTERM if graceful else signal.SIGKILL)
