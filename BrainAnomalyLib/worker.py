@@ -1,6 +1,7 @@
 """The inference process a viewer (3D Slicer) starts: one scan in, the maps and a JSON summary out.
 
     python -m BrainAnomalyLib.worker --input scan.nrrd --output-dir OUT [--model ID] [--device auto] ...
+    python -m BrainAnomalyLib.worker --list-devices
 
 Running detection in its own process keeps the viewer responsive, lets a cancel kill everything at once, frees
 GPU memory when it ends and means a crash cannot take the viewer down. Progress travels as one JSON object per
@@ -10,10 +11,12 @@ stdout line:
     {"event": "log", "message": "..."}
     {"event": "done", "output_dir": "OUT"}
     {"event": "error", "kind": "BadInputError", "message": "...", "exit_code": 2}
+    {"event": "devices", "torch": "2.5.1", "cuda": [{"name": "...", "memory_gb": 16.0}]}   (--list-devices)
 
 Anything else a library prints goes to stderr, so stdout carries only these lines. OUT receives
-anomaly_map.nrrd, brain_mask.nrrd, reconstruction.nrrd (when the model has one) and result.json (the summary, the
-scan's FPR -> threshold curve and the display range), all moved in together at the end.
+anomaly_map.nrrd, reconstruction.nrrd (when the model has one) and result.json (the summary with the lesion table,
+the scan's FPR -> threshold curve and the display range), all moved in together at the end. --list-devices answers
+what PyTorch sees without the viewer importing torch itself.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .core.errors import BrainAnomalyError, Cancelled
 
 OUT_OF_MEMORY = "OutOfMemory"
 OUT_OF_MEMORY_EXIT = 4
-OUTPUT_FILES = ("anomaly_map.nrrd", "brain_mask.nrrd", "result.json")
+OUTPUT_FILES = ("anomaly_map.nrrd", "result.json")
 
 
 class Channel:
@@ -62,8 +65,9 @@ class Channel:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m BrainAnomalyLib.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="volume file")
-    p.add_argument("--output-dir", required=True, help="folder for the outputs (created)")
+    p.add_argument("--input", help="volume file (required unless --list-devices)")
+    p.add_argument("--output-dir", help="folder for the outputs (created; required unless --list-devices)")
+    p.add_argument("--list-devices", action="store_true", help="print one 'devices' line and exit")
     p.add_argument("--model", help="model id or folder (default: the shipped default)")
     p.add_argument("--modality", help="the scan's modality (default: the model's)")
     p.add_argument("--device", default="auto")
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=None, help="healthy FPR of the initial threshold (default 0.01)")
     p.add_argument("--calibration", default="adaptive", choices=["adaptive", "cohort"])
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (learned scorers)")
+    p.add_argument("--min-lesion-ml", type=float, default=None,
+                   help="smallest lesion in the table (default: the model's)")
     return p
 
 
@@ -115,6 +121,8 @@ def detect(args, channel: Channel, cancel) -> Path:
     params = {"batch_size": args.batch_size} if args.batch_size else None
     det = Detector(model, device=args.device, preprocess_config=_preprocess_config(
         args, model.meta.get("preprocessing", {})), scorer_params=params, calibration=args.calibration)
+    if args.min_lesion_ml is not None:
+        det.postprocess_config.min_lesion_ml = float(args.min_lesion_ml)
     modality = det.check_modality(args.modality)
     chosen = det.threshold(fpr=args.fpr)
     channel.send("log", message=f"model {model.name} ({model.kind}, {model.modality}) on {det.device}")
@@ -133,7 +141,6 @@ def detect(args, channel: Channel, cancel) -> Path:
     try:
         reporter("write outputs", 0.0)
         write_volume(result.anomaly_map, stage / "anomaly_map.nrrd")
-        write_volume(result.brain_mask, stage / "brain_mask.nrrd")
         if result.reconstruction is not None:
             write_volume(result.reconstruction, stage / "reconstruction.nrrd")
         summary = dict(result.summary(), input=Path(args.input).name, lesion_columns=list(LESION_COLUMNS),
@@ -151,9 +158,30 @@ def detect(args, channel: Channel, cancel) -> Path:
     return out
 
 
+def list_devices() -> dict:
+    """What PyTorch sees: its version (None when it is not installed) and each CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None, "cuda": []}
+    try:
+        cuda = [{"name": torch.cuda.get_device_name(i),
+                 "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2 ** 30, 1)}
+                for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    except Exception as exc:  # a broken driver: report it, the CPU still works
+        return {"torch": torch.__version__, "cuda": [], "error": f"{type(exc).__name__}: {exc}"}
+    return {"torch": torch.__version__, "cuda": cuda}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.list_devices and not (args.input and args.output_dir):
+        parser.error("--input and --output-dir are required")
     channel = Channel()
+    if args.list_devices:
+        channel.send("devices", **list_devices())
+        return 0
     from .core.progress import CancelToken
 
     cancel = CancelToken()

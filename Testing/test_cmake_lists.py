@@ -121,7 +121,30 @@ def test_no_glob():
 
 def test_the_ui_file_the_widget_loads_is_installed():
     assert "Resources/UI/BrainAnomaly.ui" in root_files()
-    assert '"UI" / "BrainAnomaly.ui"' in (MODULE_DIR / "BrainAnomaly.py").read_text(encoding="utf-8")
+    assert '"UI" / "BrainAnomaly.ui"' in (MODULE_DIR / "BrainAnomalySlicer" / "widget.py").read_text(encoding="utf-8")
+
+
+def test_self_test_is_registered_with_ctest():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text.split("if(BUILD_TESTING)", 1)[1]
+    assert "class BrainAnomalyTest(ScriptedLoadableModuleTest)" in (MODULE_DIR / "BrainAnomaly.py").read_text(
+        encoding="utf-8")
+
+
+def test_licence_file_matches_the_declared_licence():
+    # The Extensions Index needs a LICENSE at the root; pyproject.toml declares which one.
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_contributors_are_name_and_organisation():
+    # The Extensions Index form: "Name (Organisation)", comma-separated; the module says the same.
+    line = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', ROOT_CMAKE.read_text(encoding="utf-8"))
+    people = line.group(1).split(", ")
+    assert people and all(re.fullmatch(r"[^()]+ \([^()]+\)", p.strip()) for p in people), people
+    module = (MODULE_DIR / "BrainAnomaly.py").read_text(encoding="utf-8")
+    assert all(f'"{p}"' in module for p in people)
 
 
 def test_extension_description_is_filled_in():

@@ -194,6 +194,22 @@ def test_slicer_pip_installer_uses_pip_ensure_with_a_constraints_file(fake_slice
     assert not Path(path).exists()  # the constraints file is removed afterwards
 
 
+def test_slicer_pip_installer_asks_slicer_512_to_install_under_testing(fake_slicer, monkeypatch):
+    # Slicer >= 5.12's pip_ensure skips installs in --testing mode unless told not to; the self-test needs them.
+    slicer, calls = fake_slicer
+    pydeps = types.ModuleType("slicer.pydeps")
+
+    def pip_ensure(requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
+                   requester=None, skip_in_testing=True, show_progress=True):
+        calls.append(skip_in_testing)
+
+    pydeps.pip_ensure = pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.pydeps", pydeps)
+    _, pip_installer = deps.slicer_installers()
+    pip_installer(["monai>=1.3"], [])
+    assert calls == [False]
+
+
 def test_slicer_pip_installer_falls_back_to_pip_install(fake_slicer, monkeypatch):
     slicer, calls = fake_slicer
     monkeypatch.setitem(sys.modules, "slicer.pydeps", None)  # an older Slicer: no such module

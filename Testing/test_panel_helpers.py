@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -114,31 +113,98 @@ def test_already_installed_matches_model_store_message(tmp_path):
     assert not panel.is_already_installed(ModelError("model x: model.safetensors does not match its checksum"))
 
 
-def _fake_torch(available, name="Fake GPU", memory=16 * 2 ** 30, count=1, fail=False):
-    def is_available():
-        if fail:
-            raise RuntimeError("driver")
-        return available
-
-    cuda = types.SimpleNamespace(is_available=is_available, device_count=lambda: count,
-                                 get_device_properties=lambda i: types.SimpleNamespace(name=name,
-                                                                                       total_memory=memory))
-    return types.SimpleNamespace(cuda=cuda)
-
-
-def test_describe_devices():
-    assert panel.describe_devices(_fake_torch(True)) == "GPU found: Fake GPU, 16 GB"
-    assert "+1 more" in panel.describe_devices(_fake_torch(True, count=2))
-    assert "CPU" in panel.describe_devices(_fake_torch(False))
-    assert "CPU" in panel.describe_devices(_fake_torch(True, fail=True))
+def test_describe_devices_from_the_workers_answer():
+    # The panel never imports torch: it shows what `worker --list-devices` answered.
+    one = {"event": "devices", "torch": "2.5.1", "cuda": [{"name": "Fake GPU", "memory_gb": 16.0}]}
+    assert panel.describe_devices(one) == "GPU found: Fake GPU, 16 GB"
+    two = dict(one, cuda=one["cuda"] * 2)
+    assert "+1 more" in panel.describe_devices(two)
+    assert "CPU" in panel.describe_devices({"torch": "2.5.1", "cuda": []})
+    assert "CPU" in panel.describe_devices({"torch": "2.5.1", "cuda": [], "error": "RuntimeError: driver"})
+    assert "not installed" in panel.describe_devices({"torch": None, "cuda": []})
+    assert "Looking" in panel.describe_devices(None)
+    assert "Cannot tell" in panel.describe_devices({"error": "exit code 1"})
 
 
-def test_describe_devices_without_torch(monkeypatch):
-    import importlib.util
+def test_worker_lists_devices_without_input(tmp_path):
+    import json
+    import subprocess
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    assert "not installed" in panel.describe_devices()
+    proc = subprocess.run([sys.executable, "-m", "BrainAnomalyLib.worker", "--list-devices"], capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["event"] == "devices" and "torch" in answer and isinstance(answer["cuda"], list)
+    assert panel.describe_devices(answer)
+    missing = subprocess.run([sys.executable, "-m", "BrainAnomalyLib.worker"], capture_output=True, text=True,
+                             cwd=str(ROOT), timeout=120)
+    assert missing.returncode == 2 and "--input and --output-dir are required" in missing.stderr
+
+
+def test_worker_device_listing_with_a_gpu(monkeypatch):
+    # No GPU where this is developed: the CUDA branch of the worker's answer against a stand-in torch.
+    import types
+
+    from BrainAnomalyLib import worker
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2,
+                                 get_device_name=lambda i: f"GPU {i}",
+                                 get_device_properties=lambda i: types.SimpleNamespace(total_memory=80 * 2 ** 30))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.5.1", cuda=cuda))
+    answer = worker.list_devices()
+    assert answer == {"torch": "2.5.1", "cuda": [{"name": "GPU 0", "memory_gb": 80.0},
+                                                 {"name": "GPU 1", "memory_gb": 80.0}]}
+    assert panel.describe_devices(answer) == "GPU found: GPU 0, 80 GB (+1 more)"
+
+    def broken():
+        raise RuntimeError("driver too old")
+
+    monkeypatch.setattr(cuda, "is_available", broken)
+    assert "driver too old" in panel.describe_devices(worker.list_devices())
+
+
+class _WrapperOfSlicer58:
+    """What matters of Slicer 5.8's parameter node wrapper: connectGui returns no tag; connectParametersToGui does;
+    each call adds a set of connectors that writes the node until disconnectGui(tag) removes it."""
+
+    def __init__(self):
+        self.connected = {}
+        self._next = 0
+
+    def connectGui(self, gui):
+        self.connectParametersToGui({})
+
+    def connectParametersToGui(self, mapping):
+        tag, self._next = self._next, self._next + 1
+        self.connected[tag] = dict(mapping)
+        return tag
+
+    def disconnectGui(self, tag):
+        self.connected.pop(tag, None)
+
+
+class _Widget:
+    def __init__(self, name):
+        self.name = name
+
+    def property(self, key):
+        return self.name if key == "SlicerParameterName" else None
+
+
+def test_gui_binding_keeps_one_set_of_connectors_across_module_entries():
+    node, other = _WrapperOfSlicer58(), _WrapperOfSlicer58()
+    widgets = [_Widget("device"), _Widget("fprLog10Percent"), _Widget(None), object()]
+    binding = panel.GuiBinding()
+    for _ in range(3):  # enter, exit, enter again ...
+        binding.bind(node, widgets)
+        assert list(node.connected.values()) == [{"device": widgets[0], "fprLog10Percent": widgets[1]}]
+        binding.unbind()
+        assert node.connected == {}
+    binding.bind(node, widgets)
+    binding.bind(node, widgets)  # entered twice without an exit (scene closed and reopened)
+    assert len(node.connected) == 1
+    binding.bind(other, widgets)  # another parameter node: the first one lets go
+    assert node.connected == {} and len(other.connected) == 1
 
 
 def test_detection_options():
@@ -151,6 +217,7 @@ def test_detection_options():
     assert opts.per_lesion_segments and not opts.reuse_outputs
     args = opts.worker_args()
     assert "--no-bias-correction" in args and "--no-register" not in args
+    assert float(args[args.index("--min-lesion-ml") + 1]) == pytest.approx(0.2)  # the worker's table uses it
     assert args[args.index("--skull-strip") + 1] == "none"
 
     default = panel.detection_options(model="", modality="")
@@ -170,8 +237,7 @@ def test_event_log_lines():
     assert panel.event_log_line({"event": "log", "message": "model x on cpu"}) == "model x on cpu"
     assert panel.event_log_line({"event": "progress", "step": "register", "fraction": 0.1}) == "register…"
     assert panel.event_log_line({"event": "progress", "step": "register", "fraction": 0.2}, "register") is None
-    assert "batch size 8" in panel.event_log_line({"event": "started", "device": "cuda", "batch_size": 8})
-    assert panel.event_log_line({"event": "started", "device": "cpu", "batch_size": None}).endswith("cpu)")
+    assert panel.event_log_line({"event": "started", "device": "cpu"}).endswith("(device cpu)")
     line = panel.event_log_line({"event": "error", "kind": "BadInputError", "message": "constant image"})
     assert "BadInputError" in line and "constant image" in line
     assert panel.event_log_line({"event": "done"})
@@ -191,6 +257,10 @@ def test_state_summary():
         "1 lesion at score ≥ 3.37 (0.50 % healthy FPR)"
     assert panel.state_summary({"n_lesions": 0, "threshold": 1.0, "fpr": None}) == "0 lesions at score ≥ 1.00"
     assert panel.state_summary({}) == "lesions not counted yet"
+    assert panel.state_summary({"n_lesions": 2, "device": "cuda"}) == "2 lesions; ran on cuda"  # what really ran
+    assert panel.run_notes({"notes": ["out of memory at batch 32; scored with batch 8"]}) == \
+        ["Note: out of memory at batch 32; scored with batch 8"]
+    assert panel.run_notes({}) == []
 
 
 def test_panel_module_needs_neither_qt_nor_torch():

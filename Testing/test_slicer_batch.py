@@ -44,7 +44,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
                                                 "lesions.csv", "result.json"}
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
-    assert result["fpr"] == pytest.approx(0.01)
+    assert result["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "labels.nrrd"):
         img = sitk.ReadImage(str(case / name))
@@ -75,3 +75,54 @@ def test_batch_argument_and_model_errors(tmp_path):
     assert proc.returncode == 3 and "no model named 'no-such-model'" in proc.stderr
     proc = _run("--manifest", manifest, "-o", tmp_path / "o", "--modality", "FLAIR")
     assert proc.returncode == 2 and "no rows with modality FLAIR" in proc.stderr
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slicer_batch_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_application(monkeypatch):
+    """A stand-in for the Slicer application's `slicer` module: only what the script touches."""
+    import types
+
+    exits = []
+    fake = types.ModuleType("slicer")
+    fake.app = object()
+    fake.util = types.SimpleNamespace(exit=exits.append)
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    return fake, exits
+
+
+def test_inside_slicer_an_uncaught_error_still_quits_the_application(monkeypatch):
+    script = _script_module()
+    _, exits = _fake_application(monkeypatch)
+
+    def broken(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(script, "main", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        script.run([])
+    assert exits == [1]  # without it a window-less Slicer would run on forever
+    monkeypatch.setattr(script, "main", lambda argv: 0)
+    assert script.run([]) == 0 and exits == [1, 0]
+
+
+def test_inside_slicer_the_dependencies_are_installed_without_asking(monkeypatch):
+    from BrainAnomalySlicer import dependencies
+
+    script = _script_module()
+    fake, _ = _fake_application(monkeypatch)
+    calls = []
+    monkeypatch.setattr(dependencies, "slicer_installers", lambda: ("torch-installer", "pip-installer"))
+    monkeypatch.setattr(dependencies, "ensure_dependencies", lambda *args: calls.append(args) or True)
+    script._install_dependencies(fake, print)
+    (progress, confirm, torch_installer, pip_installer), = calls
+    assert confirm is None and (torch_installer, pip_installer) == ("torch-installer", "pip-installer")
+    script._install_dependencies(slicer, print)  # the slicer-core wheel: no application, nothing installed
+    assert len(calls) == 1

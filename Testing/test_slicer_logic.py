@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import textwrap
 import time
 
 import numpy as np
@@ -17,8 +15,7 @@ import SimpleITK as sitk
 pytest.importorskip("slicer", reason="the slicer-core wheel is part of requirements.txt")
 
 from BrainAnomalySlicer import nodes  # noqa: E402
-from BrainAnomalySlicer.logic import (DetectionError, DetectionLogic, DetectionOptions,  # noqa: E402
-                                      DetectionRun, OutOfMemory)
+from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionOptions  # noqa: E402
 
 
 def _input_node(scene, image, name="scan"):
@@ -198,55 +195,110 @@ def test_worker_errors_reach_the_caller_as_messages(mrml_scene, demo_case):
         logic.start(None, DetectionOptions())
 
 
-FAKE_WORKER = textwrap.dedent('''
-    import json, shutil, sys
-    args = sys.argv[1:]
-    batch = int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 32
-    out = args[args.index("--output-dir") + 1]
-    with open(out + ".calls", "a") as fh:
-        fh.write(f"{batch} {args[args.index('--device') + 1]}\\n")
-    if batch > LIMIT:
-        print(json.dumps({"event": "error", "kind": "OutOfMemory", "message": "CUDA out of memory", "exit_code": 4}))
-        sys.exit(4)
-    shutil.copytree(SOURCE, out)
-    print(json.dumps({"event": "done", "output_dir": out}))
-''')
+class FakeWorker:
+    """Stands in for the worker's process (the object the logic's process factory makes): no child process; it
+    'runs' by copying a real worker's output folder, or reports the error it was given."""
+
+    instances = []
+
+    def __init__(self, command, env, cwd, source=None, error=None):
+        self.command, self.env, self.cwd = command, env, cwd
+        self.source, self.error = source, error
+        self.cancelled = False
+        self.returncode = None
+        self._events = []
+        FakeWorker.instances.append(self)
+
+    def start(self):
+        out = self.command[self.command.index("--output-dir") + 1]
+        if self.error:
+            self._events.append({"event": "error", **self.error})
+            self.returncode = self.error["exit_code"]
+        else:
+            shutil.copytree(self.source, out)
+            self._events.append({"event": "done", "output_dir": out})
+            self.returncode = 0
+        return self
+
+    def events(self):
+        out, self._events = self._events, []
+        return out
+
+    def finished(self):
+        return True
+
+    def enforce_cancel(self):
+        pass
+
+    def stderr_tail(self, lines=15):
+        return "fake worker"
 
 
-class FakeGpuRun(DetectionRun):
-    script = None
-
-    def command(self):
-        return [sys.executable, str(self.script), "--output-dir", str(self.output_dir),
-                *self.options.worker_args()]
+def _factory(**kwargs):
+    FakeWorker.instances.clear()
+    return lambda command, env, cwd: FakeWorker(command, env, cwd, **kwargs)
 
 
-def _fake(tmp_path, limit, source):
-    script = tmp_path / "fake_worker.py"
-    script.write_text(f"LIMIT = {limit}\nSOURCE = {str(source)!r}\n" + FAKE_WORKER)
-    return type("Run", (FakeGpuRun,), {"script": script})
-
-
-def test_gpu_out_of_memory_retries_with_smaller_batches(mrml_scene, worker_output, tmp_path):
-    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
-    run_cls = _fake(tmp_path, limit=8, source=worker_output / "out")
-    events = []
-    run = run_cls(scan_node, DetectionOptions(device="cuda"), on_event=events.append).start()
-    calls_file = run.output_dir.with_suffix(".calls")
+def test_results_go_with_the_runs_own_input_and_keep_device_and_notes(mrml_scene, worker_output, tmp_path):
+    out_dir = _outputs_copy(worker_output, tmp_path)
+    summary = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
+    summary.update(device="cuda", notes=["out of memory at batch 32; scored with batch 8"])
+    (out_dir / "result.json").write_text(json.dumps(summary), encoding="utf-8")
+    scan = sitk.ReadImage(str(worker_output / "scan.nrrd"))
+    first, second = _input_node(mrml_scene, scan, "first"), _input_node(mrml_scene, scan, "second")
+    logic = DetectionLogic(mrml_scene, process_factory=_factory(source=out_dir))
+    run = logic.start(first, DetectionOptions(device="cuda", min_lesion_ml=0.3))
+    command = FakeWorker.instances[0].command
+    assert float(command[command.index("--min-lesion-ml") + 1]) == 0.3
+    # The user selects another scan while the run is in flight; the results still belong to the first one.
     run.wait()
-    assert run.state == "done"
-    assert calls_file.read_text(encoding="utf-8").split("\n")[:3] == ["32 cuda", "16 cuda", "8 cuda"]
-    assert sum("trying again with batch size" in e.get("message", "") for e in events) == 2
-    out = DetectionLogic(mrml_scene).finish(run)
-    assert out.heatmap is not None and not run.workdir.exists()
+    out = logic.finish(run)
+    assert out.heatmap.GetAttribute(nodes.SOURCE_ATTRIBUTE) == first.GetID()
+    assert logic.outputs_for(second).heatmap is None
+    state = logic.state(out)
+    assert state["device"] == "cuda" and state["notes"] == summary["notes"]
+    assert state["min_lesion_ml"] == summary["min_lesion_ml"]  # what the worker's table was really made with
+    # The table is the worker's own at its threshold (not recomputed), and the label map agrees with it.
+    t = out.table.GetTable()
+    assert t.GetNumberOfRows() == len(summary["lesions"])
+    assert [t.GetValueByName(r, "Voxels").ToInt() for r in range(t.GetNumberOfRows())] == \
+        [les["voxels"] for les in summary["lesions"]]
+    assert int((nodes.node_array(out.labelmap) > 0).sum()) == sum(les["voxels"] for les in summary["lesions"])
+    assert logic.is_output(out.heatmap) and not logic.is_output(first)
+    assert set(nodes.output_volume_ids(mrml_scene)) == {out.heatmap.GetID(), out.labelmap.GetID(),
+                                                         out.reconstruction.GetID()}
 
 
-def test_gpu_out_of_memory_at_batch_one_offers_cpu(mrml_scene, worker_output, tmp_path):
+def test_out_of_memory_is_reported_once_without_a_relaunch(mrml_scene, worker_output):
+    # The worker retries the scoring step itself; the module only reports what finally happened.
     scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
-    run_cls = _fake(tmp_path, limit=0, source=worker_output / "out")
     before = _node_ids(mrml_scene)
-    run = run_cls(scan_node, DetectionOptions(device="cuda"), on_event=lambda e: None).start()
-    run.wait()
-    assert run.state == "failed" and isinstance(run.error, OutOfMemory)
-    assert run.options.batch_size == 1 and not run.workdir.exists()
+    error = {"kind": "OutOfMemory", "message": "out of memory on cpu: MemoryError", "exit_code": 4}
+    logic = DetectionLogic(mrml_scene, process_factory=_factory(error=error))
+    with pytest.raises(DetectionError, match="out of memory on cpu") as info:
+        logic.detect(scan_node, DetectionOptions(device="cpu"))
+    assert info.value.kind == "OutOfMemory" and info.value.exit_code == 4
+    assert len(FakeWorker.instances) == 1
     assert _node_ids(mrml_scene) == before
+
+
+def test_device_query_reads_the_workers_answer():
+    answer = {"event": "devices", "torch": "2.5.1", "cuda": []}
+
+    class Listing(FakeWorker):
+        def start(self):
+            assert self.command[-1] == "--list-devices"
+            self._events.append(answer)
+            self.returncode = 0
+            return self
+
+    query = DetectionLogic(None, process_factory=lambda command, env, cwd: Listing(command, env, cwd)).query_devices()
+    assert query.poll() == answer
+
+    class Broken(FakeWorker):
+        def start(self):
+            self.returncode = 1
+            return self
+
+    query = DetectionLogic(None, process_factory=lambda command, env, cwd: Broken(command, env, cwd)).query_devices()
+    assert "error" in query.poll()

@@ -125,22 +125,31 @@ def _numbered_labels():
 
 
 def test_segmentation_one_anomaly_segment_or_one_per_lesion(mrml_scene):
-    numbered, lesions = _numbered_labels()
+    from BrainAnomalyLib.detection.postprocess import ijk_to_ras
+
+    image, lesions = _numbered_labels()
+    numbered, geometry = sitk.GetArrayFromImage(image), ijk_to_ras(image)
     seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    nodes.update_segmentation(mrml_scene, seg, numbered, lesions, per_lesion=False)
+    nodes.update_segmentation(mrml_scene, seg, numbered, geometry, lesions, per_lesion=False)
     s = seg.GetSegmentation()
     assert s.GetNumberOfSegments() == 1 and s.GetNthSegment(0).GetName() == "Anomaly"
-    nodes.update_segmentation(mrml_scene, seg, numbered, lesions, per_lesion=True)
+    nodes.update_segmentation(mrml_scene, seg, numbered, geometry, lesions, per_lesion=True)
     assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == ["Lesion 1", "Lesion 2"]
-    # The segments' voxels are the label map's, on its oblique grid.
+    # The segments' voxels are the label map's, on its oblique grid (only the lesions' box was imported).
     labelmap = mrml_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "check")
-    exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(seg, labelmap)
+    reference = mrml_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "reference")
+    nodes.update_node_from_image(reference, image)
+    exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+        seg, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
     assert exported
     back = sitk.GetArrayFromImage(nodes.node_to_image(labelmap))
-    assert back.sum() > 0 and (back > 0).sum() == (sitk.GetArrayFromImage(numbered) > 0).sum()
-    # No temporary node stays behind, and no segments for an empty result.
-    assert mrml_scene.GetNodesByName("BrainAnomaly temp").GetNumberOfItems() == 0
-    nodes.update_segmentation(mrml_scene, seg, numbered * 0, [], per_lesion=True)
+    assert back.shape == numbered.shape and np.array_equal(back, numbered)  # each lesion its own segment
+    assert np.allclose(nodes.node_ijk_to_ras(labelmap), geometry, atol=1e-5)
+    # No temporary volume in the scene (only the two made here), and no segments for an empty result.
+    volumes = [mrml_scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+               for i in range(mrml_scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode"))]
+    assert sorted(v.GetName() for v in volumes) == ["check", "reference"]
+    nodes.update_segmentation(mrml_scene, seg, numbered * 0, geometry, [], per_lesion=True)
     assert s.GetNumberOfSegments() == 0
 
 
@@ -200,3 +209,19 @@ def test_transaction_removes_created_nodes_on_failure(mrml_scene):
             raise RuntimeError("boom")
     assert mrml_scene.GetNumberOfNodes() == before
     assert not nodes.find_outputs(mrml_scene, scan).nodes()
+
+
+def test_rewriting_a_label_map_of_the_same_shape_reuses_its_memory(mrml_scene):
+    # The threshold slider rewrites the label map on every rest: in place, no new image each time.
+    from BrainAnomalyLib.detection.postprocess import ijk_to_ras
+
+    image, _ = _numbered_labels()
+    mask = (sitk.GetArrayFromImage(image) > 0).astype(np.uint8)
+    labelmap = mrml_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    nodes.update_labelmap(mrml_scene, labelmap, mask, ijk_to_ras(image))
+    data = labelmap.GetImageData()
+    nodes.update_labelmap(mrml_scene, labelmap, 1 - mask, ijk_to_ras(image))
+    assert labelmap.GetImageData() is data
+    assert np.array_equal(nodes.node_array(labelmap), 1 - mask)
+    nodes.update_labelmap(mrml_scene, labelmap, np.zeros((3, 4, 5), np.uint8), ijk_to_ras(image))
+    assert labelmap.GetImageData().GetDimensions() == (5, 4, 3)

@@ -34,6 +34,16 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def _install_dependencies(slicer, log) -> None:
+    """Inside the Slicer application, install what inference needs (a fresh Slicer lacks torch and the rest), without
+    asking: the command line is the user's consent. Elsewhere (slicer-core wheel) the environment is the caller's."""
+    if not hasattr(slicer, "app"):
+        return
+    from BrainAnomalySlicer.dependencies import ensure_dependencies, slicer_installers
+
+    ensure_dependencies(log, None, *slicer_installers())
+
+
 def main(argv=None) -> int:
     import slicer
 
@@ -49,6 +59,7 @@ def main(argv=None) -> int:
                                bias_correction=not args.no_bias_correction, registration=not args.no_register)
     scene = slicer.mrmlScene if hasattr(slicer, "mrmlScene") else slicer.vtkMRMLScene()
     try:
+        _install_dependencies(slicer, lambda message: print(message, file=sys.stderr))
         rows = run_batch(args.manifest, args.output, options, scene, modality=args.modality)
     except Exception as exc:  # a message, not a traceback, for every failure before the first case
         print(f"slicer_batch: {exc}", file=sys.stderr)
@@ -62,13 +73,26 @@ def main(argv=None) -> int:
     return 1 if failed or not rows else 0
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
+def run(argv) -> int:
+    """main() with the exit Slicer needs: started with --no-main-window, the application would otherwise stay
+    running, window-less, after the script, so it is told to quit whatever happened (an uncaught error exits 1)."""
+    code = 1
     try:
-        import slicer
+        code = main(argv)
+    except BaseException:
+        import traceback
 
-        if hasattr(slicer, "app"):  # inside Slicer: quit the application with the code
+        traceback.print_exc()
+        raise
+    finally:
+        try:
+            import slicer
+        except ImportError:
+            slicer = None
+        if slicer is not None and hasattr(slicer, "app"):  # inside Slicer: quit the application with the code
             slicer.util.exit(code)
-    except ImportError:
-        pass
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -55,7 +55,7 @@ def save_case(scene, outputs: nodes.OutputNodes, state: dict, lesions: List[dict
         _write(scene, outputs.segmentation, "vtkMRMLSegmentationStorageNode", stage / "anomalies.seg.nrrd")
         _write(scene, outputs.table, "vtkMRMLTableStorageNode", stage / "lesions.csv")
         summary = {k: state.get(k) for k in ("model", "modality", "threshold", "fpr", "min_lesion_ml", "pred_score",
-                                              "timings", "notes")}
+                                              "device", "timings", "notes")}
         summary["lesions"] = lesions
         (stage / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
         from BrainAnomalyLib.core.io import _umask

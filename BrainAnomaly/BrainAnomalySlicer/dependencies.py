@@ -220,9 +220,10 @@ def slicer_installers(requester: str = "BrainAnomaly"):
             if pip_ensure is not None:
                 from packaging.requirements import Requirement
 
-                # We asked the user already; Slicer's own prompt would ask a second time.
+                # We asked the user already; Slicer's own prompt would ask a second time. Slicer >= 5.12 skips
+                # installs under --testing by default, which would fail the self-test: it needs them.
                 _call_with_supported(pip_ensure, [Requirement(r) for r in requirements], constraints=path,
-                                     prompt_install=False, requester=requester)
+                                     prompt_install=False, requester=requester, skip_in_testing=False)
             else:
                 # Older Slicer: pip_install takes pip's own arguments, as a list so a path with spaces survives.
                 slicer.util.pip_install([*requirements, "-c", path])

@@ -12,16 +12,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import nodes
 from .process import InferenceProcess, python_executable
 
 EventFn = Callable[[dict], None]
-OUT_OF_MEMORY = "OutOfMemory"
-MIN_BATCH = 1
+# Makes the object that runs one worker command: (command, env, cwd) -> an unstarted process with InferenceProcess's
+# methods. Tests inject their own to stand in for the worker.
+ProcessFactory = Callable[[List[str], Dict[str, str], str], InferenceProcess]
 
 
 class DetectionError(RuntimeError):
@@ -40,10 +42,6 @@ class DetectionCancelled(DetectionError):
         super().__init__("cancelled by user", kind="Cancelled", exit_code=130)
 
 
-class OutOfMemory(DetectionError):
-    """Out of GPU memory even at the smallest batch: the caller may offer the CPU."""
-
-
 @dataclass
 class DetectionOptions:
     model: Optional[str] = None  # registry id or model folder; None: the shipped default
@@ -56,12 +54,11 @@ class DetectionOptions:
     min_lesion_ml: float = 0.05
     per_lesion_segments: bool = False
     reuse_outputs: bool = True
-    batch_size: Optional[int] = None  # slices per forward pass; halved on GPU out-of-memory
     calibration: str = "adaptive"
 
     def worker_args(self) -> List[str]:
         args = ["--device", self.device, "--skull-strip", self.skull_strip, "--fpr", repr(float(self.fpr)),
-                "--calibration", self.calibration]
+                "--calibration", self.calibration, "--min-lesion-ml", repr(float(self.min_lesion_ml))]
         if self.model:
             args += ["--model", str(self.model)]
         if self.modality:
@@ -70,8 +67,6 @@ class DetectionOptions:
             args.append("--no-bias-correction")
         if not self.registration:
             args.append("--no-register")
-        if self.batch_size:
-            args += ["--batch-size", str(int(self.batch_size))]
         return args
 
 
@@ -92,17 +87,27 @@ def resources_root() -> Path:
     return package_root() / "Resources"
 
 
+def worker_environment() -> dict:
+    env = dict(os.environ)
+    root = str(package_root())
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("BRAINANOMALY_RESOURCES", str(resources_root()))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class DetectionRun:
     """One detection in flight. `poll()` is cheap and never blocks, so a GUI timer can drive it; `wait()` blocks.
-    On GPU out-of-memory it starts again with half the batch, down to one slice, before giving up."""
+    The run keeps its own input node: results always go with the scan they were computed from, whatever the
+    panel shows by then."""
 
     def __init__(self, input_node, options: DetectionOptions, python: Optional[str] = None,
-                 on_event: Optional[EventFn] = None, default_batch: int = 32) -> None:
+                 on_event: Optional[EventFn] = None, process_factory: Optional[ProcessFactory] = None) -> None:
         self.input_node = input_node
         self.options = DetectionOptions(**asdict(options))
         self.python = python or python_executable()
         self.on_event = on_event or (lambda e: None)
-        self.default_batch = default_batch
+        self.process_factory = process_factory or InferenceProcess
         self.workdir = Path(tempfile.mkdtemp(prefix="BrainAnomaly-"))
         self.output_dir = self.workdir / "out"
         self.process: Optional[InferenceProcess] = None
@@ -110,37 +115,22 @@ class DetectionRun:
         self.state = "new"  # new -> running -> done | failed | cancelled
         self._last_error_event: Optional[dict] = None
 
-    # -- lifecycle --
     def start(self) -> "DetectionRun":
         try:
-            image = nodes.node_to_image(self.input_node)
             input_path = self.workdir / "input.nrrd"
-            sitk.WriteImage(image, str(input_path), True)
+            sitk.WriteImage(nodes.node_to_image(self.input_node), str(input_path), True)
+            self.process = self.process_factory(self.command(input_path), worker_environment(),
+                                                str(self.workdir)).start()
         except Exception:
             self.cleanup()
             raise
-        self._input_path = input_path
-        self._launch()
+        self.state = "running"
+        self.on_event({"event": "started", "device": self.options.device})
         return self
 
-    def command(self) -> List[str]:
-        return [self.python, "-m", "BrainAnomalyLib.worker", "--input", str(self._input_path),
+    def command(self, input_path: Path) -> List[str]:
+        return [self.python, "-m", "BrainAnomalyLib.worker", "--input", str(input_path),
                 "--output-dir", str(self.output_dir), *self.options.worker_args()]
-
-    def environment(self) -> dict:
-        env = dict(os.environ)
-        root = str(package_root())
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("BRAINANOMALY_RESOURCES", str(resources_root()))
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    def _launch(self) -> None:
-        shutil.rmtree(self.output_dir, ignore_errors=True)
-        self._last_error_event = None
-        self.process = InferenceProcess(self.command(), env=self.environment(), cwd=str(self.workdir)).start()
-        self.state = "running"
-        self.on_event({"event": "started", "device": self.options.device, "batch_size": self.options.batch_size})
 
     def poll(self) -> bool:
         """Pass new events on; True once the run has ended (see `state`)."""
@@ -148,43 +138,33 @@ class DetectionRun:
             return True
         if self.process.cancelled:
             self.process.enforce_cancel()
+        self._forward()
+        if not self.process.finished():
+            return False
+        self._forward()  # lines read after the last poll
+        self._ended()
+        return True
+
+    def _forward(self) -> None:
         for event in self.process.events():
             if event.get("event") == "error":
                 self._last_error_event = event
             self.on_event(event)
-        if not self.process.finished():
-            return False
-        for event in self.process.events():  # lines read after the last poll
-            if event.get("event") == "error":
-                self._last_error_event = event
-            self.on_event(event)
-        return self._ended()
 
-    def _ended(self) -> bool:
+    def _ended(self) -> None:
         code = self.process.returncode
         if self.process.cancelled:
             self.state, self.error = "cancelled", DetectionCancelled()
-            self.cleanup()
-            return True
-        if code == 0 and (self.output_dir / "result.json").is_file():
+        elif code == 0 and (self.output_dir / "result.json").is_file():
             self.state = "done"
-            return True
-        event = self._last_error_event or {}
-        kind = event.get("kind", "InternalError")
-        if kind == OUT_OF_MEMORY and self.options.device != "cpu":
-            batch = self.options.batch_size or self.default_batch
-            if batch > MIN_BATCH:
-                self.options.batch_size = max(MIN_BATCH, batch // 2)
-                self.on_event({"event": "log", "message": f"out of GPU memory; trying again with batch size "
-                                                          f"{self.options.batch_size}"})
-                self._launch()
-                return False
-        message = event.get("message") or f"inference process ended with exit code {code}"
-        details = self.process.stderr_tail()
-        cls = OutOfMemory if kind == OUT_OF_MEMORY else DetectionError
-        self.state, self.error = "failed", cls(message, kind=kind, exit_code=code, details=details)
+            return
+        else:
+            event = self._last_error_event or {}
+            self.state = "failed"
+            self.error = DetectionError(event.get("message") or f"inference process ended with exit code {code}",
+                                        kind=event.get("kind", "InternalError"), exit_code=code,
+                                        details=self.process.stderr_tail())
         self.cleanup()
-        return True
 
     def wait(self, cancel_requested: Optional[Callable[[], bool]] = None, interval: float = 0.1) -> None:
         while not self.poll():
@@ -212,6 +192,24 @@ class DetectionRun:
             raise DetectionError(f"detection has not finished (state {self.state})")
 
 
+class DeviceQuery:
+    """Asks the worker what PyTorch sees (`--list-devices`), so the panel never imports torch itself. `poll()`
+    never blocks: None while the answer is on its way, then the worker's 'devices' event (an 'error' key when
+    the worker could not tell)."""
+
+    def __init__(self, python: Optional[str] = None, process_factory: Optional[ProcessFactory] = None) -> None:
+        command = [python or python_executable(), "-m", "BrainAnomalyLib.worker", "--list-devices"]
+        self.process = (process_factory or InferenceProcess)(command, worker_environment(), None).start()
+        self.answer: Optional[dict] = None
+
+    def poll(self) -> Optional[dict]:
+        if self.answer is None and self.process.finished():
+            found = [e for e in self.process.events() if e.get("event") == "devices"]
+            self.answer = found[-1] if found else {
+                "error": self.process.stderr_tail(3) or f"exit code {self.process.returncode}"}
+        return self.answer
+
+
 class Calibration:
     """Maps the threshold slider's healthy false-positive rate to a raw score and back for one scan, from the
     FPR -> threshold curve the worker wrote (already moved to the scan when calibration is scan-adaptive)."""
@@ -236,18 +234,24 @@ class Calibration:
 
 
 class DetectionLogic:
-    def __init__(self, scene, python: Optional[str] = None) -> None:
+    """Detection on one MRML scene. `process_factory` makes the worker's process (default: a real child process);
+    tests pass their own to stand in for the worker."""
+
+    def __init__(self, scene, python: Optional[str] = None,
+                 process_factory: Optional[ProcessFactory] = None) -> None:
         self.scene = scene
         self.python = python
+        self.process_factory = process_factory
 
     # -- running --
     def start(self, input_node, options: DetectionOptions, on_event: Optional[EventFn] = None) -> DetectionRun:
         if input_node is None:
             raise DetectionError("select an input volume", kind="BadInputError")
-        return DetectionRun(input_node, options, self.python, on_event).start()
+        return DetectionRun(input_node, options, self.python, on_event, self.process_factory).start()
 
     def finish(self, run: DetectionRun) -> nodes.OutputNodes:
-        """Bring a finished run's outputs into the scene (then remove its temporary folder)."""
+        """Bring a finished run's outputs into the scene, beside the run's own input (then remove its temporary
+        folder)."""
         try:
             run.raise_for_state()
             return self.load_outputs(run.input_node, run.output_dir, run.options)
@@ -266,17 +270,23 @@ class DetectionLogic:
             raise
         return self.finish(run)
 
+    def query_devices(self) -> DeviceQuery:
+        return DeviceQuery(self.python, self.process_factory)
+
     # -- outputs --
     def load_outputs(self, input_node, folder, options: DetectionOptions) -> nodes.OutputNodes:
         """Read a worker's output folder into (new or reused) nodes. Everything is read before the scene is touched,
-        and nodes made here are removed again if anything fails."""
+        and nodes made here are removed again if anything fails. The lesion table at the worker's threshold is the
+        worker's own (it was given the minimum lesion size)."""
         folder = Path(folder)
         try:
             summary = json.loads((folder / "result.json").read_text(encoding="utf-8"))
             heat = sitk.ReadImage(str(folder / "anomaly_map.nrrd"), sitk.sitkFloat32)
             recon_path = folder / "reconstruction.nrrd"
             recon = sitk.ReadImage(str(recon_path), sitk.sitkFloat32) if recon_path.is_file() else None
-        except (OSError, ValueError, RuntimeError) as exc:
+            threshold = float(summary["threshold"]["value"])
+            lesions = list(summary["lesions"])
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise DetectionError(f"the inference process left unreadable outputs ({exc})") from None
         roles = ["heatmap", "labelmap", "segmentation", "table"] + (["reconstruction"] if recon is not None else [])
         with nodes.transaction(self.scene) as tx:
@@ -286,15 +296,18 @@ class DetectionLogic:
                 nodes.update_node_from_image(outputs.reconstruction, recon)
                 nodes._display_node(self.scene, outputs.reconstruction)
             state = {"curve": summary.get("scan_calibration"), "window": summary.get("display_range"),
-                     "threshold": summary["threshold"]["value"], "fpr": summary["threshold"].get("fpr"),
-                     "min_lesion_ml": float(options.min_lesion_ml),
+                     "threshold": threshold, "fpr": summary["threshold"].get("fpr"),
+                     "peak": summary.get("peak_score"),
+                     # What the worker's table was made with (it was sent options.min_lesion_ml).
+                     "min_lesion_ml": float(summary.get("min_lesion_ml", options.min_lesion_ml)),
                      "per_lesion": bool(options.per_lesion_segments), "model": summary.get("model"),
                      "modality": summary.get("modality"), "pred_score": summary.get("pred_score"),
-                     "timings": summary.get("timings"), "notes": summary.get("notes", [])}
+                     "device": summary.get("device"), "timings": summary.get("timings"),
+                     "notes": summary.get("notes", [])}
             outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))
-            nodes.show_heatmap(self.scene, outputs.heatmap, state["threshold"], state["window"] or
-                               [state["threshold"], state["threshold"] + 1.0])
-            self.apply_threshold(outputs, value=state["threshold"], fpr=state["fpr"])
+            nodes.show_heatmap(self.scene, outputs.heatmap, threshold, state["window"] or [threshold, threshold + 1.0],
+                               state["peak"])
+            self._threshold(outputs, state, threshold, state["fpr"], lesions)
         return outputs
 
     def state(self, outputs: nodes.OutputNodes) -> dict:
@@ -310,8 +323,6 @@ class DetectionLogic:
                         min_lesion_ml: Optional[float] = None, per_lesion: Optional[bool] = None) -> dict:
         """New display threshold, label map, segmentation and lesion table from the anomaly map already in the
         scene, at a healthy FPR (through the scan's calibration) or a raw score. No model runs."""
-        from BrainAnomalyLib.detection.postprocess import label_lesions
-
         state = self.state(outputs)
         cal = Calibration(state.get("curve"))
         if value is None:
@@ -327,18 +338,30 @@ class DetectionLogic:
             state["min_lesion_ml"] = float(min_lesion_ml)
         if per_lesion is not None:
             state["per_lesion"] = bool(per_lesion)
-        heat = nodes.node_to_image(outputs.heatmap)
-        numbered, lesions = label_lesions(heat, float(value), state["min_lesion_ml"], numbered=True)
+        return self._threshold(outputs, state, float(value), fpr)
+
+    def _threshold(self, outputs: nodes.OutputNodes, state: dict, value: float, fpr: Optional[float],
+                   lesions: Optional[List[dict]] = None) -> dict:
+        """Label map, segmentation and table at `value`, straight from the heatmap node's voxels in memory. With
+        `lesions` (the worker's table at this same threshold) the table is not recomputed."""
+        from BrainAnomalyLib.detection.postprocess import label_array
+
+        heat = nodes.node_array(outputs.heatmap)  # a view of the node's voxels: nothing copied
+        numbered, found = label_array(heat, nodes.node_ijk_to_ras(outputs.heatmap), value, state["min_lesion_ml"],
+                                      numbered=True)
+        lesions = found if lesions is None else lesions
+        geometry = nodes.node_geometry(outputs.heatmap)
         if outputs.labelmap is not None:
-            nodes.update_labelmap(self.scene, outputs.labelmap, sitk.Cast(numbered > 0, sitk.sitkUInt8))
+            nodes.update_labelmap(self.scene, outputs.labelmap, (numbered > 0).view(np.uint8), geometry)
         if outputs.segmentation is not None:
-            nodes.update_segmentation(self.scene, outputs.segmentation, numbered, lesions, state["per_lesion"])
+            nodes.update_segmentation(self.scene, outputs.segmentation, numbered, geometry, lesions,
+                                      state["per_lesion"])
         if outputs.table is not None:
             nodes.update_table(outputs.table, lesions)
-        nodes.set_display_threshold(outputs.heatmap, float(value))
-        state.update(threshold=float(value), fpr=fpr, n_lesions=len(lesions))
+        nodes.set_display_threshold(outputs.heatmap, value, state.get("peak"))
+        state.update(threshold=value, fpr=fpr, n_lesions=len(lesions))
         outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))
-        return {"threshold": float(value), "fpr": fpr, "lesions": lesions}
+        return {"threshold": value, "fpr": fpr, "lesions": lesions}
 
     def preview_threshold(self, outputs: nodes.OutputNodes, fpr: float) -> float:
         """Move only the heatmap's display threshold to a healthy FPR (cheap enough for a slider being dragged) and
@@ -346,7 +369,7 @@ class DetectionLogic:
         state = self.state(outputs)
         cal = Calibration(state.get("curve"))
         value = cal.threshold(fpr) if cal.calibrated else float(state["threshold"])
-        nodes.set_display_threshold(outputs.heatmap, float(value))
+        nodes.set_display_threshold(outputs.heatmap, float(value), state.get("peak"))
         return float(value)
 
     def show(self, input_node, outputs: nodes.OutputNodes, opacity: float = 0.6) -> None:
@@ -363,6 +386,10 @@ class DetectionLogic:
 
     def outputs_for(self, input_node) -> nodes.OutputNodes:
         return nodes.find_outputs(self.scene, input_node)
+
+    def is_output(self, node) -> bool:
+        """True for the nodes this module makes (never to be offered as an input)."""
+        return node is not None and bool(node.GetAttribute(nodes.ROLE_ATTRIBUTE))
 
 
 def available_models() -> List[dict]:

@@ -58,15 +58,6 @@ def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
     return m
 
 
-def ijk_to_ras(image: sitk.Image) -> np.ndarray:
-    """The 4x4 IJK -> RAS matrix of an image whose geometry SimpleITK holds in LPS."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    out = np.eye(4)
-    out[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
-    out[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
-    return out
-
-
 def node_ijk_to_ras(node) -> np.ndarray:
     """The node's IJK -> world RAS matrix, through a linear parent transform if it has one."""
     m = vtk.vtkMatrix4x4()
@@ -106,16 +97,38 @@ def node_to_image(node) -> sitk.Image:
 
 def update_node_from_image(node, image: sitk.Image) -> None:
     """Replace a volume node's voxels and geometry with an image's (data copied, so the node owns its memory)."""
-    array = sitk.GetArrayFromImage(image)
-    data = vtk.vtkImageData()
-    data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    components = image.GetNumberOfComponentsPerPixel()
-    flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ravel(array)
-    vtk_array = numpy_support.numpy_to_vtk(flat, deep=True,
-                                           array_type=numpy_support.get_vtk_array_type(array.dtype))
-    data.GetPointData().SetScalars(vtk_array)
-    node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras(image)))
+    from BrainAnomalyLib.detection.postprocess import ijk_to_ras
+
+    update_node_from_array(node, sitk.GetArrayFromImage(image), ijk_to_ras(image))
+
+
+def update_node_from_array(node, array: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """Set a volume node's voxels ((k, j, i) array, or (k, j, i, c)) and IJK -> RAS matrix. Voxels of the same
+    shape and type are written into the node's own memory (a re-threshold makes no new image); others replace it."""
+    data = node.GetImageData()
+    scalars = data.GetPointData().GetScalars() if data is not None else None
+    components = array.shape[3] if array.ndim == 4 else 1
+    if (scalars is not None and data.GetDimensions() == array.shape[2::-1]
+            and scalars.GetNumberOfComponents() == components
+            and scalars.GetDataType() == numpy_support.get_vtk_array_type(array.dtype)):
+        numpy_support.vtk_to_numpy(scalars).reshape(array.shape)[...] = array
+        scalars.Modified()
+        data.Modified()
+    else:
+        data = vtk.vtkImageData()
+        data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+        flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ravel(array)
+        data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+            flat, deep=True, array_type=numpy_support.get_vtk_array_type(array.dtype)))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras))
     node.SetAndObserveImageData(data)
+
+
+def node_geometry(node) -> np.ndarray:
+    """The node's own IJK -> RAS matrix (without parent transforms)."""
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _matrix_to_numpy(m)
 
 
 def node_array(node) -> np.ndarray:
@@ -261,7 +274,7 @@ def _display_node(scene, node):
     return node.GetDisplayNode()
 
 
-def show_heatmap(scene, heatmap, threshold: float, window: Sequence[float]) -> None:
+def show_heatmap(scene, heatmap, threshold: float, window: Sequence[float], peak: Optional[float] = None) -> None:
     """Hot colours from `window`; voxels below the threshold transparent, so only the finding shows over the scan."""
     display = _display_node(scene, heatmap)
     display.SetAndObserveColorNodeID(hot_colour_node(scene).GetID())
@@ -270,14 +283,17 @@ def show_heatmap(scene, heatmap, threshold: float, window: Sequence[float]) -> N
     if hi <= lo:
         hi = lo + 1e-3
     display.SetWindowLevelMinMax(lo, hi)
-    set_display_threshold(heatmap, threshold)
+    set_display_threshold(heatmap, threshold, peak)
 
 
-def set_display_threshold(heatmap, threshold: float) -> None:
+def set_display_threshold(heatmap, threshold: float, peak: Optional[float] = None) -> None:
+    """Voxels below `threshold` transparent. `peak` (the map's maximum, when known) spares a pass over the map on
+    every slider step."""
     display = heatmap.GetDisplayNode()
     display.SetAutoThreshold(0)
     display.SetApplyThreshold(1)
-    display.SetThreshold(float(threshold), float(max(node_array(heatmap).max(), threshold)) + 1e6)
+    peak = float(node_array(heatmap).max()) if peak is None else float(peak)
+    display.SetThreshold(float(threshold), max(peak, float(threshold)) + 1e6)
 
 
 def show_in_slice_views(scene, background, foreground, opacity: float) -> None:
@@ -307,8 +323,8 @@ def jump_to(scene, ras: Sequence[float]) -> None:
 
 # --- label map, segmentation, table ----------------------------------------------------------------------------
 
-def update_labelmap(scene, labelmap, mask: sitk.Image) -> None:
-    update_node_from_image(labelmap, mask)
+def update_labelmap(scene, labelmap, mask: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    update_node_from_array(labelmap, mask, ijk_to_ras)
     display = _display_node(scene, labelmap)
     labels = scene.GetNodeByID("vtkMRMLColorTableNodeLabels")
     if labels is not None:
@@ -318,37 +334,46 @@ def update_labelmap(scene, labelmap, mask: sitk.Image) -> None:
 ANOMALY_COLOUR = (1.0, 0.85, 0.1)
 
 
-def update_segmentation(scene, segmentation, numbered: sitk.Image, lesions: List[dict], per_lesion: bool) -> None:
-    """One "Anomaly" segment, or one segment per lesion named after its row in the table."""
+def update_segmentation(scene, segmentation, numbered: np.ndarray, ijk_to_ras: np.ndarray, lesions: List[dict],
+                        per_lesion: bool) -> None:
+    """One "Anomaly" segment, or one segment per lesion named after its row in the table. `numbered` holds each
+    lesion's number (its label in `lesions`), 0 elsewhere."""
     import slicer
 
     seg = segmentation.GetSegmentation()
     seg.RemoveAllSegments()
+    converter = slicer.vtkSegmentationConverter
+    matrix = _numpy_to_matrix(ijk_to_ras)
+    whole = slicer.vtkOrientedImageData()  # the segments' geometry is the whole grid's
+    whole.SetExtent(0, numbered.shape[2] - 1, 0, numbered.shape[1] - 1, 0, numbered.shape[0] - 1)
+    whole.SetImageToWorldMatrix(matrix)
+    seg.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                               converter.SerializeImageGeometry(whole))
     if not lesions:
         return
-    values = sitk.GetArrayViewFromImage(numbered)
-    image = numbered if per_lesion else sitk.Cast(numbered > 0, sitk.sitkUInt8)
-    temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("BrainAnomaly temp"))
-    try:
-        update_node_from_image(temp, image)
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(temp)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temp, segmentation):
-            raise RuntimeError("could not turn the label map into segments")
-    finally:
-        remove_node(scene, temp)
-    # Imported segments come in label order; name and colour them for the user.
-    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-    if per_lesion:
-        present = sorted(int(v) for v in np.unique(values) if v)
-        for seg_id, number in zip(ids, present):
-            segment = seg.GetSegment(seg_id)
+    # Segments are made straight from the lesions' bounding box, as one labelmap they share (each segment its
+    # label value), in a fraction of the time an import of the whole grid takes, and with no temporary node.
+    spans = [np.flatnonzero(numbered.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    (k0, k1), (j0, j1), (i0, i1) = ((int(s[0]), int(s[-1])) for s in spans)
+    box = numbered[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+    values = box if per_lesion else (box > 0).view(np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ravel(values), deep=True, array_type=numpy_support.get_vtk_array_type(values.dtype)))
+    image.SetImageToWorldMatrix(matrix)
+    labels = sorted(les["label"] for les in lesions) if per_lesion else [1]
+    for number in labels:
+        segment = slicer.vtkSegment()
+        if per_lesion:
             segment.SetName(f"Lesion {number}")
-            hue = (0.61803 * number) % 1.0
-            segment.SetColor(*_hsv_to_rgb(hue, 0.8, 1.0))
-    else:
-        segment = seg.GetSegment(ids[0])
-        segment.SetName("Anomaly")
-        segment.SetColor(*ANOMALY_COLOUR)
+            segment.SetColor(*_hsv_to_rgb((0.61803 * number) % 1.0, 0.8, 1.0))
+        else:
+            segment.SetName("Anomaly")
+            segment.SetColor(*ANOMALY_COLOUR)
+        segment.SetLabelValue(int(number))
+        segment.AddRepresentation(converter.GetBinaryLabelmapRepresentationName(), image)
+        seg.AddSegment(segment)
     display = _display_node(scene, segmentation)
     # Outlines only in 2D, so the heatmap under them stays visible.
     display.SetOpacity2DFill(0.0)
@@ -383,3 +408,14 @@ def lesion_position(table, row: int) -> Optional[List[float]]:
         return None
     names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
     return [float(t.GetValue(row, names.index(axis)).ToDouble()) for axis in ("R", "A", "S")]
+
+
+def output_volume_ids(scene) -> List[str]:
+    """IDs of the volumes this module made (heatmaps, label maps, pseudo-healthy images): hidden from the input
+    selector, so a run is never started on an earlier run's output."""
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE):
+            out.append(node.GetID())
+    return out

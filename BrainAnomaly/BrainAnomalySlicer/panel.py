@@ -5,7 +5,6 @@ click on "Detect anomalies" starts. Kept here so that plain pytest checks them; 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
@@ -126,24 +125,47 @@ def is_already_installed(exc: BaseException) -> bool:
 
 # --- device ---------------------------------------------------------------------------------------------------
 
-def describe_devices(torch_module=None) -> str:
-    """What PyTorch sees, for the label beside the device selector. Imports torch only if it is installed."""
-    if torch_module is None:
-        if importlib.util.find_spec("torch") is None:
-            return "PyTorch is not installed yet (it is installed on the first detection)"
-        try:
-            import torch as torch_module
-        except Exception as exc:  # a broken install must not break the panel
-            return f"PyTorch cannot be loaded ({type(exc).__name__})"
-    try:
-        if torch_module.cuda.is_available():
-            n = torch_module.cuda.device_count()
-            props = torch_module.cuda.get_device_properties(0)
-            more = f" (+{n - 1} more)" if n > 1 else ""
-            return f"GPU found: {props.name}, {props.total_memory / 2 ** 30:.0f} GB{more}"
-    except Exception as exc:
-        return f"No usable GPU ({type(exc).__name__}); detection runs on the CPU"
-    return "No CUDA GPU found; detection runs on the CPU"
+def describe_devices(answer: Optional[dict]) -> str:
+    """The label beside the device selector, from the worker's `--list-devices` answer (None: still asking)."""
+    if answer is None:
+        return "Looking for GPUs…"
+    if "torch" not in answer:
+        return f"Cannot tell which devices exist ({answer.get('error', 'no answer')}); detection may still run"
+    if answer["torch"] is None:
+        return "PyTorch is not installed yet (it is installed on the first detection)"
+    if answer.get("error"):
+        return f"No usable GPU ({answer['error']}); detection runs on the CPU"
+    cuda = answer.get("cuda") or []
+    if not cuda:
+        return "No CUDA GPU found; detection runs on the CPU"
+    more = f" (+{len(cuda) - 1} more)" if len(cuda) > 1 else ""
+    return f"GPU found: {cuda[0]['name']}, {float(cuda[0]['memory_gb']):.0f} GB{more}"
+
+
+class GuiBinding:
+    """The panel's two-way binding to one parameter node, made and dropped exactly once per node.
+
+    Slicer 5.8's `connectGui` returns no tag (5.10 fixed that), so `disconnectGui` could never be called and every
+    module entry added another set of connectors. `connectParametersToGui` returns its tag on every release, so
+    the binding is made through it, from the widgets' "SlicerParameterName" properties."""
+
+    def __init__(self) -> None:
+        self.node = None
+        self.tag = None
+
+    def bind(self, node, widgets: Iterable) -> None:
+        self.unbind()
+        mapping = {}
+        for widget in widgets:
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                mapping[str(name)] = widget
+        self.node, self.tag = node, node.connectParametersToGui(mapping)
+
+    def unbind(self) -> None:
+        if self.node is not None and self.tag is not None:
+            self.node.disconnectGui(self.tag)
+        self.node = self.tag = None
 
 
 # --- run ------------------------------------------------------------------------------------------------------
@@ -181,9 +203,7 @@ def event_log_line(event: dict, last_step: Optional[str] = None) -> Optional[str
         step = event.get("step")
         return f"{step}…" if step and step != last_step else None
     if kind == "started":
-        batch = event.get("batch_size")
-        return f"Inference process started (device {event.get('device', 'auto')}" + \
-            (f", batch size {batch})" if batch else ")")
+        return f"Inference process started (device {event.get('device', 'auto')})"
     if kind == "error":
         return f"Error ({event.get('kind', 'error')}): {event.get('message', '')}"
     if kind == "done":
@@ -204,15 +224,19 @@ def result_summary(result: dict) -> str:
 
 
 def state_summary(state: dict) -> str:
-    """The Lesions line for outputs already in the scene, from the calibration state stored with their heatmap."""
+    """The Lesions line for outputs already in the scene, from the calibration state stored with their heatmap
+    (with the device the worker really used)."""
     n = state.get("n_lesions")
     text = "lesions not counted yet" if n is None else f"{n} lesion{'s' if n != 1 else ''}"
     if state.get("threshold") is not None:
         text += f" at score ≥ {state['threshold']:.2f}"
     if state.get("fpr") is not None:
         text += f" ({format_percent(state['fpr'])} healthy FPR)"
+    if state.get("device"):
+        text += f"; ran on {state['device']}"
     return text
 
 
-OOM_QUESTION = ("The GPU ran out of memory, even with the smallest batch size.\n\nRun the detection on the CPU "
-                "instead? It is slower but not limited by GPU memory.")
+def run_notes(state: dict) -> List[str]:
+    """The worker's notes on a run (e.g. an out-of-memory retry with a smaller batch), one log line each."""
+    return [f"Note: {note}" for note in state.get("notes") or []]

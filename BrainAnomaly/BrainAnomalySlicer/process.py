@@ -29,14 +29,9 @@ class InferenceProcess:
         self._kill_at: Optional[float] = None
 
     def start(self) -> "InferenceProcess":
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # its own process group, so cancel reaches grandchildren too
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, text=True,
-                                     encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                                     encoding="utf-8", errors="replace", bufsize=1, **popen_options())
         for target, stream in ((self._read_stdout, self.proc.stdout), (self._read_stderr, self.proc.stderr)):
             t = threading.Thread(target=target, args=(stream,), daemon=True)
             t.start()
@@ -95,12 +90,16 @@ class InferenceProcess:
 
     def request_cancel(self, grace_seconds: float = 3.0) -> None:
         """Ask the whole tree to stop and return at once; `enforce_cancel` kills it once the grace period is over
-        (a GUI calls that from its poll timer, so it never waits)."""
+        (a GUI calls that from its poll timer, so it never waits). Never raises: a polite signal that cannot be
+        delivered (CTRL_BREAK_EVENT fails for a process without a console) only brings the kill forward."""
         self.cancelled = True
         if not self.running or self._kill_at is not None:
             return
-        self._signal_tree(graceful=True)
-        self._kill_at = time.monotonic() + grace_seconds
+        self._kill_at = time.monotonic() + grace_seconds  # set first, so a failing signal cannot leave it unset
+        try:
+            self._signal_tree(graceful=True)
+        except (OSError, ValueError):
+            self._kill_at = time.monotonic()
 
     def enforce_cancel(self) -> None:
         if self._kill_at is not None and self.running and time.monotonic() >= self._kill_at:
@@ -122,7 +121,8 @@ class InferenceProcess:
             if graceful:
                 self.proc.send_signal(signal.CTRL_BREAK_EVENT)
             else:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True,  # no console flash
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000))
             return
         try:
             os.killpg(os.getpgid(pid), signal.SIGTERM if graceful else signal.SIGKILL)
@@ -131,6 +131,20 @@ class InferenceProcess:
 
     def stderr_tail(self, lines: int = 15) -> str:
         return "\n".join(list(self.stderr)[-lines:])
+
+
+def popen_options(os_name: Optional[str] = None) -> dict:
+    """Popen keyword arguments that give the worker its own process group (so a cancel reaches its children too)
+    and, on Windows, no console window of its own, as Slicer's launchConsoleProcess starts its processes."""
+    if (os_name or os.name) != "nt":
+        return {"start_new_session": True}
+    # The flag values are Windows' own; getattr keeps this importable (and testable) elsewhere.
+    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200) | getattr(subprocess, "CREATE_NO_WINDOW",
+                                                                                 0x08000000)
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= getattr(subprocess, "STARTF_USESHOWWINDOW", 0x00000001)
+    info.wShowWindow = 0  # SW_HIDE
+    return {"creationflags": flags, "startupinfo": info}
 
 
 def python_executable() -> str:

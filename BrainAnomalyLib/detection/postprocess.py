@@ -62,54 +62,73 @@ def scan_score(anomaly_map: np.ndarray, mask: np.ndarray, top_fraction: float = 
     return float(np.partition(values, values.size - k)[-k:].mean())
 
 
+def ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """The 4x4 voxel index (i, j, k) -> RAS matrix of an image whose geometry SimpleITK holds in LPS."""
+    to_ras = np.diag([-1.0, -1.0, 1.0])
+    out = np.eye(4)
+    out[:3, :3] = to_ras @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    out[:3, 3] = to_ras @ np.array(image.GetOrigin())
+    return out
+
+
 def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float,
                   numbered: bool = False) -> Tuple[sitk.Image, List[dict]]:
     """Threshold a map on its own grid into a label map (1 = anomaly; with `numbered`, each lesion's number in
     the table) and a lesion table, highest peak first."""
-    arr = sitk.GetArrayViewFromImage(anomaly_map)
-    voxel_ml = float(np.prod(anomaly_map.GetSpacing())) / 1000.0
+    mask, lesions = label_array(sitk.GetArrayViewFromImage(anomaly_map), ijk_to_ras(anomaly_map), threshold,
+                                min_lesion_ml, numbered)
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(anomaly_map)
+    return out, lesions
+
+
+def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min_lesion_ml: float,
+                numbered: bool = False) -> Tuple[np.ndarray, List[dict]]:
+    """label_lesions on a (k, j, i) array with its 4x4 index -> RAS matrix, for callers that hold the voxels in
+    memory already (the Slicer module's threshold slider). Returns the label array and the lesion table."""
+    voxel_ml = float(np.prod(np.linalg.norm(index_to_ras[:3, :3], axis=0))) / 1000.0
     binary = arr > threshold
-    labels, n = ndimage.label(binary, structure=ndimage.generate_binary_structure(3, 3))
+    # Components are found inside the flagged voxels' bounding box only: labelling time follows the box, and
+    # flagged voxels sit inside the brain. Raster order is kept, so the numbering is the whole volume's.
+    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(int(s[0]), int(s[-1]) + 1) if s.size else slice(0, 0) for s in spans)
+    labels, n = ndimage.label(binary[box], structure=ndimage.generate_binary_structure(3, 3))
     lesions = []
     keep = np.zeros(n + 1, bool)
     if n:
         # Statistics over the flagged voxels only (ndimage's per-label functions sort the whole volume, seconds on a
-        # BraTS-sized map; a threshold slider needs this fast).
+        # BraTS-sized map; a threshold slider needs this fast), and only for components big enough to keep.
         flat = np.flatnonzero(labels)
         lab = labels.ravel()[flat]
-        values = np.asarray(arr, np.float64).ravel()[flat]
-        counts = np.bincount(lab, minlength=n + 1)[1:]
-        means = np.bincount(lab, weights=values, minlength=n + 1)[1:] / np.maximum(counts, 1)
+        counts = np.bincount(lab, minlength=n + 1)
+        keep[1:] = counts[1:] * voxel_ml >= min_lesion_ml
+        chosen = keep[lab]
+        flat, lab = flat[chosen], lab[chosen]
+        coords = [c + b.start for c, b in zip(np.unravel_index(flat, labels.shape), box)]
+        values = np.asarray(arr[tuple(coords)], np.float64)
+        means = np.bincount(lab, weights=values, minlength=n + 1) / np.maximum(counts, 1)
         maxes = np.full(n + 1, -np.inf)
         np.maximum.at(maxes, lab, values)
-        coords = np.unravel_index(flat, labels.shape)
-        centroids = np.stack([np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1)[1:]
+        centroids = np.stack([np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1)
                               for c in coords], axis=1) / np.maximum(counts, 1)[:, None]
-        idx = np.arange(1, n + 1)
-        for i, c, mean, mx, cz in zip(idx, counts, means, maxes[1:], centroids):
-            volume = float(c) * voxel_ml
-            if volume < min_lesion_ml:
-                continue
-            keep[i] = True
-            ijk = [float(cz[2]), float(cz[1]), float(cz[0])]
-            lps = anomaly_map.TransformContinuousIndexToPhysicalPoint(ijk)
-            lesions.append({"component": int(i), "voxels": int(c), "volume_ml": round(volume, 4),
-                            "centroid_ras": [round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)],
+        for i in np.flatnonzero(keep):
+            ijk = [float(centroids[i, 2]), float(centroids[i, 1]), float(centroids[i, 0])]
+            ras = index_to_ras @ np.array(ijk + [1.0])
+            lesions.append({"component": int(i), "voxels": int(counts[i]),
+                            "volume_ml": round(float(counts[i]) * voxel_ml, 4),
+                            "centroid_ras": [round(float(v), 2) for v in ras[:3]],
                             "centroid_ijk": [round(v, 2) for v in ijk],
-                            "mean_score": round(float(mean), 4), "max_score": round(float(mx), 4)})
+                            "mean_score": round(float(means[i]), 4), "max_score": round(float(maxes[i]), 4)})
     # Most confident finding first: the peak score, not the size, is what ranks a finding.
     lesions.sort(key=lambda d: (-d["max_score"], -d["voxels"]))
     number = np.zeros(n + 1, np.uint16)
     for k, les in enumerate(lesions, start=1):
         les["label"] = k
         number[les.pop("component")] = k
-    if numbered:
-        mask = number[labels].astype(np.uint8 if len(lesions) < 256 else np.uint16)
-    else:
-        mask = keep[labels].astype(np.uint8)
-    out = sitk.GetImageFromArray(mask)
-    out.CopyInformation(anomaly_map)
-    return out, lesions
+    dtype = np.uint8 if len(lesions) < 256 or not numbered else np.uint16
+    mask = np.zeros(arr.shape, dtype)
+    mask[box] = (number if numbered else keep)[labels]
+    return mask, lesions
 
 
 LESION_COLUMNS = ("label", "voxels", "volume_ml", "centroid_ras", "centroid_ijk", "mean_score", "max_score")
