@@ -196,7 +196,7 @@ def test_evaluate_froc_reproduces_the_operating_point(cohort, tmp_path, template
     assert curve["false_findings_per_healthy_scan"][k] == m["false_findings"]["per_healthy_scan"]
     assert curve["false_findings_per_lesion_scan"][k] == m["false_findings"]["per_lesion_scan"]
     rows = {r["case"]: r for r in m["per_case"]}
-    assert m["false_findings"]["per_healthy_scan"] == rows["healthy1"]["n_pred_lesions"]
-    assert all(rows[c]["patient_found"] for c in ("les1", "les2"))
+    assert m["false_findings"]["per_healthy_scan"] == rows["healthy1_T1"]["n_pred_lesions"]
+    assert all(rows[c]["patient_found"] for c in ("les1_T1", "les2_T1"))
     assert len(curve["threshold"]) >= 5 and (out / "froc.png").is_file()
     assert "### FROC: template-normative" in (out / "metrics.md").read_text(encoding="utf-8")

@@ -176,7 +176,8 @@ def test_detection_edge_cases_no_findings_no_truth():
     assert s["patients"] == 1 and s["patient_rate"] == 0.0 and s["false_findings_per_lesion_scan"] == 0.0
     assert s["false_findings_per_healthy_scan"] is None
     none = detection_summary([], [])
-    assert none["patient_rate"] is None and none["lesion_sensitivity"] is None and none["false_findings_per_scan"] is None
+    assert none["patient_rate"] is None and none["lesion_sensitivity"] is None
+    assert none["false_findings_per_scan"] is None
     with pytest.raises(ValueError):
         finding_match(empty, empty[:2])
 
