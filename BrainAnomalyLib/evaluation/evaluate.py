@@ -46,7 +46,7 @@ class Shown:
 class ScanMap:
     """One scan's anomaly map as the FROC sweep needs it, cropped to the brain's bounding box."""
 
-    values: np.ndarray  # the map at the brain voxels of the crop, in C order (the same array as Tally.scores')
+    values: np.ndarray  # the map at the brain voxels, in C order (a lesion scan's is the array in Tally.scores)
     brain: np.ndarray  # np.packbits of the brain mask in the crop
     shape: tuple  # the crop's shape
     voxel_ml: float
@@ -127,8 +127,7 @@ class Tally:
     found: int = 0
     fp_lesions: int = 0
     n_lesion_scans: int = 0
-    matches: List[dict] = field(default_factory=list)  # finding_match per scan at its own threshold
-    healthy: List[bool] = field(default_factory=list)
+    matches: List[dict] = field(default_factory=list)  # finding_match per scan (as scan_scores) at its threshold
     maps: List[ScanMap] = field(default_factory=list)
     healthy_flagged: int = 0
     healthy_voxels: int = 0
@@ -232,7 +231,6 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -
     row = {"case": case.key, "pred_score": round(result.pred_score, 5), "n_pred_lesions": len(result.lesions),
            "threshold": round(result.threshold["value"], 5)}
     tally.scan_scores.append((result.pred_score, truth is not None))
-    tally.healthy.append(truth is None)
     if truth is None:
         fpr = float(above.sum() / max(brain.sum(), 1))
         tally.healthy_flagged += int(above.sum())
@@ -327,7 +325,7 @@ def summarise(t: Tally, det: Detector) -> dict:
     scans = len(t.scan_scores)
     out["fp_lesions_per_scan"] = t.fp_lesions / max(scans, 1)
     if t.matches:
-        summary = detection_summary(t.matches, t.healthy)
+        summary = detection_summary(t.matches, [not lesion for _, lesion in t.scan_scores])
         out["patient"] = {k: summary[k] for k in ("patients", "patients_found", "patient_rate", "largest_found",
                                                   "largest_rate")}
         out["patient"]["hit_rule"] = HIT_RULE
