@@ -89,7 +89,8 @@ DETECTION_NOTE = (
     "False findings touch no ground-truth voxel; counted per healthy scan (--healthy) and per lesion scan. "
     "Lesion sensitivity counts each connected ground-truth component, so a tumour in fragments weighs as several. "
     "Columns of the first table are at the threshold evaluate used (scan-adaptive unless told otherwise); the "
-    "FROC tables sweep one threshold for every scan (no scan-adaptive move), * marks the cohort threshold.\n")
+    "FROC tables sweep one threshold for every scan (no scan-adaptive move), * marks the cohort threshold. "
+    "Sensitivities only rise as the threshold falls; false findings need not, since findings merge.\n")
 
 
 def froc_tables(results: Dict[str, dict]) -> str:
@@ -132,7 +133,8 @@ def _froc_plot(results: Dict[str, dict], path: Path, title: str) -> None:
         ax.plot(x, curve["lesion_sensitivity"], ls="--", color=line.get_color(), label=f"{name}: lesion sensitivity")
         patient, ff = r.get("patient") or {}, r.get("false_findings") or {}
         if patient.get("patient_rate") is not None:
-            ax.plot([ff["per_scan"]], [patient["patient_rate"]], marker="o", ms=7, mfc="none", color=line.get_color())
+            ax.plot([ff["per_scan"]], [patient["patient_rate"]], marker="o", ms=7, mfc="none", ls="none",
+                    color=line.get_color(), label=f"{name}: patient detection at evaluate's threshold")
         drawn = True
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("false findings / scan (all scans)")
