@@ -100,3 +100,125 @@ def test_empty_prediction_and_all_negative_scan():
     # constant scores (an empty heatmap) rank nothing: AP equals the prevalence
     labels = truth.ravel()
     assert average_precision(np.zeros(labels.size), labels) == pytest.approx(labels.mean())
+
+
+def _three_part_tumour():
+    """Ground truth in three components: 216, 27 and 8 voxels (numbered largest first)."""
+    truth = np.zeros((30, 30, 30), np.int32)
+    truth[2:8, 2:8, 2:8] = 1
+    truth[12:15, 2:5, 2:5] = 2
+    truth[20:22, 20:22, 20:22] = 3
+    return truth
+
+
+def test_a_tumour_in_three_parts_found_by_one_finding():
+    from BrainAnomalyLib.evaluation.metrics import detection_summary, finding_match
+
+    truth = _three_part_tumour()
+    findings = np.zeros_like(truth)
+    findings[13:17, 3:6, 3:6] = 1  # overlaps the middle-sized part only
+    m = finding_match(findings, truth)
+    assert m == {"findings": 1, "false_findings": 0, "true_lesions": 3, "found": 1, "patient_found": True,
+                 "largest_found": False}
+    s = detection_summary([m], [False])
+    assert s["patient_rate"] == 1.0 and s["largest_rate"] == 0.0
+    assert s["lesion_sensitivity"] == pytest.approx(1 / 3)
+    findings[5:7, 5:7, 5:7] = 2  # now also on the largest part
+    assert finding_match(findings, truth)["largest_found"] is True
+
+
+def test_one_finding_over_two_parts_and_two_findings_on_one_part():
+    from BrainAnomalyLib.evaluation.metrics import finding_match
+
+    truth = _three_part_tumour()
+    findings = np.zeros_like(truth)
+    findings[6:14, 3:4, 3:4] = 7  # a bridge touching parts 1 and 2; labels need not be consecutive
+    findings[20, 20, 20] = 9
+    findings[21, 21, 21] = 4  # two findings on part 3
+    m = finding_match(findings, truth)
+    assert (m["findings"], m["found"], m["false_findings"]) == (3, 3, 0)
+
+
+def test_false_findings_counted_separately_for_healthy_and_lesion_scans():
+    from BrainAnomalyLib.evaluation.metrics import detection_summary, finding_match
+
+    truth = _three_part_tumour()
+    lesion_findings = np.zeros_like(truth)
+    lesion_findings[3, 3, 3] = 1  # a hit
+    lesion_findings[25:28, 25:28, 2:4] = 2  # in healthy tissue: false
+    healthy_findings = np.zeros_like(truth)
+    healthy_findings[1:3, 20:22, 20:22] = 1
+    healthy_findings[10, 10, 25] = 2
+    no_truth = np.zeros_like(truth)
+    lesion = finding_match(lesion_findings, truth)
+    healthy = finding_match(healthy_findings, no_truth)
+    assert lesion["false_findings"] == 1 and lesion["patient_found"] is True
+    assert healthy == {"findings": 2, "false_findings": 2, "true_lesions": 0, "found": 0, "patient_found": None,
+                       "largest_found": None}
+    s = detection_summary([lesion, healthy, healthy], [False, True, True])
+    assert s["false_findings_per_healthy_scan"] == 2.0 and s["false_findings_per_lesion_scan"] == 1.0
+    assert s["false_findings_per_scan"] == pytest.approx(5 / 3)
+    assert (s["patients"], s["patients_found"], s["true_lesions"], s["found"]) == (1, 1, 3, 1)
+
+
+def test_detection_edge_cases_no_findings_no_truth():
+    from BrainAnomalyLib.evaluation.metrics import detection_summary, finding_match
+
+    truth = _three_part_tumour()
+    empty = np.zeros_like(truth)
+    missed = finding_match(empty, truth)
+    assert missed == {"findings": 0, "false_findings": 0, "true_lesions": 3, "found": 0, "patient_found": False,
+                      "largest_found": False}
+    nothing = finding_match(empty, empty)
+    assert nothing["patient_found"] is None and nothing["false_findings"] == 0
+    # a lesion scan whose mask is empty counts for false findings per lesion scan, not in the patient rates
+    s = detection_summary([missed, nothing], [False, False])
+    assert s["patients"] == 1 and s["patient_rate"] == 0.0 and s["false_findings_per_lesion_scan"] == 0.0
+    assert s["false_findings_per_healthy_scan"] is None
+    none = detection_summary([], [])
+    assert none["patient_rate"] is None and none["lesion_sensitivity"] is None
+    assert none["false_findings_per_scan"] is None
+    with pytest.raises(ValueError):
+        finding_match(empty, empty[:2])
+
+
+def test_truth_sizes_name_the_largest_component_of_the_whole_mask():
+    """In a crop the largest component may be cut off or absent; the sizes of the whole mask decide."""
+    from BrainAnomalyLib.evaluation.metrics import finding_match
+
+    truth = _three_part_tumour()
+    crop = truth[10:30]  # part 1 (the largest) lies outside
+    findings = np.zeros_like(crop)
+    findings[3, 3, 3] = 1  # on part 2
+    m = finding_match(findings, crop, truth_sizes=[216, 27, 8])
+    assert (m["true_lesions"], m["found"], m["largest_found"]) == (3, 1, False)
+    assert finding_match(findings, crop)["largest_found"] is True  # without sizes only the crop is known
+    # a tie in size: the component numbered first is the largest
+    tie = np.zeros((10, 10, 10), np.int32)
+    tie[1, 1, 1], tie[8, 8, 8] = 1, 2
+    hit_second = np.zeros_like(tie)
+    hit_second[8, 8, 8] = 1
+    assert finding_match(hit_second, tie)["largest_found"] is False
+
+
+def test_sweep_thresholds_and_froc_lists():
+    from BrainAnomalyLib.evaluation.metrics import finding_match, froc, sweep_thresholds
+
+    t = sweep_thresholds(np.arange(100.0), (0.1, 0.5), extra=[42.0, 49.5])
+    assert t.tolist() == pytest.approx([89.1, 49.5, 42.0])
+    truth = _three_part_tumour()
+    hit = np.zeros_like(truth)
+    hit[3, 3, 3] = 1
+    false = np.zeros_like(truth)
+    false[28, 28, 28] = 1
+    empty = np.zeros_like(truth)
+    per_scan = [[finding_match(empty, truth), finding_match(hit, truth)],
+                [finding_match(empty, empty), finding_match(false, empty)]]
+    curve = froc([2.0, 1.0], per_scan, [False, True])
+    assert curve["threshold"] == [2.0, 1.0]
+    assert curve["patient_rate"] == [0.0, 1.0] and curve["largest_rate"] == [0.0, 1.0]
+    assert curve["lesion_sensitivity"] == pytest.approx([0.0, 1 / 3])
+    assert curve["false_findings_per_healthy_scan"] == [0.0, 1.0]
+    assert curve["false_findings_per_lesion_scan"] == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        froc([2.0, 1.0], [per_scan[0][:1]], [False])

@@ -164,7 +164,9 @@ def main() -> int:
             f"{args.synth_subjects} held-out IXI T1 scans; healthy FPR: {len(healthy)} held-out IXI T1 scans. "
             "Voxel metrics pool brain voxels of the lesion scans on each scan's own grid; FPRs and Dice at the "
             "calibrated 1 % threshold (uncalibrated scorers: their default threshold); s / volume includes "
-            "preprocessing; scoring peak MB is traced Python/numpy memory of the scoring and post-processing.\n\n"
+            "preprocessing; scoring peak MB is traced Python/numpy memory of the scoring and post-processing. "
+            "Patient detection: share of lesion scans whose ground truth (all of it, or its largest connected "
+            "component) shares a voxel with a finding (a lesion-table row); false findings touch no ground truth.\n\n"
             + "\n".join(lines) + "\n")
     print(text)
     out = Path(args.out)

@@ -1,6 +1,9 @@
-"""Voxel-level metrics over pooled voxels, exact under ties (every distinct score is one threshold)."""
+"""Voxel-level metrics over pooled voxels, exact under ties (every distinct score is one threshold); detection
+metrics over labelled findings and ground-truth components (the labelling itself happens in evaluate.py)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -65,6 +68,90 @@ def pr_curve(scores, labels, max_points: int = 400):
     return recall[keep], precision[keep]
 
 
+HIT_RULE = "a finding hits a ground-truth object when they share at least one voxel"
+
+
+def finding_match(findings, truth_components, truth_sizes=None) -> dict:
+    """Which findings hit which ground-truth objects, for one scan.
+
+    `findings`: labelled findings (0 = none, any positive number = one finding); `truth_components`: labelled
+    ground-truth components 1..m of the same shape. `truth_sizes` (voxels of components 1..m) is given when the
+    arrays are a crop of the scan, so the count of objects and the largest one refer to the whole mask.
+
+    Hit rule (HIT_RULE): a finding and an object hit each other when they share at least one voxel. Overlap, not
+    "the finding's peak lies in the object", because it makes every finding either a hit or a false finding (a
+    finding that touches no ground-truth voxel) with nothing in between, and it is the rule the lesion-level
+    sensitivity already used; a peak on the back-projected map also sits at the mercy of interpolation and of the
+    median filter by a voxel or two, which would flip hits on small or thin objects.
+
+    The patient's lesion is taken two ways: all of the ground truth as one object (`patient_found`: any finding
+    hits any component) and its largest connected component (`largest_found`; on a tie in size, the component
+    numbered first). Both are None when the scan has no ground truth.
+    """
+    findings = np.asarray(findings)
+    truth = np.asarray(truth_components)
+    if findings.shape != truth.shape:
+        raise ValueError(f"findings {findings.shape} and ground truth {truth.shape} differ in shape")
+    sizes = (np.bincount(truth.ravel().astype(np.int64))[1:] if truth_sizes is None
+             else np.asarray(truth_sizes, np.int64).ravel())
+    both = (findings > 0) & (truth > 0)
+    found = np.unique(truth[both])
+    n_findings = np.unique(findings[findings > 0]).size
+    n_hit = np.unique(findings[both]).size
+    n_true = int(np.count_nonzero(sizes))
+    largest = int(np.argmax(sizes)) + 1 if n_true else None
+    return {"findings": int(n_findings), "false_findings": int(n_findings - n_hit), "true_lesions": n_true,
+            "found": int(found.size), "patient_found": bool(found.size) if n_true else None,
+            "largest_found": bool(np.isin(largest, found)) if n_true else None}
+
+
+def detection_summary(matches: Sequence[dict], healthy: Sequence[bool]) -> dict:
+    """Cohort detection metrics from per-scan `finding_match` results; `healthy[i]`: scan i came without a mask
+    (the --healthy scans), so its findings are all false. Lesion scans whose mask is empty count for false
+    findings per lesion scan but not in the patient rates. Rates are None where nothing is there to divide."""
+    if len(matches) != len(healthy):
+        raise ValueError("one healthy flag per scan")
+    lesion = [m for m, h in zip(matches, healthy) if not h]
+    patients = [m for m in lesion if m["true_lesions"]]
+    healthy_ff = [m["false_findings"] for m, h in zip(matches, healthy) if h]
+    true_lesions = sum(m["true_lesions"] for m in lesion)
+    found = sum(m["found"] for m in lesion)
+
+    def rate(num, den):
+        return num / den if den else None
+
+    return {"patients": len(patients),
+            "patients_found": sum(bool(m["patient_found"]) for m in patients),
+            "patient_rate": rate(sum(bool(m["patient_found"]) for m in patients), len(patients)),
+            "largest_found": sum(bool(m["largest_found"]) for m in patients),
+            "largest_rate": rate(sum(bool(m["largest_found"]) for m in patients), len(patients)),
+            "true_lesions": true_lesions, "found": found, "lesion_sensitivity": rate(found, true_lesions),
+            "false_findings_per_healthy_scan": rate(sum(healthy_ff), len(healthy_ff)),
+            "false_findings_per_lesion_scan": rate(sum(m["false_findings"] for m in lesion), len(lesion)),
+            "false_findings_per_scan": rate(sum(m["false_findings"] for m in matches), len(matches))}
+
+
+def sweep_thresholds(values, top_fractions: Sequence[float], extra: Sequence[float] = ()) -> np.ndarray:
+    """Thresholds for a FROC sweep, highest first: the score above which each fraction of `values` lies, plus
+    `extra` (e.g. the calibrated threshold), duplicates merged."""
+    values = np.asarray(values, np.float64).ravel()
+    cuts = list(extra)
+    if values.size:
+        cuts += list(np.quantile(values, 1 - np.asarray(top_fractions, np.float64)))
+    return np.unique(np.asarray(cuts, np.float64))[::-1]
+
+
+def froc(thresholds, per_scan: Sequence[Sequence[dict]], healthy: Sequence[bool]) -> dict:
+    """FROC-style curve: `per_scan[i][k]` is scan i's `finding_match` at `thresholds[k]`; returns, per threshold,
+    the `detection_summary` fields as lists (patient and lesion sensitivity against false findings per scan)."""
+    thresholds = [float(t) for t in thresholds]
+    if any(len(s) != len(thresholds) for s in per_scan):
+        raise ValueError("one match per scan and threshold")
+    points = [detection_summary([s[k] for s in per_scan], healthy) for k in range(len(thresholds))]
+    keys = points[0].keys() if points else detection_summary([], []).keys()
+    return {"threshold": thresholds, **{key: [p[key] for p in points] for key in keys}}
+
+
 def lesion_detection(pred, truth) -> dict:
     """Lesion-level counts: a true lesion is found when any predicted voxel touches it; a predicted component
     touching no true lesion is a false-positive lesion (26-connected components on both sides)."""
@@ -72,9 +159,8 @@ def lesion_detection(pred, truth) -> dict:
 
     structure = ndimage.generate_binary_structure(3, 3)
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    t_lab, n_true = ndimage.label(truth, structure)
-    p_lab, n_pred = ndimage.label(pred, structure)
-    found = np.unique(t_lab[pred & truth])
-    hit_pred = np.unique(p_lab[pred & truth])
-    return {"true_lesions": int(n_true), "found": int(np.count_nonzero(found)), "pred_lesions": int(n_pred),
-            "fp_lesions": int(n_pred - np.count_nonzero(hit_pred))}
+    t_lab, _ = ndimage.label(truth, structure)
+    p_lab, _ = ndimage.label(pred, structure)
+    m = finding_match(p_lab, t_lab)
+    return {"true_lesions": m["true_lesions"], "found": m["found"], "pred_lesions": m["findings"],
+            "fp_lesions": m["false_findings"]}

@@ -1,4 +1,5 @@
-"""Writing evaluation results: metrics.json, a markdown table, PR curves and best/worst case montages."""
+"""Writing evaluation results: metrics.json, a markdown table with a FROC table per scorer, PR and FROC curves,
+and best/worst case montages."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from ..detection.overlay import overlay_montage
 COLUMNS = [("AUPRC", ("voxel", "auprc"), "f"), ("AUROC", ("voxel", "auroc"), "f"),
            ("best Dice (upper bound)", ("voxel", "best_dice_upper_bound"), "f"),
            ("Dice @ calibrated thr", ("voxel", "dice_at_threshold"), "f"), ("MOOD AP", ("voxel", "mood_ap"), "f"),
+           ("patient detection", ("patient", "patient_rate"), "f"),
+           ("patient detection (largest component)", ("patient", "largest_rate"), "f"),
+           ("false findings / healthy scan", ("false_findings", "per_healthy_scan"), "n"),
+           ("false findings / lesion scan", ("false_findings", "per_lesion_scan"), "n"),
            ("lesion sensitivity", ("lesion", "sensitivity"), "f"), ("FP lesions / scan", ("fp_lesions_per_scan",), "n"),
            ("scan AUROC", ("scan", "auroc"), "f"), ("healthy FPR", ("healthy_fpr",), "%"),
            ("non-lesion FPR", ("nonlesion_fpr",), "%"), ("s / volume", ("seconds_per_volume",), "n")]
@@ -62,8 +67,10 @@ def write_report(results: Dict[str, dict], outdir, title: str = "") -> Path:
     (outdir / "metrics.md").write_text((f"# {title}\n\n" if title else "") + table + "\n\n"
                                        "Voxel metrics pool brain voxels of all lesion scans on each scan's own grid; "
                                        "best Dice is an upper bound over thresholds; FPRs at the calibrated "
-                                       "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n", encoding="utf-8")
+                                       "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n\n"
+                                       + DETECTION_NOTE + "\n" + froc_tables(results), encoding="utf-8")
     _pr_plot(results, outdir / "pr_curves.png", title)
+    _froc_plot(results, outdir / "froc.png", title)
     for name, r in results.items():
         for which, shown in (r.get("_shown") or {}).items():
             if shown is None:
@@ -73,6 +80,72 @@ def write_report(results: Dict[str, dict], outdir, title: str = "") -> Path:
                             title=f"{name}: {which} case {shown.key} (AP {shown.ap:.3f}); green = truth, "
                                   "cyan = prediction")
     return outdir
+
+
+DETECTION_NOTE = (
+    "A finding is one row of detect's lesion table (a connected component of its label map). A finding hits a "
+    "ground-truth object when they share at least one voxel. Patient detection: the share of lesion scans whose "
+    "lesion is hit, the lesion taken as all of its ground truth at once, or as its largest connected component. "
+    "False findings touch no ground-truth voxel; counted per healthy scan (--healthy) and per lesion scan. "
+    "Lesion sensitivity counts each connected ground-truth component, so a tumour in fragments weighs as several. "
+    "Columns of the first table are at the threshold evaluate used (scan-adaptive unless told otherwise); the "
+    "FROC tables sweep one threshold for every scan (no scan-adaptive move), * marks the cohort threshold. "
+    "Sensitivities only rise as the threshold falls; false findings need not, since findings merge.\n")
+
+
+def froc_tables(results: Dict[str, dict]) -> str:
+    """One markdown table per scorer with a FROC curve: sensitivities and false findings per threshold."""
+    parts = []
+    for name, r in results.items():
+        curve = r.get("froc")
+        if not curve:
+            continue
+        lines = [f"### FROC: {name}", "",
+                 "| threshold | brain voxels above | patient detection | largest component | lesion sensitivity "
+                 "| false findings / scan | / healthy scan | / lesion scan |", "|" + "---|" * 8]
+        for k, t in enumerate(curve["threshold"]):
+            mark = "*" if t == curve["cohort_threshold"] else ""
+            lines.append(f"| {t:.4g}{mark} | {_fmt(curve['brain_fraction_above'][k], '%')} | "
+                         f"{_fmt(curve['patient_rate'][k])} | {_fmt(curve['largest_rate'][k])} | "
+                         f"{_fmt(curve['lesion_sensitivity'][k])} | {_fmt(curve['false_findings_per_scan'][k], 'n')} | "
+                         f"{_fmt(curve['false_findings_per_healthy_scan'][k], 'n')} | "
+                         f"{_fmt(curve['false_findings_per_lesion_scan'][k], 'n')} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def _froc_plot(results: Dict[str, dict], path: Path, title: str) -> None:
+    """Patient detection (solid) and lesion sensitivity (dashed) against false findings per scan, one colour per
+    scorer; the marker is the threshold evaluate used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    drawn = False
+    for name, r in results.items():
+        curve = r.get("froc")
+        if not curve or curve["patient_rate"][0] is None:
+            continue
+        x = curve["false_findings_per_scan"]
+        line, = ax.plot(x, curve["patient_rate"], marker=".", label=f"{name}: patient detection")
+        ax.plot(x, curve["lesion_sensitivity"], ls="--", color=line.get_color(), label=f"{name}: lesion sensitivity")
+        patient, ff = r.get("patient") or {}, r.get("false_findings") or {}
+        if patient.get("patient_rate") is not None:
+            ax.plot([ff["per_scan"]], [patient["patient_rate"]], marker="o", ms=7, mfc="none", ls="none",
+                    color=line.get_color(), label=f"{name}: patient detection at evaluate's threshold")
+        drawn = True
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("false findings / scan (all scans)")
+    ax.set_ylabel("sensitivity")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "FROC", fontsize=9)
+    if drawn:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _pr_plot(results: Dict[str, dict], path: Path, title: str) -> None:
