@@ -24,7 +24,8 @@ from BrainAnomalyLib.calibration.curve import (DEFAULT_FPRS, calibration_tables,
                                                score_to_unit, threshold_for_fpr, thresholds_for_fpr)
 from BrainAnomalyLib.core.errors import BrainAnomalyError, Cancelled
 from BrainAnomalyLib.core.manifest import Case, write_manifest
-from BrainAnomalyLib.store.models import folder_digest, load_model
+from BrainAnomalyLib.core.files import folder_digest
+from BrainAnomalyLib.store.models import load_model
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
 

@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.store.models import folder_digest, load_model, shipped_registry_file  # noqa: E402
+from BrainAnomalyLib.core.files import folder_digest, staged_folder, write_atomic  # noqa: E402
+from BrainAnomalyLib.store.models import load_model, shipped_registry_file  # noqa: E402
 
 
 def main() -> int:
@@ -26,8 +27,8 @@ def main() -> int:
     registry = shipped_registry_file()
     dest = registry.parent / model.name
     if dest.resolve() != args.folder.resolve():
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(args.folder, dest)
+        with staged_folder(dest) as stage:  # a registered model stays whole until its copy is complete
+            shutil.copytree(args.folder, stage, dirs_exist_ok=True)
     if args.card:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
     data = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {"default": model.name, "models": []}
@@ -46,7 +47,7 @@ def main() -> int:
         data["models"].append(entry)
     if args.default:
         data["default"] = model.name
-    registry.write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(registry, json.dumps(data, indent=2) + "\n")
     print(f"registered {model.name}: {entry['size_bytes']} bytes, sha256 {entry['sha256'][:12]}...")
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple
@@ -18,7 +17,7 @@ import numpy as np
 
 from ..core.io import read_volume
 from ..core.errors import BadInputError
-from .models import folder_digest, sha256_file
+from ..core.files import atomic_path, folder_digest, sha256_file
 from ..preprocess.chain import PreprocessConfig, preprocess, standardise
 from ..core.progress import Reporter
 from ..core.template import Grid
@@ -62,14 +61,8 @@ def preprocessed_arrays(path, config: PreprocessConfig, grid: Grid, cache_dir: O
         pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
         raw, mask = pre.raw_image, pre.mask
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             np.savez_compressed(tmp, image=raw.astype(np.float32), mask=mask.astype(np.uint8))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if not standardised:
         return raw, mask
     return standardise(raw, mask, config, grid)[0], mask

@@ -191,13 +191,10 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             check_after_training(kind, params, tensors, fit_cases, splits["calibration"], pre, grid, report_dir,
                                  modality, options, cache_dir, reporter.sub(1.0, 1.0))
             if any(report_dir.iterdir()):
-                import os
+                from ..core.files import staged_folder
 
-                from ..core.io import _umask
-
-                shutil.copytree(report_dir, folder / "training")
-                for d in [folder / "training", *(q for q in (folder / "training").rglob("*") if q.is_dir())]:
-                    os.chmod(d, 0o777 & ~_umask())  # the report came from a private temporary folder
+                with staged_folder(folder / "training") as stage:
+                    shutil.copytree(report_dir, stage, dirs_exist_ok=True)
             return folder
         finally:
             shutil.rmtree(report_dir, ignore_errors=True)
