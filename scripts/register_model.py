@@ -31,7 +31,8 @@ def main() -> int:
             shutil.copytree(args.folder, stage, dirs_exist_ok=True)
     if args.card:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
-    data = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {"default": model.name, "models": []}
+    data = (json.loads(registry.read_text(encoding="utf-8")) if registry.is_file()
+            else {"default": model.name, "models": []})
     meta = model.meta
     entry = {"id": model.name, "path": model.name, "kind": meta["kind"], "version": meta.get("version", "1.0.0"),
              "modality": meta["modality"], "inputs": [meta["modality"]],

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..learn.slices import spread_pick
+from ..core.subsets import spread_pick
 
 DEFAULT_ENCODER = "dpa-t1-ixi"
 DEFAULT_SAMPLES = 256

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..core.progress import Reporter
-from .base import ScoreOutput, Scorer, register
+from .base import ScoreOutput, Scorer, register, scorer_class
 
 
 @register
@@ -20,8 +20,6 @@ class EnsembleScorer(Scorer):
 
     def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
         super().__init__(params, tensors, device)
-        from . import scorer_class
-
         self.members = []
         for i, member in enumerate(self.params["members"]):
             prefix = f"m{i}."
