@@ -1,9 +1,10 @@
-# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv on first use.
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv on first use; `make lint` is the
+# static check CI runs before the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q Testing
+
+# ruff (pyflakes + pycodestyle errors) and lint-imports (layers, no import cycles): both configured in pyproject.toml.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -24,7 +24,8 @@ from BrainAnomalyLib.calibration.curve import (DEFAULT_FPRS, calibration_tables,
                                                score_to_unit, threshold_for_fpr, thresholds_for_fpr)
 from BrainAnomalyLib.core.errors import BrainAnomalyError, Cancelled
 from BrainAnomalyLib.core.manifest import Case, write_manifest
-from BrainAnomalyLib.store.models import folder_digest, load_model
+from BrainAnomalyLib.core.files import folder_digest
+from BrainAnomalyLib.store.models import load_model
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
 
@@ -358,6 +359,30 @@ def test_cancel_leaves_the_model_untouched(data, tmp_path):
         calibrate_cli.run(_parse(["--model", folder, "--manifest", data.cal, "--cache-dir", data.cache, "-q"]),
                           token)
     assert folder_digest(folder) == before
+
+
+def test_in_place_calibration_failing_while_writing_keeps_the_model(data, tmp_path, monkeypatch):
+    """A disk error half way through rewriting the model's own folder: one clear line, exit code 2, and the
+    previous model byte for byte as it was, still loading and verifying."""
+    from safetensors import numpy as st
+
+    folder = _copy_model(data, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    digest = folder_digest(folder)
+    real = st.save_file
+
+    def half_then_fail(tensors, path, *a, **k):  # the new tensor file half written, model.json not yet
+        real(tensors, path, *a, **k)
+        Path(path).write_bytes(Path(path).read_bytes()[:64])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(st, "save_file", half_then_fail)
+    code, _, err = run_calibrate(["--model", folder, "--manifest", data.cal, "--cache-dir", data.cache, "-q"])
+    monkeypatch.undo()
+    assert code == 2 and "cannot write the model" in err and "No space left" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert load_model(folder, expected_digest=digest).meta == load_model(data.model).meta
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_scan_adaptive_threshold_follows_a_shifted_and_widened_scan():

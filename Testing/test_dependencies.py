@@ -180,8 +180,8 @@ def test_slicer_pip_installer_uses_pip_ensure_with_a_constraints_file(fake_slice
     pydeps = types.ModuleType("slicer.pydeps")
 
     def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):
-        calls.append(("pip_ensure", [str(r) for r in requirements], Path(constraints).read_text(encoding="utf-8"), prompt_install,
-                      requester, constraints))
+        calls.append(("pip_ensure", [str(r) for r in requirements], Path(constraints).read_text(encoding="utf-8"),
+                      prompt_install, requester, constraints))
 
     pydeps.pip_ensure = pip_ensure
     monkeypatch.setitem(sys.modules, "slicer.pydeps", pydeps)

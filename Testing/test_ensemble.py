@@ -16,7 +16,7 @@ from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.store.model_store import import_model
 from BrainAnomalyLib.store.models import Model, folder_digest, load_model, save_model
 from BrainAnomalyLib.scorers import scorer_class
-from BrainAnomalyLib.scorers.ensemble import build_ensemble
+from BrainAnomalyLib.store.ensembles import build_ensemble
 from conftest import template_cohort
 
 

@@ -298,23 +298,26 @@ def test_checkpoint_round_trip_without_pickle(tmp_path, monkeypatch):
 
 
 def test_checkpoint_swap_interrupted_keeps_previous(tmp_path, monkeypatch):
+    from BrainAnomalyLib.core import files
+
     net = new_net()
     folder = ckpt.save_checkpoint(tmp_path / "ck", net, None, {"epoch": 1})
     real = os.replace
     calls = []
 
-    def crash_on_second(src, dst):
+    def killed_after_first(src, dst):  # the old checkpoint moved aside, then nothing more happens
         calls.append(dst)
-        if len(calls) == 2:  # old moved aside, new not yet in place
+        if len(calls) >= 2:
             raise OSError("killed")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    monkeypatch.setattr(files.os, "replace", killed_after_first)
     with torch.no_grad():
         net.enc.weight.add_(1.0)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(folder, net, None, {"epoch": 2})
     monkeypatch.undo()
+    assert len(calls) == 3  # the swap's second rename and its undo both failed
     assert not folder.exists() and ckpt.checkpoint_exists(folder)
     assert ckpt.load_checkpoint(folder, new_net()) == {"epoch": 1}
     ckpt.save_checkpoint(folder, net, None, {"epoch": 3})

@@ -92,7 +92,7 @@ def test_entry_for_matches_the_registry_format(tmp_path):
     entry = model_store.entry_for(load_model(folder).meta, folder)
     assert set(model_store.REGISTRY_FIELDS) <= set(entry)
     assert entry["id"] == "my-intensity" and entry["source"] == "user" and entry["inputs"] == ["T1"]
-    from BrainAnomalyLib.store.models import folder_digest
+    from BrainAnomalyLib.core.files import folder_digest
 
     assert entry["sha256"] == folder_digest(folder) and entry["size_bytes"] == model_store.folder_size(folder)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from BrainAnomalyLib.core.errors import ModelError
-from BrainAnomalyLib.store.models import (folder_digest, list_models, load_model, resolve_model, save_model,
+from BrainAnomalyLib.core.files import folder_digest
+from BrainAnomalyLib.store.models import (list_models, load_model, resolve_model, save_model,
                                           shipped_entries, shipped_registry_file)
 
 

@@ -126,3 +126,64 @@ def test_inside_slicer_the_dependencies_are_installed_without_asking(monkeypatch
     assert confirm is None and (torch_installer, pip_installer) == ("torch-installer", "pip-installer")
     script._install_dependencies(slicer, print)  # the slicer-core wheel: no application, nothing installed
     assert len(calls) == 1
+
+
+def test_case_written_again_keeps_its_files_when_a_write_fails(mrml_scene, worker_output, tmp_path, monkeypatch):
+    """A case folder rewritten (a batch run again into the same OUTDIR) with the third of its five files failing:
+    the previous files stay, byte for byte, and nothing half-written is left beside them."""
+    import shutil
+
+    from BrainAnomalySlicer import batch, nodes
+    from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionOptions
+
+    scan = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+    nodes.update_node_from_image(scan, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    shutil.copytree(worker_output / "out", tmp_path / "worker")
+    logic = DetectionLogic(mrml_scene)
+    outputs = logic.load_outputs(scan, tmp_path / "worker", DetectionOptions())
+    result = logic.apply_threshold(outputs)
+    case = tmp_path / "out" / "demo"
+    batch.save_case(mrml_scene, outputs, logic.state(outputs), result["lesions"], case)
+    before = {p.name: p.read_bytes() for p in case.iterdir()}
+    assert set(before) >= set(batch.CASE_FILES)
+
+    real, calls = batch._write, []
+
+    def third_write_fails(scene, node, storage_class, path):
+        calls.append(path.name)
+        if len(calls) == 3:
+            path.write_bytes(b"NRRD0004\n")  # a partial file, as a crash would leave it
+            raise DetectionError(f"could not write {path.name}")
+        return real(scene, node, storage_class, path)
+
+    monkeypatch.setattr(batch, "_write", third_write_fails)
+    stricter = logic.apply_threshold(outputs, fpr=0.001)
+    with pytest.raises(DetectionError, match="anomalies.seg.nrrd"):
+        batch.save_case(mrml_scene, outputs, logic.state(outputs), stricter["lesions"], case)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in case.iterdir()} == before
+    assert [p.name for p in case.parent.iterdir()] == ["demo"]
+    assert json.loads((case / "result.json").read_text(encoding="utf-8"))["lesions"] == result["lesions"]
+    img = sitk.ReadImage(str(case / "anomaly_map.nrrd"))  # still a whole, readable volume
+    assert img.GetSize() == sitk.ReadImage(str(worker_output / "scan.nrrd")).GetSize()
+
+    # Every file written, then the swap's second rename refused (a file in the old folder held open elsewhere):
+    # the old folder is put back.
+    import os
+
+    from BrainAnomalyLib.core import files
+
+    real_replace, renames = os.replace, []
+
+    def swap_fails(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise PermissionError("in use")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", swap_fails)
+    with pytest.raises(PermissionError):
+        batch.save_case(mrml_scene, outputs, logic.state(outputs), stricter["lesions"], case)
+    monkeypatch.undo()
+    assert len(renames) == 3 and {p.name: p.read_bytes() for p in case.iterdir()} == before
+    assert [p.name for p in case.parent.iterdir()] == ["demo"]

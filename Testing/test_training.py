@@ -29,7 +29,8 @@ def _cohort(folder, n=8):
 
 def test_manifest_paths_are_relative_to_the_csv(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "m.csv").write_text("subject,modality,image,mask\na,t1,img/a.nii.gz,\nb,FLAIR,b.nii,b_seg.nii\n")
+    (tmp_path / "sub" / "m.csv").write_text("subject,modality,image,mask\n"
+                                            "a,t1,img/a.nii.gz,\nb,FLAIR,b.nii,b_seg.nii\n")
     rows = read_manifest(tmp_path / "sub" / "m.csv")
     assert rows[0].image == (tmp_path / "sub" / "img" / "a.nii.gz").resolve() and rows[0].mask is None
     assert rows[0].modality == "T1" and rows[1].mask.name == "b_seg.nii"

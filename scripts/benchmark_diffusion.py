@@ -209,7 +209,7 @@ def main() -> int:
         results.append(row)
         print(f"{label:6s} {params / 1e6:5.2f} M params  {flops / 1e9:8.1f} GFLOP/volume  {seconds:8.2f} s/volume  "
               f"{rate / 1e12:8.4f} TFLOP/s = {100 * rate / peak:5.1f} % of peak", flush=True)
-        del net
+        net = None  # frees it before the next one is built (`run` shares this variable, so no `del`)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -107,9 +107,9 @@ def import_reference(directory: Path, deps, threads: int):
     try:
         import numba
     except ImportError:
-        sys.exit(f"The reference's simplex noise (simplex.py) needs numba, which is not importable here.\n"
-                 f"Install it away from the project's environment: pip install --target /path/to/refdeps numba\n"
-                 f"and pass --deps /path/to/refdeps.")
+        sys.exit("The reference's simplex noise (simplex.py) needs numba, which is not importable here.\n"
+                 "Install it away from the project's environment: pip install --target /path/to/refdeps numba\n"
+                 "and pass --deps /path/to/refdeps.")
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     stubs = []
     for name in OPTIONAL_IMPORTS:
@@ -240,7 +240,7 @@ def main() -> int:
     for batch, label in ((n, f"all {n} timed slice(s) in one batch"), (1, "one slice per call")):
         add("ours ddpm", f"{net.noise_kind} noise, {levels}, {net.ddim_steps} DDIM steps each; {label}",
             evals_ours, params_ours, gflop_ours, timed(lambda: ours(batch)), n)
-    del net
+    net = None  # frees it before the reference runs (`ours` shares this variable, so no `del`)
 
     # ---------------------------------------------------------------- reference
     torch.manual_seed(0)

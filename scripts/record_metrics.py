@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from BrainAnomalyLib.core.files import write_atomic  # noqa: E402
 from BrainAnomalyLib.store.models import shipped_registry_file  # noqa: E402
 
 KEEP = {"auprc": ("voxel", "auprc"), "auroc": ("voxel", "auroc"),
@@ -58,7 +59,7 @@ def main() -> int:
         if entry["id"] in measured:
             entry["metrics"] = measured[entry["id"]]
             updated.append(entry["id"])
-    registry.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_atomic(registry, json.dumps(data, indent=2) + "\n")  # every shipped model is listed here
     print(f"metrics recorded for {', '.join(updated) or 'no model'}")
     return 0
 

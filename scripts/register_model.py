@@ -8,30 +8,25 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.store.models import (META_FILE, TENSOR_FILE, folder_digest, load_model,  # noqa: E402
-                                          save_model, shipped_registry_file)
+from BrainAnomalyLib.core.files import folder_digest, staged_folder, write_atomic  # noqa: E402
+from BrainAnomalyLib.store.models import META_FILE, TENSOR_FILE, load_model, save_model, shipped_registry_file  # noqa: E402,E501
 
 
 def store_half(folder: Path) -> None:
-    """Re-write a model folder's tensors in half precision, keeping its other files (card, training report)."""
+    """Re-write a model folder's tensors in half precision, keeping its other files (card, training report); the
+    folder is swapped in whole, so a failure leaves the model as it was."""
     model = load_model(folder)
-    staging = Path(tempfile.mkdtemp(prefix=".half-", dir=folder.parent))
-    try:
-        staged = save_model(staging / folder.name, model.meta, model.tensors, half=True)
+    with staged_folder(folder) as stage:
+        save_model(stage, model.meta, model.tensors, half=True)
         for p in folder.rglob("*"):
             if p.is_file() and p.relative_to(folder).as_posix() not in (META_FILE, TENSOR_FILE):
-                (staged / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(p, staged / p.relative_to(folder))
-        shutil.rmtree(folder)
-        staged.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                (stage / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, stage / p.relative_to(folder))
 
 
 def main() -> int:
@@ -49,13 +44,14 @@ def main() -> int:
     registry = shipped_registry_file()
     dest = registry.parent / model.name
     if dest.resolve() != args.folder.resolve():
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(args.folder, dest)
+        with staged_folder(dest) as stage:  # a registered model stays whole until its copy is complete
+            shutil.copytree(args.folder, stage, dirs_exist_ok=True)
     if args.card:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
     if args.half:
         store_half(dest)
-    data = json.loads(registry.read_text(encoding="utf-8")) if registry.is_file() else {"default": model.name, "models": []}
+    data = (json.loads(registry.read_text(encoding="utf-8")) if registry.is_file()
+            else {"default": model.name, "models": []})
     meta = model.meta
     entry = {"id": model.name, "path": model.name, "kind": meta["kind"], "version": meta.get("version", "1.0.0"),
              "modality": meta["modality"], "inputs": [meta["modality"]],
@@ -73,7 +69,7 @@ def main() -> int:
         data["models"].append(entry)
     if args.default:
         data["default"] = model.name
-    registry.write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(registry, json.dumps(data, indent=2) + "\n")
     print(f"registered {model.name}: {entry['size_bytes']} bytes, sha256 {entry['sha256'][:12]}...")
     return 0
 

@@ -25,7 +25,8 @@ from BrainAnomalyLib.store.models import load_model, resolve_model, save_model  
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers.learned import fit_residual_norm, scorer_class_for  # noqa: E402
-from BrainAnomalyLib.training.run import calibrate, grid_volumes, recorded_splits  # noqa: E402
+from BrainAnomalyLib.store.cache import grid_volumes  # noqa: E402
+from BrainAnomalyLib.training.run import calibrate, recorded_splits  # noqa: E402
 
 
 def rescored_params(model, arch_changes: dict, score) -> dict:

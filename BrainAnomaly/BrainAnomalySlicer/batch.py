@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -46,10 +43,11 @@ def _write(scene, node, storage_class: str, path: Path) -> None:
 
 def save_case(scene, outputs: nodes.OutputNodes, state: dict, lesions: List[dict], folder: Path) -> None:
     """Heatmap and label map (NRRD), segmentation (.seg.nrrd), lesion table (CSV) and a JSON summary, staged in
-    a hidden sibling and moved into place together."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".partial-{folder.name}-", dir=folder.parent))
-    try:
+    a hidden sibling and swapped in together: a case written again keeps its previous files until the new ones
+    are complete."""
+    from BrainAnomalyLib.core.files import staged_folder
+
+    with staged_folder(folder) as stage:
         _write(scene, outputs.heatmap, "vtkMRMLVolumeArchetypeStorageNode", stage / "anomaly_map.nrrd")
         _write(scene, outputs.labelmap, "vtkMRMLVolumeArchetypeStorageNode", stage / "labels.nrrd")
         _write(scene, outputs.segmentation, "vtkMRMLSegmentationStorageNode", stage / "anomalies.seg.nrrd")
@@ -58,14 +56,6 @@ def save_case(scene, outputs: nodes.OutputNodes, state: dict, lesions: List[dict
                                               "device", "timings", "notes")}
         summary["lesions"] = lesions
         (stage / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from BrainAnomalyLib.core.io import _umask
-
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes a private folder; results are for sharing
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(stage, folder)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Optional[str] = None,

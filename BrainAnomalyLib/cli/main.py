@@ -450,7 +450,7 @@ def cmd_evaluate(args, cancel: CancelToken) -> int:
 
 def cmd_ensemble(args, cancel: CancelToken) -> int:
     from ..store.models import resolve_model, save_model
-    from ..scorers.ensemble import build_ensemble
+    from ..store.ensembles import build_ensemble
 
     models = [resolve_model(m) for m in args.model]
     if args.weight and len(args.weight) != len(models):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import BadInputError
+from .files import atomic_path
 
 # A brain scan covers at least a few centimetres in every direction and at most a whole body's worth of voxels.
 MIN_EXTENT_MM = 60.0
@@ -90,19 +90,5 @@ def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
 def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
     """Write through a temporary file in the same folder so a crash never leaves a half-written volume."""
     path = Path(path)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; outputs get the user's usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_path(path, "".join(path.suffixes) or ".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)

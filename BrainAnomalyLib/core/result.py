@@ -8,8 +8,6 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ..detection.postprocess import label_lesions
-
 
 @dataclass
 class Result:
@@ -28,15 +26,6 @@ class Result:
     grid_map: Optional[np.ndarray] = None  # cleaned map on the model grid (evaluation works there too)
     grid_mask: Optional[np.ndarray] = None
     notes: List[str] = field(default_factory=list)
-
-    def rethreshold(self, value: float, min_lesion_ml: Optional[float] = None, fpr: Optional[float] = None,
-                    source: str = "user value") -> "Result":
-        """New label map and lesion table at another threshold, without running the model again."""
-        if min_lesion_ml is not None:
-            self.min_lesion_ml = float(min_lesion_ml)
-        self.pred_mask, self.lesions = label_lesions(self.anomaly_map, float(value), self.min_lesion_ml)
-        self.threshold = {"value": float(value), "fpr": fpr, "source": source}
-        return self
 
     def summary(self) -> dict:
         return {"model": self.model, "modality": self.modality, "pred_score": round(self.pred_score, 5),

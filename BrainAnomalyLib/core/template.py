@@ -82,12 +82,6 @@ def brain_mask_on_grid(grid: Grid = Grid()) -> np.ndarray:
     return mask
 
 
-def grid_image(array: np.ndarray, grid: Grid) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.CopyInformation(grid.reference())
-    return image
-
-
 def spacing_zyx(grid: Grid) -> Sequence[float]:
     return tuple(reversed(grid.spacing))
 

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..learn.slices import spread_pick
+from ..core.subsets import spread_pick
 
 DEFAULT_ENCODER = "dpa-t1-ixi"
 DEFAULT_SAMPLES = 256
@@ -209,12 +209,13 @@ def realism_report(net, held_out, training, encoder: Encoder, n: int = DEFAULT_S
 def write_realism(out_dir, result: dict, samples: Optional[np.ndarray] = None,
                   real: Optional[np.ndarray] = None) -> Path:
     """realism.json (the result, or why the check was skipped) and, given the arrays, samples.png."""
-    from ..learn.report import _write_atomic, json_safe
+    from ..core.files import write_atomic
+    from ..learn.report import json_safe
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REALISM_JSON
-    _write_atomic(path, (json.dumps(json_safe(result), indent=1) + "\n").encode("utf-8"))
+    write_atomic(path, json.dumps(json_safe(result), indent=1) + "\n")
     if samples is not None and real is not None:
         plot_samples(out_dir / SAMPLES_PNG, samples, real, result)
     return path

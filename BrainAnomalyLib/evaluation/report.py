@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict
 
+from ..core.files import write_atomic
 from ..detection.overlay import overlay_montage
 
 # (header, path into the metrics, format): "%" for rates, "n" for counts and seconds, "f" for scores in [0, 1].
@@ -61,14 +62,14 @@ def public(r: dict) -> dict:
 def write_report(results: Dict[str, dict], outdir, title: str = "") -> Path:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "metrics.json").write_text(json.dumps({k: public(v) for k, v in results.items()}, indent=2,
-                                                    default=float) + "\n")
+    write_atomic(outdir / "metrics.json", json.dumps({k: public(v) for k, v in results.items()}, indent=2,
+                                                     default=float) + "\n")
     table = markdown_table(results)
-    (outdir / "metrics.md").write_text((f"# {title}\n\n" if title else "") + table + "\n\n"
+    write_atomic(outdir / "metrics.md", (f"# {title}\n\n" if title else "") + table + "\n\n"
                                        "Voxel metrics pool brain voxels of all lesion scans on each scan's own grid; "
                                        "best Dice is an upper bound over thresholds; FPRs at the calibrated "
                                        "threshold; MOOD AP maps scores to [0, 1] as 1 - healthy FPR.\n\n"
-                                       + DETECTION_NOTE + "\n" + froc_tables(results), encoding="utf-8")
+                                       + DETECTION_NOTE + "\n" + froc_tables(results))
     _pr_plot(results, outdir / "pr_curves.png", title)
     _froc_plot(results, outdir / "froc.png", title)
     for name, r in results.items():

@@ -11,20 +11,16 @@ A checkpoint is a folder:
     rng.safetensors        torch's CPU RNG state ("torch", uint8) and CUDA RNG states ("cuda/<i>") when CUDA is in use
     <set>.safetensors      extra named tensor sets (the engine keeps the best weights as "best")
 
-It is written into a temporary sibling folder and swapped in with renames (the previous one is moved aside first
-and deleted last), so an interrupted save leaves the previous checkpoint loadable: `load_checkpoint` falls back to
-the moved-aside copy if the swap itself was cut short.
+It is written with core/files.staged_folder (built beside the destination and swapped in with renames, the previous
+one moved aside first and deleted last), so an interrupted save leaves the previous checkpoint loadable:
+`load_checkpoint` falls back to the moved-aside copy if the process was killed between the two renames.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
@@ -32,7 +28,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ModelError
-from ..store.models import sha256_file
+from ..core.files import interrupted_swap, sha256_file, staged_folder
 
 FORMAT = "brainanomaly-checkpoint"
 FORMAT_VERSION = 1
@@ -143,10 +139,6 @@ def _optimiser_state_dict(meta: dict, tensors: Mapping[str, torch.Tensor], name:
     return {"state": state, "param_groups": groups}
 
 
-def _siblings(folder: Path, kind: str):
-    return sorted(folder.parent.glob(f".{folder.name}-{kind}-*"))
-
-
 def save_checkpoint(folder, net: torch.nn.Module, optimisers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
                     state: Optional[dict] = None,
                     tensor_sets: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None, rng: bool = True) -> Path:
@@ -155,9 +147,6 @@ def save_checkpoint(folder, net: torch.nn.Module, optimisers: Optional[Mapping[s
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _siblings(folder, "tmp"):  # left by a save that was killed part way
-        shutil.rmtree(stale, ignore_errors=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": _to_json(getattr(net, "arch", None), "arch"),
             "state": _to_json(state or {}, "state"), "optimisers": {}, "tensor_sets": [], "files": {}}
     files: Dict[str, Dict[str, torch.Tensor]] = {NET_FILE: _plain_tensors(net.state_dict(), "net state_dict")}
@@ -179,30 +168,11 @@ def save_checkpoint(folder, net: torch.nn.Module, optimisers: Optional[Mapping[s
         files[f"{name}.safetensors"] = _plain_tensors(tensors, f"tensor set {name}")
         meta["tensor_sets"].append(name)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-tmp-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as stage:
         for fname, tensors in files.items():
-            save_file(tensors, str(tmp / fname))
-            meta["files"][fname] = sha256_file(tmp / fname)
-        with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(meta, indent=1) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for fname in os.listdir(tmp):  # mkdtemp and safetensors make private files: give the user's usual modes
-            os.chmod(tmp / fname, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}-old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        for previous in _siblings(folder, "old"):  # this one, and any left by an interrupted save
-            shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            save_file(tensors, str(stage / fname))
+            meta["files"][fname] = sha256_file(stage / fname)
+        (stage / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return folder
 
 
@@ -210,10 +180,8 @@ def _readable(folder: Path) -> Optional[Path]:
     """The folder, or the previous checkpoint moved aside by a save that stopped between its two renames."""
     if (folder / META_FILE).is_file():
         return folder
-    for old in reversed(_siblings(folder, "old")):
-        if (old / META_FILE).is_file():
-            return old
-    return None
+    previous = interrupted_swap(folder)
+    return previous if previous is not None and (previous / META_FILE).is_file() else None
 
 
 def checkpoint_exists(folder) -> bool:

@@ -37,7 +37,7 @@ from ..core.errors import BadInputError, Cancelled
 from ..core.progress import Reporter
 from .augment2d import Augment2DConfig, Augmenter2D
 from .checkpoint import checkpoint_exists, load_checkpoint, load_tensor_set, save_checkpoint
-from .slices import spread_pick
+from ..core.subsets import spread_pick
 
 CHECKPOINT_SUBDIR = "checkpoint"
 N_EXAMPLES = 6

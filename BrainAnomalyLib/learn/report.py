@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.io import _umask
+from ..core.files import write_atomic
 
 CURVES = "loss_curves.png"
 RECONSTRUCTIONS = "reconstructions.png"
@@ -31,33 +29,11 @@ def json_safe(value):
     return value
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Move a finished temporary file into place, readable as any new file would be (mkstemp makes it private);
-    the temporary file never stays behind."""
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-    except BaseException:
-        os.remove(tmp)
-        raise
-    _publish(tmp, path)
-
-
 def write_history_json(folder, result: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / HISTORY
-    _write_atomic(path, (json.dumps(json_safe(result), indent=1) + "\n").encode("utf-8"))
+    write_atomic(path, json.dumps(json_safe(result), indent=1) + "\n")
     return path
 
 
@@ -91,7 +67,7 @@ def palette_png(image) -> bytes:
 
 
 def _save_figure(fig, path: Path) -> None:
-    _write_atomic(path, png_bytes(fig))
+    write_atomic(path, png_bytes(fig))
 
 
 def _scale(ax, values: Sequence[float]) -> None:

@@ -15,12 +15,6 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 
-
-def spread_pick(n_total: int, n: int) -> np.ndarray:
-    """min(n, n_total) indices evenly spaced over range(n_total), first and last included: a subset of slices that
-    covers the whole brain (or set) rather than its first n."""
-    return np.unique(np.linspace(0, n_total - 1, min(n, n_total)).round().astype(np.int64))
-
 def _check_volume(image: np.ndarray, mask: np.ndarray, context: int) -> Tuple[np.ndarray, np.ndarray]:
     image = np.asarray(image)
     mask = np.asarray(mask)

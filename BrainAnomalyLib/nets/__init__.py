@@ -24,16 +24,15 @@ net.sample(n, generator, steps) (pddpm and cddpm refuse; evaluation/realism.py j
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, Mapping, Sequence, Type
 
 from .autoencoders import VAE, AnoVAEGAN, ConstrainedAE, DenseAE, SpatialAE
-from .base import SliceNet, jsonable
+from .base import DEFAULT_SIZE, SliceNet, perceptual_map
 from .dae import DenoisingAE
 from .diffusion import ConditionedDDPM, PatchedDDPM, PixelDiffusion
 from .latent_diffusion import LatentDDPM, VQVAENet
 from .noise import coarse_noise
-from .perceptual import DPA, FeatureNet, perceptual_map
+from .perceptual import DPA, FeatureNet
 
 ARCHS = ("ae_dense", "ae_spatial", "vae", "cae", "anovaegan", "dae", "feature_net", "dpa")
 # Kept apart from ARCHS: their tests (Testing/test_diffusion.py) need other tiny configurations and training budgets.
@@ -46,8 +45,6 @@ NETS: Dict[str, Type[SliceNet]] = {
     "ddpm": PixelDiffusion, "pddpm": PatchedDDPM, "cddpm": ConditionedDDPM, "vqvae": VQVAENet, "ldm": LatentDDPM,
 }
 
-DEFAULT_SIZE = (112, 96)
-
 
 def _net_class(type_name) -> Type[SliceNet]:
     if type_name not in NETS:
@@ -57,11 +54,7 @@ def _net_class(type_name) -> Type[SliceNet]:
 
 def default_arch(type: str, in_channels: int = 1, size: Sequence[int] = DEFAULT_SIZE) -> dict:
     """Small default hyperparameters of network `type` for slices of `size` (H, W) with `in_channels` channels."""
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-    if not isinstance(size, (list, tuple)) or len(size) != 2:
-        raise ValueError(f"size must be (H, W), got {size!r}")
-    return jsonable(_net_class(type).defaults(in_channels, tuple(size)))
+    return _net_class(type).default_arch(in_channels, size)
 
 
 def build_net(arch: Mapping) -> SliceNet:
@@ -70,15 +63,7 @@ def build_net(arch: Mapping) -> SliceNet:
     ValueError."""
     if not isinstance(arch, Mapping) or "type" not in arch:
         raise ValueError(f"an arch must be a dict with a 'type' (one of {', '.join(ALL_ARCHS)}), got {arch!r}")
-    type_name = arch["type"]
-    cls = _net_class(type_name)
-    full = default_arch(type_name, arch.get("in_channels", 1), arch.get("size", DEFAULT_SIZE))
-    unknown = sorted(set(arch) - set(full))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown} for network type {type_name!r}; "
-                         f"known: {sorted(k for k in full if k != 'type')}")
-    full.update(copy.deepcopy(dict(arch)))
-    return cls(jsonable(full))
+    return _net_class(arch["type"]).from_arch(arch)
 
 
 def count_parameters(net) -> int:

@@ -65,7 +65,8 @@ class _ConvAEBase(SliceNet):
         self.noise_std = check_float(a, "noise_std")
         self.noise_res = check_ints(a, "noise_res", length=2)
         if any(r > s for r, s in zip(self.noise_res, self.size)):
-            raise ValueError(f"arch {a['type']!r}: noise_res {self.noise_res} must not exceed the size {list(self.size)}")
+            raise ValueError(f"arch {a['type']!r}: noise_res {self.noise_res} must not exceed the size "
+                             f"{list(self.size)}")
 
     def _rec(self, recon, x, m):
         return reconstruction_loss(recon, x, m, self.rec_kind, self.bg_weight)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 REC_LOSSES = ("l1", "l2")
+# (H, W) of an axial slice of the template grid.
+DEFAULT_SIZE = (112, 96)
 # Intensity span used by the SSIM constants, in standardised units (inside the brain, median 0 and IQR about 1:
 # CSF to white matter covers a few units).
 SSIM_DATA_RANGE = 4.0
@@ -177,6 +179,25 @@ def eval_mode(module: nn.Module):
         module.train(was)
 
 
+# ----------------------------------------------------------------------------------------------- perceptual distance
+def feature_distances(feature_net, x: torch.Tensor, recon: torch.Tensor,
+                      x_features: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Per layer, the channel mean of |F(x) - F(recon)|: list of (B, 1, h_l, w_l)."""
+    fx = feature_net.features(x) if x_features is None else x_features
+    fr = feature_net.features(recon)
+    return [(a - b).abs().mean(dim=1, keepdim=True) for a, b in zip(fx, fr)]
+
+
+@torch.no_grad()
+def perceptual_map(feature_net, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): every layer's channel-mean |F(x) - F(recon)| upsampled bilinearly to (H, W), averaged over
+    layers. (Channel mean rather than sum, so layers of different widths weigh the same.)"""
+    maps = [F.interpolate(d, size=x.shape[2:], mode="bilinear", align_corners=False)
+            for d in feature_distances(feature_net, x, recon)]
+    return torch.stack(maps).mean(dim=0)
+
+
+
 # ----------------------------------------------------------------------------------------------- the base class
 class SliceNet(nn.Module):
     """Base of every slice network. Subclasses define `defaults`, build themselves from a checked arch, and
@@ -197,6 +218,27 @@ class SliceNet(nn.Module):
     @staticmethod
     def defaults(in_channels: int, size: Sequence[int]) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def default_arch(cls, in_channels: int = 1, size: Sequence[int] = DEFAULT_SIZE) -> dict:
+        """The type's small default hyperparameters for slices of `size` (H, W) with `in_channels` channels."""
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ValueError(f"size must be (H, W), got {size!r}")
+        return jsonable(cls.defaults(in_channels, tuple(size)))
+
+    @classmethod
+    def from_arch(cls, arch: Mapping) -> "SliceNet":
+        """The net of this type from an arch dict; hyperparameters left out take the defaults of
+        default_arch(arch's in_channels, arch's size). Unknown keys and bad values raise ValueError."""
+        full = cls.default_arch(arch.get("in_channels", 1), arch.get("size", DEFAULT_SIZE))
+        unknown = sorted(set(arch) - set(full))
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for network type {cls.type_name!r}; "
+                             f"known: {sorted(k for k in full if k != 'type')}")
+        full.update(copy.deepcopy(dict(arch)))
+        return cls(jsonable(full))
 
     # ------------------------------------------------------------------ interface
     def check_input(self, x: torch.Tensor) -> None:
@@ -241,8 +283,6 @@ class SliceNet(nn.Module):
             c = channel % x.shape[1]
             maps = residual_maps(x.narrow(1, c, 1), recon.narrow(1, c, 1), ssim_sigma, ssim_range)
         if feature_net is not None:
-            from .perceptual import perceptual_map
-
             maps["perceptual"] = perceptual_map(feature_net, x, recon)
         return maps
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..learn.slices import spread_pick
+from ..core.subsets import spread_pick
 from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size, jsonable,
                    mask_float, reconstruction_loss)
 from .diffusion import DiffusionBase, build_unet, schedule_defaults, unet_defaults
@@ -115,8 +115,6 @@ class LatentDDPM(DiffusionBase):
 
     def __init__(self, arch: dict) -> None:
         super().__init__(arch)
-        from . import build_net
-
         a = self.arch
         sub = a["vqvae"]
         if not isinstance(sub, dict) or sub.get("type") != "vqvae":
@@ -125,7 +123,7 @@ class LatentDDPM(DiffusionBase):
             if shared in sub and jsonable(sub[shared]) != a[shared]:
                 raise ValueError(f"arch 'ldm': vqvae[{shared!r}] = {sub[shared]!r} differs from the ldm's "
                                  f"{a[shared]!r}")
-        self.vqvae = build_net(dict(sub, in_channels=a["in_channels"], size=a["size"]))
+        self.vqvae = VQVAENet.from_arch(dict(sub, in_channels=a["in_channels"], size=a["size"]))
         a["vqvae"] = self.vqvae.arch
         channels = check_ints(a, "channels")
         self.stride_factor = self.vqvae.stride_factor * 2 ** (len(channels) - 1)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size, jsonable,
-                   mask_float, masked_mean, pixel_error, reconstruction_loss)
+from .autoencoders import DenseAE, SpatialAE
+from .base import (REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_size,
+                   feature_distances, jsonable, mask_float, masked_mean, pixel_error, reconstruction_loss)
 from .noise import coarse_noise
 
 
@@ -51,23 +52,6 @@ def box_mask(batch: int, size: Sequence[int], count: int, box: Sequence[int],
     inside = ((ys >= y0[..., None, None]) & (ys < (y0 + sy)[..., None, None])
               & (xs >= x0[..., None, None]) & (xs < (x0 + sx)[..., None, None]))  # (B, count, H, W)
     return inside.any(dim=1, keepdim=True).float()
-
-
-def feature_distances(feature_net, x: torch.Tensor, recon: torch.Tensor,
-                      x_features: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-    """Per layer, the channel mean of |F(x) - F(recon)|: list of (B, 1, h_l, w_l)."""
-    fx = feature_net.features(x) if x_features is None else x_features
-    fr = feature_net.features(recon)
-    return [(a - b).abs().mean(dim=1, keepdim=True) for a, b in zip(fx, fr)]
-
-
-@torch.no_grad()
-def perceptual_map(feature_net, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W): every layer's channel-mean |F(x) - F(recon)| upsampled bilinearly to (H, W), averaged over
-    layers. (Channel mean rather than sum, so layers of different widths weigh the same.)"""
-    maps = [F.interpolate(d, size=x.shape[2:], mode="bilinear", align_corners=False)
-            for d in feature_distances(feature_net, x, recon)]
-    return torch.stack(maps).mean(dim=0)
 
 
 class FeatureNet(SliceNet):
@@ -157,6 +141,9 @@ class FeatureNet(SliceNet):
         return {"loss": loss, "rec": rec.detach(), "hole": hole.detach()}
 
 
+_AE_TYPES = {cls.type_name: cls for cls in (DenseAE, SpatialAE)}
+
+
 class DPA(SliceNet):
     """Deep perceptual autoencoder. arch: "ae" = arch of the autoencoder (ae_dense or ae_spatial; its rec_loss and
     bg_weight serve the pixel term), "feature_net" = arch of the frozen feature network, pixel_weight.
@@ -169,19 +156,15 @@ class DPA(SliceNet):
 
     @staticmethod
     def defaults(in_channels: int = 1, size: Sequence[int] = (112, 96)) -> dict:
-        from .autoencoders import DenseAE
-
         return {"type": "dpa", "in_channels": int(in_channels), "size": [int(s) for s in size],
                 "ae": DenseAE.defaults(in_channels, size), "feature_net": FeatureNet.defaults(in_channels, size),
                 "pixel_weight": 0.1}
 
     def __init__(self, arch: dict) -> None:
         super().__init__(arch)
-        from . import build_net
-
         a = self.arch
         self.pixel_weight = check_float(a, "pixel_weight")
-        for key, allowed in (("ae", ("ae_dense", "ae_spatial")), ("feature_net", ("feature_net",))):
+        for key, allowed in (("ae", tuple(_AE_TYPES)), ("feature_net", (FeatureNet.type_name,))):
             sub = a[key]
             if not isinstance(sub, dict) or sub.get("type") not in allowed:
                 raise ValueError(f"arch 'dpa': {key!r} must be an arch dict of type {' or '.join(allowed)}, "
@@ -191,8 +174,8 @@ class DPA(SliceNet):
                     raise ValueError(f"arch 'dpa': {key}[{shared!r}] = {sub[shared]!r} differs from the "
                                      f"dpa's {a[shared]!r}")
         sub_arch = {k: dict(a[k], in_channels=a["in_channels"], size=a["size"]) for k in ("ae", "feature_net")}
-        self.ae = build_net(sub_arch["ae"])
-        self.feature_net = build_net(sub_arch["feature_net"])
+        self.ae = _AE_TYPES[sub_arch["ae"]["type"]].from_arch(sub_arch["ae"])
+        self.feature_net = FeatureNet.from_arch(sub_arch["feature_net"])
         a["ae"], a["feature_net"] = self.ae.arch, self.feature_net.arch  # completed with their defaults
         self.fixed_size = self.ae.fixed_size
         self.stride_factor = max(self.ae.stride_factor, self.feature_net.stride_factor)

@@ -65,11 +65,3 @@ def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
 
 def affine_to_dict(t: sitk.AffineTransform) -> dict:
     return {"matrix": list(t.GetMatrix()), "translation": list(t.GetTranslation()), "center": list(t.GetCenter())}
-
-
-def affine_from_dict(d: dict) -> sitk.AffineTransform:
-    t = sitk.AffineTransform(3)
-    t.SetMatrix(d["matrix"])
-    t.SetTranslation(d["translation"])
-    t.SetCenter(d["center"])
-    return t

@@ -73,8 +73,9 @@ def register(cls: Type[Scorer]) -> Type[Scorer]:
 
 
 def scorer_class(kind: str) -> Type[Scorer]:
-    from . import ensemble, intensity, learned, normative  # noqa: F401  (importing registers them)
-
+    """The registered scorer of `kind` (KeyError if none). Each scorer module registers its classes when imported
+    and the package's __init__ imports them all, which Python does before it runs any module of the package, so
+    the table is complete whenever this runs."""
     if kind not in SCORERS:
         raise KeyError(kind)
     return SCORERS[kind]

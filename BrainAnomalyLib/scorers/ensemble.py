@@ -5,12 +5,12 @@ member's folder (the digest the registry uses), and `models.load_model` finds an
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
 from ..core.progress import Reporter
-from .base import ScoreOutput, Scorer, register
+from .base import ScoreOutput, Scorer, register, scorer_class
 
 
 @register
@@ -28,7 +28,6 @@ class EnsembleScorer(Scorer):
 
     @classmethod
     def for_model(cls, model, params: dict, device: str = "cpu") -> "EnsembleScorer":
-        from . import scorer_class
 
         # Settings given to the ensemble (e.g. a batch size after GPU out-of-memory) reach every member.
         shared = {k: v for k, v in params.items() if k in ("batch_size",)}
@@ -49,36 +48,3 @@ class EnsembleScorer(Scorer):
                 recon = out.reconstruction
         total /= float(sum(weights))
         return ScoreOutput(np.where(mask, total, 0.0).astype(np.float32), reconstruction=recon)
-
-
-def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> dict:
-    """The params of an ensemble of calibrated, installed models of one modality and grid."""
-    from ..store.models import folder_digest, installed_id, user_models_dir
-
-    if len(models) < 2:
-        raise ValueError("an ensemble needs at least two models")
-    modalities = {m.modality for m in models}
-    if len(modalities) > 1:
-        raise ValueError(f"ensemble members must share a modality (got {', '.join(sorted(modalities))})")
-    for key, what in (("grid", "model grid"), ("preprocessing", "preprocessing (intensity standardisation "
-                                                                       "included)")):
-        # Keys set to None mean "not used" (older folders simply lack them).
-        if len({repr(sorted((k, v) for k, v in (m.meta.get(key) or {}).items() if v is not None))
-                for m in models}) > 1:
-            raise ValueError(f"ensemble members must share their {what}")
-    scales = []
-    for m in models:
-        if m.kind == "ensemble":
-            raise ValueError(f"{m.name} is an ensemble itself; list its members instead")
-        ref = ((m.meta.get("calibration") or {}).get("adaptive")) or {}
-        if not ref.get("mad"):
-            raise ValueError(f"model {m.name} has no healthy score statistics; calibrate it first")
-        scales.append({"median": float(ref["median"]), "mad": float(ref["mad"])})
-    members: List[dict] = []
-    for m, scale in zip(models, scales):
-        member_id = installed_id(m.path)
-        if member_id is None:
-            raise ValueError(f"model {m.path} is not installed; an ensemble names its members by id, so install it "
-                             f"first (brainanomaly models import {m.path}, into {user_models_dir()})")
-        members.append({"id": member_id, "sha256": folder_digest(m.path), "scale": scale})
-    return {"members": members, "weights": [float(w) for w in weights] or None}

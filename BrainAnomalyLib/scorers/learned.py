@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..core.progress import Reporter
-from .base import ScoreOutput, Scorer, register, signed
+from .base import ScoreOutput, Scorer, register, scorer_class, signed
 from .residual_norm import fit_stats, scan_standardise, standardise
 
 SCORES = ("signed", "l1", "ssim", "perceptual")
@@ -204,8 +204,6 @@ def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], v
 
 
 def scorer_class_for(kind: str):
-    from .base import scorer_class
-
     cls = scorer_class(kind)
     if not issubclass(cls, LearnedScorer):
         raise ValueError(f"{kind!r} is not a learned scorer")

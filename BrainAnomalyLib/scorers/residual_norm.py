@@ -36,7 +36,8 @@ def tensor_keys(prefix: str = "norm.") -> Tuple[str, str]:
     return f"{prefix}mean", f"{prefix}std"
 
 
-def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]], prefix: str = "norm.") -> Tuple[dict, Dict[str, np.ndarray]]:
+def fit_stats(maps: Iterable[Tuple[np.ndarray, np.ndarray]],
+              prefix: str = "norm.") -> Tuple[dict, Dict[str, np.ndarray]]:
     """(params, tensors) from (raw map, brain mask) pairs of healthy scans on the grid."""
     moments = voxel_moments(maps)
     n = moments.n_scans

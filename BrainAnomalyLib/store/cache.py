@@ -1,4 +1,5 @@
-"""On-disk cache of preprocessed grid volumes, so training, calibration and evaluation preprocess a scan once.
+"""On-disk cache of preprocessed grid volumes, so training, calibration and evaluation preprocess a scan once, and
+the grid volumes of a list of manifest cases read through it.
 
 Lives outside the project (derived volumes are never committed); keyed by the file's content, the preprocessing
 settings and the grid, so a change to any of them misses the cache.
@@ -9,16 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.io import read_volume
 from ..core.errors import BadInputError
-from .models import folder_digest, sha256_file
+from ..core.manifest import Case
+from ..core.files import atomic_path, folder_digest, sha256_file
 from ..preprocess.chain import PreprocessConfig, preprocess, standardise
 from ..core.progress import Reporter
 from ..core.template import Grid
@@ -62,14 +63,34 @@ def preprocessed_arrays(path, config: PreprocessConfig, grid: Grid, cache_dir: O
         pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
         raw, mask = pre.raw_image, pre.mask
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             np.savez_compressed(tmp, image=raw.astype(np.float32), mask=mask.astype(np.uint8))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if not standardised:
         return raw, mask
     return standardise(raw, mask, config, grid)[0], mask
+
+
+def cases_on_grid(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
+                  cache_dir: Optional[Path] = None, step: str = "preprocess", skipped: Optional[List[str]] = None,
+                  standardised: bool = True) -> Iterator[Tuple[Case, np.ndarray, np.ndarray]]:
+    """(case, image, mask) on the grid for each case, from the preprocessing cache. A scan that is bad input or an
+    unreadable file is named in `skipped` and passed over (raised when `skipped` is None)."""
+    for i, case in enumerate(cases):
+        reporter(f"{step} {case.subject}", i / max(len(cases), 1))
+        try:
+            image, mask = preprocessed_arrays(case.image, config, grid, cache_dir, standardised=standardised)
+        except (BadInputError, OSError) as exc:  # OSError: a file named in the manifest cannot be read
+            if skipped is None:
+                raise
+            skipped.append(f"{case.key}: {exc}")
+            continue
+        yield case, image, mask
+    reporter(step, 1.0)
+
+
+def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
+                 cache_dir: Optional[Path] = None, step: str = "preprocess",
+                 skipped: Optional[List[str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Standardised (image, mask) grid volumes of `cases`, as scorers' `fit` takes them."""
+    for _, image, mask in cases_on_grid(cases, config, grid, reporter, cache_dir, step, skipped):
+        yield image, mask

@@ -24,7 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import List, Optional
 
 from ..core.errors import BadInputError, ModelError
-from .models import META_FILE, folder_digest, load_model, shipped_entries, shipped_registry_file, user_models_dir
+from ..core.files import folder_digest, replace_folder
+from .models import META_FILE, load_model, shipped_entries, shipped_registry_file, user_models_dir
 from ..core.progress import Reporter
 
 # A model is a few MB today; learned models may reach a few hundred MB. The cap stops a zip bomb or a runaway
@@ -220,21 +221,10 @@ def import_model(source, dest_dir=None, overwrite: bool = False, reporter: Optio
                              f"{META_FILE}) before importing")
         target = dest_dir / name
         reporter("install model", 0.9)
-        if os.path.lexists(target):
-            if not overwrite:
-                raise ModelExistsError(f"a model named {name!r} is already installed in {dest_dir}; pass overwrite "
-                                 "(--overwrite) to replace it")
-            # Move the old one aside first: rename cannot replace a non-empty folder, and the old model must
-            # come back if the swap fails.
-            old = staging / "previous"
-            os.replace(target, old)
-            try:
-                os.replace(staged, target)
-            except OSError:
-                os.replace(old, target)
-                raise
-        else:
-            os.replace(staged, target)
+        if os.path.lexists(target) and not overwrite:
+            raise ModelExistsError(f"a model named {name!r} is already installed in {dest_dir}; pass overwrite "
+                                   "(--overwrite) to replace it")
+        replace_folder(staged, target)  # the checked copy itself; a previous model stays until it is in place
         reporter("install model", 1.0)
         return target
     finally:

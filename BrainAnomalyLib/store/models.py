@@ -8,11 +8,8 @@ by id with the member folder's digest, and loading it finds and checks each memb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..core.errors import ModelError
+from ..core.files import folder_digest, sha256_file, staged_folder
 
 FORMAT = "brainanomaly-model"
 FORMAT_VERSION = 1
@@ -65,33 +63,15 @@ class Model:
         return self.meta["modality"]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def folder_digest(folder: Path) -> str:
-    """One sha256 over every file of a model folder (names and contents), for the registry."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in Path(folder).rglob("*") if q.is_file()):
-        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = None,
                half: Optional[bool] = None) -> Path:
-    """Write a model folder atomically (a temporary sibling renamed into place).
+    """Write a model folder: built next to `folder` and swapped in whole, so a failure at any point (calibrating a
+    model in place included) leaves the previous model as it was.
 
     `half` stores the float32 tensors as float16 (read back as float32); None keeps what `meta` says, so a model
     stored in half precision stays so when it is re-saved (e.g. recalibrated)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as stage:
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files={})
         if half is None:
             half = meta.get("storage_dtype") == HALF
@@ -102,21 +82,9 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
         if tensors:
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSOR_FILE))
-            from ..core.io import _umask
-
-            os.chmod(tmp / TENSOR_FILE, 0o666 & ~_umask())  # a model is shareable; the writer makes it private
-            meta["files"][TENSOR_FILE] = sha256_file(tmp / TENSOR_FILE)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        from ..core.io import _umask
-
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder; a model folder is shareable
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(stage / TENSOR_FILE))
+            meta["files"][TENSOR_FILE] = sha256_file(stage / TENSOR_FILE)
+        (stage / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return folder
 
 

@@ -15,7 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..learn.slices import spread_pick
+from ..core.subsets import spread_pick
+from ..store.cache import grid_volumes
 from ..core.progress import Reporter
 from ..evaluation.realism import (DEFAULT_ENCODER, DEFAULT_SAMPLES, DEFAULT_STEPS, Encoder, load_encoder,
                                   realism_report, write_realism)
@@ -50,8 +51,6 @@ def realism_for_cases(net, fit_cases, held_cases, pre, grid, out_dir, *, context
                       cache_dir=None, reporter: Optional[Reporter] = None) -> dict:
     """realism_report for `net` with held-out slices of `held_cases` and training slices of `fit_cases` (manifest
     Cases, read through `pre` and `grid` from the cache). `encoder`: an Encoder, or a model name or folder."""
-    from .run import grid_volumes
-
     reporter = reporter or Reporter()
     if net.sampling_refusal:
         raise ValueError(f"{net.type_name} cannot sample slices from noise: {net.sampling_refusal}")

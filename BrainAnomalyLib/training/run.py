@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from .. import __version__
-from ..store.cache import preprocessed_arrays
+from ..store.cache import cases_on_grid, grid_volumes
 from ..calibration.curve import DEFAULT_FPRS, adaptive_reference, calibration_tables
-from ..core.errors import BadInputError
 from ..core.manifest import Case, read_manifest
 from ..store.models import Model, save_model
 from ..detection.postprocess import PostprocessConfig
@@ -21,9 +19,6 @@ from ..preprocess.normalise import fit_histogram_reference, histogram_landmarks
 from ..core.progress import Reporter
 from ..scorers import direction_for, scorer_class
 from ..core.template import TEMPLATE_NAME, Grid
-
-SPLITS = ("train", "calibration", "test")
-
 
 def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[str, List[Case]]:
     """Subject-level split, stable across runs and machines: ordered by a hash of the subject id."""
@@ -34,32 +29,6 @@ def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[s
     groups = {"train": set(subjects[:n_train]), "calibration": set(subjects[n_train:n_train + n_cal]),
               "test": set(subjects[n_train + n_cal:])}
     return {k: [c for c in cases if c.subject in v] for k, v in groups.items()}
-
-
-def cases_on_grid(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
-                  cache_dir: Optional[Path] = None, step: str = "preprocess", skipped: Optional[List[str]] = None,
-                  standardised: bool = True) -> Iterator[Tuple[Case, np.ndarray, np.ndarray]]:
-    """(case, image, mask) on the grid for each case, from the preprocessing cache. A scan that is bad input or an
-    unreadable file is named in `skipped` and passed over (raised when `skipped` is None)."""
-    for i, case in enumerate(cases):
-        reporter(f"{step} {case.subject}", i / max(len(cases), 1))
-        try:
-            image, mask = preprocessed_arrays(case.image, config, grid, cache_dir, standardised=standardised)
-        except (BadInputError, OSError) as exc:  # OSError: a file named in the manifest cannot be read
-            if skipped is None:
-                raise
-            skipped.append(f"{case.key}: {exc}")
-            continue
-        yield case, image, mask
-    reporter(step, 1.0)
-
-
-def grid_volumes(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,
-                 cache_dir: Optional[Path] = None, step: str = "preprocess",
-                 skipped: Optional[List[str]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """Standardised (image, mask) grid volumes of `cases`, as scorers' `fit` takes them."""
-    for _, image, mask in cases_on_grid(cases, config, grid, reporter, cache_dir, step, skipped):
-        yield image, mask
 
 
 def histogram_reference(cases: Sequence[Case], pre: PreprocessConfig, grid: Grid, reporter: Reporter,
@@ -191,13 +160,10 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             check_after_training(kind, params, tensors, fit_cases, splits["calibration"], pre, grid, report_dir,
                                  modality, options, cache_dir, reporter.sub(1.0, 1.0))
             if any(report_dir.iterdir()):
-                import os
+                from ..core.files import staged_folder
 
-                from ..core.io import _umask
-
-                shutil.copytree(report_dir, folder / "training")
-                for d in [folder / "training", *(q for q in (folder / "training").rglob("*") if q.is_dir())]:
-                    os.chmod(d, 0o777 & ~_umask())  # the report came from a private temporary folder
+                with staged_folder(folder / "training") as stage:
+                    shutil.copytree(report_dir, stage, dirs_exist_ok=True)
             return folder
         finally:
             shutil.rmtree(report_dir, ignore_errors=True)
