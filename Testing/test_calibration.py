@@ -469,6 +469,23 @@ def test_curve_from_a_plain_dict_round_trips():
         shipped.threshold(1.0)
 
 
+def test_labelled_refinement_kept_across_recalibration_with_its_new_healthy_fpr():
+    from BrainAnomalyLib.calibration import labelled_refinement, with_labelled
+
+    lab = labelled_refinement(0.61234, 2.5, ["b", "a", "a"], ["c: unreadable"], 40, 4000)
+    assert lab["threshold"] == float(np.nextafter(np.float32(2.5), np.float32(-np.inf))) < 2.5
+    assert (lab["dice"], lab["n_cases"], lab["subjects"]) == (0.6123, 3, ["a", "b"])
+    old = {"curve": {"fpr": [0.001, 0.01, 0.1], "threshold": [4.0, 3.0, 2.0]}}
+    new = {"curve": {"fpr": [0.001, 0.01, 0.1], "threshold": [3.0, 2.5, 1.0]}}
+    first = with_labelled(old, dict(lab))["labelled"]
+    assert first["healthy_fpr"] == pytest.approx(np.sqrt(0.01 * 0.1), rel=1e-5)  # half-way from 3.0 to 2.0
+    # Re-calibrated without labelled cases: the raw threshold stays, what it means on healthy scans follows.
+    again = with_labelled(new, None, first)["labelled"]
+    assert again["threshold"] == lab["threshold"] and again["healthy_fpr"] == pytest.approx(0.01, rel=1e-6)
+    assert "labelled" not in with_labelled({"curve": new["curve"]}, None, None)
+    assert "labelled" not in with_labelled({"curve": new["curve"]}, None, {"threshold": None})
+
+
 def test_calibrate_on_one_split_of_the_manifest(data):
     """--split calibration: only the subjects `brainanomaly train` holds out for calibration, so a model built
     from trained ones (an ensemble) is calibrated on the same held-out scans."""

@@ -22,6 +22,7 @@ from ..core.progress import Reporter
 from ..scorers import direction_for, scorer_class
 from ..core.template import TEMPLATE_NAME, Grid
 
+
 def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[str, List[Case]]:
     """Subject-level split, stable across runs and machines: ordered by a hash of the subject id."""
     subjects = sorted({c.subject for c in cases}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
