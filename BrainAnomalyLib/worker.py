@@ -106,7 +106,6 @@ def detect(args, channel: Channel, cancel) -> Path:
     import numpy as np
     import SimpleITK as sitk
 
-    from .calibration.curve import scan_curve
     from .cli.main import _preprocess_config
     from .core.io import read_volume, write_volume
     from .store.models import resolve_model
@@ -131,8 +130,8 @@ def detect(args, channel: Channel, cancel) -> Path:
     chosen = det.for_scan(chosen, analysis)
     result = det.to_result(scan, analysis, chosen, modality, reporter.sub(0.9, 0.97))
     result.timings["total"] = round(time.perf_counter() - started, 3)
-    curve = scan_curve(model.meta, analysis.stats if det.calibration == "adaptive" and not det.scorer.scan_relative
-                       else None)
+    scan_curve = det.scan_curve(analysis)
+    curve = scan_curve.to_dict() if scan_curve is not None else None
     peak = float(np.max(sitk.GetArrayViewFromImage(result.anomaly_map)))
 
     out = Path(args.output_dir)
@@ -144,7 +143,7 @@ def detect(args, channel: Channel, cancel) -> Path:
         if result.reconstruction is not None:
             write_volume(result.reconstruction, stage / "reconstruction.nrrd")
         summary = dict(result.summary(), input=Path(args.input).name, lesion_columns=list(LESION_COLUMNS),
-                       scan_calibration=curve, display_range=display_range(curve, chosen["value"], peak),
+                       scan_calibration=curve, display_range=display_range(curve, chosen.value, peak),
                        peak_score=peak, device=det.device,
                        model_meta={k: model.meta.get(k) for k in ("name", "kind", "version", "modality",
                                                                   "description")})

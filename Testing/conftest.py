@@ -55,7 +55,7 @@ def template_cohort(n: int = 6, seed: int = 0):
 
 def build_template_normative_model(folder: Path):
     """A real normative model fitted on template-derived healthy volumes, calibrated on others."""
-    from BrainAnomalyLib.calibration.curve import adaptive_reference, thresholds_for_fpr
+    from BrainAnomalyLib.calibration import AdaptiveReference, thresholds_for_fpr
     from BrainAnomalyLib.store.models import load_model, save_model
     from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, filter_map, robust_stats
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
@@ -75,7 +75,7 @@ def build_template_normative_model(folder: Path):
         values.append(cleaned[mask])
         stats.append(robust_stats(filter_map(raw, post)[eroded]))
     meta["calibration"] = {"method": "test", "thresholds": thresholds_for_fpr(values), "n_scans": 3,
-                           "adaptive": adaptive_reference(stats)}
+                           "adaptive": AdaptiveReference.from_stats(stats).to_dict()}
     return load_model(save_model(folder, meta, tensors))
 
 

@@ -20,8 +20,8 @@ import pytest
 import SimpleITK as sitk
 
 from BrainAnomalyLib.cli import calibrate as calibrate_cli
-from BrainAnomalyLib.calibration.curve import (DEFAULT_FPRS, calibration_tables, choose_threshold, fpr_for_threshold,
-                                               score_to_unit, threshold_for_fpr, thresholds_for_fpr)
+from BrainAnomalyLib.calibration import (DEFAULT_FPRS, AdaptiveReference, CalibrationCurve, ScanMove, Threshold,
+                                         calibration_tables, choose_threshold, thresholds_for_fpr)
 from BrainAnomalyLib.core.errors import BrainAnomalyError, Cancelled
 from BrainAnomalyLib.core.manifest import Case, write_manifest
 from BrainAnomalyLib.core.files import folder_digest
@@ -222,48 +222,49 @@ def test_held_out_healthy_fpr_at_one_percent(data, calibrated, mode):
 
 def test_round_trip_and_clamping(calibrated):
     meta = load_model(calibrated.folder).meta
+    curve = CalibrationCurve.from_meta(meta)
     for f in list(np.geomspace(1.3e-4, 0.45, 17)) + list(DEFAULT_FPRS):
-        assert fpr_for_threshold(meta, threshold_for_fpr(meta, f)) == pytest.approx(f, rel=1e-6)
+        assert curve.fpr(curve.threshold(f)) == pytest.approx(f, rel=1e-6)
     t = meta["calibration"]["curve"]["threshold"]
-    assert fpr_for_threshold(meta, t[0] + 100.0) == pytest.approx(1e-4)
-    assert fpr_for_threshold(meta, t[-1] - 100.0) == pytest.approx(0.5)
-    assert threshold_for_fpr(meta, 1e-6) == t[0] and threshold_for_fpr(meta, 0.9) == t[-1]
-    assert fpr_for_threshold({}, 3.0) is None and fpr_for_threshold({"calibration": {}}, 3.0) is None
-    table_only = {"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0}}}
-    assert fpr_for_threshold(table_only, 5.0) == pytest.approx(np.sqrt(0.001 * 0.01))
-    assert threshold_for_fpr(table_only, 0.01) == 4.0
+    assert curve.fpr(t[0] + 100.0) == pytest.approx(1e-4)
+    assert curve.fpr(t[-1] - 100.0) == pytest.approx(0.5)
+    assert curve.threshold(1e-6) == t[0] and curve.threshold(0.9) == t[-1]
+    assert CalibrationCurve.from_meta({}) is None and CalibrationCurve.from_meta({"calibration": {}}) is None
+    table_only = CalibrationCurve.from_meta({"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0}}})
+    assert table_only.fpr(5.0) == pytest.approx(np.sqrt(0.001 * 0.01))
+    assert table_only.threshold(0.01) == 4.0
     with pytest.raises(ValueError):
-        threshold_for_fpr({}, 0.01)
+        choose_threshold({}, fpr=0.01)
 
 
 def test_choose_threshold_reads_the_curve_when_present():
     meta = {"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0},
                             "curve": {"fpr": [0.001, 0.01, 0.02, 0.05], "threshold": [6.0, 4.0, 3.2, 3.0]}}}
-    assert choose_threshold(meta, fpr=0.02)["value"] == 3.2  # the table alone would interpolate to about 3.57
-    assert choose_threshold(meta)["value"] == 4.0 and choose_threshold(meta)["fpr"] == 0.01
-    assert choose_threshold(meta, threshold=1.5)["value"] == 1.5
+    assert choose_threshold(meta, fpr=0.02).value == 3.2  # the table alone would interpolate to about 3.57
+    assert choose_threshold(meta).value == 4.0 and choose_threshold(meta).fpr == 0.01
+    assert choose_threshold(meta, threshold=1.5).value == 1.5
     with pytest.raises(ValueError):
         choose_threshold(meta, fpr=0.0)
 
 
 def test_score_to_unit_is_monotone_within_unit_interval(calibrated):
     meta = load_model(calibrated.folder).meta
+    curve = CalibrationCurve.from_meta(meta)
+    score_to_unit = curve.score_to_unit
     t = np.array(meta["calibration"]["curve"]["threshold"])
     scores = np.linspace(-1.0, 2.0 * t[0] + 1.0, 4001)
-    u = score_to_unit(meta, scores)
+    u = score_to_unit(scores)
     assert u.shape == scores.shape and u.min() >= 0.0 and u.max() <= 1.0
     assert np.all(np.diff(u) >= 0)
     on_curve = (scores > t[-1]) & (scores <= t[0])
     assert np.all(np.diff(u[on_curve]) > 0)
-    assert score_to_unit(meta, np.array([-1.0, 0.0])).tolist() == [0.0, 0.0]
-    assert score_to_unit(meta, np.array([threshold_for_fpr(meta, 0.01)]))[0] == pytest.approx(0.99)
-    assert score_to_unit(meta, np.array([t[0]]))[0] == pytest.approx(1 - 1e-4)
-    top = score_to_unit(meta, np.array([t[0] + 0.5, t[0] + 5.0]))
+    assert score_to_unit(np.array([-1.0, 0.0])).tolist() == [0.0, 0.0]
+    assert score_to_unit(np.array([curve.threshold(0.01)]))[0] == pytest.approx(0.99)
+    assert score_to_unit(np.array([t[0]]))[0] == pytest.approx(1 - 1e-4)
+    top = score_to_unit(np.array([t[0] + 0.5, t[0] + 5.0]))
     assert 1 - 1e-4 < top[0] < top[1] <= 1.0
     vol = np.zeros((3, 4, 5), np.float32)
-    assert score_to_unit(meta, vol).shape == (3, 4, 5)
-    with pytest.raises(ValueError):
-        score_to_unit({}, scores)
+    assert score_to_unit(vol).shape == (3, 4, 5)
 
 
 # --- brainanomaly calibrate --------------------------------------------------------------------------------------
@@ -323,11 +324,11 @@ def test_labelled_cases_store_a_separate_threshold(data, calibrated, tmp_path):
     calib = meta["calibration"]
     lab = calib["labelled"]
     assert lab["n_cases"] == 1 and lab["subjects"] == ["les0"] and lab["dice"] > 0.5
-    assert lab["healthy_fpr"] == pytest.approx(fpr_for_threshold(meta, lab["threshold"]))
+    assert lab["healthy_fpr"] == pytest.approx(CalibrationCurve.from_meta(meta).fpr(lab["threshold"]))
     assert 1e-4 <= lab["healthy_fpr"] <= 0.5
     # The label-free calibration is the same as without --labelled, and stays the default.
     assert calib["thresholds"] == load_model(calibrated.folder).meta["calibration"]["thresholds"]
-    assert choose_threshold(meta)["value"] == calib["thresholds"]["0.01"]
+    assert choose_threshold(meta).value == calib["thresholds"]["0.01"]
     assert "labelled" in stdout and f"{lab['threshold']:.4g}" in stdout
 
 
@@ -386,29 +387,26 @@ def test_in_place_calibration_failing_while_writing_keeps_the_model(data, tmp_pa
 
 
 def test_scan_adaptive_threshold_follows_a_shifted_and_widened_scan():
-    from BrainAnomalyLib.calibration.curve import adapt_threshold, adaptive_reference
-
-    meta = {"calibration": {"adaptive": adaptive_reference([{"median": 0.0, "mad": 1.0},
-                                                            {"median": 0.2, "mad": 1.2},
-                                                            {"median": -0.2, "mad": 0.8}])}}
-    chosen = {"value": 2.5, "fpr": 0.01, "source": "healthy calibration"}
-    same = adapt_threshold(meta, chosen, {"median": 0.0, "mad": 1.0})
-    assert same["value"] == pytest.approx(2.5) and "scan-adaptive" in same["source"]
+    ref = AdaptiveReference.from_stats([{"median": 0.0, "mad": 1.0}, {"median": 0.2, "mad": 1.2},
+                                        {"median": -0.2, "mad": 0.8}])
+    chosen = Threshold(2.5, 0.01, "healthy calibration")
+    same = chosen.moved(ScanMove.between(ref, {"median": 0.0, "mad": 1.0}))
+    assert same.value == pytest.approx(2.5) and "scan-adaptive" in same.source
     # a scan whose normal tissue scores 0.5 higher and twice as spread: the 1 % point moves with it
-    moved = adapt_threshold(meta, chosen, {"median": 0.5, "mad": 2.0})
-    assert moved["value"] == pytest.approx(0.5 + 2.5 * 2.0) and moved["cohort_value"] == 2.5
-    assert moved["adaptive"]["scale_ratio"] == 2.0
-    assert adapt_threshold(meta, chosen, {"median": 0.0, "mad": 100.0})["adaptive"]["scale_ratio"] == 4.0
+    moved = chosen.moved(ScanMove.between(ref, {"median": 0.5, "mad": 2.0}))
+    assert moved.value == pytest.approx(0.5 + 2.5 * 2.0) and moved.cohort_value == 2.5
+    assert moved.to_dict()["adaptive"]["scale_ratio"] == 2.0
+    assert chosen.moved(ScanMove.between(ref, {"median": 0.0, "mad": 100.0})).to_dict()["adaptive"]["scale_ratio"] \
+        == 4.0
     # user values and uncalibrated models are left alone
-    user = {"value": 3.0, "fpr": None, "source": "user value"}
-    assert adapt_threshold(meta, user, {"median": 1.0, "mad": 2.0}) is user
-    assert adapt_threshold({}, chosen, {"median": 1.0, "mad": 2.0}) is chosen
+    user = Threshold(3.0, None, "user value")
+    assert user.moved(ScanMove.between(ref, {"median": 1.0, "mad": 2.0})) is user
+    assert chosen.moved(ScanMove.between(AdaptiveReference.from_meta({}), {"median": 1.0, "mad": 2.0})) is chosen
 
 
 def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan():
     """Healthy scans from a 'new scanner' (stronger noise, other contrast): the cohort threshold flags far more
     than 1 %; the scan-adaptive one comes back near it."""
-    from BrainAnomalyLib.calibration.curve import adapt_threshold, adaptive_reference, thresholds_for_fpr
     from BrainAnomalyLib.detection.postprocess import PostprocessConfig, filter_map, robust_stats
 
     rng = np.random.default_rng(0)
@@ -416,12 +414,12 @@ def test_adaptive_calibration_keeps_the_healthy_rate_on_a_scanner_shifted_scan()
     shape = (20, 30, 30)
     healthy = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
     stats = [robust_stats(filter_map(h, post).ravel()) for h in healthy]
-    meta = {"calibration": {"adaptive": adaptive_reference(stats)}}
-    chosen = {"value": thresholds_for_fpr([h.ravel() for h in healthy])["0.01"], "fpr": 0.01, "source": "cal"}
+    ref = AdaptiveReference.from_stats(stats)
+    chosen = Threshold(thresholds_for_fpr([h.ravel() for h in healthy])["0.01"], 0.01, "cal")
     shifted = rng.normal(0.4, 1.8, shape).astype(np.float32)
-    cohort_fpr = (shifted > chosen["value"]).mean()
-    adapted = adapt_threshold(meta, chosen, robust_stats(filter_map(shifted, post).ravel()))
-    adaptive_fpr = (shifted > adapted["value"]).mean()
+    cohort_fpr = (shifted > chosen.value).mean()
+    adapted = chosen.moved(ScanMove.between(ref, robust_stats(filter_map(shifted, post).ravel())))
+    adaptive_fpr = (shifted > adapted.value).mean()
     assert cohort_fpr > 0.08 and 0.005 < adaptive_fpr < 0.02
 
 
@@ -429,13 +427,88 @@ def test_scan_relative_scorers_keep_the_cohort_threshold(intensity_model, templa
     from BrainAnomalyLib.detection.pipeline import Detector, GridScores
 
     stats = GridScores(None, None, None, None, {"median": 3.0, "mad": 5.0})
-    chosen = {"value": 1.2, "fpr": 0.01, "source": "healthy calibration"}
+    chosen = Threshold(1.2, 0.01, "healthy calibration")
     kept = Detector(intensity_model, device="cpu").for_scan(chosen, stats)
-    assert kept["value"] == 1.2 and "already scan-adaptive" in kept["source"]
+    assert kept.value == 1.2 and "already scan-adaptive" in kept.source
     moved = Detector(template_normative_model, device="cpu").for_scan(chosen, stats)
-    assert moved["value"] != 1.2 and "scan-adaptive" in moved["source"]
+    assert moved.value != 1.2 and "scan-adaptive" in moved.source
     cohort = Detector(template_normative_model, device="cpu", calibration="cohort").for_scan(chosen, stats)
     assert cohort is chosen
+
+
+# --- the typed objects ------------------------------------------------------------------------------------------
+
+
+def test_threshold_record_keeps_the_result_json_keys():
+    cohort = Threshold(4.0, 0.01, "healthy calibration (20 scans)")
+    assert cohort.to_dict() == {"value": 4.0, "fpr": 0.01, "source": "healthy calibration (20 scans)"}
+    assert Threshold(7.5).to_dict() == {"value": 7.5, "fpr": None, "source": "user value"}
+    moved = cohort.moved(ScanMove.between(AdaptiveReference(0.1, 0.5, 12), {"median": 0.4, "mad": 1.5}))
+    record = moved.to_dict()
+    assert list(record) == ["value", "fpr", "source", "cohort_value", "adaptive"]
+    assert record["fpr"] == 0.01 and record["cohort_value"] == 4.0
+    assert record["source"] == "healthy calibration (20 scans), scan-adaptive"
+    assert record["adaptive"] == {"scan_median": 0.4, "scan_mad": 1.5, "cohort_median": 0.1, "cohort_mad": 0.5,
+                                  "scale_ratio": 3.0}
+    assert json.loads(json.dumps(record)) == record
+    assert cohort.noted("; why").to_dict()["source"] == "healthy calibration (20 scans); why"
+
+
+def test_scan_move_worked_example():
+    """Cohort median 0.1 and MAD 0.5, scan median 0.4 and MAD 1.5: ratio 3, so a cohort threshold of 2.1 lands on
+    0.4 + (2.1 - 0.1) * 3 = 6.4, and the scan's curve moves every point the same way."""
+    ref = AdaptiveReference.from_stats([{"median": 0.0, "mad": 0.4}, {"median": 0.1, "mad": 0.5},
+                                        {"median": 0.3, "mad": 0.9}])
+    assert ref.to_dict() == {"median": 0.1, "mad": 0.5, "n_scans": 3}
+    assert AdaptiveReference.from_meta({"calibration": {"adaptive": ref.to_dict()}}) == ref
+    move = ScanMove.between(ref, {"median": 0.4, "mad": 1.5})
+    assert move.ratio == pytest.approx(3.0)
+    moved = Threshold(2.1, 0.01, "cal").moved(move)
+    assert moved.value == pytest.approx(6.4) and moved.cohort_value == 2.1 and moved.adaptive is move
+    curve = CalibrationCurve.from_dict({"fpr": [0.001, 0.01, 0.05], "threshold": [3.1, 2.1, 1.1]})
+    scan = curve.moved(move)
+    assert scan.to_dict() == {"fpr": [0.001, 0.01, 0.05], "threshold": pytest.approx([9.4, 6.4, 3.4])}
+    assert scan.threshold(0.01) == moved.value  # the scan's threshold lies on the scan's curve
+    assert scan.fpr(moved.value) == pytest.approx(0.01)
+    # spreads outside 0.5 to 4 times the cohort's are clamped; a degenerate one moves nothing
+    assert ScanMove.between(ref, {"median": 0.4, "mad": 0.05}).ratio == 0.5
+    assert ScanMove.between(ref, {"median": 0.4, "mad": 0.0}) is None
+    assert curve.moved(None) is curve
+
+
+def test_curve_from_a_plain_dict_round_trips():
+    """The curve as the worker ships it to the Slicer module (JSON), read both ways like the model's own."""
+    rng = np.random.default_rng(1)
+    tables = calibration_tables([rng.gamma(2.0, 1.0, 100_000)])
+    shipped = CalibrationCurve.from_dict(json.loads(json.dumps(tables["curve"])))
+    model = CalibrationCurve.from_calibration(tables)
+    assert shipped.to_dict() == tables["curve"] and not shipped.table and model.table == tables["thresholds"]
+    for f in list(np.geomspace(1.2e-4, 0.45, 23)) + list(DEFAULT_FPRS):
+        assert shipped.threshold(f) == model.threshold(f)
+        assert shipped.fpr(shipped.threshold(f)) == pytest.approx(f, rel=1e-6)
+    for k, v in tables["thresholds"].items():
+        assert shipped.threshold(float(k)) == v
+    for bad in (None, {}, {"fpr": [0.01], "threshold": []}, {"fpr": [], "threshold": []}):
+        assert CalibrationCurve.from_dict(bad) is None
+    with pytest.raises(ValueError):
+        shipped.threshold(1.0)
+
+
+def test_labelled_refinement_kept_across_recalibration_with_its_new_healthy_fpr():
+    from BrainAnomalyLib.calibration import labelled_refinement, with_labelled
+
+    lab = labelled_refinement(0.61234, 2.5, ["b", "a", "a"], ["c: unreadable"], 40, 4000)
+    assert lab["threshold"] == float(np.nextafter(np.float32(2.5), np.float32(-np.inf))) < 2.5
+    assert (lab["dice"], lab["n_cases"], lab["subjects"]) == (0.6123, 3, ["a", "b"])
+    old = {"curve": {"fpr": [0.001, 0.01, 0.1], "threshold": [4.0, 3.0, 2.0]}}
+    new = {"curve": {"fpr": [0.001, 0.01, 0.1], "threshold": [3.0, 2.5, 1.0]}}
+    first = with_labelled(old, dict(lab))["labelled"]
+    assert first["healthy_fpr"] == pytest.approx(np.sqrt(0.01 * 0.1), rel=1e-5)  # half-way from 3.0 to 2.0
+    # Re-calibrated without labelled cases: the raw threshold stays, what it means on healthy scans follows.
+    again = with_labelled(new, None, first)["labelled"]
+    assert again["threshold"] == lab["threshold"] and again["healthy_fpr"] == pytest.approx(0.01, rel=1e-6)
+    assert "labelled" not in with_labelled({"curve": new["curve"]}, None, None)
+    assert "labelled" not in with_labelled({"curve": new["curve"]}, None, {"threshold": None})
 
 
 def test_calibrate_on_one_split_of_the_manifest(data):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainAnomalyLib.calibration.curve import choose_threshold, thresholds_for_fpr
+from BrainAnomalyLib.calibration import choose_threshold, thresholds_for_fpr
 from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
 from BrainAnomalyLib.preprocess.normalise import normalise
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
@@ -118,11 +118,11 @@ def test_thresholds_for_fpr_hand_computed():
 
 def test_choose_threshold_precedence_and_interpolation():
     meta = {"calibration": {"thresholds": {"0.001": 6.0, "0.01": 4.0, "0.05": 3.0}, "n_scans": 20}}
-    assert choose_threshold(meta)["value"] == 4.0 and choose_threshold(meta)["fpr"] == 0.01
-    assert choose_threshold(meta, threshold=7.5) == {"value": 7.5, "fpr": None, "source": "user value"}
-    mid = choose_threshold(meta, fpr=np.sqrt(0.001 * 0.01))["value"]  # half-way in log-FPR
+    assert choose_threshold(meta).value == 4.0 and choose_threshold(meta).fpr == 0.01
+    assert choose_threshold(meta, threshold=7.5).to_dict() == {"value": 7.5, "fpr": None, "source": "user value"}
+    mid = choose_threshold(meta, fpr=np.sqrt(0.001 * 0.01)).value  # half-way in log-FPR
     assert mid == pytest.approx(5.0)
-    assert choose_threshold({"default_threshold": 2.5})["source"].startswith("model default")
+    assert choose_threshold({"default_threshold": 2.5}).source.startswith("model default")
     with pytest.raises(ValueError, match="no calibration"):
         choose_threshold({}, fpr=0.01)
 

@@ -106,6 +106,29 @@ def test_threshold_slider_rethresholds_without_a_model_run(mrml_scene, worker_ou
     assert DetectionLogic(mrml_scene).state(out)["min_lesion_ml"] == 1.0
 
 
+def test_slider_reads_the_workers_scan_curve(mrml_scene, worker_output, tmp_path):
+    from BrainAnomalyLib.calibration import CalibrationCurve
+
+    summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    logic = DetectionLogic(mrml_scene)
+    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
+    cal = logic.calibration(out)
+    assert isinstance(cal, CalibrationCurve) and cal.to_dict() == summary["scan_calibration"]
+    # The worker's threshold, moved to this scan, lies on the curve it shipped for the scan.
+    chosen = summary["threshold"]
+    assert "scan-adaptive" in chosen["source"]
+    assert cal.threshold(chosen["fpr"]) == pytest.approx(chosen["value"], rel=1e-12)
+    assert cal.fpr(chosen["value"]) == pytest.approx(chosen["fpr"], rel=1e-9)
+    # Without a curve (an uncalibrated model) the slider has nothing to map: the raw threshold stays.
+    state = logic.state(out)
+    out.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(dict(state, curve=None)))
+    assert logic.calibration(out) is None
+    assert logic.preview_threshold(out, 0.05) == state["threshold"]
+    by_value = logic.apply_threshold(out, value=state["threshold"] + 0.5)
+    assert by_value["threshold"] == state["threshold"] + 0.5 and by_value["fpr"] is None
+
+
 def test_rerun_reuses_output_nodes_unless_asked_for_new_ones(mrml_scene, worker_output, tmp_path):
     scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
     logic = DetectionLogic(mrml_scene)

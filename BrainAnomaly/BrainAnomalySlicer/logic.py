@@ -210,27 +210,13 @@ class DeviceQuery:
         return self.answer
 
 
-class Calibration:
-    """Maps the threshold slider's healthy false-positive rate to a raw score and back for one scan, from the
-    FPR -> threshold curve the worker wrote (already moved to the scan when calibration is scan-adaptive)."""
+def _scan_curve(state: dict):
+    """The slider's healthy FPR <-> raw score mapping for one scan: BrainAnomalyLib's CalibrationCurve of the curve
+    the worker wrote (already moved to the scan when calibration is scan-adaptive); None if the model is
+    uncalibrated."""
+    from BrainAnomalyLib.calibration import CalibrationCurve
 
-    def __init__(self, curve: Optional[dict]) -> None:
-        self.curve = curve
-        self._meta = {"calibration": {"curve": curve}} if curve else {}
-
-    @property
-    def calibrated(self) -> bool:
-        return self.curve is not None
-
-    def threshold(self, fpr: float) -> float:
-        from BrainAnomalyLib.calibration.curve import threshold_for_fpr
-
-        return threshold_for_fpr(self._meta, fpr)
-
-    def fpr(self, value: float) -> Optional[float]:
-        from BrainAnomalyLib.calibration.curve import fpr_for_threshold
-
-        return fpr_for_threshold(self._meta, value) if self.curve else None
+    return CalibrationCurve.from_dict(state.get("curve"))
 
 
 class DetectionLogic:
@@ -316,23 +302,23 @@ class DetectionLogic:
             raise DetectionError("this anomaly map has no BrainAnomaly calibration attached")
         return json.loads(raw)
 
-    def calibration(self, outputs: nodes.OutputNodes) -> Calibration:
-        return Calibration(self.state(outputs).get("curve"))
+    def calibration(self, outputs: nodes.OutputNodes):
+        return _scan_curve(self.state(outputs))
 
     def apply_threshold(self, outputs: nodes.OutputNodes, fpr: Optional[float] = None, value: Optional[float] = None,
                         min_lesion_ml: Optional[float] = None, per_lesion: Optional[bool] = None) -> dict:
         """New display threshold, label map, segmentation and lesion table from the anomaly map already in the
         scene, at a healthy FPR (through the scan's calibration) or a raw score. No model runs."""
         state = self.state(outputs)
-        cal = Calibration(state.get("curve"))
+        cal = _scan_curve(state)
         if value is None:
             if fpr is None:
                 fpr = state.get("fpr")
-            if fpr is None or not cal.calibrated:
+            if fpr is None or cal is None:
                 value = state["threshold"]
             else:
                 value = cal.threshold(fpr)
-        elif fpr is None:
+        elif fpr is None and cal is not None:
             fpr = cal.fpr(value)
         if min_lesion_ml is not None:
             state["min_lesion_ml"] = float(min_lesion_ml)
@@ -367,8 +353,8 @@ class DetectionLogic:
         """Move only the heatmap's display threshold to a healthy FPR (cheap enough for a slider being dragged) and
         return the raw score; `apply_threshold` then brings label map, segmentation and table along."""
         state = self.state(outputs)
-        cal = Calibration(state.get("curve"))
-        value = cal.threshold(fpr) if cal.calibrated else float(state["threshold"])
+        cal = _scan_curve(state)
+        value = cal.threshold(fpr) if cal is not None else float(state["threshold"])
         nodes.set_display_threshold(outputs.heatmap, float(value), state.get("peak"))
         return float(value)
 

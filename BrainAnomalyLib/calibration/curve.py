@@ -1,4 +1,4 @@
-"""Thresholds that give a chosen voxel false-positive rate on healthy scans, and choosing among them.
+"""Score <-> healthy voxel false-positive rate, and the tables a model stores to read it from.
 
 A model's `calibration` holds two views of one measurement, the pooled cleaned anomaly scores of held-out healthy
 scans over the whole grid brain mask (eroded-away voxels count as healthy voxels scoring 0):
@@ -10,9 +10,11 @@ scans over the whole grid brain mask (eroded-away voxels count as healthy voxels
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from .adaptive import ScanMove
 
 DEFAULT_FPRS = (0.001, 0.01, 0.05)
 DEFAULT_FPR = 0.01
@@ -59,163 +61,127 @@ def calibration_tables(healthy_values: Iterable[np.ndarray], fprs: Sequence[floa
     return {"thresholds": table, "curve": {"fpr": [float(f) for f in fs], "threshold": [float(t) for t in ts]}}
 
 
-def _points(meta: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """(fprs ascending, thresholds non-increasing) from the curve, else the table; None if uncalibrated."""
-    cal = (meta or {}).get("calibration") or {}
-    curve = cal.get("curve") or {}
-    if curve.get("fpr") and curve.get("threshold") and len(curve["fpr"]) == len(curve["threshold"]):
-        pairs = sorted(zip((float(f) for f in curve["fpr"]), (float(t) for t in curve["threshold"])))
-    elif cal.get("thresholds"):
-        pairs = sorted((float(k), float(v)) for k, v in cal["thresholds"].items())
-    else:
-        return None
-    fs = np.array([p[0] for p in pairs])
-    ts = np.minimum.accumulate(np.array([p[1] for p in pairs]))
-    return fs, ts
-
-
-def _by_threshold(fs: np.ndarray, ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(thresholds strictly increasing, log-FPR) for reading FPR from a threshold. Where several FPRs share one
-    threshold (a tie, e.g. many healthy voxels scoring 0), the voxels *above* it are the smallest of those FPRs."""
-    uniq = np.unique(ts)
-    lf = np.array([np.log(fs[ts == u].min()) for u in uniq])
-    return uniq, lf
-
-
-def threshold_for_fpr(meta: dict, fpr: float) -> float:
-    """The raw score threshold that flags a share `fpr` of healthy brain voxels (log-FPR interpolation along the
-    curve, else the table; clamped at their ends). ValueError if the model is uncalibrated."""
+def _check_fpr(fpr: float) -> float:
     fpr = float(fpr)
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"a false-positive rate lies between 0 and 1 (got {fpr:g})")
-    table = ((meta or {}).get("calibration") or {}).get("thresholds") or {}
-    for k, v in table.items():
-        if np.isclose(float(k), fpr, rtol=1e-9, atol=0):
-            return float(v)
-    pts = _points(meta)
-    if pts is None:
-        raise ValueError("this model has no calibration table; give --threshold instead of --fpr")
-    fs, ts = pts
-    exact = np.isclose(fs, fpr, rtol=1e-9, atol=0)
-    if exact.any():
-        return float(ts[exact][0])
-    # Between calibrated points, interpolate in log-FPR (thresholds fall roughly linearly in it).
-    return float(np.interp(np.log(fpr), np.log(fs), ts))
+    return fpr
 
 
-def fpr_for_threshold(meta: dict, value: float) -> Optional[float]:
-    """The healthy voxel FPR a raw threshold stands for (log-interpolated along the curve, clamped at its ends:
-    at most the curve's largest FPR, at least its smallest); None if the model is uncalibrated."""
-    pts = _points(meta)
-    if pts is None:
-        return None
-    t, lf = _by_threshold(*pts)
-    value = float(value)
-    if value < t[0]:
-        return float(pts[0].max())
-    return float(np.exp(np.interp(value, t, lf)))
+class CalibrationCurve:
+    """The healthy voxel FPR each raw score stands for, in both directions, for one model or for one scan.
 
+    `fprs` ascend and `thresholds` never rise with them. Built from a model's `calibration` (its dense curve, else
+    its table; the table is then also read exactly at its own FPRs) or from a plain curve dict such as the worker
+    writes for one scan (`scan_calibration` in result.json), which a viewer maps its FPR slider through.
+    """
 
-def score_to_unit(meta: dict, scores: np.ndarray) -> np.ndarray:
-    """Raw scores -> [0, 1] as 1 - healthy FPR(score), monotone (float64, same shape).
+    def __init__(self, fprs: np.ndarray, thresholds: np.ndarray, table: Optional[dict] = None):
+        self.fprs = np.asarray(fprs, float)
+        self.thresholds = np.asarray(thresholds, float)
+        self.table = dict(table or {})
 
-    Along the curve: log-FPR interpolation. Below the curve's lowest threshold (FPR 0.5): linear from 0 at score 0
-    (and below) up to 1 - 0.5 there; where that threshold is 0 itself, scores of 0 or less map to 0. Above its
-    highest threshold (FPR 1e-4): the log-linear tail of the curve's last segment carries on, so scores approach 1
-    (float64 keeps them apart well past the curve). ValueError if the model is uncalibrated."""
-    pts = _points(meta)
-    if pts is None:
-        raise ValueError("this model has no healthy calibration; cannot map its scores to [0, 1]")
-    t, lf = _by_threshold(*pts)
-    s = np.asarray(scores, np.float64)
-    out = np.empty(s.shape, np.float64)
-    lo, hi = t[0], t[-1]
-    below = s < lo if lo > 0 else s <= lo  # a score of 0 (or less) is 0, even where half the brain scores 0
-    above = s > hi
-    mid = ~below & ~above
-    out[mid] = 1.0 - np.exp(np.interp(s[mid], t, lf))
-    u_lo = 1.0 - float(pts[0].max())  # 0.5 at the curve's largest FPR
-    if lo > 0:
-        out[below] = u_lo * np.clip(s[below] / lo, 0.0, 1.0)
-    else:
-        out[below] = 0.0
-    if above.any():
-        if t.size >= 2:
-            slope = (lf[-1] - lf[-2]) / (t[-1] - t[-2])  # d log-FPR / d score, negative
+    @classmethod
+    def from_pairs(cls, pairs: Iterable, table: Optional[dict] = None) -> Optional["CalibrationCurve"]:
+        """From (fpr, threshold) pairs in any order; None if there are none."""
+        pairs = sorted((float(f), float(t)) for f, t in pairs)
+        if not pairs:
+            return None
+        # Thresholds must not rise with the FPR; a stored curve already holds that, a hand-made table may not.
+        ts = np.minimum.accumulate(np.array([p[1] for p in pairs]))
+        return cls(np.array([p[0] for p in pairs]), ts, table)
+
+    @classmethod
+    def from_dict(cls, curve: Optional[dict]) -> Optional["CalibrationCurve"]:
+        """From {"fpr": [...], "threshold": [...]}; None if it is missing, empty or its lists differ in length."""
+        curve = curve or {}
+        fs, ts = curve.get("fpr"), curve.get("threshold")
+        if not fs or not ts or len(fs) != len(ts):
+            return None
+        return cls.from_pairs(zip(fs, ts))
+
+    @classmethod
+    def from_calibration(cls, calibration: Optional[dict]) -> Optional["CalibrationCurve"]:
+        """From a model's `calibration` record (its curve, else its table); None if it has neither."""
+        cal = calibration or {}
+        table = cal.get("thresholds") or {}
+        curve = cls.from_dict(cal.get("curve"))
+        if curve is not None:
+            curve.table = dict(table)
+            return curve
+        return cls.from_pairs(((float(k), v) for k, v in table.items()), table)
+
+    @classmethod
+    def from_meta(cls, meta: Optional[dict]) -> Optional["CalibrationCurve"]:
+        """From a model's meta; None if the model is uncalibrated."""
+        return cls.from_calibration((meta or {}).get("calibration"))
+
+    def to_dict(self) -> dict:
+        return {"fpr": [float(f) for f in self.fprs], "threshold": [float(t) for t in self.thresholds]}
+
+    def _by_threshold(self):
+        """(thresholds strictly increasing, log-FPR) for reading FPR from a threshold. Where several FPRs share one
+        threshold (a tie, e.g. many healthy voxels scoring 0), the voxels *above* it are the smallest of those
+        FPRs."""
+        uniq = np.unique(self.thresholds)
+        lf = np.array([np.log(self.fprs[self.thresholds == u].min()) for u in uniq])
+        return uniq, lf
+
+    def threshold(self, fpr: float) -> float:
+        """The raw score threshold that flags a share `fpr` of healthy brain voxels (log-FPR interpolation along
+        the curve; clamped at its ends)."""
+        fpr = _check_fpr(fpr)
+        for k, v in self.table.items():
+            if np.isclose(float(k), fpr, rtol=1e-9, atol=0):
+                return float(v)
+        exact = np.isclose(self.fprs, fpr, rtol=1e-9, atol=0)
+        if exact.any():
+            return float(self.thresholds[exact][0])
+        # Between calibrated points, interpolate in log-FPR (thresholds fall roughly linearly in it).
+        return float(np.interp(np.log(fpr), np.log(self.fprs), self.thresholds))
+
+    def fpr(self, value: float) -> float:
+        """The healthy voxel FPR a raw threshold stands for (log-interpolated along the curve, clamped at its
+        ends: at most the curve's largest FPR, at least its smallest)."""
+        t, lf = self._by_threshold()
+        value = float(value)
+        if value < t[0]:
+            return float(self.fprs.max())
+        return float(np.exp(np.interp(value, t, lf)))
+
+    def score_to_unit(self, scores: np.ndarray) -> np.ndarray:
+        """Raw scores -> [0, 1] as 1 - healthy FPR(score), monotone (float64, same shape).
+
+        Along the curve: log-FPR interpolation. Below the curve's lowest threshold (FPR 0.5): linear from 0 at
+        score 0 (and below) up to 1 - 0.5 there; where that threshold is 0 itself, scores of 0 or less map to 0.
+        Above its highest threshold (FPR 1e-4): the log-linear tail of the curve's last segment carries on, so
+        scores approach 1 (float64 keeps them apart well past the curve)."""
+        t, lf = self._by_threshold()
+        s = np.asarray(scores, np.float64)
+        out = np.empty(s.shape, np.float64)
+        lo, hi = t[0], t[-1]
+        below = s < lo if lo > 0 else s <= lo  # a score of 0 (or less) is 0, even where half the brain scores 0
+        above = s > hi
+        mid = ~below & ~above
+        out[mid] = 1.0 - np.exp(np.interp(s[mid], t, lf))
+        u_lo = 1.0 - float(self.fprs.max())  # 0.5 at the curve's largest FPR
+        if lo > 0:
+            out[below] = u_lo * np.clip(s[below] / lo, 0.0, 1.0)
         else:
-            slope = -1.0 / max(abs(hi), 1e-6)
-        slope = min(slope, -1e-12)
-        out[above] = 1.0 - np.exp(lf[-1] + slope * (s[above] - hi))
-    return np.clip(out, 0.0, 1.0)
+            out[below] = 0.0
+        if above.any():
+            if t.size >= 2:
+                slope = (lf[-1] - lf[-2]) / (t[-1] - t[-2])  # d log-FPR / d score, negative
+            else:
+                slope = -1.0 / max(abs(hi), 1e-6)
+            slope = min(slope, -1e-12)
+            out[above] = 1.0 - np.exp(lf[-1] + slope * (s[above] - hi))
+        return np.clip(out, 0.0, 1.0)
 
-
-def choose_threshold(meta: dict, threshold: Optional[float] = None, fpr: Optional[float] = None) -> dict:
-    """The threshold `detect` uses and what it stands for: a raw value, a calibrated FPR, or the model default."""
-    if threshold is not None:
-        return {"value": float(threshold), "fpr": None, "source": "user value"}
-    cal = meta.get("calibration") or {}
-    if _points(meta) is not None:
-        want = DEFAULT_FPR if fpr is None else float(fpr)
-        value = threshold_for_fpr(meta, want)
-        return {"value": value, "fpr": want, "source": "healthy calibration"
-                + (f" ({cal.get('n_scans')} scans)" if cal.get("n_scans") else "")}
-    if fpr is not None:
-        raise ValueError("this model has no calibration table; give --threshold instead of --fpr")
-    return {"value": float(meta.get("default_threshold", 3.0)), "fpr": None, "source": "model default (uncalibrated)"}
-
-
-# Scan-adaptive calibration. A scan from another scanner shifts and widens the whole score distribution of its
-# normal tissue; a threshold from the healthy cohort then flags far more than its nominal rate (FINDINGS: 10-30 %
-# on BraTS). The scan's own median and MAD of the filtered scores in the brain (robust while lesions cover well
-# under half of it) say how its normal tissue sits against the cohort's, and the cohort threshold is carried
-# through that location-scale change.
-ADAPT_SCALE_RANGE = (0.5, 4.0)
-
-
-def adaptive_reference(per_scan_stats) -> Optional[dict]:
-    """The healthy cohort's typical location and spread (medians over its scans' robust statistics)."""
-    stats = list(per_scan_stats)
-    if not stats:
-        return None
-    return {"median": float(np.median([s["median"] for s in stats])),
-            "mad": float(np.median([s["mad"] for s in stats])), "n_scans": len(stats)}
-
-
-def _adaptive_map(meta: dict, scan_stats: Optional[dict]) -> Optional[Tuple[float, float, float, dict]]:
-    """(scan median, cohort median, scale ratio, cohort reference) of the location-scale change, or None where
-    the model has no adaptive reference or either spread is degenerate."""
-    ref = ((meta or {}).get("calibration") or {}).get("adaptive")
-    if not ref or not scan_stats or ref["mad"] <= 0 or scan_stats.get("mad", 0) <= 0:
-        return None
-    ratio = float(np.clip(scan_stats["mad"] / ref["mad"], *ADAPT_SCALE_RANGE))
-    return float(scan_stats["median"]), float(ref["median"]), ratio, ref
-
-
-def adapt_threshold(meta: dict, chosen: dict, scan_stats: dict) -> dict:
-    """The chosen cohort threshold moved to this scan's own score distribution. User values, uncalibrated models
-    and degenerate statistics are left as they are."""
-    mapping = _adaptive_map(meta, scan_stats)
-    if mapping is None or chosen.get("fpr") is None:
-        return chosen
-    scan_median, cohort_median, ratio, ref = mapping
-    value = scan_median + (chosen["value"] - cohort_median) * ratio
-    return dict(chosen, value=float(value), source=chosen["source"] + ", scan-adaptive",
-                cohort_value=chosen["value"],
-                adaptive={"scan_median": round(scan_stats["median"], 5), "scan_mad": round(scan_stats["mad"], 5),
-                          "cohort_median": round(ref["median"], 5), "cohort_mad": round(ref["mad"], 5),
-                          "scale_ratio": round(ratio, 4)})
-
-
-def scan_curve(meta: dict, scan_stats: Optional[dict] = None) -> Optional[dict]:
-    """The model's FPR -> threshold curve for one scan: the cohort curve, carried through the same location-scale
-    change as `adapt_threshold` when scan statistics are given. A viewer maps its FPR slider through this without
-    the model. None if the model is uncalibrated."""
-    pts = _points(meta)
-    if pts is None:
-        return None
-    fs, ts = pts
-    mapping = _adaptive_map(meta, scan_stats)
-    if mapping is not None:
-        scan_median, cohort_median, ratio, _ = mapping
-        ts = scan_median + (ts - cohort_median) * ratio
-    return {"fpr": [float(f) for f in fs], "threshold": [float(t) for t in ts]}
+    def moved(self, move: Optional[ScanMove]) -> "CalibrationCurve":
+        """This curve for one scan: every threshold carried through the scan's location-scale move (the same move
+        as `Threshold.moved`, so the scan's threshold lies on it). Unchanged when there is no move."""
+        if move is None:
+            return self
+        # The move is increasing, so the thresholds keep their order; the table was the cohort's and goes.
+        return CalibrationCurve(self.fprs, move.apply(self.thresholds))

@@ -12,11 +12,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..calibration.curve import DEFAULT_FPR, DEFAULT_FPRS, fpr_for_threshold
+from ..calibration import DEFAULT_FPR, DEFAULT_FPRS, with_labelled
 from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
 
@@ -98,69 +98,11 @@ def target_folder(model_path: Path, output: Optional[str]) -> Tuple[Path, bool]:
     return out, False
 
 
-def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
-    import SimpleITK as sitk
-
-    if not Path(path).is_file():
-        raise BadInputError(f"mask not found: {path}")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        raise BadInputError(f"cannot read mask {path}: {lines[-1] if lines else 'unknown reason'}") from None
-    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
-        img = img[:, :, :, 0]
-    arr = sitk.GetArrayFromImage(img)
-    if arr.shape != tuple(shape):
-        raise BadInputError(f"mask {Path(path).name} has {arr.shape[::-1]} voxels but its scan has "
-                            f"{tuple(shape)[::-1]}; the mask must be on the scan's grid")
-    return arr > 0
-
-
-def labelled_threshold(model, cases, reporter: Reporter, device: str = "cpu") -> dict:
-    """Threshold with the best pooled Dice over labelled lesion cases, through the full detection path (native
-    anomaly map vs native truth > 0, within the native brain mask). Bad cases are skipped and named."""
-    from ..evaluation.metrics import best_dice
-    from ..core.io import read_volume
-    from ..detection.pipeline import Detector
-    import SimpleITK as sitk
-
-    det = Detector(model, device=device)
-    scores, labels, used, skipped = [], [], [], []
-    for i, case in enumerate(cases):
-        rep = reporter.sub(i / len(cases), (i + 1) / len(cases))
-        rep(f"labelled {case.subject}", 0.0)
-        try:
-            scan = read_volume(case.image)
-            truth = _read_truth(case.mask, sitk.GetArrayViewFromImage(scan).shape)
-            result = det.run(scan, modality=None, reporter=rep)
-        except BadInputError as exc:
-            skipped.append(f"{case.key}: {exc}")
-            continue
-        brain = sitk.GetArrayFromImage(result.brain_mask) > 0
-        scores.append(sitk.GetArrayFromImage(result.anomaly_map)[brain].astype(np.float32))
-        labels.append(truth[brain])
-        used.append(case)
-    reporter("labelled", 1.0)
-    if not used:
-        raise BadInputError("no usable labelled cases: " + "; ".join(skipped))
-    s, y = np.concatenate(scores), np.concatenate(labels)
-    if not y.any():
-        raise BadInputError("the labelled cases have no lesion voxels inside their brain masks")
-    dice, at = best_dice(s, y)
-    # best_dice flags scores >= its threshold, detection flags scores > threshold: step one float32 below.
-    value = float(np.nextafter(np.float32(at), np.float32(-np.inf)))
-    return {"threshold": value, "dice": round(float(dice), 4), "n_cases": len(used),
-            "subjects": sorted({c.subject for c in used}), "skipped": skipped,
-            "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
-            "method": "best pooled Dice over labelled cases (native grid, within the brain mask)"}
-
-
 def run(args, cancel: CancelToken) -> int:
     from .. import __version__
     from ..core.manifest import normalise_modality, read_manifest
     from ..store.models import resolve_model, save_model
-    from ..training.run import calibrate
+    from ..training.run import calibrate, labelled_threshold
 
     fprs = parse_fprs(args.fprs)
     model = resolve_model(args.model)  # ModelError (exit 3) for an unknown, broken or tampered model
@@ -197,18 +139,13 @@ def run(args, cancel: CancelToken) -> int:
             raise BadInputError(str(exc)) from None
         calib.update(manifest=Path(args.manifest).name, modality=modality, split=split_name,
                      created_with=f"BrainAnomalyLib {__version__}")
-        meta = dict(model.meta, calibration=calib)
-        previous = (model.meta.get("calibration") or {}).get("labelled")
+        lab = None
         if lesion_cases:
             lab = labelled_threshold(model, lesion_cases, reporter.sub(split, 1.0), args.device)
             lab["manifest"] = Path(args.labelled).name
-            calib["labelled"] = lab
-        elif previous and previous.get("threshold") is not None:
-            # A raw threshold chosen on labelled cases stays valid; only what it means on healthy scans changed.
-            calib["labelled"] = dict(previous)
-        if "labelled" in calib:
-            calib["labelled"]["healthy_fpr"] = fpr_for_threshold(meta, calib["labelled"]["threshold"])
+        with_labelled(calib, lab, (model.meta.get("calibration") or {}).get("labelled"))
         calib["seconds"] = round(time.perf_counter() - t, 1)
+        meta = dict(model.meta, calibration=calib)
     finally:
         bar.close()
     try:

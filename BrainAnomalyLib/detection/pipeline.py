@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ..calibration.curve import adapt_threshold, choose_threshold
+from ..calibration import AdaptiveReference, CalibrationCurve, ScanMove, Threshold, choose_threshold
 from ..core.device import resolve_device
 from ..core.errors import BadInputError
 from ..core.io import array_to_image
@@ -109,23 +109,33 @@ class Detector:
         result.timings["total"] = round(time.perf_counter() - started, 3)
         return result
 
-    def threshold(self, threshold: Optional[float] = None, fpr: Optional[float] = None) -> dict:
+    def threshold(self, threshold: Optional[float] = None, fpr: Optional[float] = None) -> Threshold:
         try:
             return choose_threshold(self.model.meta, threshold, fpr)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
 
-    def for_scan(self, chosen: dict, scores: GridScores) -> dict:
+    def scan_move(self, scores: GridScores) -> Optional[ScanMove]:
+        """How this scan's scores sit against the healthy cohort's, when calibration is scan-adaptive; None where
+        thresholds stay as calibrated (cohort calibration, scores already relative to the scan, no reference)."""
+        if self.calibration != "adaptive" or self.scorer.scan_relative:
+            return None
+        return ScanMove.between(AdaptiveReference.from_meta(self.model.meta), scores.stats)
+
+    def for_scan(self, chosen: Threshold, scores: GridScores) -> Threshold:
         """The threshold for this scan: the cohort one, moved to the scan's own score distribution when the
         calibration is scan-adaptive."""
-        if self.calibration != "adaptive" or chosen.get("fpr") is None:
-            return chosen
-        if self.scorer.scan_relative:
-            return dict(chosen, source=chosen["source"] + "; scores are relative to the scan's own intensities, "
-                                                          "so already scan-adaptive")
-        return adapt_threshold(self.model.meta, chosen, scores.stats)
+        if self.calibration == "adaptive" and self.scorer.scan_relative and chosen.fpr is not None:
+            return chosen.noted("; scores are relative to the scan's own intensities, so already scan-adaptive")
+        return chosen.moved(self.scan_move(scores))
 
-    def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: dict, modality: str,
+    def scan_curve(self, scores: GridScores) -> Optional[CalibrationCurve]:
+        """The model's calibration curve for this scan (moved as `for_scan` moves thresholds); None if the model
+        is uncalibrated."""
+        curve = CalibrationCurve.from_meta(self.model.meta)
+        return curve.moved(self.scan_move(scores)) if curve is not None else None
+
+    def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: Threshold, modality: str,
                   reporter: Optional[Reporter] = None, with_reconstruction: bool = True) -> Result:
         """Back-project a grid analysis onto the input grid, threshold it and tabulate the lesions."""
         reporter = reporter or Reporter()
@@ -145,7 +155,7 @@ class Detector:
             gain = (n_hi - n_lo) / max(s_hi - s_lo, 1e-6)
             recon = to_native(analysis.reconstruction, pre, native)
             recon = sitk.Mask(recon * float(gain) + float(n_lo - s_lo * gain), native_mask)
-        pred_mask, lesions = label_lesions(heat, chosen["value"], self.postprocess_config.min_lesion_ml)
+        pred_mask, lesions = label_lesions(heat, chosen.value, self.postprocess_config.min_lesion_ml)
         reporter("back-project", 1.0)
         seconds = dict(analysis.seconds, back_project=time.perf_counter() - t)
         for step in pre.record:
@@ -153,7 +163,8 @@ class Detector:
         m = self.model
         return Result(anomaly_map=heat, pred_mask=pred_mask, brain_mask=native_mask,
                       pred_score=scan_score(analysis.clean_map, analysis.scoring_mask), lesions=lesions,
-                      threshold=chosen, min_lesion_ml=self.postprocess_config.min_lesion_ml, modality=modality,
+                      threshold=chosen.to_dict(), min_lesion_ml=self.postprocess_config.min_lesion_ml,
+                      modality=modality,
                       model={"name": m.name, "kind": m.kind, "version": m.meta.get("version"), "path": str(m.path)},
                       preprocessing=pre.record, timings={k: round(v, 3) for k, v in seconds.items()},
                       reconstruction=recon, grid_map=analysis.clean_map, grid_mask=analysis.scoring_mask)

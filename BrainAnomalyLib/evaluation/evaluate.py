@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..calibration import CalibrationCurve, Threshold
 from ..core.errors import BadInputError
 from ..core.io import read_volume
 from ..core.manifest import Case
@@ -117,7 +118,7 @@ def sweep(m: ScanMap, thresholds) -> List[dict]:
 class Tally:
     """Everything one scorer accumulates over a cohort."""
 
-    threshold: dict
+    threshold: Threshold
     scores: List[np.ndarray] = field(default_factory=list)
     labels: List[np.ndarray] = field(default_factory=list)
     inter: int = 0
@@ -155,7 +156,7 @@ def _truth(case: Case, scan: sitk.Image) -> Optional[sitk.Image]:
 
 
 def evaluate(cases: Sequence[Case], detectors: Dict[str, Detector], reporter: Optional[Reporter] = None,
-             skipped: Optional[List[str]] = None, thresholds: Optional[Dict[str, dict]] = None) -> Dict[str, dict]:
+             skipped: Optional[List[str]] = None, thresholds: Optional[Dict[str, Threshold]] = None) -> Dict[str, dict]:
     """Metrics per scorer name. Cases with a mask are lesion scans; cases without are healthy scans.
 
     Each scorer is thresholded at `thresholds[name]` (as chosen by Detector.threshold) or its default.
@@ -166,7 +167,7 @@ def evaluate(cases: Sequence[Case], detectors: Dict[str, Detector], reporter: Op
 
 def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group_of: Callable[[Case], Optional[str]],
                     reporter: Optional[Reporter] = None, skipped: Optional[List[str]] = None,
-                    thresholds: Optional[Dict[str, dict]] = None) -> Dict[str, Dict[str, dict]]:
+                    thresholds: Optional[Dict[str, Threshold]] = None) -> Dict[str, Dict[str, dict]]:
     """Metrics per scorer and per group of cases ({scorer: {group: metrics}}), each scan preprocessed once.
 
     `group_of(case)` names a case's group; a case in group None counts in every group (healthy scans shared by
@@ -295,17 +296,15 @@ def froc_of(t: Tally) -> Optional[dict]:
 
 def _unit(meta: dict, scores: np.ndarray) -> np.ndarray:
     """Scores in [0, 1] for MOOD-style AP: 1 - healthy FPR through the calibration; clipped raw scores otherwise."""
-    from ..calibration.curve import score_to_unit
-
-    try:
-        return np.clip(score_to_unit(meta, scores), 0, 1)
-    except ValueError:
+    curve = CalibrationCurve.from_meta(meta)
+    if curve is None:
         return np.clip(scores, 0, 1)
+    return np.clip(curve.score_to_unit(scores), 0, 1)
 
 
 def summarise(t: Tally, det: Detector) -> dict:
     out: dict = {"model": det.model.name, "kind": det.model.kind, "modality": det.model.modality,
-                 "direction": det.scorer.params.get("direction"), "threshold": t.threshold,
+                 "direction": det.scorer.params.get("direction"), "threshold": t.threshold.to_dict(),
                  "n_lesion_scans": t.n_lesion_scans, "n_healthy_scans": len(t.healthy_case_fpr)}
     if t.scores:
         scores, labels = np.concatenate(t.scores), np.concatenate(t.labels)

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 
 from .. import __version__
 from ..store.cache import cases_on_grid, grid_volumes
-from ..calibration.curve import DEFAULT_FPRS, adaptive_reference, calibration_tables
+from ..calibration import DEFAULT_FPRS, HealthyPool, labelled_refinement
+from ..core.errors import BadInputError
 from ..core.manifest import Case, read_manifest
 from ..store.models import Model, save_model
 from ..detection.postprocess import PostprocessConfig
@@ -19,6 +21,7 @@ from ..preprocess.normalise import fit_histogram_reference, histogram_landmarks
 from ..core.progress import Reporter
 from ..scorers import direction_for, scorer_class
 from ..core.template import TEMPLATE_NAME, Grid
+
 
 def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[str, List[Case]]:
     """Subject-level split, stable across runs and machines: ordered by a hash of the subject id."""
@@ -48,29 +51,73 @@ def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid,
 
 def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir: Optional[Path] = None,
               fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
-    """Thresholds for chosen voxel FPRs from healthy scans, through the model's own scoring and post-processing.
-
-    The pool is the cleaned map over the whole grid brain mask: voxels the erosion removed score 0 and count as
-    healthy voxels that are never flagged, so "1 % FPR" means 1 % of the brain, as a user reads it and as the
-    evaluation measures it. Returns the table at `fprs` and the dense curve (see calibration.calibration_tables).
-    """
+    """A model's `calibration` record from healthy scans, through its own scoring and post-processing: the table
+    at `fprs`, the dense curve and the scan-adaptive reference (see calibration.HealthyPool)."""
     from ..detection.pipeline import Detector
 
     det = Detector(model, device="cpu")
-    values, stats, skipped, used = [], [], [], []
+    pool, skipped = HealthyPool(), []
     for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter, cache_dir,
                                            "calibrate", skipped):
         scores = det.score_grid(image, mask)
-        values.append(scores.clean_map[mask])
-        stats.append(scores.stats)
-        used.append(case)
-    if not values:
-        raise ValueError("no usable healthy scans to calibrate on" + (": " + "; ".join(skipped) if skipped else ""))
-    tables = calibration_tables(values, fprs)
-    return {"method": "pooled healthy voxel quantiles over the whole grid brain mask", **tables,
-            "n_scans": len(values), "n_voxels": int(sum(v.size for v in values)),
-            "subjects": sorted({c.subject for c in used}), "skipped": skipped,
-            "adaptive": adaptive_reference(stats)}
+        # The whole grid brain mask, eroded-away voxels (scoring 0) included: see HealthyPool.
+        pool.add(case.subject, scores.clean_map[mask], scores.stats)
+    return pool.calibration(fprs, skipped)
+
+
+def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if not Path(path).is_file():
+        raise BadInputError(f"mask not found: {path}")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise BadInputError(f"cannot read mask {path}: {lines[-1] if lines else 'unknown reason'}") from None
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    arr = sitk.GetArrayFromImage(img)
+    if arr.shape != tuple(shape):
+        raise BadInputError(f"mask {Path(path).name} has {arr.shape[::-1]} voxels but its scan has "
+                            f"{tuple(shape)[::-1]}; the mask must be on the scan's grid")
+    return arr > 0
+
+
+def labelled_threshold(model: Model, cases: Sequence[Case], reporter: Reporter, device: str = "cpu") -> dict:
+    """The labelled refinement record: the threshold with the best pooled Dice over labelled lesion cases, through
+    the full detection path (native anomaly map vs native truth > 0, within the native brain mask). Bad cases are
+    skipped and named."""
+    import SimpleITK as sitk
+
+    from ..core.io import read_volume
+    from ..detection.pipeline import Detector
+    from ..evaluation.metrics import best_dice
+
+    det = Detector(model, device=device)
+    scores, labels, subjects, skipped = [], [], [], []
+    for i, case in enumerate(cases):
+        rep = reporter.sub(i / len(cases), (i + 1) / len(cases))
+        rep(f"labelled {case.subject}", 0.0)
+        try:
+            scan = read_volume(case.image)
+            truth = _read_truth(case.mask, sitk.GetArrayViewFromImage(scan).shape)
+            result = det.run(scan, modality=None, reporter=rep)
+        except BadInputError as exc:
+            skipped.append(f"{case.key}: {exc}")
+            continue
+        brain = sitk.GetArrayFromImage(result.brain_mask) > 0
+        scores.append(sitk.GetArrayFromImage(result.anomaly_map)[brain].astype(np.float32))
+        labels.append(truth[brain])
+        subjects.append(case.subject)
+    reporter("labelled", 1.0)
+    if not subjects:
+        raise BadInputError("no usable labelled cases: " + "; ".join(skipped))
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    if not y.any():
+        raise BadInputError("the labelled cases have no lesion voxels inside their brain masks")
+    dice, at = best_dice(s, y)
+    return labelled_refinement(dice, at, subjects, skipped, int(y.sum()), int(y.size))
 
 
 def validation_split(cases: Sequence[Case], fraction: float = 0.1) -> Tuple[List[Case], List[Case]]:
