@@ -61,7 +61,7 @@ class DetectionOptions:
 
     def worker_args(self) -> List[str]:
         args = ["--device", self.device, "--skull-strip", self.skull_strip, "--fpr", repr(float(self.fpr)),
-                "--calibration", self.calibration]
+                "--calibration", self.calibration, "--min-lesion-ml", repr(float(self.min_lesion_ml))]
         if self.model:
             args += ["--model", str(self.model)]
         if self.modality:

@@ -1,14 +1,11 @@
-"""The one object every consumer (CLI, evaluator, batch script, Slicer) reads a detection from."""
+"""The one object every front end (CLI, worker, batch script, Slicer, evaluator) reads a detection from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 import SimpleITK as sitk
-
-from ..detection.postprocess import label_lesions
 
 
 @dataclass
@@ -21,27 +18,23 @@ class Result:
     threshold: dict  # value, fpr it stands for (or None), where it came from
     min_lesion_ml: float
     modality: str
-    model: dict  # name, kind, version, path
+    model: dict  # name, kind, version, modality, description, path
     preprocessing: List[dict]
     timings: dict
     reconstruction: Optional[sitk.Image] = None
-    grid_map: Optional[np.ndarray] = None  # cleaned map on the model grid (evaluation works there too)
-    grid_mask: Optional[np.ndarray] = None
+    # The model's FPR -> threshold curve for this scan (moved to it when calibration is scan-adaptive), so a viewer
+    # can re-threshold by FPR without the model; None for an uncalibrated model.
+    scan_curve: Optional[dict] = None
+    display_range: Optional[List[float]] = None  # heatmap window [low, high]
+    peak_score: float = 0.0
+    device: str = "cpu"  # where the scorer actually ran (after any out-of-memory fallback)
     notes: List[str] = field(default_factory=list)
-
-    def rethreshold(self, value: float, min_lesion_ml: Optional[float] = None, fpr: Optional[float] = None,
-                    source: str = "user value") -> "Result":
-        """New label map and lesion table at another threshold, without running the model again."""
-        if min_lesion_ml is not None:
-            self.min_lesion_ml = float(min_lesion_ml)
-        self.pred_mask, self.lesions = label_lesions(self.anomaly_map, float(value), self.min_lesion_ml)
-        self.threshold = {"value": float(value), "fpr": fpr, "source": source}
-        return self
 
     def summary(self) -> dict:
         return {"model": self.model, "modality": self.modality, "pred_score": round(self.pred_score, 5),
                 "threshold": self.threshold, "min_lesion_ml": self.min_lesion_ml,
                 "n_lesions": len(self.lesions),
                 "anomalous_volume_ml": round(sum(les["volume_ml"] for les in self.lesions), 3),
-                "lesions": self.lesions, "preprocessing": self.preprocessing, "timings": self.timings,
-                "notes": self.notes}
+                "lesions": self.lesions, "scan_calibration": self.scan_curve, "display_range": self.display_range,
+                "peak_score": self.peak_score, "device": self.device, "preprocessing": self.preprocessing,
+                "timings": self.timings, "notes": self.notes}

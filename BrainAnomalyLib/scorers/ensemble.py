@@ -5,7 +5,7 @@ folder stands alone."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +30,10 @@ class EnsembleScorer(Scorer):
             member_params = dict(member["params"], **{k: v for k, v in self.params.items()
                                                       if k in ("batch_size",)})
             self.members.append(scorer_class(member["kind"])(member_params, sub, device))
+
+    def batch_size(self) -> Optional[int]:
+        sizes = [b for b in (m.batch_size() for m in self.members) if b is not None]
+        return max(sizes) if sizes else None
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         total = np.zeros(image.shape, np.float64)
