@@ -14,6 +14,9 @@ import SimpleITK as sitk
 
 from conftest import ROOT, new_scene
 
+from BrainAnomalyLib.detection.postprocess import LESION_COLUMN_NAMES
+from BrainAnomalyLib.detection.writers import output_names
+
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is part of requirements.txt")
 
 SCRIPT = ROOT / "scripts" / "slicer_batch.py"
@@ -32,7 +35,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nii.gz,\nbroken,T1,broken.nii.gz,\n"
                         "flair,FLAIR,demo.nii.gz,\n")
     out = tmp_path / "out"
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--per-lesion-segments")
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu")
     assert proc.returncode == 1, proc.stderr  # one case failed
     assert "1 of 2 cases done" in proc.stdout and "failed: broken" in proc.stderr
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -40,30 +43,28 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert "broken.nii.gz" in rows[1]["message"]
     assert sorted(p.name for p in out.iterdir()) == ["demo", "summary.csv"]  # nothing half-written for "broken"
     case = out / "demo"
-    assert {p.name for p in case.iterdir()} >= {"anomaly_map.nrrd", "labels.nrrd", "anomalies.seg.nrrd",
-                                                "lesions.csv", "result.json"}
+    assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
-    assert result["fpr"] == pytest.approx(0.01)
+    assert result["threshold"]["fpr"] == pytest.approx(0.01)
     # Maps on the input grid, the inserted lesion in the label map.
-    for name in ("anomaly_map.nrrd", "labels.nrrd"):
+    for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):
         img = sitk.ReadImage(str(case / name))
         assert img.GetSize() == scan.GetSize()
         assert np.allclose(img.GetOrigin(), scan.GetOrigin(), atol=1e-4)
         assert np.allclose(img.GetDirection(), scan.GetDirection(), atol=1e-5)
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nrrd"))) > 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "pred_mask.nrrd"))) > 0
     assert labels[sitk.GetArrayFromImage(truth) > 0].mean() > 0.3
-    # The table and the segmentation load back with one row / one segment per lesion.
-    with open(case / "lesions.csv") as fh:
-        table = list(csv.DictReader(fh))
-    assert len(table) == len(result["lesions"])
-    assert float(table[0]["Peak score"]) == pytest.approx(result["lesions"][0]["max_score"], rel=1e-4)
+    # The lesion table loads back into a Slicer table node with one row per lesion, in the one schema.
     scene = new_scene()
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(case / "anomalies.seg.nrrd"))
-    assert storage.ReadData(seg)
-    assert seg.GetSegmentation().GetNumberOfSegments() == len(result["lesions"])
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTableStorageNode")
+    storage.SetFileName(str(case / "lesions.csv"))
+    assert storage.ReadData(table)
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == len(result["lesions"])
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == list(LESION_COLUMN_NAMES)
+    assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
 
 
 def test_batch_argument_and_model_errors(tmp_path):

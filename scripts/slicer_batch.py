@@ -4,7 +4,8 @@
 
 Also runs with a plain Python that has the slicer-core wheel (same logic, same outputs). Each case gets
 OUTDIR/<subject>/ with the files `brainanomaly detect --format nrrd` writes (anomaly_map.nrrd, pred_mask.nrrd,
-brain_mask.nrrd, reconstruction.nrrd, lesions.csv, result.json, overlay.png); OUTDIR/summary.csv lists every case. Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
+brain_mask.nrrd, reconstruction.nrrd, lesions.csv, result.json, overlay.png); OUTDIR/summary.csv lists every case.
+Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
 """
 
 import argparse

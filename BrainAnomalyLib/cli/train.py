@@ -90,7 +90,8 @@ def run(args, cancel: CancelToken) -> int:
         folder = train(args.kind, Path(args.manifest), args.modality.upper(), Path(args.output),
                        Reporter(bar, cancel), name=args.name, direction=args.direction,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, max_train=args.max_train,
-                       pre=PreprocessOptions.from_args(args).apply({"normalisation": args.normalisation}), options=options)
+                       pre=PreprocessOptions.from_args(args).apply({"normalisation": args.normalisation}),
+                       options=options)
     except (KeyError, ValueError) as exc:
         raise BadInputError(str(exc).strip("'")) from None
     finally:

@@ -181,13 +181,14 @@ _TYPES = {"Optional[str]": str, "str": str, "Optional[float]": float, "Optional[
 
 
 def _convert(cls, name: str, value):
-    kind = _TYPES.get(str(next(f.type for f in fields(cls) if f.name == name)))
+    declared = str(next(f.type for f in fields(cls) if f.name == name))
+    kind = _TYPES.get(declared)
     if value is None or kind is None:
         return value
+    if declared.startswith("Optional") and isinstance(value, str) and value.strip() in ("", "None"):
+        return None  # a parameter node stores an unset value as empty text
     if isinstance(value, str) and kind is not str:
         value = value.strip()
-        if value == "" or value.lower() == "none":
-            return None
         if kind is bool:
             if value.lower() in ("true", "1", "yes", "on"):
                 return True
