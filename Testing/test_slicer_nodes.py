@@ -118,9 +118,9 @@ def _numbered_labels():
     image = sitk.GetImageFromArray(arr)
     image.CopyInformation(oblique_image((12, 14, 16)))
     lesions = [{"label": 1, "voxels": 48, "volume_ml": 0.1, "max_score": 9.0, "mean_score": 5.0,
-                "centroid_ras": [1.0, 2.0, 3.0]},
+                "centroid_ras": [1.0, 2.0, 3.0], "centroid_ijk": [5.5, 4.5, 3.0]},
                {"label": 2, "voxels": 24, "volume_ml": 0.05, "max_score": 4.0, "mean_score": 3.0,
-                "centroid_ras": [-4.0, 5.5, -6.0]}]
+                "centroid_ras": [-4.0, 5.5, -6.0], "centroid_ijk": [11.5, 10.0, 8.5]}]
     return image, lesions
 
 

@@ -99,8 +99,8 @@ class Detector:
     def _score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
         """The scorer's output, under the out-of-memory policy: only this step is retried (the preprocessed volume
         is kept), with half the batch each time down to one slice, then on the CPU. Returns (output, notes)."""
-        first_device, first_batch = self.device, self.scorer.batch_size()
-        tried: List[int] = []
+        first_device = self.device
+        tried: List[Optional[int]] = []
         while True:
             try:
                 out = self.scorer.score(image, mask, reporter)
@@ -122,8 +122,6 @@ class Detector:
                 self.device
             notes.append(f"out of memory on {first_device}" + (f" at batch size {sizes}" if sizes else "")
                          + f"; scored with {where} instead (preprocessing was kept)")
-            if self.device != first_device and first_batch is not None:
-                notes[-1] += "; the CPU is much slower than the GPU"
         return out, notes
 
     def _smaller_step(self, tried: List[Optional[int]]) -> None:
