@@ -81,8 +81,10 @@ class DetectionRequest:
     # -- the one constructor --
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DetectionRequest":
-        """Build and check a request from a flat or nested dict. Values may be strings (a Slicer parameter node
-        stores text), so each is converted to its field's type here."""
+        """Build and check a request from a nested dict (`to_dict`'s shape) or a flat one, where the nested parts'
+        fields are top-level keys (skull_strip, bias_correction, registration; value, fpr, calibration;
+        erode_voxels, median_size, min_lesion_ml). Values may be text (a Slicer parameter node stores text; empty
+        text is unset), so each is converted to its field's type here."""
         d = dict(d)
         nested = {"preprocessing": PreprocessOptions, "threshold": ThresholdSpec,
                   "postprocessing": PostprocessOptions}
