@@ -1,7 +1,12 @@
-"""The inference process a viewer (3D Slicer) starts: one scan in, the maps and a JSON summary out.
+"""The inference process a viewer (3D Slicer) starts: one scan in, the outputs of the one writer out.
 
-    python -m BrainAnomalyLib.worker --input scan.nrrd --output-dir OUT [--model ID] [--device auto] ...
-    python -m BrainAnomalyLib.worker --list-devices
+    python -m BrainAnomalyLib.worker --request REQUEST.json
+    python -m BrainAnomalyLib.worker --list-devices    # one {"event": "devices", ...} line: what PyTorch sees
+    python -m BrainAnomalyLib.worker --input scan.nrrd --output-dir OUT [detect's options: --model ID --device auto
+                                     --fpr 0.01 --calibration adaptive --batch-size N --format nrrd ...]
+
+REQUEST.json is a DetectionRequest (BrainAnomalyLib/detection/request.py) as a JSON object; the options are those
+of `brainanomaly detect`, declared once for both. Outputs are NRRD unless the request says otherwise.
 
 Running detection in its own process keeps the viewer responsive, lets a cancel kill everything at once, frees
 GPU memory when it ends and means a crash cannot take the viewer down. Progress travels as one JSON object per
@@ -11,12 +16,14 @@ stdout line:
     {"event": "log", "message": "..."}
     {"event": "done", "output_dir": "OUT"}
     {"event": "error", "kind": "BadInputError", "message": "...", "exit_code": 2}
-    {"event": "devices", "torch": "2.5.1", "cuda": [{"name": "...", "memory_gb": 16.0}]}   (--list-devices)
 
-Anything else a library prints goes to stderr, so stdout carries only these lines. OUT receives
-anomaly_map.nrrd, reconstruction.nrrd (when the model has one) and result.json (the summary with the lesion table,
-the scan's FPR -> threshold curve and the display range), all moved in together at the end. --list-devices answers
-what PyTorch sees without the viewer importing torch itself.
+Anything else a library prints goes to stderr, so stdout carries only these lines. The error kinds are the
+classes of core/errors.py (BadInputError 2, ModelError 3, OutOfMemoryError 4, Cancelled 130) or InternalError (1).
+Running out of GPU memory is handled inside the detection (smaller batches, then the CPU, said in a "log" line and
+in result.json's notes), so OutOfMemoryError means memory ran out even on the CPU: retrying cannot help. OUT
+receives the files of detection/writers.py (anomaly_map, pred_mask, brain_mask, reconstruction when the model has
+one, lesions.csv, result.json with the scan's FPR -> threshold curve and the display range, overlay.png), all
+moved in together at the end.
 """
 
 from __future__ import annotations
@@ -24,20 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .core.errors import BrainAnomalyError, Cancelled
-
-OUT_OF_MEMORY = "OutOfMemory"
-OUT_OF_MEMORY_EXIT = 4
-OUTPUT_FILES = ("anomaly_map.nrrd", "result.json")
+from .core.errors import BadInputError, BrainAnomalyError
+from .detection.request import DetectionRequest, add_options
 
 
 class Channel:
@@ -63,98 +64,49 @@ class Channel:
             self._last = (step, fraction)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # reported on the protocol stream like any other bad input
+        raise BadInputError(f"worker arguments: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m BrainAnomalyLib.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--input", help="volume file (required unless --list-devices)")
-    p.add_argument("--output-dir", help="folder for the outputs (created; required unless --list-devices)")
+    p = _Parser(prog="python -m BrainAnomalyLib.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--request", help="DetectionRequest JSON file (instead of the options below)")
     p.add_argument("--list-devices", action="store_true", help="print one 'devices' line and exit")
-    p.add_argument("--model", help="model id or folder (default: the shipped default)")
-    p.add_argument("--modality", help="the scan's modality (default: the model's)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--skull-strip", default=None, choices=["auto", "deepbet", "none"])
-    p.add_argument("--no-bias-correction", action="store_true")
-    p.add_argument("--no-register", action="store_true")
-    p.add_argument("--fpr", type=float, default=None, help="healthy FPR of the initial threshold (default 0.01)")
-    p.add_argument("--calibration", default="adaptive", choices=["adaptive", "cohort"])
-    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (learned scorers)")
-    p.add_argument("--min-lesion-ml", type=float, default=None,
-                   help="smallest lesion in the table (default: the model's)")
+    p.add_argument("--input", help="volume file")
+    p.add_argument("--output-dir", dest="output", help="folder for the outputs (created)")
+    add_options(p, output_format="nrrd")
     return p
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-
-
-def display_range(curve: Optional[dict], threshold: float, peak: float) -> List[float]:
-    """Heatmap window: from the chosen threshold up to the score healthy brains reach at the curve's smallest FPR
-    (so colour means the same between scans of one model), widened to the scan's peak when that is below it."""
-    hi = max(curve["threshold"]) if curve else peak
-    if hi <= threshold:
-        hi = max(peak, threshold + 1e-3)
-    return [float(threshold), float(hi)]
+def read_request(argv: Optional[List[str]]) -> DetectionRequest:
+    args = build_parser().parse_args(argv)
+    if args.request:
+        given = [a for a in (argv or []) if a.startswith("--") and a != "--request"]
+        if given:
+            raise BadInputError(f"give --request or options, not both ({', '.join(given)})")
+        request = DetectionRequest.from_json(args.request)
+    else:
+        request = DetectionRequest.from_args(args)
+    if not request.input or not request.output:
+        raise BadInputError("the request needs an input volume and an output folder")
+    return request
 
 
-def detect(args, channel: Channel, cancel) -> Path:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .cli.main import _preprocess_config
-    from .core.io import read_volume, write_volume
-    from .store.models import resolve_model
-    from .detection.pipeline import Detector
-    from .detection.postprocess import LESION_COLUMNS
+def detect(request: DetectionRequest, channel: Channel, cancel) -> Path:
     from .core.progress import Reporter
+    from .detection.pipeline import Detector
+    from .detection.writers import write_result
 
     reporter = Reporter(channel.progress, cancel)
-    started = time.perf_counter()
     reporter("load model", 0.0)
-    model = resolve_model(args.model)
-    params = {"batch_size": args.batch_size} if args.batch_size else None
-    det = Detector(model, device=args.device, preprocess_config=_preprocess_config(
-        args, model.meta.get("preprocessing", {})), scorer_params=params, calibration=args.calibration)
-    if args.min_lesion_ml is not None:
-        det.postprocess_config.min_lesion_ml = float(args.min_lesion_ml)
-    modality = det.check_modality(args.modality)
-    chosen = det.threshold(fpr=args.fpr)
-    channel.send("log", message=f"model {model.name} ({model.kind}, {model.modality}) on {det.device}")
-    scan = read_volume(args.input)
-    analysis = det.analyse(scan, reporter.sub(0.0, 0.9))
-    chosen = det.for_scan(chosen, analysis)
-    result = det.to_result(scan, analysis, chosen, modality, reporter.sub(0.9, 0.97))
-    result.timings["total"] = round(time.perf_counter() - started, 3)
-    scan_curve = det.scan_curve(analysis)
-    curve = scan_curve.to_dict() if scan_curve is not None else None
-    peak = float(np.max(sitk.GetArrayViewFromImage(result.anomaly_map)))
-
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        reporter("write outputs", 0.0)
-        write_volume(result.anomaly_map, stage / "anomaly_map.nrrd")
-        if result.reconstruction is not None:
-            write_volume(result.reconstruction, stage / "reconstruction.nrrd")
-        summary = dict(result.summary(), input=Path(args.input).name, lesion_columns=list(LESION_COLUMNS),
-                       scan_calibration=curve, display_range=display_range(curve, chosen.value, peak),
-                       peak_score=peak, device=det.device,
-                       model_meta={k: model.meta.get(k) for k in ("name", "kind", "version", "modality",
-                                                                  "description")})
-        (stage / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-        reporter.check()
-        for f in stage.iterdir():
-            os.replace(f, out / f.name)
-        reporter("write outputs", 1.0)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out
+    det = Detector.from_request(request)
+    channel.send("log", message=f"model {det.model.name} ({det.model.kind}, {det.model.modality}) on {det.device}")
+    result, scan = det.run_request(request, reporter.sub(0.0, 0.97))
+    for note in result.notes:
+        channel.send("log", message=note)
+    return write_result(result, scan, request.output, request.output_format, Path(request.input).name,
+                        reporter.sub(0.97, 1.0))
 
 
 def list_devices() -> dict:
@@ -173,12 +125,9 @@ def list_devices() -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.list_devices and not (args.input and args.output_dir):
-        parser.error("--input and --output-dir are required")
+    argv = sys.argv[1:] if argv is None else argv
     channel = Channel()
-    if args.list_devices:
+    if "--list-devices" in argv:  # asked when the viewer's panel opens, so that the viewer never imports torch
         channel.send("devices", **list_devices())
         return 0
     from .core.progress import CancelToken
@@ -191,19 +140,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        out = detect(args, channel, cancel)
-    except Cancelled as exc:
-        channel.send("error", kind="Cancelled", message=str(exc), exit_code=exc.exit_code)
-        return exc.exit_code
+        out = detect(read_request(argv), channel, cancel)
     except BrainAnomalyError as exc:
         channel.send("error", kind=type(exc).__name__, message=str(exc), exit_code=exc.exit_code)
         return exc.exit_code
     except Exception as exc:  # the viewer must learn what went wrong whatever it was
         traceback.print_exc()
-        if _is_out_of_memory(exc):
-            channel.send("error", kind=OUT_OF_MEMORY, message=f"out of memory on {args.device}: {exc}",
-                         exit_code=OUT_OF_MEMORY_EXIT)
-            return OUT_OF_MEMORY_EXIT
         channel.send("error", kind="InternalError", message=f"{type(exc).__name__}: {exc}", exit_code=1)
         return 1
     channel.send("done", output_dir=str(out))

@@ -57,7 +57,8 @@ def build_template_normative_model(folder: Path):
     """A real normative model fitted on template-derived healthy volumes, calibrated on others."""
     from BrainAnomalyLib.calibration import AdaptiveReference, thresholds_for_fpr
     from BrainAnomalyLib.store.models import load_model, save_model
-    from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, filter_map, robust_stats
+    from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map,
+                                                       robust_stats)
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
     from BrainAnomalyLib.core.progress import Reporter
     from BrainAnomalyLib.scorers.normative import NormativeScorer
@@ -71,9 +72,9 @@ def build_template_normative_model(folder: Path):
     values, stats = [], []
     for image, mask in template_cohort(3, seed=2):
         raw = scorer.score(image, mask, Reporter()).anomaly_map
-        cleaned, eroded = clean_map(raw, mask, post)
-        values.append(cleaned[mask])
-        stats.append(robust_stats(filter_map(raw, post)[eroded]))
+        filtered, eroded = filter_map(raw, post), erode_mask(mask, post)
+        values.append(clip_to_mask(filtered, eroded)[mask])
+        stats.append(robust_stats(filtered[eroded]))
     meta["calibration"] = {"method": "test", "thresholds": thresholds_for_fpr(values), "n_scans": 3,
                            "adaptive": AdaptiveReference.from_stats(stats).to_dict()}
     return load_model(save_model(folder, meta, tensors))

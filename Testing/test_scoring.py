@@ -5,7 +5,8 @@ import pytest
 import SimpleITK as sitk
 
 from BrainAnomalyLib.calibration import choose_threshold, thresholds_for_fpr
-from BrainAnomalyLib.detection.postprocess import PostprocessConfig, clean_map, label_lesions, scan_score
+from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map,
+                                                   label_lesions, scan_score)
 from BrainAnomalyLib.preprocess.normalise import normalise
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
 from BrainAnomalyLib.core.errors import Cancelled
@@ -74,10 +75,12 @@ def test_fit_needs_two_scans():
         NormativeScorer.fit(iter([(np.zeros((3, 3, 3)), np.ones((3, 3, 3), bool))]), {}, Reporter())
 
 
-def test_clean_map_erodes_filters_and_clips():
+def test_cleaning_erodes_filters_and_clips():
     image, mask = _blob_volume()
     raw = IntensityScorer({"direction": "two-sided"}, {}).score(image, mask, Reporter()).anomaly_map
-    cleaned, eroded = clean_map(raw - 1.0, mask, PostprocessConfig(erode_voxels=2, median_size=3))
+    post = PostprocessConfig(erode_voxels=2, median_size=3)
+    eroded = erode_mask(mask, post)
+    cleaned = clip_to_mask(filter_map(raw - 1.0, post), eroded)
     assert eroded.sum() < mask.sum() and cleaned[~eroded].max() == 0 and cleaned.min() == 0
     assert cleaned[13, 19, 19] > 5  # the lesion survives a 3x3 median
 

@@ -7,12 +7,16 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from conftest import ROOT, new_scene
+
+from BrainAnomalyLib.detection.postprocess import LESION_COLUMN_NAMES
+from BrainAnomalyLib.detection.writers import output_names
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is part of requirements.txt")
 
@@ -32,7 +36,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nii.gz,\nbroken,T1,broken.nii.gz,\n"
                         "flair,FLAIR,demo.nii.gz,\n")
     out = tmp_path / "out"
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--per-lesion-segments")
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu")
     assert proc.returncode == 1, proc.stderr  # one case failed
     assert "1 of 2 cases done" in proc.stdout and "failed: broken" in proc.stderr
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -40,30 +44,28 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert "broken.nii.gz" in rows[1]["message"]
     assert sorted(p.name for p in out.iterdir()) == ["demo", "summary.csv"]  # nothing half-written for "broken"
     case = out / "demo"
-    assert {p.name for p in case.iterdir()} >= {"anomaly_map.nrrd", "labels.nrrd", "anomalies.seg.nrrd",
-                                                "lesions.csv", "result.json"}
+    assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
-    assert result["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
+    assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
-    for name in ("anomaly_map.nrrd", "labels.nrrd"):
+    for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):
         img = sitk.ReadImage(str(case / name))
         assert img.GetSize() == scan.GetSize()
         assert np.allclose(img.GetOrigin(), scan.GetOrigin(), atol=1e-4)
         assert np.allclose(img.GetDirection(), scan.GetDirection(), atol=1e-5)
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nrrd"))) > 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "pred_mask.nrrd"))) > 0
     assert labels[sitk.GetArrayFromImage(truth) > 0].mean() > 0.3
-    # The table and the segmentation load back with one row / one segment per lesion.
-    with open(case / "lesions.csv") as fh:
-        table = list(csv.DictReader(fh))
-    assert len(table) == len(result["lesions"])
-    assert float(table[0]["Peak score"]) == pytest.approx(result["lesions"][0]["max_score"], rel=1e-4)
+    # The lesion table loads back into a Slicer table node with one row per lesion, in the one schema.
     scene = new_scene()
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(case / "anomalies.seg.nrrd"))
-    assert storage.ReadData(seg)
-    assert seg.GetSegmentation().GetNumberOfSegments() == len(result["lesions"])
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTableStorageNode")
+    storage.SetFileName(str(case / "lesions.csv"))
+    assert storage.ReadData(table)
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == len(result["lesions"])
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == list(LESION_COLUMN_NAMES)
+    assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
 
 
 def test_batch_argument_and_model_errors(tmp_path):
@@ -128,62 +130,54 @@ def test_inside_slicer_the_dependencies_are_installed_without_asking(monkeypatch
     assert len(calls) == 1
 
 
-def test_case_written_again_keeps_its_files_when_a_write_fails(mrml_scene, worker_output, tmp_path, monkeypatch):
-    """A case folder rewritten (a batch run again into the same OUTDIR) with the third of its five files failing:
-    the previous files stay, byte for byte, and nothing half-written is left beside them."""
-    import shutil
-
-    from BrainAnomalySlicer import batch, nodes
-    from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionOptions
-
-    scan = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
-    nodes.update_node_from_image(scan, sitk.ReadImage(str(worker_output / "scan.nrrd")))
-    shutil.copytree(worker_output / "out", tmp_path / "worker")
-    logic = DetectionLogic(mrml_scene)
-    outputs = logic.load_outputs(scan, tmp_path / "worker", DetectionOptions())
-    result = logic.apply_threshold(outputs)
-    case = tmp_path / "out" / "demo"
-    batch.save_case(mrml_scene, outputs, logic.state(outputs), result["lesions"], case)
-    before = {p.name: p.read_bytes() for p in case.iterdir()}
-    assert set(before) >= set(batch.CASE_FILES)
-
-    real, calls = batch._write, []
-
-    def third_write_fails(scene, node, storage_class, path):
-        calls.append(path.name)
-        if len(calls) == 3:
-            path.write_bytes(b"NRRD0004\n")  # a partial file, as a crash would leave it
-            raise DetectionError(f"could not write {path.name}")
-        return real(scene, node, storage_class, path)
-
-    monkeypatch.setattr(batch, "_write", third_write_fails)
-    stricter = logic.apply_threshold(outputs, fpr=0.001)
-    with pytest.raises(DetectionError, match="anomalies.seg.nrrd"):
-        batch.save_case(mrml_scene, outputs, logic.state(outputs), stricter["lesions"], case)
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in case.iterdir()} == before
-    assert [p.name for p in case.parent.iterdir()] == ["demo"]
-    assert json.loads((case / "result.json").read_text(encoding="utf-8"))["lesions"] == result["lesions"]
-    img = sitk.ReadImage(str(case / "anomaly_map.nrrd"))  # still a whole, readable volume
-    assert img.GetSize() == sitk.ReadImage(str(worker_output / "scan.nrrd")).GetSize()
-
-    # Every file written, then the swap's second rename refused (a file in the old folder held open elsewhere):
-    # the old folder is put back.
+def test_case_written_again_keeps_its_files_when_a_write_fails(worker_output, tmp_path, monkeypatch):
+    """A case folder rewritten (a batch run again into the same OUTDIR) with the third of its volume writes failing
+    halfway: the previous files stay, byte for byte, and nothing half-written is left beside them. Then every file
+    written but the swap's second rename refused: the old folder is put back."""
     import os
 
     from BrainAnomalyLib.core import files
+    from BrainAnomalyLib.detection import writers
+    from BrainAnomalySlicer import batch
+
+    scan = sitk.ReadImage(str(worker_output / "scan.nrrd"))
+    result = writers.read_result(worker_output / "out")
+    case = tmp_path / "out" / "demo"
+    batch.save_case(result, scan, case, "scan.nrrd")
+    before = {p.name: p.read_bytes() for p in case.iterdir()}
+    assert sorted(before) == sorted(writers.output_names("nrrd", result.reconstruction is not None))
+
+    real, calls = writers.write_volume, []
+
+    def third_write_fails(image, path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"NRRD0004\n")  # a partial file, as a crash would leave it
+            raise OSError(28, "No space left on device")
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_volume", third_write_fails)
+    result.lesions = result.lesions[:1]  # a different result, so a mix of old and new files would show
+    with pytest.raises(Exception, match="No space left"):
+        batch.save_case(result, scan, case, "scan.nrrd")
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert {p.name: p.read_bytes() for p in case.iterdir()} == before
+    assert [p.name for p in case.parent.iterdir()] == ["demo"]
+    img = sitk.ReadImage(str(case / "anomaly_map.nrrd"))  # still a whole, readable volume
+    assert img.GetSize() == scan.GetSize()
 
     real_replace, renames = os.replace, []
 
     def swap_fails(src, dst):
         renames.append(dst)
-        if len(renames) == 2:
+        if Path(dst).name == "demo" and len([r for r in renames if Path(r).name == "demo"]) == 1:
             raise PermissionError("in use")
         return real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", swap_fails)
     with pytest.raises(PermissionError):
-        batch.save_case(mrml_scene, outputs, logic.state(outputs), stricter["lesions"], case)
+        batch.save_case(result, scan, case, "scan.nrrd")
     monkeypatch.undo()
-    assert len(renames) == 3 and {p.name: p.read_bytes() for p in case.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in case.iterdir()} == before
     assert [p.name for p in case.parent.iterdir()] == ["demo"]

@@ -62,7 +62,7 @@ def test_outputs_on_the_input_grid_with_display_and_table(mrml_scene, worker_out
     # The same lesion table as the worker's own at that threshold, peak first.
     t = out.table.GetTable()
     assert t.GetNumberOfRows() == summary["n_lesions"]
-    peaks = [t.GetValueByName(r, "Peak score").ToDouble() for r in range(t.GetNumberOfRows())]
+    peaks = [t.GetValueByName(r, "max_score").ToDouble() for r in range(t.GetNumberOfRows())]
     assert peaks == sorted(peaks, reverse=True)
     assert peaks[0] == pytest.approx(summary["lesions"][0]["max_score"], rel=1e-4)
     seg = out.segmentation.GetSegmentation()

@@ -118,9 +118,9 @@ def _numbered_labels():
     image = sitk.GetImageFromArray(arr)
     image.CopyInformation(oblique_image((12, 14, 16)))
     lesions = [{"label": 1, "voxels": 48, "volume_ml": 0.1, "max_score": 9.0, "mean_score": 5.0,
-                "centroid_ras": [1.0, 2.0, 3.0]},
+                "centroid_ras": [1.0, 2.0, 3.0], "centroid_ijk": [5.5, 4.5, 3.0]},
                {"label": 2, "voxels": 24, "volume_ml": 0.05, "max_score": 4.0, "mean_score": 3.0,
-                "centroid_ras": [-4.0, 5.5, -6.0]}]
+                "centroid_ras": [-4.0, 5.5, -6.0], "centroid_ijk": [11.5, 10.0, 8.5]}]
     return image, lesions
 
 
@@ -159,8 +159,10 @@ def test_lesion_table_contents_and_jump(mrml_scene):
     nodes.update_table(table, lesions)
     t = table.GetTable()
     assert t.GetNumberOfRows() == 2
-    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == [c[0] for c in nodes.TABLE_COLUMNS]
-    assert t.GetValueByName(1, "Peak score").ToDouble() == pytest.approx(4.0)
+    names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
+    assert names == "label,voxels,volume_ml,centroid_r,centroid_a,centroid_s,centroid_i,centroid_j,centroid_k," \
+                    "mean_score,max_score".split(",")  # lesions.csv's columns
+    assert t.GetValueByName(1, "max_score").ToDouble() == pytest.approx(4.0)
     assert nodes.lesion_position(table, 1) == [-4.0, 5.5, -6.0]
     assert nodes.lesion_position(table, 2) is None
     red = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")

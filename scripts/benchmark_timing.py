@@ -65,7 +65,7 @@ def main() -> int:
         read_s = time.perf_counter() - t
         result = det.run(scan, modality=model.modality)
         t = time.perf_counter()
-        write_result(result, scan, tmp / f"out{i}", path.name)
+        write_result(result, scan, tmp / f"out{i}", input_name=path.name)
         write_s = time.perf_counter() - t
         tm = result.timings
         step = {"read": read_s, "orient": tm["preprocess.orient"], "strip": tm["preprocess.skull-strip"],

@@ -3,8 +3,9 @@
     Slicer --no-main-window --python-script scripts/slicer_batch.py --manifest CSV --model NAME -o OUTDIR
 
 Also runs with a plain Python that has the slicer-core wheel (same logic, same outputs). Each case gets
-OUTDIR/<subject>/ with anomaly_map.nrrd, labels.nrrd, anomalies.seg.nrrd, lesions.csv and result.json;
-OUTDIR/summary.csv lists every case. Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
+OUTDIR/<subject>/ with the files `brainanomaly detect --format nrrd` writes (anomaly_map.nrrd, pred_mask.nrrd,
+brain_mask.nrrd, reconstruction.nrrd, lesions.csv, result.json, overlay.png); OUTDIR/summary.csv lists every case.
+Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
 """
 
 import argparse
@@ -26,8 +27,6 @@ def parse(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fpr", type=float, default=0.01, help="healthy false-positive rate of the threshold")
     p.add_argument("--min-lesion-ml", type=float, default=0.05)
-    p.add_argument("--per-lesion-segments", action="store_true", help="one segment per lesion (default: one "
-                                                                        "'Anomaly' segment)")
     p.add_argument("--skull-strip", default="auto", choices=["auto", "deepbet", "none"])
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-register", action="store_true")
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:
         return 2 if exc.code else 0
     options = DetectionOptions(model=args.model, device=args.device, fpr=args.fpr, min_lesion_ml=args.min_lesion_ml,
-                               per_lesion_segments=args.per_lesion_segments, skull_strip=args.skull_strip,
+                               skull_strip=args.skull_strip,
                                bias_correction=not args.no_bias_correction, registration=not args.no_register)
     scene = slicer.mrmlScene if hasattr(slicer, "mrmlScene") else slicer.vtkMRMLScene()
     try:

@@ -1,10 +1,10 @@
 """Batch detection through the module's logic, for `scripts/slicer_batch.py` (Slicer started headless) and for
-anything else that has an MRML scene. Each case's files appear together in OUTDIR/<subject>/ or not at all."""
+anything else that has an MRML scene. Each case's files (the one layout of BrainAnomalyLib/detection/writers.py,
+as NRRD) appear together in OUTDIR/<subject>/ or not at all."""
 
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -12,50 +12,48 @@ from typing import Callable, List, Optional
 from . import nodes
 from .logic import DetectionError, DetectionLogic, DetectionOptions
 
-CASE_FILES = ("anomaly_map.nrrd", "labels.nrrd", "anomalies.seg.nrrd", "lesions.csv", "result.json")
 SUMMARY_COLUMNS = ("subject", "modality", "image", "status", "n_lesions", "anomalous_volume_ml", "threshold",
                    "fpr", "seconds", "message")
 
 
 def _load_volume(scene, path: Path, name: str):
+    """The scan as a volume node (the module's input) and as the image it was read into."""
     from BrainAnomalyLib.core.io import read_volume
 
+    image = read_volume(path)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     try:
-        nodes.update_node_from_image(node, read_volume(path))
+        nodes.update_node_from_image(node, image)
     except BaseException:
         nodes.remove_node(scene, node)
         raise
-    return node
+    return node, image
 
 
-def _write(scene, node, storage_class: str, path: Path) -> None:
-    storage = scene.AddNewNodeByClass(storage_class)
-    try:
-        storage.SetFileName(str(path))
-        if storage_class == "vtkMRMLVolumeArchetypeStorageNode":
-            storage.SetUseCompression(1)
-        if not storage.WriteData(node):
-            raise DetectionError(f"could not write {path.name}")
-    finally:
-        scene.RemoveNode(storage)
-
-
-def save_case(scene, outputs: nodes.OutputNodes, state: dict, lesions: List[dict], folder: Path) -> None:
-    """Heatmap and label map (NRRD), segmentation (.seg.nrrd), lesion table (CSV) and a JSON summary, staged in
-    a hidden sibling and swapped in together: a case written again keeps its previous files until the new ones
-    are complete."""
+def save_case(result, scan, folder: Path, input_name: str = "") -> None:
+    """The case's outputs through the one writer every front end uses, built beside the case folder and swapped in
+    whole: a case written again keeps its previous files until the new set is complete, and no stale file stays."""
     from BrainAnomalyLib.core.files import staged_folder
+    from BrainAnomalyLib.detection.writers import write_result
 
     with staged_folder(folder) as stage:
-        _write(scene, outputs.heatmap, "vtkMRMLVolumeArchetypeStorageNode", stage / "anomaly_map.nrrd")
-        _write(scene, outputs.labelmap, "vtkMRMLVolumeArchetypeStorageNode", stage / "labels.nrrd")
-        _write(scene, outputs.segmentation, "vtkMRMLSegmentationStorageNode", stage / "anomalies.seg.nrrd")
-        _write(scene, outputs.table, "vtkMRMLTableStorageNode", stage / "lesions.csv")
-        summary = {k: state.get(k) for k in ("model", "modality", "threshold", "fpr", "min_lesion_ml", "pred_score",
-                                              "device", "timings", "notes")}
-        summary["lesions"] = lesions
-        (stage / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_result(result, scan, stage, "nrrd", input_name)
+
+
+def _detect(logic: DetectionLogic, volume, options: DetectionOptions, cancel_requested):
+    """Run the worker on a volume node and read back the Result it wrote."""
+    from BrainAnomalyLib.detection.writers import read_result
+
+    run = logic.start(volume, options)
+    try:
+        run.wait(cancel_requested)
+        run.raise_for_state()
+        return read_result(run.output_dir)
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        run.cleanup()
 
 
 def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Optional[str] = None,
@@ -82,24 +80,20 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
             break
         started = time.perf_counter()
         row = {"subject": case.subject, "modality": case.modality, "image": str(case.image)}
-        created = []
+        volume = None
         try:
-            volume = _load_volume(scene, case.image, case.subject)
-            created.append(volume)
-            outputs = logic.detect(volume, DetectionOptions(**dict(vars(options), modality=case.modality)),
-                                   cancel_requested=cancel_requested)
-            created += list(outputs.nodes().values())
-            state = logic.state(outputs)
-            result = logic.apply_threshold(outputs)
-            save_case(scene, outputs, state, result["lesions"], outdir / case.subject)
-            row.update(status="ok", n_lesions=len(result["lesions"]),
-                       anomalous_volume_ml=round(sum(les["volume_ml"] for les in result["lesions"]), 3),
-                       threshold=round(result["threshold"], 5), fpr=result["fpr"], message="")
+            volume, scan = _load_volume(scene, case.image, case.subject)
+            result = _detect(logic, volume, DetectionOptions(**dict(vars(options), modality=case.modality)),
+                             cancel_requested)
+            save_case(result, scan, outdir / case.subject, Path(case.image).name)
+            row.update(status="ok", n_lesions=len(result.lesions),
+                       anomalous_volume_ml=round(sum(les["volume_ml"] for les in result.lesions), 3),
+                       threshold=round(result.threshold["value"], 5), fpr=result.threshold.get("fpr"), message="")
         except (DetectionError, BrainAnomalyError, nodes.NodeError, OSError, RuntimeError) as exc:
             row.update(status="failed", message=str(exc))
         finally:
-            for node in created:
-                nodes.remove_node(scene, node)
+            if volume is not None:
+                nodes.remove_node(scene, volume)
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         log(f"[{i}/{len(cases)}] {case.subject}: {row['status']}"

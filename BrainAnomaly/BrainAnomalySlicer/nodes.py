@@ -33,11 +33,6 @@ ROLES = {  # role: (node class, name suffix)
     "table": ("vtkMRMLTableNode", "lesions"),
     "reconstruction": ("vtkMRMLScalarVolumeNode", "pseudo-healthy"),
 }
-TABLE_COLUMNS = (  # (title, lesion key, index into a 3-vector or None)
-    ("Lesion", "label", None), ("Volume (mL)", "volume_ml", None), ("Voxels", "voxels", None),
-    ("Peak score", "max_score", None), ("Mean score", "mean_score", None),
-    ("R", "centroid_ras", 0), ("A", "centroid_ras", 1), ("S", "centroid_ras", 2),
-)
 
 
 class NodeError(ValueError):
@@ -387,14 +382,18 @@ def _hsv_to_rgb(h: float, s: float, v: float):
 
 
 def update_table(table, lesions: List[dict]) -> None:
+    """The lesion table with the columns every BrainAnomaly front end writes (lesions.csv)."""
+    # Imported here: the module must load before its Python dependencies are installed.
+    from BrainAnomalyLib.detection.postprocess import INTEGER_COLUMNS, LESION_COLUMN_NAMES, lesion_row
+
     t = table.GetTable()
     t.Initialize()
-    for title, key, index in TABLE_COLUMNS:
-        column = vtk.vtkIntArray() if key in ("label", "voxels") else vtk.vtkDoubleArray()
-        column.SetName(title)
-        for les in lesions:
-            v = les[key] if index is None else les[key][index]
-            column.InsertNextValue(v)
+    rows = [lesion_row(les) for les in lesions]
+    for c, name in enumerate(LESION_COLUMN_NAMES):
+        column = vtk.vtkIntArray() if name in INTEGER_COLUMNS else vtk.vtkDoubleArray()
+        column.SetName(name)
+        for row in rows:
+            column.InsertNextValue(row[c])
         t.AddColumn(column)
     table.SetUseColumnTitleAsColumnHeader(True)
     table.SetLocked(True)
@@ -406,8 +405,7 @@ def lesion_position(table, row: int) -> Optional[List[float]]:
     t = table.GetTable()
     if row < 0 or row >= t.GetNumberOfRows():
         return None
-    names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
-    return [float(t.GetValue(row, names.index(axis)).ToDouble()) for axis in ("R", "A", "S")]
+    return [float(t.GetValueByName(row, axis).ToDouble()) for axis in ("centroid_r", "centroid_a", "centroid_s")]
 
 
 def output_volume_ids(scene) -> List[str]:

@@ -19,6 +19,7 @@ import numpy as np
 from ..calibration import DEFAULT_FPR, DEFAULT_FPRS, with_labelled
 from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
+from .progress_bar import ProgressBar
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -126,9 +127,8 @@ def run(args, cancel: CancelToken) -> int:
             raise BadInputError(f"{args.labelled}: no labelled {modality} rows (rows with a mask)")
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
 
-    from .main import _Bar
 
-    bar = _Bar(args.quiet, "calibrate")
+    bar = ProgressBar(args.quiet, "calibrate")
     reporter = Reporter(bar, cancel)
     split = 0.7 if lesion_cases else 1.0
     t = time.perf_counter()

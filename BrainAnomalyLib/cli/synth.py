@@ -10,6 +10,7 @@ from pathlib import Path
 from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
 from ..synth.generate import KINDS
+from .progress_bar import ProgressBar
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,7 +29,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args, cancel: CancelToken) -> int:
-    from .main import _Bar
     from ..core.manifest import read_manifest
     from ..synth.cohort import check_kinds, make_cohort
 
@@ -36,7 +36,7 @@ def run(args, cancel: CancelToken) -> int:
     cases = None if args.template else read_manifest(args.manifest, args.modality)
     if args.per_scan < 1:
         raise BadInputError("--per-scan must be at least 1")
-    bar = _Bar(args.quiet, "synth")
+    bar = ProgressBar(args.quiet, "synth")
     try:
         csv_path = make_cohort(cases, Path(args.output), args.modality, kinds, per_scan=args.per_scan,
                                seed=args.seed, reporter=Reporter(bar, cancel))

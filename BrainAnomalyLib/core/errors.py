@@ -21,3 +21,9 @@ class Cancelled(BrainAnomalyError):
     """The user cancelled a running job (exit 130, as for Ctrl-C)."""
 
     exit_code = 130
+
+
+class OutOfMemoryError(BrainAnomalyError):
+    """Memory ran out even after the detection's own fallbacks (smallest batch, then the CPU) (exit 4)."""
+
+    exit_code = 4

@@ -1,11 +1,10 @@
-"""The one object every consumer (CLI, evaluator, batch script, Slicer) reads a detection from."""
+"""The one object every front end (CLI, worker, batch script, Slicer, evaluator) reads a detection from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 import SimpleITK as sitk
 
 
@@ -19,12 +18,16 @@ class Result:
     threshold: dict  # value, fpr it stands for (or None), where it came from
     min_lesion_ml: float
     modality: str
-    model: dict  # name, kind, version, path
+    model: dict  # name, kind, version, modality, description, path
     preprocessing: List[dict]
     timings: dict
     reconstruction: Optional[sitk.Image] = None
-    grid_map: Optional[np.ndarray] = None  # cleaned map on the model grid (evaluation works there too)
-    grid_mask: Optional[np.ndarray] = None
+    # The model's FPR -> threshold curve for this scan (moved to it when calibration is scan-adaptive), so a viewer
+    # can re-threshold by FPR without the model; None for an uncalibrated model.
+    scan_curve: Optional[dict] = None
+    display_range: Optional[List[float]] = None  # heatmap window [low, high]
+    peak_score: float = 0.0
+    device: str = "cpu"  # where the scorer actually ran (after any out-of-memory fallback)
     notes: List[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -32,5 +35,6 @@ class Result:
                 "threshold": self.threshold, "min_lesion_ml": self.min_lesion_ml,
                 "n_lesions": len(self.lesions),
                 "anomalous_volume_ml": round(sum(les["volume_ml"] for les in self.lesions), 3),
-                "lesions": self.lesions, "preprocessing": self.preprocessing, "timings": self.timings,
-                "notes": self.notes}
+                "lesions": self.lesions, "scan_calibration": self.scan_curve, "display_range": self.display_range,
+                "peak_score": self.peak_score, "device": self.device, "preprocessing": self.preprocessing,
+                "timings": self.timings, "notes": self.notes}

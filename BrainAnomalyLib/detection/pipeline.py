@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..calibration import AdaptiveReference, CalibrationCurve, ScanMove, Threshold, choose_threshold
 from ..core.device import resolve_device
-from ..core.errors import BadInputError
-from ..core.io import array_to_image
+from ..core.errors import BadInputError, BrainAnomalyError, ModelError, OutOfMemoryError
+from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
-from ..store.models import Model
+from ..store.models import Model, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
                           scan_score)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
@@ -22,9 +23,7 @@ from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import scorer_class
 from ..core.template import Grid
-
-
-CALIBRATIONS = ("adaptive", "cohort")
+from .request import CALIBRATIONS, DetectionRequest
 
 
 @dataclass
@@ -36,6 +35,7 @@ class GridScores:
     scoring_mask: np.ndarray  # the eroded brain mask
     reconstruction: Optional[np.ndarray]
     stats: dict  # robust location and spread of the filtered scores in the scoring mask
+    notes: List[str] = field(default_factory=list)  # what the out-of-memory policy had to do
 
 
 @dataclass
@@ -62,8 +62,21 @@ class Detector:
         self.preprocess_config.normalisation = meta.get("preprocessing", {}).get(
             "normalisation", self.preprocess_config.normalisation)
         self.postprocess_config = postprocess_config or PostprocessConfig(**meta.get("postprocess", {}))
-        params = dict(meta.get("params", {}), **(scorer_params or {}))
-        self.scorer = scorer_class(model.kind).for_model(model, params, self.device)
+        self.params = dict(meta.get("params", {}), **(scorer_params or {}))
+        self.scorer = self._build_scorer(self.params, self.device)
+
+    @classmethod
+    def from_request(cls, request: DetectionRequest, model: Optional[Model] = None) -> "Detector":
+        model = model or resolve_model(request.model)
+        return cls(model, device=request.device, preprocess_config=request.preprocess_config(model.meta),
+                   postprocess_config=request.postprocess_config(model.meta), scorer_params=request.scorer_params(),
+                   calibration=request.threshold.calibration)
+
+    def _build_scorer(self, params: dict, device: str):
+        try:
+            return scorer_class(self.model.kind).for_model(self.model, params, device)
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"model {self.model.name} cannot be used: {_message(exc)}") from None
 
     def check_modality(self, modality: Optional[str]) -> str:
         expected = self.model.modality
@@ -77,11 +90,58 @@ class Detector:
 
     def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
         """Score a preprocessed grid volume and post-process the map."""
-        out = self.scorer.score(image, mask, reporter or Reporter())
+        out, notes = self._score(image, mask, reporter or Reporter())
         filtered = filter_map(out.anomaly_map, self.postprocess_config)
         eroded = erode_mask(mask, self.postprocess_config)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
-                          robust_stats(filtered[eroded]))
+                          robust_stats(filtered[eroded]), notes)
+
+    def _score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
+        """The scorer's output, under the out-of-memory policy: only this step is retried (the preprocessed volume
+        is kept), with half the batch each time down to one slice, then on the CPU. Returns (output, notes)."""
+        first_device = self.device
+        tried: List[Optional[int]] = []
+        while True:
+            try:
+                out = self.scorer.score(image, mask, reporter)
+                break
+            except BrainAnomalyError:
+                raise
+            except (ValueError, KeyError) as exc:
+                # Scorers report a model that does not fit its settings or this grid as ValueError.
+                raise ModelError(f"model {self.model.name} cannot score this scan: {_message(exc)}") from None
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                tried.append(self.scorer.batch_size())
+            self._smaller_step(tried)
+        notes = []
+        if tried:
+            sizes = ", ".join(str(b) for b in tried if b is not None)
+            where = f"batch size {self.scorer.batch_size()} on {self.device}" if self.scorer.batch_size() else \
+                self.device
+            notes.append(f"out of memory on {first_device}" + (f" at batch size {sizes}" if sizes else "")
+                         + f"; scored with {where} instead (preprocessing was kept)")
+        return out, notes
+
+    def _smaller_step(self, tried: List[Optional[int]]) -> None:
+        """Rebuild the scorer for the next try after running out of memory, or give up with a clear message."""
+        batch = tried[-1]
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.scorer = None  # release the model's GPU tensors before trying again
+            torch.cuda.empty_cache()
+        if batch is not None and batch > 1:
+            self.scorer = self._build_scorer(dict(self.params, batch_size=max(1, batch // 2)), self.device)
+        elif self.device != "cpu":
+            # The CPU has the memory the GPU lacked; the batch the user asked for (or the scorer's own) is kept.
+            self.device = "cpu"
+            self.scorer = self._build_scorer(self.params, "cpu")
+        else:
+            raise OutOfMemoryError(f"out of memory on the CPU{' even at batch size 1' if batch else ''} while "
+                                   f"scoring with model {self.model.name}; close other programs or use a machine "
+                                   "with more memory")
 
     def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None,
                 pre: Optional[Preprocessed] = None) -> GridAnalysis:
@@ -89,13 +149,32 @@ class Detector:
         reporter = reporter or Reporter()
         t = time.perf_counter()
         if pre is None:
-            pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
-                             reporter.sub(0.0, 0.8))
+            try:
+                pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
+                                 reporter.sub(0.0, 0.8))
+            except BrainAnomalyError:
+                raise
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                raise OutOfMemoryError(f"out of memory on {self.device} while preprocessing; "
+                                       + ("run with --device cpu" if self.device != "cpu" else
+                                          "close other programs or use a machine with more memory")) from None
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
         seconds["score+postprocess"] = time.perf_counter() - t
         return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
+
+    def run_request(self, request: DetectionRequest, reporter: Optional[Reporter] = None) -> Tuple[Result, sitk.Image]:
+        """Read the request's input and detect on it; returns the result and the scan read."""
+        reporter = reporter or Reporter()
+        self.check_modality(request.modality)
+        self.threshold(request.threshold.value, request.threshold.fpr)  # a bad threshold fails before the reading
+        if not request.input:
+            raise BadInputError("the request names no input volume")
+        scan = read_volume(request.input)
+        return self.run(scan, request.modality, request.threshold.value, request.threshold.fpr, reporter), scan
 
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
@@ -161,10 +240,38 @@ class Detector:
         for step in pre.record:
             seconds[f"preprocess.{step['step']}"] = step["seconds"]
         m = self.model
+        scan_curve = self.scan_curve(analysis)
+        curve = scan_curve.to_dict() if scan_curve is not None else None
+        peak = float(np.max(sitk.GetArrayViewFromImage(heat)))
         return Result(anomaly_map=heat, pred_mask=pred_mask, brain_mask=native_mask,
                       pred_score=scan_score(analysis.clean_map, analysis.scoring_mask), lesions=lesions,
                       threshold=chosen.to_dict(), min_lesion_ml=self.postprocess_config.min_lesion_ml,
                       modality=modality,
-                      model={"name": m.name, "kind": m.kind, "version": m.meta.get("version"), "path": str(m.path)},
+                      model={"name": m.name, "kind": m.kind, "version": m.meta.get("version"),
+                             "modality": m.modality, "description": m.meta.get("description"), "path": str(m.path)},
                       preprocessing=pre.record, timings={k: round(v, 3) for k, v in seconds.items()},
-                      reconstruction=recon, grid_map=analysis.clean_map, grid_mask=analysis.scoring_mask)
+                      reconstruction=recon, scan_curve=curve,
+                      display_range=display_range(curve, chosen.value, peak),
+                      peak_score=peak, device=self.device, notes=list(analysis.notes))
+
+
+def display_range(curve: Optional[dict], threshold: float, peak: float) -> List[float]:
+    """Heatmap window: from the chosen threshold up to the score healthy brains reach at the curve's smallest FPR
+    (so colour means the same between scans of one model), widened to the scan's peak when that is below it."""
+    hi = max(curve["threshold"]) if curve else peak
+    if hi <= threshold:
+        hi = max(peak, threshold + 1e-3)
+    return [float(threshold), float(hi)]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only a scorer that imported torch can raise its error
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc).strip("'\"") or type(exc).__name__

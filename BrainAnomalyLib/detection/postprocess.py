@@ -39,12 +39,6 @@ def clip_to_mask(filtered: np.ndarray, eroded: np.ndarray) -> np.ndarray:
     return np.where(eroded, np.maximum(filtered, 0.0), 0.0).astype(np.float32)
 
 
-def clean_map(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig) -> Tuple[np.ndarray, np.ndarray]:
-    """Erode the brain mask, median-filter each axial slice, keep only positive scores inside the eroded mask."""
-    eroded = erode_mask(mask, config)
-    return clip_to_mask(filter_map(anomaly_map, config), eroded), eroded
-
-
 def robust_stats(values: np.ndarray) -> dict:
     """Median and scaled MAD (a standard deviation for normal data) of a scan's filtered scores in the brain."""
     if values.size == 0:
@@ -131,4 +125,18 @@ def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min
     return mask, lesions
 
 
-LESION_COLUMNS = ("label", "voxels", "volume_ml", "centroid_ras", "centroid_ijk", "mean_score", "max_score")
+# The lesion table's one schema, for every front end (CSV header, result.json, Slicer's table node):
+# (column name, key in a lesion from `label_lesions`, index into that key's 3-vector or None).
+LESION_COLUMNS = (
+    ("label", "label", None), ("voxels", "voxels", None), ("volume_ml", "volume_ml", None),
+    ("centroid_r", "centroid_ras", 0), ("centroid_a", "centroid_ras", 1), ("centroid_s", "centroid_ras", 2),
+    ("centroid_i", "centroid_ijk", 0), ("centroid_j", "centroid_ijk", 1), ("centroid_k", "centroid_ijk", 2),
+    ("mean_score", "mean_score", None), ("max_score", "max_score", None),
+)
+LESION_COLUMN_NAMES = tuple(name for name, _, _ in LESION_COLUMNS)
+INTEGER_COLUMNS = ("label", "voxels")
+
+
+def lesion_row(lesion: dict) -> list:
+    """One lesion as a table row in LESION_COLUMNS order."""
+    return [lesion[key] if index is None else lesion[key][index] for _, key, index in LESION_COLUMNS]

@@ -57,6 +57,11 @@ class Scorer:
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         raise NotImplementedError
 
+    def batch_size(self) -> Optional[int]:
+        """Slices per forward pass, for scorers whose memory use grows with it (the out-of-memory policy halves
+        it); None for scorers that do not batch."""
+        return None
+
     @classmethod
     def fit(cls, samples: Iterable[Tuple[np.ndarray, np.ndarray]], params: dict,
             reporter: Reporter) -> Tuple[dict, Dict[str, np.ndarray]]:

@@ -5,7 +5,7 @@ member's folder (the digest the registry uses), and `models.load_model` finds an
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,10 @@ class EnsembleScorer(Scorer):
         members = [scorer_class(m.kind).for_model(m, dict(m.meta.get("params", {}), **shared), device)
                    for m in model.members]
         return cls(params, model.tensors, device, members)
+
+    def batch_size(self) -> Optional[int]:
+        sizes = [b for b in (m.batch_size() for m in self.members) if b is not None]
+        return max(sizes) if sizes else None
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         total = np.zeros(image.shape, np.float64)

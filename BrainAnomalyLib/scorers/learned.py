@@ -77,7 +77,7 @@ class LearnedScorer(Scorer):
         net = self.net()
         context = int(self.params.get("context", 0))
         x, m = volume_slices_for_scoring(image, mask, context)
-        batch = max(1, int(self.params.get("batch_size") or DEFAULT_BATCH))
+        batch = self.batch_size()
         maps: Dict[str, list] = {p: [] for p in self.parts}
         recons = []
         centre = context  # the centre channel is the slice itself
@@ -100,6 +100,9 @@ class LearnedScorer(Scorer):
                 reporter("score", min(1.0, (start + batch) / x.shape[0]))
         raws = {p: slices_to_volume(np.concatenate(v), image.shape).astype(np.float32) for p, v in maps.items()}
         return raws, slices_to_volume(np.concatenate(recons), image.shape)
+
+    def batch_size(self) -> int:
+        return max(1, int(self.params.get("batch_size") or DEFAULT_BATCH))
 
     def raw_map(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
         """(map, reconstruction) of a one-map model (see raw_maps)."""

@@ -1,0 +1,42 @@
+"""`brainanomaly ensemble`: combine calibrated models of one modality into one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import BadInputError
+from ..core.progress import CancelToken
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ensemble", help="combine calibrated models of one modality into one model (maps on a "
+                                        "common healthy scale, averaged); calibrate the result like any model")
+    p.add_argument("--model", action="append", required=True,
+                   help="member: an installed model's id (or its folder); repeat. The ensemble refers to its members "
+                        "by id and sha256 rather than copying them")
+    p.add_argument("--weight", action="append", type=float, help="member weight, in --model order (default equal)")
+    p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+
+
+def run(args, cancel: CancelToken) -> int:
+    from ..store.models import resolve_model, save_model
+    from ..store.ensembles import build_ensemble
+
+    models = [resolve_model(m) for m in args.model]
+    if args.weight and len(args.weight) != len(models):
+        raise BadInputError(f"{len(args.weight)} --weight values for {len(models)} models")
+    try:
+        params = build_ensemble(models, args.weight or ())
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    first = models[0].meta
+    name = args.name or Path(args.output).name
+    meta = {k: first[k] for k in ("template", "grid", "preprocessing", "postprocess") if k in first}
+    meta.update(name=name, kind="ensemble", version="1.0.0", modality=models[0].modality,
+                description="ensemble of " + ", ".join(m["id"] for m in params["members"]), params=params)
+    folder = save_model(Path(args.output), meta)
+    print(f"ensemble written to {folder}; calibrate it on healthy scans: brainanomaly calibrate --model {folder} "
+          "--manifest HEALTHY.csv")
+    return 0
+

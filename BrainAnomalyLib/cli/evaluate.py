@@ -1,0 +1,73 @@
+"""`brainanomaly evaluate`: metrics of models on a manifest, through the detection path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List
+
+from ..core.errors import BadInputError
+from ..core.progress import CancelToken, Reporter
+from ..detection.request import add_calibration_option
+from .progress_bar import ProgressBar
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of one or more models on a manifest, through the detect path")
+    p.add_argument("--manifest", required=True, help="CSV of scans; rows with a mask are lesion scans")
+    p.add_argument("--model", action="append", help="model id or folder; repeat to compare models "
+                                                     "(default: the shipped default model)")
+    p.add_argument("--healthy", help="CSV of healthy scans: scan-level AUROC and healthy false-positive rate")
+    p.add_argument("--modality", help="evaluate rows of this modality (default: the models' modality)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="raw score threshold instead of the calibrated one")
+    g.add_argument("--fpr", type=float, help="calibrated healthy FPR to threshold at (default 0.01)")
+    p.add_argument("--device", default="auto")
+    add_calibration_option(p)
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def run(args, cancel: CancelToken) -> int:
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.report import markdown_table, write_report
+    from ..core.manifest import read_manifest
+    from ..store.models import resolve_model
+    from ..detection.pipeline import Detector
+
+    detectors, thresholds = {}, {}
+    for name in args.model or [None]:
+        model = resolve_model(name)
+        if model.name in detectors:
+            # Results are keyed by model name: a second folder of the same name would silently replace the first.
+            raise BadInputError(f"two of the models are named {model.name!r}; give one another name (the 'name' in "
+                                "its model.json, or train it with --name) to compare them")
+        detectors[model.name] = Detector(model, device=args.device, calibration=args.calibration)
+        thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr)
+    modalities = {d.model.modality for d in detectors.values()}
+    if len(modalities) > 1:
+        raise BadInputError(f"models of different modalities ({', '.join(sorted(modalities))}) cannot be "
+                            "evaluated on the same scans")
+    modality = args.modality or modalities.pop()
+    for det in detectors.values():
+        det.check_modality(modality)
+    cases = read_manifest(args.manifest, modality)
+    if args.healthy:
+        cases += [c for c in read_manifest(args.healthy, modality) if c.mask is None]
+    bar = ProgressBar(args.quiet, "evaluate")
+    skipped: List[str] = []
+    try:
+        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    finally:
+        bar.close()
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    if len(skipped) == len(cases):
+        raise BadInputError("no case could be evaluated")
+    out = write_report(results, Path(args.output), f"{Path(args.manifest).name} ({modality})")
+    print(markdown_table(results))
+    print(f"report in {out}: metrics.json, metrics.md, pr_curves.png, <model>_best.png, <model>_worst.png")
+    return 0
+

@@ -1,0 +1,242 @@
+"""What a detection is asked to do, as one typed object. The CLI's arguments, the worker's JSON file and a Slicer
+parameter node's plain dict all become a DetectionRequest through `DetectionRequest.from_dict`, the one place that
+reads and checks them; the detection options of `detect` and the worker are declared once, in `add_options`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..core.errors import BadInputError
+
+CALIBRATIONS = ("adaptive", "cohort")
+SKULL_STRIP = ("auto", "deepbet", "none")
+FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+
+
+@dataclass
+class ThresholdSpec:
+    """A raw score, or a healthy voxel false-positive rate read from the model's calibration (the model's default
+    when neither is given); `calibration` says whether that cohort threshold moves to the scan (adaptive)."""
+
+    value: Optional[float] = None
+    fpr: Optional[float] = None
+    calibration: str = "adaptive"
+
+
+@dataclass
+class PreprocessOptions:
+    """Changes to the model's own preprocessing; None keeps the model's."""
+
+    skull_strip: Optional[str] = None
+    bias_correction: bool = True
+    registration: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PreprocessOptions":
+        """From the options `add_preprocess_options` declared (detect, the worker, train)."""
+        a = vars(args)
+        return cls(skull_strip=a.get("skull_strip"), bias_correction=not a.get("no_bias_correction"),
+                   registration=not a.get("no_register"))
+
+    def apply(self, base: dict):
+        """`base` (a model's or a training run's preprocessing settings) with these changes."""
+        from ..preprocess.chain import PreprocessConfig
+
+        pre = PreprocessConfig.from_dict(base)
+        if self.skull_strip:
+            pre.skull_strip = self.skull_strip
+        if not self.bias_correction:
+            pre.bias_correction = False
+        if not self.registration:
+            pre.registration = "none"
+        return pre
+
+
+@dataclass
+class PostprocessOptions:
+    """Changes to the model's own post-processing; None keeps the model's."""
+
+    erode_voxels: Optional[int] = None
+    median_size: Optional[int] = None
+    min_lesion_ml: Optional[float] = None
+
+
+@dataclass
+class DetectionRequest:
+    input: Optional[str] = None  # volume file or DICOM folder
+    output: Optional[str] = None  # output folder
+    model: Optional[str] = None  # registry id or model folder; None: the shipped default
+    modality: Optional[str] = None  # None: the model's
+    device: str = "auto"
+    preprocessing: PreprocessOptions = field(default_factory=PreprocessOptions)
+    threshold: ThresholdSpec = field(default_factory=ThresholdSpec)
+    postprocessing: PostprocessOptions = field(default_factory=PostprocessOptions)
+    batch_size: Optional[int] = None  # slices per forward pass (learned scorers); halved on out-of-memory
+    output_format: str = "nifti"
+
+    # -- the one constructor --
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DetectionRequest":
+        """Build and check a request from a nested dict (`to_dict`'s shape) or a flat one, where the nested parts'
+        fields are top-level keys (skull_strip, bias_correction, registration; value, fpr, calibration;
+        erode_voxels, median_size, min_lesion_ml). Values may be text (a Slicer parameter node stores text; empty
+        text is unset), so each is converted to its field's type here."""
+        d = dict(d)
+        nested = {"preprocessing": PreprocessOptions, "threshold": ThresholdSpec,
+                  "postprocessing": PostprocessOptions}
+        parts = {}
+        for name, part in nested.items():
+            given = d.pop(name, None) or {}
+            if not isinstance(given, Mapping):
+                raise BadInputError(f"request field {name!r} must be an object")
+            given = dict(given)
+            for f in fields(part):  # flat keys (CLI arguments, parameter nodes) fill the nested parts too
+                if f.name in d and f.name not in given:
+                    given[f.name] = d.pop(f.name)
+            _check_keys(given, part, name)
+            parts[name] = part(**{k: _convert(part, k, v) for k, v in given.items()})
+        _check_keys(d, cls, "request")
+        req = cls(**{k: _convert(cls, k, v) for k, v in d.items()}, **parts)
+        req._check()
+        return req
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DetectionRequest":
+        """From the options `add_options` declared (and `input`/`output` where the front end has them)."""
+        a = vars(args)
+        return cls.from_dict({
+            "input": a.get("input"), "output": a.get("output"), "model": a.get("model"),
+            "modality": a.get("modality"), "device": a.get("device") or "auto",
+            "preprocessing": asdict(PreprocessOptions.from_args(args)),
+            "threshold": {"value": a.get("threshold"), "fpr": a.get("fpr"),
+                          "calibration": a.get("calibration") or "adaptive"},
+            "postprocessing": {"erode_voxels": a.get("erode"), "median_size": a.get("median"),
+                               "min_lesion_ml": a.get("min_lesion_ml")},
+            "batch_size": a.get("batch_size"), "output_format": a.get("format") or "nifti"})
+
+    @classmethod
+    def from_json(cls, path) -> "DetectionRequest":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise BadInputError(f"cannot read the request {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise BadInputError(f"the request {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadInputError(f"the request {path} is not a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def _check(self) -> None:
+        t = self.threshold
+        if t.value is not None and t.fpr is not None:
+            raise BadInputError("give a raw threshold or a healthy FPR, not both")
+        if t.fpr is not None and not 0.0 < t.fpr < 1.0:
+            raise BadInputError(f"healthy FPR {t.fpr:g} is outside (0, 1); e.g. 0.01 for 1 %")
+        if t.calibration not in CALIBRATIONS:
+            raise BadInputError(f"unknown calibration {t.calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+        if self.preprocessing.skull_strip not in (None, *SKULL_STRIP):
+            raise BadInputError(f"unknown skull-strip method {self.preprocessing.skull_strip!r}; choose from "
+                                f"{', '.join(SKULL_STRIP)}")
+        if self.output_format not in FORMATS:
+            raise BadInputError(f"unknown output format {self.output_format!r}; choose from {', '.join(FORMATS)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise BadInputError(f"batch size {self.batch_size} is below 1")
+        p = self.postprocessing
+        for name in ("erode_voxels", "median_size", "min_lesion_ml"):
+            if getattr(p, name) is not None and getattr(p, name) < 0:
+                raise BadInputError(f"{name} {getattr(p, name)} is negative")
+
+    # -- applied to a model --
+    def preprocess_config(self, model_meta: dict):
+        return self.preprocessing.apply(model_meta.get("preprocessing", {}))
+
+    def postprocess_config(self, model_meta: dict):
+        from .postprocess import PostprocessConfig
+
+        post = PostprocessConfig(**model_meta.get("postprocess", {}))
+        for name, value in asdict(self.postprocessing).items():
+            if value is not None:
+                setattr(post, name, value)
+        return post
+
+    def scorer_params(self) -> Optional[dict]:
+        return {"batch_size": self.batch_size} if self.batch_size else None
+
+
+def _check_keys(d: Mapping, cls, where: str) -> None:
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise BadInputError(f"unknown {where} field(s): {', '.join(unknown)}")
+
+
+_TYPES = {"Optional[str]": str, "str": str, "Optional[float]": float, "Optional[int]": int, "bool": bool}
+
+
+def _convert(cls, name: str, value):
+    declared = str(next(f.type for f in fields(cls) if f.name == name))
+    kind = _TYPES.get(declared)
+    if value is None or kind is None:
+        return value
+    if declared.startswith("Optional") and isinstance(value, str) and value.strip() in ("", "None"):
+        return None  # a parameter node stores an unset value as empty text
+    if isinstance(value, str) and kind is not str:
+        value = value.strip()
+        if kind is bool:
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise BadInputError(f"{name}: {value!r} is not true or false")
+    try:
+        if kind is bool:
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def add_options(p: argparse.ArgumentParser, output_format: str = "nifti") -> None:
+    """The detection options, declared once for `brainanomaly detect` and the worker."""
+    p.add_argument("--model", help="model id (see 'brainanomaly models') or model folder; default: the shipped "
+                                   "default model")
+    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
+    g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    add_calibration_option(p)
+    add_preprocess_options(p)
+    p.add_argument("--erode", type=int, default=None, help="brain-mask erosion in grid voxels (default 3)")
+    p.add_argument("--median", type=int, default=None, help="in-plane median filter size (default 5; 1 = off)")
+    p.add_argument("--min-lesion-ml", type=float, default=None, help="smallest reported lesion (default 0.05 mL)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per forward pass for learned scorers (halved automatically on out-of-memory)")
+    p.add_argument("--format", default=output_format, choices=sorted(FORMATS),
+                   help=f"file format of the output volumes (default {output_format})")
+
+
+def add_calibration_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default="adaptive", choices=list(CALIBRATIONS),
+                   help="adaptive (default): the healthy-cohort threshold moved to the scan's own score "
+                        "distribution, so its false-positive rate holds on other scanners; cohort: as calibrated")
+
+
+def add_preprocess_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skull-strip", default=None, choices=list(SKULL_STRIP),
+                   help="auto (default) strips unless the scan is already skull-stripped")
+    p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
+    p.add_argument("--no-register", action="store_true", help="the scan is already in the template space")
