@@ -284,7 +284,7 @@ def test_results_go_with_the_runs_own_input_and_keep_device_and_notes(mrml_scene
     # The table is the worker's own at its threshold (not recomputed), and the label map agrees with it.
     t = out.table.GetTable()
     assert t.GetNumberOfRows() == len(summary["lesions"])
-    assert [t.GetValueByName(r, "Voxels").ToInt() for r in range(t.GetNumberOfRows())] == \
+    assert [t.GetValueByName(r, "voxels").ToInt() for r in range(t.GetNumberOfRows())] == \
         [les["voxels"] for les in summary["lesions"]]
     assert int((nodes.node_array(out.labelmap) > 0).sum()) == sum(les["voxels"] for les in summary["lesions"])
     assert logic.is_output(out.heatmap) and not logic.is_output(first)
