@@ -85,12 +85,12 @@ def test_evaluate_refuses_two_models_of_the_same_name(cohort, tmp_path, template
 
 
 def test_findings_match_detects_lesion_table():
-    """evaluate re-labels maps for the FROC sweep; its findings must be detect's lesion-table rows exactly."""
+    """evaluate re-labels maps for the FROC sweep with postprocess.findings; they must be detect's lesion-table rows
+    exactly."""
     import numpy as np
     from scipy import ndimage
 
-    from BrainAnomalyLib.detection.postprocess import label_lesions
-    from BrainAnomalyLib.evaluation.evaluate import findings
+    from BrainAnomalyLib.detection.postprocess import findings, label_lesions
 
     rng = np.random.default_rng(5)
     arr = ndimage.gaussian_filter(rng.random((40, 44, 36)), 1.5).astype(np.float32)

@@ -65,6 +65,33 @@ def ijk_to_ras(image: sitk.Image) -> np.ndarray:
     return out
 
 
+# Findings touch however they touch: a diagonal neighbour joins a component (26-connectivity).
+CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+
+
+def components(binary: np.ndarray, voxel_ml: float, min_lesion_ml: float):
+    """The findings the lesion table lists: 26-connected components of the flagged voxels, labelled inside their
+    bounding box only (labelling time follows the box, and flagged voxels sit inside the brain; raster order is
+    kept, so the numbering is the whole volume's). Returns (labels in the box, the box, voxels per label with
+    label 0 first, which labels are at least `min_lesion_ml` big)."""
+    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(int(sp[0]), int(sp[-1]) + 1) if sp.size else slice(0, 0) for sp in spans)
+    labels, n = ndimage.label(binary[box], structure=CONNECTIVITY)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = counts * voxel_ml >= min_lesion_ml
+    keep[0] = False
+    return labels, box, counts, keep
+
+
+def findings(binary: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> np.ndarray:
+    """`components` as a whole-volume array: each kept finding's number, 0 elsewhere (evaluation matches these
+    against the ground truth)."""
+    labels, box, _, keep = components(binary, voxel_ml, min_lesion_ml)
+    out = np.zeros(binary.shape, labels.dtype)
+    out[box] = np.where(keep[labels], labels, 0)
+    return out
+
+
 def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float,
                   numbered: bool = False) -> Tuple[sitk.Image, List[dict]]:
     """Threshold a map on its own grid into a label map (1 = anomaly; with `numbered`, each lesion's number in
@@ -81,21 +108,14 @@ def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min
     """label_lesions on a (k, j, i) array with its 4x4 index -> RAS matrix, for callers that hold the voxels in
     memory already (the Slicer module's threshold slider). Returns the label array and the lesion table."""
     voxel_ml = float(np.prod(np.linalg.norm(index_to_ras[:3, :3], axis=0))) / 1000.0
-    binary = arr > threshold
-    # Components are found inside the flagged voxels' bounding box only: labelling time follows the box, and
-    # flagged voxels sit inside the brain. Raster order is kept, so the numbering is the whole volume's.
-    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(int(s[0]), int(s[-1]) + 1) if s.size else slice(0, 0) for s in spans)
-    labels, n = ndimage.label(binary[box], structure=ndimage.generate_binary_structure(3, 3))
+    labels, box, counts, keep = components(arr > threshold, voxel_ml, min_lesion_ml)
+    n = counts.size - 1
     lesions = []
-    keep = np.zeros(n + 1, bool)
     if n:
         # Statistics over the flagged voxels only (ndimage's per-label functions sort the whole volume, seconds on a
         # BraTS-sized map; a threshold slider needs this fast), and only for components big enough to keep.
         flat = np.flatnonzero(labels)
         lab = labels.ravel()[flat]
-        counts = np.bincount(lab, minlength=n + 1)
-        keep[1:] = counts[1:] * voxel_ml >= min_lesion_ml
         chosen = keep[lab]
         flat, lab = flat[chosen], lab[chosen]
         coords = [c + b.start for c, b in zip(np.unravel_index(flat, labels.shape), box)]

@@ -19,6 +19,7 @@ from ..core.errors import BadInputError
 from ..core.io import read_volume
 from ..core.manifest import Case
 from ..detection.pipeline import Detector
+from ..detection.postprocess import CONNECTIVITY, findings
 from ..preprocess.chain import preprocess
 from ..core.progress import Reporter
 from .metrics import (HIT_RULE, average_precision, best_dice, detection_summary, finding_match, froc, pr_curve,
@@ -27,7 +28,6 @@ from .metrics import (HIT_RULE, average_precision, best_dice, detection_summary,
 # The FROC sweep: thresholds above which these fractions of the pooled brain voxels lie, plus the cohort threshold.
 # Thirteen labellings per scan: about 7.5 s for a BraTS-sized scan (2 M brain voxels) on a shared 2-core CPU.
 FROC_TOP_FRACTIONS = (0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
-_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # detect's lesion table uses 26-connected components
 
 
 @dataclass
@@ -58,21 +58,9 @@ class ScanMap:
     truth_sizes: np.ndarray  # voxels of each ground-truth component over the whole mask (in the brain or not)
 
 
-def findings(above: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> np.ndarray:
-    """Findings as `detect` tabulates them (postprocess.label_lesions): 26-connected components of the voxels
-    above threshold, those below the minimum lesion volume dropped (their number set to 0)."""
-    labels, n = ndimage.label(above, _CONNECTIVITY)
-    if n:
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        small = counts * voxel_ml < min_lesion_ml
-        small[0] = True
-        labels[small[labels]] = 0
-    return labels
-
-
 def truth_components(truth: np.ndarray):
     """Connected ground-truth components (26-connected, as the findings) and their sizes in voxels."""
-    labels, _ = ndimage.label(truth, _CONNECTIVITY)
+    labels, _ = ndimage.label(truth, CONNECTIVITY)
     return labels, np.bincount(labels.ravel())[1:]
 
 
@@ -286,10 +274,10 @@ def froc_of(t: Tally) -> Optional[dict]:
     if not t.maps:
         return None
     pooled = np.concatenate([m.values for m in t.maps])
-    thresholds = sweep_thresholds(pooled, FROC_TOP_FRACTIONS, [t.threshold["value"]])
+    thresholds = sweep_thresholds(pooled, FROC_TOP_FRACTIONS, [t.threshold.value])
     curve = froc(thresholds, [sweep(m, thresholds) for m in t.maps], [m.healthy for m in t.maps])
     curve["brain_fraction_above"] = [float(np.mean(pooled > v)) for v in thresholds]
-    curve["cohort_threshold"] = float(t.threshold["value"])
+    curve["cohort_threshold"] = float(t.threshold.value)
     curve["hit_rule"] = HIT_RULE
     return curve
 
