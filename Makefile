@@ -16,8 +16,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/brainanomaly demo -o demo_output
 
+# One pytest-xdist worker per core, at most 4 (each holds its own copy of the session fixtures, about 1.4 GB);
+# --dist loadfile keeps a file's tests, and so its module fixtures, on one worker. Testing/conftest.py splits the
+# cores' threads between the workers.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q Testing
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile Testing
 
 clean:
 	rm -rf demo_output .pytest_cache

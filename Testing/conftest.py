@@ -3,12 +3,36 @@ cleanly when it is absent."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
+
+def _share_cores_between_xdist_workers() -> int:
+    """Under pytest-xdist each worker gets its share of the cores, for the thread pools of torch, ITK and BLAS in
+    the worker and in the processes its tests start (worker, CLI, torchrun): left alone, every pool of every worker
+    takes all cores and they contend. Runs before numpy and SimpleITK are imported; returns the threads per worker
+    (0 without xdist)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // int(workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[name] = str(threads)
+    return threads
+
+
+_WORKER_THREADS = _share_cores_between_xdist_workers()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+if _WORKER_THREADS:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_WORKER_THREADS)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_WORKER_THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -16,8 +40,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 if str(ROOT / "BrainAnomaly") not in sys.path:
     sys.path.insert(0, str(ROOT / "BrainAnomaly"))
 
-needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "ixi_t1_2mm.csv").is_file(),
-                                       reason="../shared/data is not present")
+
+def needs_shared_data(manifest: str):
+    """Skips the test unless ../shared/data holds `manifest` (each test reads its own part of the data)."""
+    return pytest.mark.skipif(not (SHARED_DATA / manifest).is_file(),
+                              reason=f"../shared/data/{manifest} is not present")
 
 
 @pytest.fixture
