@@ -3,6 +3,7 @@ cleanly when it is absent."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,26 @@ def template_cohort(n: int = 6, seed: int = 0):
         vol = vol * (1 + 0.03 * rng.standard_normal() * z) + 15.0 * rng.standard_normal(base.shape)
         image, _ = normalise(vol.astype(np.float32), mask)
         yield image, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _small_volumes(n: int, seed: int):
+    return tuple((np.ascontiguousarray(image[::2, ::2, ::2]), np.ascontiguousarray(mask[::2, ::2, ::2]))
+                 for image, mask in template_cohort(n, seed=seed))
+
+
+def small_template_cohort(n: int = 6, seed: int = 0):
+    """template_cohort volumes at half resolution, (40, 56, 48) on SMALL_GRID (made once per session): enough for the
+    learned scorers' fit/save/load/score paths at an eighth of the voxels."""
+    for image, mask in _small_volumes(n, seed):
+        yield image.copy(), mask.copy()
+
+
+def small_grid():
+    """The grid of small_template_cohort's volumes."""
+    from BrainAnomalyLib.core.template import Grid
+
+    return Grid(size=(48, 56, 40), spacing=(4.0, 4.0, 4.0))
 
 
 def build_template_normative_model(folder: Path):
