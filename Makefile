@@ -16,7 +16,7 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/brainanomaly demo -o demo_output
 
-# One pytest-xdist worker per core, at most 4 (each holds its own copy of the session fixtures, about 1.4 GB);
+# One pytest-xdist worker per core, at most 4 (each builds its own copy of the session fixtures; the largest process reached 3 GB);
 # --dist loadfile keeps a file's tests, and so its module fixtures, on one worker. Testing/conftest.py splits the
 # cores' threads between the workers.
 test: $(BIN)/.installed
