@@ -17,8 +17,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/brainanomaly demo -o demo_output
 
+# One pytest-xdist worker per core, at most 4 (each builds its own copy of the session fixtures; the largest test
+# process reached 3 GB); --dist loadfile keeps a file's tests, and so its module fixtures, on one worker.
+# Testing/conftest.py splits the cores' threads between the workers.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q Testing
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile Testing
 
 # ruff (pyflakes + pycodestyle errors) and lint-imports (layers, no import cycles): both configured in pyproject.toml.
 lint: $(BIN)/.installed

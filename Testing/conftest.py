@@ -3,12 +3,37 @@ cleanly when it is absent."""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
+
+def _share_cores_between_xdist_workers() -> int:
+    """Under pytest-xdist each worker gets its share of the cores, for the thread pools of torch, ITK and BLAS in
+    the worker and in the processes its tests start (worker, CLI, torchrun): left alone, every pool of every worker
+    takes all cores and they contend. Runs before numpy and SimpleITK are imported; returns the threads per worker
+    (0 without xdist)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // int(workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[name] = str(threads)
+    return threads
+
+
+_WORKER_THREADS = _share_cores_between_xdist_workers()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+if _WORKER_THREADS:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_WORKER_THREADS)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_WORKER_THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -16,8 +41,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 if str(ROOT / "BrainAnomaly") not in sys.path:
     sys.path.insert(0, str(ROOT / "BrainAnomaly"))
 
-needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "ixi_t1_2mm.csv").is_file(),
-                                       reason="../shared/data is not present")
+
+def needs_shared_data(manifest: str):
+    """Skips the test unless ../shared/data holds `manifest` (each test reads its own part of the data)."""
+    return pytest.mark.skipif(not (SHARED_DATA / manifest).is_file(),
+                              reason=f"../shared/data/{manifest} is not present")
 
 
 @pytest.fixture
@@ -51,6 +79,26 @@ def template_cohort(n: int = 6, seed: int = 0):
         vol = vol * (1 + 0.03 * rng.standard_normal() * z) + 15.0 * rng.standard_normal(base.shape)
         image, _ = normalise(vol.astype(np.float32), mask)
         yield image, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _small_volumes(n: int, seed: int):
+    return tuple((np.ascontiguousarray(image[::2, ::2, ::2]), np.ascontiguousarray(mask[::2, ::2, ::2]))
+                 for image, mask in template_cohort(n, seed=seed))
+
+
+def small_template_cohort(n: int = 6, seed: int = 0):
+    """template_cohort volumes at half resolution, (40, 56, 48) on SMALL_GRID (made once per session): enough for the
+    learned scorers' fit/save/load/score paths at an eighth of the voxels."""
+    for image, mask in _small_volumes(n, seed):
+        yield image.copy(), mask.copy()
+
+
+def small_grid():
+    """The grid of small_template_cohort's volumes."""
+    from BrainAnomalyLib.core.template import Grid
+
+    return Grid(size=(48, 56, 40), spacing=(4.0, 4.0, 4.0))
 
 
 def build_template_normative_model(folder: Path):

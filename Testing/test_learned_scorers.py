@@ -1,5 +1,5 @@
-"""Learned scorers end to end on small data: fit through the engine, write a model folder, load it back and score
-through the detection path, with identical maps after the reload."""
+"""Learned scorers end to end on small data (half-resolution grid volumes): fit through the engine, write a model
+folder, load it back and score through the detection path, with identical maps after the reload."""
 
 from __future__ import annotations
 
@@ -12,15 +12,25 @@ from BrainAnomalyLib.detection.postprocess import PostprocessConfig
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.scorers import scorer_class
-from BrainAnomalyLib.core.template import Grid
 from BrainAnomalyLib.training.run import base_meta
-from conftest import template_cohort
+from BrainAnomalyLib.core.template import Grid
+from conftest import small_template_cohort
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {"dae": {"features": [4, 4, 8, 8, 8, 4]},
-        "dpa": {"ae": {"type": "ae_dense", "channels": [4, 8, 8, 8], "latent": 8},
+# Slices of 64 x 48: the half-resolution volumes padded to a size the nets' four stride-2 levels divide.
+SIZE = [64, 48]
+TINY = {"dae": {"features": [4, 4, 8, 8, 8, 4], "size": SIZE},
+        "dpa": {"size": SIZE, "ae": {"type": "ae_dense", "channels": [4, 8, 8, 8], "latent": 8},
                 "feature_net": {"type": "feature_net", "channels": [4, 8, 8, 8]}}}
+GRID = Grid(size=(48, 64, 40), spacing=(4.0, 4.0, 4.0))
+
+
+def cohort(n, seed):
+    """conftest.small_template_cohort volumes, (40, 64, 48): the edge rows repeated 4 times front and back."""
+    for image, mask in small_template_cohort(n, seed):
+        yield np.pad(image, ((0, 0), (4, 4), (0, 0)), mode="edge"), np.pad(mask, ((0, 0), (4, 4), (0, 0)))
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))
@@ -28,14 +38,14 @@ def test_fit_save_load_score(kind, tmp_path):
     options = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 8, "device": "cpu", "seed": 3, "arch": TINY[kind],
                "checkpoint_dir": str(tmp_path / "ckpt"), "report_dir": str(tmp_path / "report")}
     cls = scorer_class(kind)
-    params, tensors = cls.fit(template_cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
-                              validation=template_cohort(1, seed=2), options=options)
+    params, tensors = cls.fit(cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
+                              validation=cohort(1, seed=2), options=options)
     assert params["arch"]["type"] == kind and params["training"]["history"]["net"]["epochs_run"] == 2
     assert all(k.startswith("net.") for k in tensors) and tensors
     assert (tmp_path / "report" / "net" / "loss_curves.png").is_file()
-    meta = base_meta(kind, f"tiny-{kind}", "T1", "test", Grid(), PreprocessConfig(), PostprocessConfig(), params)
+    meta = base_meta(kind, f"tiny-{kind}", "T1", "test", GRID, PreprocessConfig(), PostprocessConfig(), params)
     model = load_model(save_model(tmp_path / "model", meta, tensors))
-    image, mask = next(template_cohort(1, seed=5))
+    image, mask = next(cohort(1, seed=5))
     first = Detector(model, device="cpu").score_grid(image, mask)
     again = Detector(load_model(tmp_path / "model"), device="cpu").score_grid(image, mask)
     assert first.raw_map.shape == image.shape and np.isfinite(first.raw_map).all()
@@ -48,9 +58,9 @@ def test_fit_save_load_score(kind, tmp_path):
 
 def test_batch_size_does_not_change_the_map(tmp_path):
     options = {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "device": "cpu", "arch": TINY["dae"]}
-    params, tensors = scorer_class("dae").fit(template_cohort(1, seed=1), {"direction": "hypo"}, Reporter(),
-                                              validation=template_cohort(1, seed=2), options=options)
-    image, mask = next(template_cohort(1, seed=5))
+    params, tensors = scorer_class("dae").fit(cohort(1, seed=1), {"direction": "hypo"}, Reporter(),
+                                              validation=cohort(1, seed=2), options=options)
+    image, mask = next(cohort(1, seed=5))
     maps = [scorer_class("dae")(dict(params, batch_size=b), tensors).score(image, mask, Reporter()).anomaly_map
             for b in (1, 7, 80)]
     assert np.allclose(maps[0], maps[1], atol=1e-5) and np.allclose(maps[0], maps[2], atol=1e-5)
@@ -60,10 +70,10 @@ def test_resuming_a_two_stage_fit_keeps_the_first_stage_and_trains_the_second_on
     base = {"steps_per_epoch": 2, "batch_size": 8, "device": "cpu", "seed": 3, "arch": TINY["dpa"],
             "checkpoint_dir": str(tmp_path / "ckpt")}
     cls = scorer_class("dpa")
-    first_params, first = cls.fit(template_cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
-                                  validation=template_cohort(1, seed=2), options=dict(base, epochs=1))
-    params, tensors = cls.fit(template_cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
-                              validation=template_cohort(1, seed=2), options=dict(base, epochs=2, resume=True))
+    first_params, first = cls.fit(cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
+                                  validation=cohort(1, seed=2), options=dict(base, epochs=1))
+    params, tensors = cls.fit(cohort(2, seed=1), {"direction": "hypo"}, Reporter(),
+                              validation=cohort(1, seed=2), options=dict(base, epochs=2, resume=True))
     history = params["training"]["history"]
     assert history["feature_net"]["epochs_run"] == 1 and history["net"]["epochs_run"] == 2
     feature_keys = [k for k in first if ".feature_net." in k or k.startswith("net.feature_net.")]

@@ -27,18 +27,18 @@ def test_rescoring_keeps_the_weights_and_fits_statistics_and_thresholds_again(tm
     cache = str(tmp_path / "cache")
     trained = tmp_path / "ddpm"
     arch = {"channels": [8, 8], "attention_levels": [False, False], "norm_groups": 4, "head_channels": 8,
-            "train_steps": 20, "t_stars": [4, 8], "ddim_steps": 2, "noise": "gaussian"}
+            "train_steps": 20, "t_stars": [8], "ddim_steps": 1, "noise": "gaussian"}
     code = cli_main(["train", "--model", "ddpm", "--manifest", str(csv), "--modality", "T1", "-o", str(trained),
                      "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir", cache,
                      "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu",
-                     "--arch", json.dumps(arch), "--realism-samples", "0", "-q"])
+                     "--arch", json.dumps(arch), "--realism-samples", "0", "--max-train", "2", "-q"])
     assert code == 0, capsys.readouterr().err
     script = _script()
     out = tmp_path / "ddpm-one-level"
     assert script.main(["--model", str(trained), "--manifest", str(csv), "--cache-dir", cache, "--score", "l1",
-                        "--arch", json.dumps({"t_stars": [8]}), "-o", str(out)]) == 0
+                        "--arch", json.dumps({"t_stars": [4]}), "-o", str(out)]) == 0
     before, after = load_model(trained), load_model(out)
-    assert after.meta["params"]["arch"]["t_stars"] == [8] and after.meta["params"]["score"] == "l1"
+    assert after.meta["params"]["arch"]["t_stars"] == [4] and after.meta["params"]["score"] == "l1"
     assert after.name == "ddpm-one-level" and after.meta["rescored_from"]["model"] == before.name
     for key, value in before.tensors.items():
         if key.startswith("net."):

@@ -89,7 +89,7 @@ def test_training_a_learned_model_adds_healthy_statistics(tmp_path, capsys):
                  "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir",
                  str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
                  "--device", "cpu", "--arch", json.dumps({"features": [4, 4, 8, 8, 8, 4]}),
-                 "-q"])
+                 "--max-train", "2", "-q"])
     assert code == 0, capsys.readouterr().err
     model = load_model(out)
     assert {"norm.mean", "norm.std"} <= set(model.tensors)  # on by default

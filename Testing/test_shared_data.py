@@ -15,7 +15,7 @@ from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid
 from conftest import SHARED_DATA, needs_shared_data
 
 
-@needs_shared_data
+@needs_shared_data("ixi_t1_2mm.csv")
 def test_full_head_is_stripped_and_registered_to_the_template():
     case = read_manifest(SHARED_DATA / "ixi_t1_2mm.csv")[0]
     steps = []
@@ -32,7 +32,7 @@ def test_full_head_is_stripped_and_registered_to_the_template():
     assert {"register", "bias-correct"} <= {s for s, _ in steps}
 
 
-@needs_shared_data
+@needs_shared_data("brats18_dev.csv")
 def test_brats_case_scored_on_its_own_grid_better_than_chance():
     case = read_manifest(SHARED_DATA / "brats18_dev.csv", "T1")[0]
     scan = read_volume(case.image)
