@@ -74,7 +74,10 @@ def _preprocess_config(args, base: dict):
 def _add_detect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model id (see 'brainanomaly models') or model folder; default: the shipped "
                                    "default model")
-    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality)")
+    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality; giving it also "
+                                      "overrides the check of the scan's recognised contrast)")
+    p.add_argument("--fill-nan", action="store_true", help="set NaN/infinite voxels to the lowest value instead "
+                                                           "of refusing the scan")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
     g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")
@@ -220,7 +223,7 @@ def _detect_one(det, path, modality, args, outdir, reporter) -> dict:
     from ..core.io import read_volume
     from ..detection.writers import write_result
 
-    scan = read_volume(path)
+    scan = read_volume(path, fill_nan=getattr(args, "fill_nan", False))
     result = det.run(scan, modality=modality, threshold=args.threshold, fpr=args.fpr, reporter=reporter)
     write_result(result, scan, outdir, input_name=Path(path).name)
     return result.summary()
@@ -283,6 +286,8 @@ def _print_summary(s: dict, out: Path) -> None:
         what += f", scan-adaptive from {t['cohort_value']:.4g}"
     print(f"model {s['model']['name']} ({s['modality']}); threshold {t['value']:.4g} ({what}); "
           f"{s['n_lesions']} lesion(s), {s['anomalous_volume_ml']:.2f} mL; scan score {s['pred_score']:.3f}")
+    for note in s.get("notes", []):
+        print(f"note: {note}")
     print(f"outputs in {out}")
 
 

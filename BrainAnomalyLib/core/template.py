@@ -11,6 +11,10 @@ import numpy as np
 import SimpleITK as sitk
 
 TEMPLATE_NAME = "MNI152NLin2009aSym (nilearn mni_icbm152_*_tal_nlin_sym_09a_converted)"
+# Inside the brain, voxels with little GM and WM probability are CSF (ventricles, sulci); CSF this deep inside
+# the brain is ventricular rather than sulcal.
+CSF_MAX_PARENCHYMA = 0.3
+VENTRICLE_MIN_DEPTH_MM = 15.0
 _FILES = {"T1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
           "GM": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
           "WM": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
@@ -96,3 +100,16 @@ def spacing_zyx(grid: Grid) -> Sequence[float]:
 def tissue_on_grid(grid: Grid = Grid()) -> dict:
     """Template white- and grey-matter probability maps on the grid (z,y,x float32, 0..1)."""
     return {name: sitk.GetArrayFromImage(template_on_grid(grid, name)) for name in ("WM", "GM")}
+
+
+@lru_cache(maxsize=4)
+def ventricles_on_grid(grid: Grid = Grid()) -> np.ndarray:
+    """Template CSF deeper than VENTRICLE_MIN_DEPTH_MM inside the brain (bool, z,y,x): the lateral ventricles,
+    the CSF region that survives skull-stripping and partial volume on every scan."""
+    from scipy import ndimage
+
+    brain = brain_mask_on_grid(grid)
+    tissue = tissue_on_grid(grid)
+    csf = brain & (tissue["WM"] + tissue["GM"] < CSF_MAX_PARENCHYMA)
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing_zyx(grid))
+    return csf & (depth > VENTRICLE_MIN_DEPTH_MM)

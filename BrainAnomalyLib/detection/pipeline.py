@@ -14,10 +14,11 @@ from ..core.device import resolve_device
 from ..core.errors import BadInputError
 from ..core.io import array_to_image
 from ..core.manifest import normalise_modality
-from ..store.models import Model
+from ..store.models import Model, list_models
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
                           scan_score)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
+from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import scorer_class
@@ -84,13 +85,16 @@ class Detector:
                           robust_stats(filtered[eroded]))
 
     def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None,
-                pre: Optional[Preprocessed] = None) -> GridAnalysis:
-        """Preprocess (unless `pre` is given, e.g. shared by several scorers) and score on the model grid."""
+                pre: Optional[Preprocessed] = None, declared: Optional[str] = None) -> GridAnalysis:
+        """Preprocess (unless `pre` is given, e.g. shared by several scorers) and score on the model grid.
+        `declared` is the modality the user gave, which overrides the contrast check."""
         reporter = reporter or Reporter()
         t = time.perf_counter()
         if pre is None:
             pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
                              reporter.sub(0.0, 0.8))
+            # contrast check (preprocess.contrast): refuses a scan of another contrast before it is scored
+            pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
@@ -100,10 +104,10 @@ class Detector:
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
         reporter = reporter or Reporter()
-        modality = self.check_modality(modality)
+        declared, modality = modality, self.check_modality(modality)
         chosen = self.threshold(threshold, fpr)
         started = time.perf_counter()
-        analysis = self.analyse(native, reporter.sub(0.0, 0.9))
+        analysis = self.analyse(native, reporter.sub(0.0, 0.9), declared=declared)
         result = self.to_result(native, analysis, self.for_scan(chosen, analysis), modality,
                                 reporter.sub(0.9, 1.0))
         result.timings["total"] = round(time.perf_counter() - started, 3)
@@ -156,4 +160,5 @@ class Detector:
                       threshold=chosen, min_lesion_ml=self.postprocess_config.min_lesion_ml, modality=modality,
                       model={"name": m.name, "kind": m.kind, "version": m.meta.get("version"), "path": str(m.path)},
                       preprocessing=pre.record, timings={k: round(v, 3) for k, v in seconds.items()},
-                      reconstruction=recon, grid_map=analysis.clean_map, grid_mask=analysis.scoring_mask)
+                      reconstruction=recon, grid_map=analysis.clean_map, grid_mask=analysis.scoring_mask,
+                      notes=list(pre.notes))
