@@ -119,7 +119,7 @@ def detect(args, channel: Channel, cancel) -> Path:
     chosen = det.threshold(fpr=args.fpr)
     channel.send("log", message=f"model {model.name} ({model.kind}, {model.modality}) on {det.device}")
     scan = read_volume(args.input)
-    analysis = det.analyse(scan, reporter.sub(0.0, 0.9))
+    analysis = det.analyse(scan, reporter.sub(0.0, 0.9), declared=args.modality)  # overrides the contrast check
     chosen = det.for_scan(chosen, analysis)
     result = det.to_result(scan, analysis, chosen, modality, reporter.sub(0.9, 0.97))
     result.timings["total"] = round(time.perf_counter() - started, 3)

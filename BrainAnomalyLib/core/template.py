@@ -11,10 +11,6 @@ import numpy as np
 import SimpleITK as sitk
 
 TEMPLATE_NAME = "MNI152NLin2009aSym (nilearn mni_icbm152_*_tal_nlin_sym_09a_converted)"
-# Inside the brain, voxels with little GM and WM probability are CSF (ventricles, sulci); CSF this deep inside
-# the brain is ventricular rather than sulcal.
-CSF_MAX_PARENCHYMA = 0.3
-VENTRICLE_MIN_DEPTH_MM = 15.0
 _FILES = {"T1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
           "GM": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
           "WM": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
@@ -102,14 +98,20 @@ def tissue_on_grid(grid: Grid = Grid()) -> dict:
     return {name: sitk.GetArrayFromImage(template_on_grid(grid, name)) for name in ("WM", "GM")}
 
 
+# The core of the lateral ventricles: almost no parenchyma in the template and far from the brain's surface, so
+# that after an affine registration most of it is still CSF on the scan (ventricle sizes differ between people).
+VENTRICLE_CORE_MAX_PARENCHYMA = 0.15
+VENTRICLE_CORE_MIN_DEPTH_MM = 20.0
+
+
 @lru_cache(maxsize=4)
 def ventricles_on_grid(grid: Grid = Grid()) -> np.ndarray:
-    """Template CSF deeper than VENTRICLE_MIN_DEPTH_MM inside the brain (bool, z,y,x): the lateral ventricles,
-    the CSF region that survives skull-stripping and partial volume on every scan."""
+    """Template ventricle core on the grid (bool, z,y,x), the CSF region that survives skull-stripping and partial
+    volume on every scan."""
     from scipy import ndimage
 
     brain = brain_mask_on_grid(grid)
     tissue = tissue_on_grid(grid)
-    csf = brain & (tissue["WM"] + tissue["GM"] < CSF_MAX_PARENCHYMA)
     depth = ndimage.distance_transform_edt(brain, sampling=spacing_zyx(grid))
-    return csf & (depth > VENTRICLE_MIN_DEPTH_MM)
+    return brain & (tissue["WM"] + tissue["GM"] < VENTRICLE_CORE_MAX_PARENCHYMA) & (
+        depth > VENTRICLE_CORE_MIN_DEPTH_MM)

@@ -15,8 +15,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..core.progress import Reporter
-from ..core.template import CSF_MAX_PARENCHYMA, VENTRICLE_MIN_DEPTH_MM, Grid, template_1mm, template_on_grid
+from ..core.template import Grid, template_1mm, template_on_grid
 
+# Inside the brain, voxels with little GM and WM probability are CSF (ventricles, sulci).
+CSF_MAX_PARENCHYMA = 0.3
+# CSF this deep inside the brain is ventricular rather than sulcal.
+VENTRICLE_MIN_DEPTH_MM = 15.0
 VENTRICLE_MIN_SHARE = 0.2
 
 
