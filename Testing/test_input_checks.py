@@ -159,9 +159,9 @@ def test_sanity_passes_a_template_brain_and_refuses_noise(tissue):
     noise = np.random.default_rng(0).normal(100, 10, brain.shape).astype(np.float32)
     with pytest.raises(BadInputError, match="does not look like a registered brain MRI"):
         judge(scan_measures(noise, brain, grid, ml))
-    # a slab: only 25 axial slices of the brain
+    # a slab: 15 axial slices (30 mm) through the middle of the brain
     slab = brain.copy()
-    slab[:30] = slab[55:] = False
+    slab[:35] = slab[50:] = False
     with pytest.raises(BadInputError, match="coverage of the template brain"):
         judge(scan_measures(render_contrast(tissue, "T1"), slab, grid, float(slab.sum()) * 8e-3))
 
