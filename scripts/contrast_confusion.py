@@ -24,8 +24,8 @@ from BrainAnomalyLib.core.errors import BadInputError  # noqa: E402
 from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
 from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
-from BrainAnomalyLib.preprocess.contrast import CONTRASTS, MIN_MARGIN, compatible, recognise, \
-    contrast_features  # noqa: E402
+from BrainAnomalyLib.preprocess.contrast import (CONTRASTS, MIN_MARGIN, compatible,  # noqa: E402
+                                               contrast_features, recognise)
 from BrainAnomalyLib.preprocess.sanity import LIMITS, scan_measures  # noqa: E402
 from BrainAnomalyLib.store.cache import cache_key, cached_preprocessing, default_cache_dir  # noqa: E402
 

@@ -46,14 +46,15 @@ def _restore_nifti_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     """ITK's NIfTI reader silently turns NaN and infinite voxels into 0, which would pass them off as background;
     read the stored values with nibabel and put them back so validation sees them."""
     import nibabel
+    import nibabel.filebasedimages
 
     try:
         data = nibabel.load(str(path)).dataobj
         if not np.issubdtype(np.dtype(data.dtype), np.floating) and data.slope == 1 and data.inter == 0:
             return image  # integer voxels cannot hold NaN
         stored = np.asanyarray(data)
-    except Exception:  # nibabel cannot parse what ITK could: leave ITK's reading as it is
-        return image
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError):
+        return image  # nibabel cannot parse what ITK could: leave ITK's reading as it is
     if stored.ndim == 4 and stored.shape[3] == 1:
         stored = stored[..., 0]
     if stored.ndim != image.GetDimension() or np.isfinite(stored).all():

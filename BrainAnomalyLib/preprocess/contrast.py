@@ -161,8 +161,8 @@ def check_contrast(estimate: Optional[dict], expected: str, declared: Optional[s
         return [f"contrast check overridden: {said}, but the modality was given as {declared}"]
     if compatible(detected, expected):
         if detected != expected:
-            return [f"{said}; {detected} and {expected} cannot be told apart reliably from tissue intensities, so "
-                    f"the {expected} model was used"]
+            return [(f"{said}; {detected} and {expected} cannot be told apart reliably from tissue intensities, so "
+                     f"the {expected} model was used")]
         return []
     if margin < MIN_MARGIN:
         return [f"contrast unclear: {said}, close to {estimate['runner_up']}; went on as {expected}"]
