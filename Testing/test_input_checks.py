@@ -176,6 +176,7 @@ def test_noise_volume_is_refused_by_detect(tmp_path, capsys, intensity_model):
                  "-q", "--no-bias-correction"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
+    assert "does not look like a registered brain MRI" in err[0] and "contrast-to-noise" in err[0]
     assert not out.exists() or not any(out.iterdir())
 
 

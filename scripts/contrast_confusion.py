@@ -26,7 +26,7 @@ from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.contrast import (CONTRASTS, MIN_MARGIN, compatible,  # noqa: E402
                                                contrast_features, recognise)
-from BrainAnomalyLib.preprocess.sanity import LIMITS, scan_measures  # noqa: E402
+from BrainAnomalyLib.preprocess.sanity import LIMITS, judge, scan_measures  # noqa: E402
 from BrainAnomalyLib.store.cache import cache_key, cached_preprocessing, default_cache_dir  # noqa: E402
 
 SYNTH_NOISE = (0.01, 0.03, 0.06)
@@ -116,6 +116,16 @@ def main(argv=None) -> int:
     print(f"\nsanity measures on the {len(real)} real scans (limits: refuse / note):")
     for m in list(LIMITS) + ["snr", "noise"]:
         print(f"  {m:<10} {spread(r['sanity'].get(m) for r in real)}   {LIMITS.get(m, '')}")
+    refused, noted = [], []
+    for r in real:
+        try:
+            notes = judge(r["sanity"])
+        except BadInputError as exc:
+            refused.append(f"{r['scan']}: {exc}")
+            continue
+        noted += [f"{r['scan']}: {n}" for n in notes]
+    print(f"real scans the sanity limits refuse: {len(refused)}" + "".join(f"\n  {x}" for x in refused))
+    print(f"notes they would get: {len(noted)}" + "".join(f"\n  {x}" for x in noted))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float), encoding="utf-8")
     return 0

@@ -24,15 +24,15 @@ from scipy import ndimage
 from ..core.errors import BadInputError
 from ..core.template import Grid, brain_mask_on_grid, tissue_on_grid, ventricles_on_grid
 
-# ((refuse below, above), (note below, above)); None: no limit. Set from the 27+ real scans of /work/shared/data
-# (IXI T1, brats18_dev; scripts/contrast_confusion.py, README "Input checks"), with these margins:
+# ((refuse below, above), (note below, above)); None: no limit. Set from 73 real scans of /work/shared/data (all
+# 20 brats18_dev, 53 IXI T1; scripts/contrast_confusion.py, README "Input checks"), with these margins:
 #   brain_ml   real 1084-1738 mL; refuse beyond 300 (skull-strip's floor) and 2500 (1.4x the largest real, above
 #              any adult intracranial volume); note outside 950-2000 (0.88x the smallest, 1.15x the largest)
-#   coverage   real >= 0.755 (a limited-field FLAIR), 5th percentile 0.937; refuse < 0.5 (less than half the
+#   coverage   real >= 0.755 (a limited-field FLAIR), 5th percentile 0.93; refuse < 0.5 (less than half the
 #              brain: a slab), note < 0.9
-#   dice       real >= 0.852, 5th percentile 0.951; refuse < 0.6, note < 0.9
+#   dice       real >= 0.852, 5th percentile 0.945; refuse < 0.6, note < 0.9
 #   tissue_eta2  real >= 0.015, but pure noise resampled onto the grid reaches 0.008: a note only, < 0.012
-#   cnr        real >= 1.86, 5th percentile 4.1; pure noise 0.21; refuse < 0.8 (2.3x under the lowest real, 3.9x
+#   cnr        real >= 1.86, 5th percentile 5.9; pure noise 0.21; refuse < 0.8 (2.3x under the lowest real, 3.9x
 #              over noise), note < 1.5
 LIMITS = {
     "brain_ml": ((300.0, 2500.0), (950.0, 2000.0)),
