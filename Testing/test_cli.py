@@ -37,7 +37,7 @@ def test_detect_writes_every_output_on_the_input_grid(tmp_path, demo_file, templ
     assert summary["threshold"]["fpr"] == 0.01 and "calibration" in summary["threshold"]["source"]
     assert summary["n_lesions"] >= 1
     assert [s["step"] for s in summary["preprocessing"]] == ["orient", "skull-strip", "bias-correct", "register",
-                                                             "resample", "normalise"]
+                                                             "resample", "sanity", "contrast", "normalise"]
     lines = (out / "lesions.csv").read_text(encoding="utf-8").strip().splitlines()
     assert lines[0].startswith("label,voxels,volume_ml,centroid_r") and len(lines) == summary["n_lesions"] + 1
     assert "1 lesion" in capsys.readouterr().out or summary["n_lesions"] > 1

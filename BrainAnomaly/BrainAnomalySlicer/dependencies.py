@@ -29,6 +29,7 @@ REQUIREMENTS: Tuple[str, ...] = (
     "monai>=1.3",
     "einops>=0.7",
     "nilearn>=0.10",  # the MNI template and tissue maps ship inside nilearn
+    "nibabel>=5.0",  # reads NIfTI voxels as stored (ITK turns NaN into 0)
     "deepbet>=1.0.2",  # skull stripping; its weights ship inside the package
     "safetensors>=0.4",  # model tensors
     "tqdm>=4.60",

@@ -18,8 +18,14 @@ MAX_VOXELS = 400_000_000
 MAX_EXTENT_MM = 1000.0
 
 
-def read_volume(path: str | os.PathLike) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA/... file or a DICOM series folder as a validated 3D float32 image."""
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
+
+
+def read_volume(path: str | os.PathLike, fill_nan: bool = False) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA/... file or a DICOM series folder as a validated 3D float32 image.
+
+    NaN or infinite voxels are refused unless `fill_nan`, which sets them to the lowest finite value (background).
+    """
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"input not found: {p}")
@@ -31,7 +37,38 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise BadInputError(f"cannot read {p}: {first}") from None
-    return validate_volume(image, name=p.name)
+    if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
+        image = _restore_nifti_nonfinite(image, p)
+    return validate_volume(image, name=p.name, fill_nan=fill_nan)
+
+
+def _restore_nifti_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
+    """ITK's NIfTI reader silently turns NaN and infinite voxels into 0, which would pass them off as background;
+    read the stored values with nibabel and put them back so validation sees them."""
+    import nibabel
+    import nibabel.filebasedimages
+
+    try:
+        data = nibabel.load(str(path)).dataobj
+        if not np.issubdtype(np.dtype(data.dtype), np.floating) and data.slope == 1 and data.inter == 0:
+            return image  # integer voxels cannot hold NaN
+        stored = np.asanyarray(data)
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError):
+        return image  # nibabel cannot parse what ITK could: leave ITK's reading as it is
+    if stored.ndim == 4 and stored.shape[3] == 1:
+        stored = stored[..., 0]
+    if stored.ndim != image.GetDimension() or np.isfinite(stored).all():
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    bad = ~np.isfinite(stored.T)  # nibabel indexes i,j,k; SimpleITK's arrays are k,j,i
+    if bad.shape != arr.shape:
+        return image
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    arr[bad] = stored.T[bad]
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(image)
+    return out
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -45,8 +82,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
-    """Return the image as 3D float32 or raise BadInputError saying what is wrong with it."""
+def validate_volume(image: sitk.Image, name: str = "input", fill_nan: bool = False) -> sitk.Image:
+    """Return the image as 3D float32 or raise BadInputError saying what is wrong with it; with `fill_nan`, NaN
+    and infinite voxels are set to the lowest finite value instead of refused."""
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise BadInputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                             "(RGB or vector image); a scalar MRI volume is needed")
@@ -67,8 +105,20 @@ def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
         raise BadInputError(f"{name}: is too large (size {tuple(size)}, extent {tuple(np.round(extent, 1))} mm)")
     image = sitk.Cast(image, sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(arr).all():
-        raise BadInputError(f"{name}: contains NaN or infinite values")
+    finite = np.isfinite(arr)
+    n_bad = int(finite.size - np.count_nonzero(finite))
+    if n_bad == finite.size:
+        raise BadInputError(f"{name}: every voxel is NaN or infinite")
+    if n_bad:
+        if not fill_nan:
+            raise BadInputError(f"{name}: contains NaN or infinite values in {n_bad} of {finite.size} voxels; "
+                                "fix the file, or fill them with the lowest finite value (--fill-nan)")
+        filled = sitk.GetArrayFromImage(image)
+        filled[~finite] = filled[finite].min()
+        out = sitk.GetImageFromArray(filled)
+        out.CopyInformation(image)
+        image = out
+        arr = sitk.GetArrayViewFromImage(image)
     if float(arr.max()) == float(arr.min()):
         raise BadInputError(f"{name}: is constant (every voxel is {float(arr.min())})")
     return image

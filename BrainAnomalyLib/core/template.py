@@ -90,3 +90,22 @@ def spacing_zyx(grid: Grid) -> Sequence[float]:
 def tissue_on_grid(grid: Grid = Grid()) -> dict:
     """Template white- and grey-matter probability maps on the grid (z,y,x float32, 0..1)."""
     return {name: sitk.GetArrayFromImage(template_on_grid(grid, name)) for name in ("WM", "GM")}
+
+
+# The core of the lateral ventricles: almost no parenchyma in the template and far from the brain's surface, so
+# that after an affine registration most of it is still CSF on the scan (ventricle sizes differ between people).
+VENTRICLE_CORE_MAX_PARENCHYMA = 0.15
+VENTRICLE_CORE_MIN_DEPTH_MM = 20.0
+
+
+@lru_cache(maxsize=4)
+def ventricles_on_grid(grid: Grid = Grid()) -> np.ndarray:
+    """Template ventricle core on the grid (bool, z,y,x), the CSF region that survives skull-stripping and partial
+    volume on every scan."""
+    from scipy import ndimage
+
+    brain = brain_mask_on_grid(grid)
+    tissue = tissue_on_grid(grid)
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing_zyx(grid))
+    return brain & (tissue["WM"] + tissue["GM"] < VENTRICLE_CORE_MAX_PARENCHYMA) & (
+        depth > VENTRICLE_CORE_MIN_DEPTH_MM)

@@ -15,10 +15,11 @@ from ..core.device import resolve_device
 from ..core.errors import BadInputError, BrainAnomalyError, ModelError, OutOfMemoryError
 from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
-from ..store.models import Model, resolve_model
+from ..store.models import Model, list_models, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
                           scan_score)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
+from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import scorer_class
@@ -144,8 +145,9 @@ class Detector:
                                    "with more memory")
 
     def analyse(self, native: sitk.Image, reporter: Optional[Reporter] = None,
-                pre: Optional[Preprocessed] = None) -> GridAnalysis:
-        """Preprocess (unless `pre` is given, e.g. shared by several scorers) and score on the model grid."""
+                pre: Optional[Preprocessed] = None, declared: Optional[str] = None) -> GridAnalysis:
+        """Preprocess (unless `pre` is given, e.g. shared by several scorers) and score on the model grid.
+        `declared` is the modality the user gave, which overrides the contrast check."""
         reporter = reporter or Reporter()
         t = time.perf_counter()
         if pre is None:
@@ -160,6 +162,8 @@ class Detector:
                 raise OutOfMemoryError(f"out of memory on {self.device} while preprocessing; "
                                        + ("run with --device cpu" if self.device != "cpu" else
                                           "close other programs or use a machine with more memory")) from None
+            # contrast check (preprocess.contrast): refuses a scan of another contrast before it is scored
+            pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
@@ -173,16 +177,16 @@ class Detector:
         self.threshold(request.threshold.value, request.threshold.fpr)  # a bad threshold fails before the reading
         if not request.input:
             raise BadInputError("the request names no input volume")
-        scan = read_volume(request.input)
+        scan = read_volume(request.input, fill_nan=request.fill_nan)
         return self.run(scan, request.modality, request.threshold.value, request.threshold.fpr, reporter), scan
 
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
         reporter = reporter or Reporter()
-        modality = self.check_modality(modality)
+        declared, modality = modality, self.check_modality(modality)
         chosen = self.threshold(threshold, fpr)
         started = time.perf_counter()
-        analysis = self.analyse(native, reporter.sub(0.0, 0.9))
+        analysis = self.analyse(native, reporter.sub(0.0, 0.9), declared=declared)
         result = self.to_result(native, analysis, self.for_scan(chosen, analysis), modality,
                                 reporter.sub(0.9, 1.0))
         result.timings["total"] = round(time.perf_counter() - started, 3)
@@ -252,7 +256,7 @@ class Detector:
                       preprocessing=pre.record, timings={k: round(v, 3) for k, v in seconds.items()},
                       reconstruction=recon, scan_curve=curve,
                       display_range=display_range(curve, chosen.value, peak),
-                      peak_score=peak, device=self.device, notes=list(analysis.notes))
+                      peak_score=peak, device=self.device, notes=list(pre.notes) + list(analysis.notes))
 
 
 def display_range(curve: Optional[dict], threshold: float, peak: float) -> List[float]:

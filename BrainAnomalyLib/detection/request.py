@@ -77,6 +77,7 @@ class DetectionRequest:
     postprocessing: PostprocessOptions = field(default_factory=PostprocessOptions)
     batch_size: Optional[int] = None  # slices per forward pass (learned scorers); halved on out-of-memory
     output_format: str = "nifti"
+    fill_nan: bool = False  # set NaN/infinite voxels to the lowest value instead of refusing the scan
 
     # -- the one constructor --
     @classmethod
@@ -116,7 +117,8 @@ class DetectionRequest:
                           "calibration": a.get("calibration") or "adaptive"},
             "postprocessing": {"erode_voxels": a.get("erode"), "median_size": a.get("median"),
                                "min_lesion_ml": a.get("min_lesion_ml")},
-            "batch_size": a.get("batch_size"), "output_format": a.get("format") or "nifti"})
+            "batch_size": a.get("batch_size"), "output_format": a.get("format") or "nifti",
+            "fill_nan": bool(a.get("fill_nan"))})
 
     @classmethod
     def from_json(cls, path) -> "DetectionRequest":
@@ -213,7 +215,10 @@ def add_options(p: argparse.ArgumentParser, output_format: str = "nifti") -> Non
     """The detection options, declared once for `brainanomaly detect` and the worker."""
     p.add_argument("--model", help="model id (see 'brainanomaly models') or model folder; default: the shipped "
                                    "default model")
-    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality)")
+    p.add_argument("--modality", help="T1, T1CE, T2, FLAIR, ... (default: the model's modality; giving it also "
+                                      "overrides the check of the scan's recognised contrast)")
+    p.add_argument("--fill-nan", action="store_true", help="set NaN/infinite voxels to the lowest value instead "
+                                                           "of refusing the scan")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
     g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")

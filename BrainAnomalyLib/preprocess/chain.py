@@ -13,8 +13,10 @@ from ..core.errors import BadInputError
 from ..core.progress import Reporter
 from ..core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from .bias import n4_correct
+from .contrast import estimate_contrast
 from .normalise import normalise
 from .register import affine_to_dict, register_affine
+from .sanity import assess_scan
 from .skullstrip import brain_mask
 
 
@@ -48,6 +50,8 @@ class Preprocessed:
     grid: Grid
     record: List[dict] = field(default_factory=list)
     raw_image: Optional[np.ndarray] = None  # the grid volume before standardisation
+    contrast: Optional[dict] = None  # the recognised contrast (preprocess.contrast.ContrastEstimate.to_dict())
+    notes: List[str] = field(default_factory=list)  # borderline findings the user should see
 
 
 def standardise(raw: np.ndarray, mask: np.ndarray, config: PreprocessConfig, grid: Grid) -> tuple[np.ndarray, dict]:
@@ -80,6 +84,7 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     t = time.perf_counter()
     mask, info = brain_mask(work, config.skull_strip, use_gpu, reporter.sub(0.0, 0.3))
     rec.add("skull-strip", info["method"] == "deepbet", t, mode=config.skull_strip, **info)
+    brain_ml = info["brain_ml"]
     stripped = _apply_mask(work, mask)
 
     if config.bias_correction:
@@ -111,13 +116,21 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
 
     t = time.perf_counter()
     raw = sitk.GetArrayFromImage(on_grid)
+    measures, notes = assess_scan(raw, grid_mask, grid, brain_ml)
+    rec.add("sanity", True, t, **measures, notes=notes)
+    t = time.perf_counter()
+    contrast = estimate_contrast(raw, grid_mask, grid).to_dict()
+    rec.add("contrast", True, t, **contrast)
+
+    t = time.perf_counter()
     image, info = standardise(raw, grid_mask, config, grid)
     rec.add("normalise", True, t, **info)
     reporter("normalise", 1.0)
 
     native_mask = sitk.GetArrayFromImage(
         sitk.Resample(mask_img, native, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
-    return Preprocessed(image, grid_mask, native_mask, transform, grid, rec.steps, raw_image=raw)
+    return Preprocessed(image, grid_mask, native_mask, transform, grid, rec.steps, raw_image=raw, contrast=contrast,
+                        notes=notes)
 
 
 def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest: bool = False) -> sitk.Image:

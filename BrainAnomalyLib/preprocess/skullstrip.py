@@ -17,10 +17,29 @@ STRIPPED_BACKGROUND_FRACTION = 0.3
 STRIPPED_MAX_ML = 2500.0
 
 
+# Voxels within this share of the intensity range of the background value count as background (ringing of
+# resampled files, rounding of rescaled ones).
+BACKGROUND_TOLERANCE = 1e-3
+
+
+def background_value(arr: np.ndarray) -> float:
+    """The value the volume's border voxels hold most often: a stripped scan's background constant, whatever it
+    is (0, a small negative number, -1024), or the commonest air value of a head scan."""
+    faces = np.concatenate([arr[[0, -1]].ravel(), arr[:, [0, -1]].ravel(), arr[:, :, [0, -1]].ravel()])
+    values, counts = np.unique(faces, return_counts=True)
+    return float(values[counts.argmax()])
+
+
+def _background(arr: np.ndarray) -> np.ndarray:
+    bg = background_value(arr)
+    span = float(max(arr.max() - bg, bg - arr.min()))
+    return np.abs(arr - bg) <= BACKGROUND_TOLERANCE * span
+
+
 def foreground_mask(image: sitk.Image) -> np.ndarray:
-    """Non-background voxels (z,y,x bool): those above the image minimum, holes filled, largest component."""
-    arr = sitk.GetArrayViewFromImage(image)
-    mask = arr > arr.min()
+    """Non-background voxels (z,y,x bool): those away from the background value, holes filled, largest
+    component."""
+    mask = ~_background(sitk.GetArrayViewFromImage(image))
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())
@@ -34,10 +53,9 @@ def voxel_ml(image: sitk.Image) -> float:
 
 
 def looks_skull_stripped(image: sitk.Image) -> bool:
-    arr = sitk.GetArrayViewFromImage(image)
-    background = float((arr == arr.min()).mean())
-    volume = float((arr > arr.min()).sum()) * voxel_ml(image)
-    return background >= STRIPPED_BACKGROUND_FRACTION and volume <= STRIPPED_MAX_ML
+    background = _background(sitk.GetArrayViewFromImage(image))
+    volume = float(background.size - np.count_nonzero(background)) * voxel_ml(image)
+    return float(background.mean()) >= STRIPPED_BACKGROUND_FRACTION and volume <= STRIPPED_MAX_ML
 
 
 @lru_cache(maxsize=2)

@@ -51,23 +51,32 @@ def preprocessed_arrays(path, config: PreprocessConfig, grid: Grid, cache_dir: O
                         standardised: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """(image, brain mask) on the grid for the scan at `path`, from the cache when possible; the image is
     standardised as `config` says, or left as it came out of registration with `standardised=False`."""
+    raw, mask, _ = cached_preprocessing(path, config, grid, cache_dir, use_gpu, reporter)
+    if not standardised:
+        return raw, mask
+    return standardise(raw, mask, config, grid)[0], mask
+
+
+def cached_preprocessing(path, config: PreprocessConfig, grid: Grid, cache_dir: Optional[Path] = None,
+                         use_gpu: bool = False, reporter: Optional[Reporter] = None
+                         ) -> Tuple[np.ndarray, np.ndarray, Optional[List[dict]]]:
+    """(grid volume before standardisation, brain mask, preprocessing record) for the scan at `path`; the record
+    is None for entries cached before records were kept."""
     path = Path(path)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / f"{cache_key(path, config, grid)}.npz"
     if target.is_file():
         with np.load(target) as data:
-            raw, mask = data["image"], data["mask"].astype(bool)
-    else:
-        # Only the volume before standardisation is kept, so run the chain with a method that needs no reference.
-        plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
-        pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
-        raw, mask = pre.raw_image, pre.mask
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            np.savez_compressed(tmp, image=raw.astype(np.float32), mask=mask.astype(np.uint8))
-    if not standardised:
-        return raw, mask
-    return standardise(raw, mask, config, grid)[0], mask
+            record = json.loads(str(data["record"])) if "record" in data.files else None
+            return data["image"], data["mask"].astype(bool), record
+    # Only the volume before standardisation is kept, so run the chain with a method that needs no reference.
+    plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
+    pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
+                            record=np.array(json.dumps(pre.record)))
+    return pre.raw_image, pre.mask, pre.record
 
 
 def cases_on_grid(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,

@@ -79,3 +79,24 @@ def target(stats: TissueStats, modality: str, component: str) -> float:
     """Mean intensity of `component` (ms, necrosis, enhancing, oedema, stroke) on this scan in this contrast."""
     k = RULES[rule_modality(modality)][component]
     return float(np.clip(stats.wm + k * stats.iqr, stats.lo, stats.hi))
+
+
+# Relative signal of CSF, GM and WM in each contrast (textbook orderings: T1 WM > GM > CSF; T2 CSF >> GM > WM;
+# FLAIR GM > WM > CSF; PD GM > WM, CSF close to GM), for scans made from tissue maps alone.
+TISSUE_SIGNAL: Dict[str, Dict[str, float]] = {
+    "T1": {"CSF": 0.25, "GM": 0.60, "WM": 0.85},
+    "T2": {"CSF": 1.00, "GM": 0.45, "WM": 0.33},
+    "FLAIR": {"CSF": 0.12, "GM": 0.62, "WM": 0.48},
+    "PD": {"CSF": 0.86, "GM": 0.80, "WM": 0.66},
+}
+
+
+def render_contrast(tissue: TissueMaps, modality: str, noise: float = 0.02, seed: int = 0,
+                    scale: float = 1000.0) -> np.ndarray:
+    """A skull-stripped scan in `modality` (T1, T2, FLAIR or PD) made from the tissue maps: each voxel mixes the
+    tissues' signals by their probabilities, plus Gaussian noise (a share of the brightest signal); 0 outside."""
+    signal = TISSUE_SIGNAL[normalise_modality(modality)]
+    csf = np.clip(1.0 - tissue.wm - tissue.gm, 0.0, 1.0)
+    out = signal["CSF"] * csf + signal["GM"] * tissue.gm + signal["WM"] * tissue.wm
+    out = out + noise * max(signal.values()) * np.random.default_rng(seed).standard_normal(out.shape)
+    return np.where(tissue.brain, np.clip(out, 0.0, None) * scale, 0.0).astype(np.float32)
