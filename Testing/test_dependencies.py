@@ -148,7 +148,8 @@ def test_requirements_match_pyproject_and_the_pinned_versions():
 
 def test_every_third_party_import_of_the_library_is_covered():
     """A new import in BrainAnomalyLib must come with a requirement here, or Slicer users get ImportError."""
-    covered = {deps._import_name(_name(r)) for r in ALL} | {deps._import_name(p) for p in deps.PROTECTED}
+    covered = ({deps._import_name(_name(r)).lower() for r in ALL}
+               | {deps._import_name(p).lower() for p in deps.PROTECTED})
     covered.add("simpleitk")
     found = set()
     for path in (ROOT / "BrainAnomalyLib").rglob("*.py"):

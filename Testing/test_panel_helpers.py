@@ -138,7 +138,9 @@ def test_worker_lists_devices_without_input(tmp_path):
     assert panel.describe_devices(answer)
     missing = subprocess.run([sys.executable, "-m", "BrainAnomalyLib.worker"], capture_output=True, text=True,
                              cwd=str(ROOT), timeout=120)
-    assert missing.returncode == 2 and "--input and --output-dir are required" in missing.stderr
+    error = json.loads(missing.stdout.strip().splitlines()[-1])  # reported on the protocol stream, as any bad input
+    assert missing.returncode == 2 and error["event"] == "error" and error["exit_code"] == 2
+    assert "needs an input volume and an output folder" in error["message"]
 
 
 def test_worker_device_listing_with_a_gpu(monkeypatch):

@@ -34,6 +34,7 @@ REQUIREMENTS: Tuple[str, ...] = (
     "safetensors>=0.4",  # model tensors
     "tqdm>=4.60",
     "matplotlib>=3.7",  # writers.py renders overlay.png with it
+    "pillow>=9",  # training reports store their figures as palette PNGs (matplotlib needs it too)
 )
 # Slicer's own builds: pinned to what is installed so that no dependency can make pip replace them.
 PROTECTED = ("numpy", "SimpleITK")
@@ -79,8 +80,13 @@ def installed_version(distribution: str) -> Optional[str]:
         return None
 
 
+# Distributions whose import name is not their name.
+_IMPORT_NAMES = {"pillow": "PIL"}
+
+
 def _import_name(distribution: str) -> str:
-    return distribution.lower().replace("-", "_")
+    name = distribution.lower().replace("-", "_")
+    return _IMPORT_NAMES.get(name, name)
 
 
 def _importable(module: str) -> bool:
