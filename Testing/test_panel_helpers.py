@@ -217,10 +217,11 @@ def test_detection_options():
     assert opts.skull_strip == "none" and not opts.bias_correction and opts.registration
     assert opts.fpr == pytest.approx(0.005) and opts.min_lesion_ml == pytest.approx(0.2)
     assert opts.per_lesion_segments and not opts.reuse_outputs
-    args = opts.worker_args()
-    assert "--no-bias-correction" in args and "--no-register" not in args
-    assert float(args[args.index("--min-lesion-ml") + 1]) == pytest.approx(0.2)  # the worker's table uses it
-    assert args[args.index("--skull-strip") + 1] == "none"
+    request = opts.request(Path("in.nrrd"), Path("out"))  # what the worker reads, built by the library
+    assert not request.preprocessing.bias_correction and request.preprocessing.registration
+    assert request.postprocessing.min_lesion_ml == pytest.approx(0.2)  # the worker's table uses it
+    assert request.preprocessing.skull_strip == "none" and request.threshold.fpr == pytest.approx(0.005)
+    assert request.model == "normative-t1-ixi" and request.output_format == "nrrd"
 
     default = panel.detection_options(model="", modality="")
     assert default.model is None and default.modality is None and default.skull_strip == "auto"

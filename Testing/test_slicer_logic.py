@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,8 +233,12 @@ class FakeWorker:
         self._events = []
         FakeWorker.instances.append(self)
 
+    def request(self):
+        """The DetectionRequest the logic wrote for the worker."""
+        return json.loads(Path(self.command[self.command.index("--request") + 1]).read_text(encoding="utf-8"))
+
     def start(self):
-        out = self.command[self.command.index("--output-dir") + 1]
+        out = self.request()["output"]
         if self.error:
             self._events.append({"event": "error", **self.error})
             self.returncode = self.error["exit_code"]
@@ -271,8 +276,8 @@ def test_results_go_with_the_runs_own_input_and_keep_device_and_notes(mrml_scene
     first, second = _input_node(mrml_scene, scan, "first"), _input_node(mrml_scene, scan, "second")
     logic = DetectionLogic(mrml_scene, process_factory=_factory(source=out_dir))
     run = logic.start(first, DetectionOptions(device="cuda", min_lesion_ml=0.3))
-    command = FakeWorker.instances[0].command
-    assert float(command[command.index("--min-lesion-ml") + 1]) == 0.3
+    request = FakeWorker.instances[0].request()
+    assert request["postprocessing"]["min_lesion_ml"] == 0.3 and request["device"] == "cuda"
     # The user selects another scan while the run is in flight; the results still belong to the first one.
     run.wait()
     out = logic.finish(run)

@@ -56,18 +56,16 @@ class DetectionOptions:
     reuse_outputs: bool = True
     calibration: str = "adaptive"
 
-    def worker_args(self) -> List[str]:
-        args = ["--device", self.device, "--skull-strip", self.skull_strip, "--fpr", repr(float(self.fpr)),
-                "--calibration", self.calibration, "--min-lesion-ml", repr(float(self.min_lesion_ml))]
-        if self.model:
-            args += ["--model", str(self.model)]
-        if self.modality:
-            args += ["--modality", self.modality]
-        if not self.bias_correction:
-            args.append("--no-bias-correction")
-        if not self.registration:
-            args.append("--no-register")
-        return args
+    def request(self, input_path: Path, output_dir: Path):
+        """The worker's DetectionRequest for these options, built and checked by BrainAnomalyLib (the one place
+        every front end builds one; a flat dict, as a parameter node gives it)."""
+        from BrainAnomalyLib.detection.request import DetectionRequest
+
+        return DetectionRequest.from_dict({
+            "input": str(input_path), "output": str(output_dir), "model": self.model, "modality": self.modality,
+            "device": self.device, "skull_strip": self.skull_strip, "bias_correction": self.bias_correction,
+            "registration": self.registration, "fpr": float(self.fpr), "calibration": self.calibration,
+            "min_lesion_ml": float(self.min_lesion_ml), "output_format": "nrrd"})
 
 
 def package_root() -> Path:
@@ -129,8 +127,10 @@ class DetectionRun:
         return self
 
     def command(self, input_path: Path) -> List[str]:
-        return [self.python, "-m", "BrainAnomalyLib.worker", "--input", str(input_path),
-                "--output-dir", str(self.output_dir), *self.options.worker_args()]
+        """The worker reads the run's request as JSON (written beside the exported input)."""
+        request = self.workdir / "request.json"
+        self.options.request(input_path, self.output_dir).to_json(request)
+        return [self.python, "-m", "BrainAnomalyLib.worker", "--request", str(request)]
 
     def poll(self) -> bool:
         """Pass new events on; True once the run has ended (see `state`)."""
