@@ -115,15 +115,29 @@ def froc_tables(results: Dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
+def _new_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display where reports are made
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(5.5, 4.5))
+
+
+def _finish_plot(fig, ax, path: Path, legend: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _froc_plot(results: Dict[str, dict], path: Path, title: str) -> None:
     """Patient detection (solid) and lesion sensitivity (dashed) against false findings per scan, one colour per
     scorer; the marker is the threshold evaluate used."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _new_plot()
     drawn = False
     for name, r in results.items():
         curve = r.get("froc")
@@ -142,20 +156,11 @@ def _froc_plot(results: Dict[str, dict], path: Path, title: str) -> None:
     ax.set_ylabel("sensitivity")
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "FROC", fontsize=9)
-    if drawn:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_plot(fig, ax, path, drawn)
 
 
 def _pr_plot(results: Dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _new_plot()
     drawn = False
     for name, r in results.items():
         curve = r.get("pr_curve")
@@ -170,8 +175,4 @@ def _pr_plot(results: Dict[str, dict], path: Path, title: str) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title(title or "voxel precision-recall", fontsize=9)
-    if drawn:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_plot(fig, ax, path, drawn)
