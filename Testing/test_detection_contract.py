@@ -193,7 +193,8 @@ def test_request_from_arguments_json_and_a_parameter_node_is_the_same(tmp_path):
                         ) == from_args
     with pytest.raises(BadInputError, match="not both"):
         read_request(["--request", str(tmp_path / "request.json"), "--model", "x"])
-    for bad, message in (({"value": 1.0, "fpr": 0.01}, "not both"), ({"fpr": 2}, "outside"),
+    for bad, message in (({"value": 1.0, "fpr": 0.01}, "only one of"), ({"fpr": 2}, "outside"),
+                         ({"false_findings": 20}, "between 0.05 and 10"),
                          ({"batch_size": "many"}, "not a valid int"), ({"colour": "red"}, "unknown request field"),
                          ({"output_format": "dicom"}, "unknown output format")):
         with pytest.raises(BadInputError, match=message):

@@ -393,7 +393,8 @@ def update_table(table, lesions: List[dict]) -> None:
         column = vtk.vtkIntArray() if name in INTEGER_COLUMNS else vtk.vtkDoubleArray()
         column.SetName(name)
         for row in rows:
-            column.InsertNextValue(row[c])
+            # a finding's healthy rate is empty at a plain voxel threshold
+            column.InsertNextValue(float("nan") if row[c] is None else row[c])
         t.AddColumn(column)
     table.SetUseColumnTitleAsColumnHeader(True)
     table.SetLocked(True)

@@ -92,11 +92,22 @@ def _write_summary(path: Path, rows) -> None:
 
 def print_summary(s: dict, out: Path) -> None:
     t = s["threshold"]
-    what = f"healthy FPR {t['fpr']:.2%}" if t.get("fpr") else t["source"]
+    if t.get("false_findings") is not None:
+        what = (f"findings that healthy scans produce at most {t['false_findings']:g} times per scan; cut at "
+                f"{t['value']:.4g}, the {t['fpr']:.0%} healthy voxel FPR")
+    else:
+        what = f"healthy FPR {t['fpr']:.2%}" if t.get("fpr") else t["source"]
     if "adaptive" in t:
         what += f", scan-adaptive from {t['cohort_value']:.4g}"
     print(f"model {s['model']['name']} ({s['modality']}); threshold {t['value']:.4g} ({what}); "
-          f"{s['n_lesions']} lesion(s), {s['anomalous_volume_ml']:.2f} mL; scan score {s['pred_score']:.3f}")
+          f"{s['n_lesions']} finding(s), {s['anomalous_volume_ml']:.2f} mL; scan score {s['pred_score']:.3f}")
+    for les in s["lesions"][:5]:
+        rate = les.get("healthy_rate")
+        seen = f"; healthy scans: {rate:.2g} such findings per scan" if rate is not None else ""
+        r, a, z = les["centroid_ras"]
+        print(f"  #{les['label']}: {les['volume_ml']:.2f} mL at RAS ({r:.0f}, {a:.0f}, {z:.0f}){seen}")
+    if len(s["lesions"]) > 5:
+        print(f"  ... {len(s['lesions']) - 5} more in lesions.csv")
     for note in s["notes"]:
         print(f"note: {note}")
     print(f"outputs in {out}")

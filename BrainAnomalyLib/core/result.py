@@ -25,6 +25,9 @@ class Result:
     # The model's FPR -> threshold curve for this scan (moved to it when calibration is scan-adaptive), so a viewer
     # can re-threshold by FPR without the model; None for an uncalibrated model.
     scan_curve: Optional[dict] = None
+    # The model's healthy finding scores (calibration.findings), so a viewer can move the lesion-level operating
+    # point without the model; None for a model without that calibration.
+    finding_calibration: Optional[dict] = None
     display_range: Optional[List[float]] = None  # heatmap window [low, high]
     peak_score: float = 0.0
     device: str = "cpu"  # where the scorer actually ran (after any out-of-memory fallback)
@@ -35,6 +38,7 @@ class Result:
                 "threshold": self.threshold, "min_lesion_ml": self.min_lesion_ml,
                 "n_lesions": len(self.lesions),
                 "anomalous_volume_ml": round(sum(les["volume_ml"] for les in self.lesions), 3),
-                "lesions": self.lesions, "scan_calibration": self.scan_curve, "display_range": self.display_range,
+                "lesions": self.lesions, "scan_calibration": self.scan_curve,
+                "finding_calibration": self.finding_calibration, "display_range": self.display_range,
                 "peak_score": self.peak_score, "device": self.device, "preprocessing": self.preprocessing,
                 "timings": self.timings, "notes": self.notes}

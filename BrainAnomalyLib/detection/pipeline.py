@@ -10,7 +10,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..calibration import AdaptiveReference, CalibrationCurve, ScanMove, Threshold, choose_threshold
+from ..calibration import (AdaptiveReference, CalibrationCurve, FindingCalibration, ScanMove, Threshold,
+                           choose_threshold)
+from ..calibration.findings import FindingRule
 from ..core.device import resolve_device
 from ..core.errors import BadInputError, BrainAnomalyError, ModelError, OutOfMemoryError
 from ..core.io import array_to_image, read_volume
@@ -174,17 +176,19 @@ class Detector:
         """Read the request's input and detect on it; returns the result and the scan read."""
         reporter = reporter or Reporter()
         self.check_modality(request.modality)
-        self.threshold(request.threshold.value, request.threshold.fpr)  # a bad threshold fails before the reading
+        t = request.threshold
+        self.threshold(t.value, t.fpr, t.false_findings)  # a bad threshold fails before the reading
         if not request.input:
             raise BadInputError("the request names no input volume")
         scan = read_volume(request.input, fill_nan=request.fill_nan)
-        return self.run(scan, request.modality, request.threshold.value, request.threshold.fpr, reporter), scan
+        return self.run(scan, request.modality, t.value, t.fpr, reporter, t.false_findings), scan
 
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
-            fpr: Optional[float] = None, reporter: Optional[Reporter] = None) -> Result:
+            fpr: Optional[float] = None, reporter: Optional[Reporter] = None,
+            false_findings: Optional[float] = None) -> Result:
         reporter = reporter or Reporter()
         declared, modality = modality, self.check_modality(modality)
-        chosen = self.threshold(threshold, fpr)
+        chosen = self.threshold(threshold, fpr, false_findings)
         started = time.perf_counter()
         analysis = self.analyse(native, reporter.sub(0.0, 0.9), declared=declared)
         result = self.to_result(native, analysis, self.for_scan(chosen, analysis), modality,
@@ -192,31 +196,33 @@ class Detector:
         result.timings["total"] = round(time.perf_counter() - started, 3)
         return result
 
-    def threshold(self, threshold: Optional[float] = None, fpr: Optional[float] = None) -> Threshold:
+    def threshold(self, threshold: Optional[float] = None, fpr: Optional[float] = None,
+                  false_findings: Optional[float] = None) -> Threshold:
         try:
-            return choose_threshold(self.model.meta, threshold, fpr)
+            return choose_threshold(self.model.meta, threshold, fpr, false_findings)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
 
-    def scan_move(self, scores: GridScores) -> Optional[ScanMove]:
-        """How this scan's scores sit against the healthy cohort's, when calibration is scan-adaptive; None where
-        thresholds stay as calibrated (cohort calibration, scores already relative to the scan, no reference)."""
+    def scan_move(self, stats: dict, reference: Optional[AdaptiveReference] = None) -> Optional[ScanMove]:
+        """How a scan's scores (their robust `stats`) sit against the healthy cohort's (`reference`, default the
+        model's), when calibration is scan-adaptive; None where thresholds stay as calibrated (cohort calibration,
+        scores already relative to the scan, no reference)."""
         if self.calibration != "adaptive" or self.scorer.scan_relative:
             return None
-        return ScanMove.between(AdaptiveReference.from_meta(self.model.meta), scores.stats)
+        return ScanMove.between(reference or AdaptiveReference.from_meta(self.model.meta), stats)
 
     def for_scan(self, chosen: Threshold, scores: GridScores) -> Threshold:
         """The threshold for this scan: the cohort one, moved to the scan's own score distribution when the
         calibration is scan-adaptive."""
         if self.calibration == "adaptive" and self.scorer.scan_relative and chosen.fpr is not None:
             return chosen.noted("; scores are relative to the scan's own intensities, so already scan-adaptive")
-        return chosen.moved(self.scan_move(scores))
+        return chosen.moved(self.scan_move(scores.stats))
 
     def scan_curve(self, scores: GridScores) -> Optional[CalibrationCurve]:
         """The model's calibration curve for this scan (moved as `for_scan` moves thresholds); None if the model
         is uncalibrated."""
         curve = CalibrationCurve.from_meta(self.model.meta)
-        return curve.moved(self.scan_move(scores)) if curve is not None else None
+        return curve.moved(self.scan_move(scores.stats)) if curve is not None else None
 
     def to_result(self, native: sitk.Image, analysis: GridAnalysis, chosen: Threshold, modality: str,
                   reporter: Optional[Reporter] = None, with_reconstruction: bool = True) -> Result:
@@ -238,14 +244,18 @@ class Detector:
             gain = (n_hi - n_lo) / max(s_hi - s_lo, 1e-6)
             recon = to_native(analysis.reconstruction, pre, native)
             recon = sitk.Mask(recon * float(gain) + float(n_lo - s_lo * gain), native_mask)
-        pred_mask, lesions = label_lesions(heat, chosen.value, self.postprocess_config.min_lesion_ml)
+        scan_curve = self.scan_curve(analysis)
+        curve = scan_curve.to_dict() if scan_curve is not None else None
+        finding_cal = FindingCalibration.from_meta(self.model.meta)
+        rule = None
+        if chosen.false_findings is not None and scan_curve is not None and finding_cal is not None:
+            rule = FindingRule(scan_curve, finding_cal, chosen.false_findings)
+        pred_mask, lesions = label_lesions(heat, chosen.value, self.postprocess_config.min_lesion_ml, rule=rule)
         reporter("back-project", 1.0)
         seconds = dict(analysis.seconds, back_project=time.perf_counter() - t)
         for step in pre.record:
             seconds[f"preprocess.{step['step']}"] = step["seconds"]
         m = self.model
-        scan_curve = self.scan_curve(analysis)
-        curve = scan_curve.to_dict() if scan_curve is not None else None
         peak = float(np.max(sitk.GetArrayViewFromImage(heat)))
         return Result(anomaly_map=heat, pred_mask=pred_mask, brain_mask=native_mask,
                       pred_score=scan_score(analysis.clean_map, analysis.scoring_mask), lesions=lesions,
@@ -255,6 +265,7 @@ class Detector:
                              "modality": m.modality, "description": m.meta.get("description"), "path": str(m.path)},
                       preprocessing=pre.record, timings={k: round(v, 3) for k, v in seconds.items()},
                       reconstruction=recon, scan_curve=curve,
+                      finding_calibration=finding_cal.to_dict() if finding_cal is not None else None,
                       display_range=display_range(curve, chosen.value, peak),
                       peak_score=peak, device=self.device, notes=list(pre.notes) + list(analysis.notes))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from ..calibration.findings import FindingRule
 
 
 @dataclass
@@ -92,21 +94,25 @@ def findings(binary: np.ndarray, voxel_ml: float, min_lesion_ml: float) -> np.nd
     return out
 
 
-def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float,
-                  numbered: bool = False) -> Tuple[sitk.Image, List[dict]]:
+def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: float, numbered: bool = False,
+                  rule: Optional[FindingRule] = None) -> Tuple[sitk.Image, List[dict]]:
     """Threshold a map on its own grid into a label map (1 = anomaly; with `numbered`, each lesion's number in
-    the table) and a lesion table, highest peak first."""
+    the table) and a lesion table (see label_array)."""
     mask, lesions = label_array(sitk.GetArrayViewFromImage(anomaly_map), ijk_to_ras(anomaly_map), threshold,
-                                min_lesion_ml, numbered)
+                                min_lesion_ml, numbered, rule)
     out = sitk.GetImageFromArray(mask)
     out.CopyInformation(anomaly_map)
     return out, lesions
 
 
 def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min_lesion_ml: float,
-                numbered: bool = False) -> Tuple[np.ndarray, List[dict]]:
+                numbered: bool = False, rule: Optional[FindingRule] = None) -> Tuple[np.ndarray, List[dict]]:
     """label_lesions on a (k, j, i) array with its 4x4 index -> RAS matrix, for callers that hold the voxels in
-    memory already (the Slicer module's threshold slider). Returns the label array and the lesion table."""
+    memory already (the Slicer module's threshold slider). Returns the label array and the lesion table.
+
+    Without a `rule` every component is a finding, highest peak first. With one (the lesion-level operating
+    point, `threshold` being the scan's base threshold), each finding gets its score and healthy rate, only those
+    the rule reports are kept (in the table and the label map), and the rarest in healthy scans come first."""
     voxel_ml = float(np.prod(np.linalg.norm(index_to_ras[:3, :3], axis=0))) / 1000.0
     labels, box, counts, keep = components(arr > threshold, voxel_ml, min_lesion_ml)
     n = counts.size - 1
@@ -125,6 +131,11 @@ def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min
         np.maximum.at(maxes, lab, values)
         centroids = np.stack([np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1)
                               for c in coords], axis=1) / np.maximum(counts, 1)[:, None]
+        scores = rates = None
+        if rule is not None:
+            scores = rule.scores(values, lab, n, voxel_ml, threshold)
+            rates = rule.rates(scores)
+            keep &= rule.reported(rates)
         for i in np.flatnonzero(keep):
             ijk = [float(centroids[i, 2]), float(centroids[i, 1]), float(centroids[i, 0])]
             ras = index_to_ras @ np.array(ijk + [1.0])
@@ -132,9 +143,12 @@ def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min
                             "volume_ml": round(float(counts[i]) * voxel_ml, 4),
                             "centroid_ras": [round(float(v), 2) for v in ras[:3]],
                             "centroid_ijk": [round(v, 2) for v in ijk],
-                            "mean_score": round(float(means[i]), 4), "max_score": round(float(maxes[i]), 4)})
-    # Most confident finding first: the peak score, not the size, is what ranks a finding.
-    lesions.sort(key=lambda d: (-d["max_score"], -d["voxels"]))
+                            "mean_score": round(float(means[i]), 4), "max_score": round(float(maxes[i]), 4),
+                            "finding_score": None if scores is None else float(f"{scores[i]:.4g}"),
+                            "healthy_rate": None if rates is None else float(f"{rates[i]:.3g}"),
+                            "_rank": -maxes[i] if scores is None else -scores[i]})
+    # Most confident finding first: the rarest in healthy scans where the finding calibration says, else the peak.
+    lesions.sort(key=lambda d: (d.pop("_rank"), -d["voxels"]))
     number = np.zeros(n + 1, np.uint16)
     for k, les in enumerate(lesions, start=1):
         les["label"] = k
@@ -152,6 +166,8 @@ LESION_COLUMNS = (
     ("centroid_r", "centroid_ras", 0), ("centroid_a", "centroid_ras", 1), ("centroid_s", "centroid_ras", 2),
     ("centroid_i", "centroid_ijk", 0), ("centroid_j", "centroid_ijk", 1), ("centroid_k", "centroid_ijk", 2),
     ("mean_score", "mean_score", None), ("max_score", "max_score", None),
+    # Lesion-level operating point (calibration.findings); empty for a voxel threshold.
+    ("finding_score", "finding_score", None), ("healthy_rate", "healthy_rate", None),
 )
 LESION_COLUMN_NAMES = tuple(name for name, _, _ in LESION_COLUMNS)
 INTEGER_COLUMNS = ("label", "voxels")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..calibration.findings import DEFAULT_FALSE_FINDINGS, FALSE_FINDINGS_RANGE, check_false_findings
 from ..core.errors import BadInputError
 
 CALIBRATIONS = ("adaptive", "cohort")
@@ -19,11 +20,13 @@ FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
 @dataclass
 class ThresholdSpec:
-    """A raw score, or a healthy voxel false-positive rate read from the model's calibration (the model's default
-    when neither is given); `calibration` says whether that cohort threshold moves to the scan (adaptive)."""
+    """A raw score, a healthy voxel false-positive rate, or a number of false findings per healthy scan (the
+    lesion-level operating point), read from the model's calibration (calibration.choose_threshold picks the
+    default when none is given); `calibration` says whether the cohort threshold moves to the scan (adaptive)."""
 
     value: Optional[float] = None
     fpr: Optional[float] = None
+    false_findings: Optional[float] = None
     calibration: str = "adaptive"
 
 
@@ -114,6 +117,7 @@ class DetectionRequest:
             "modality": a.get("modality"), "device": a.get("device") or "auto",
             "preprocessing": asdict(PreprocessOptions.from_args(args)),
             "threshold": {"value": a.get("threshold"), "fpr": a.get("fpr"),
+                          "false_findings": a.get("false_findings"),
                           "calibration": a.get("calibration") or "adaptive"},
             "postprocessing": {"erode_voxels": a.get("erode"), "median_size": a.get("median"),
                                "min_lesion_ml": a.get("min_lesion_ml")},
@@ -140,10 +144,15 @@ class DetectionRequest:
 
     def _check(self) -> None:
         t = self.threshold
-        if t.value is not None and t.fpr is not None:
-            raise BadInputError("give a raw threshold or a healthy FPR, not both")
+        if sum(v is not None for v in (t.value, t.fpr, t.false_findings)) > 1:
+            raise BadInputError("give only one of a raw threshold, a healthy FPR and a number of false findings")
         if t.fpr is not None and not 0.0 < t.fpr < 1.0:
             raise BadInputError(f"healthy FPR {t.fpr:g} is outside (0, 1); e.g. 0.01 for 1 %")
+        if t.false_findings is not None:
+            try:
+                check_false_findings(t.false_findings)
+            except ValueError as exc:
+                raise BadInputError(str(exc)) from None
         if t.calibration not in CALIBRATIONS:
             raise BadInputError(f"unknown calibration {t.calibration!r}; choose from {', '.join(CALIBRATIONS)}")
         if self.preprocessing.skull_strip not in (None, *SKULL_STRIP):
@@ -221,7 +230,12 @@ def add_options(p: argparse.ArgumentParser, output_format: str = "nifti") -> Non
                                                            "of refusing the scan")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="raw anomaly-score threshold")
-    g.add_argument("--fpr", type=float, help="calibrated healthy voxel false-positive rate, e.g. 0.01 (default)")
+    g.add_argument("--false-findings", type=float,
+                   help="report the findings that healthy scans produce at most this many times per scan "
+                        f"(lesion-level operating point, {FALSE_FINDINGS_RANGE[0]:g}-{FALSE_FINDINGS_RANGE[1]:g}; "
+                        f"default {DEFAULT_FALSE_FINDINGS:g} for models calibrated for it)")
+    g.add_argument("--fpr", type=float, help="instead: every finding above the calibrated healthy voxel "
+                                             "false-positive rate, e.g. 0.01")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     add_calibration_option(p)
     add_preprocess_options(p)

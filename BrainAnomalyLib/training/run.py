@@ -11,7 +11,9 @@ import numpy as np
 
 from .. import __version__
 from ..store.cache import cases_on_grid, grid_volumes
-from ..calibration import DEFAULT_FPRS, HealthyPool, labelled_refinement
+from ..calibration import (BASE_FPR, DEFAULT_FPRS, AdaptiveReference, CalibrationCurve, FindingCalibration,
+                           HealthyPool, labelled_refinement)
+from ..calibration.findings import FindingRule
 from ..core.errors import BadInputError
 from ..core.manifest import Case, read_manifest
 from ..store.models import Model, save_model
@@ -52,17 +54,42 @@ def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid,
 def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir: Optional[Path] = None,
               fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
     """A model's `calibration` record from healthy scans, through its own scoring and post-processing: the table
-    at `fprs`, the dense curve and the scan-adaptive reference (see calibration.HealthyPool)."""
+    at `fprs`, the dense curve and the scan-adaptive reference (see calibration.HealthyPool), and the findings
+    those scans produce at the base threshold (`findings`, see calibration.findings)."""
     from ..detection.pipeline import Detector
 
     det = Detector(model, device="cpu")
-    pool, skipped = HealthyPool(), []
-    for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter, cache_dir,
-                                           "calibrate", skipped):
+    pool, skipped, kept = HealthyPool(), [], []
+    for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter.sub(0.0, 0.9),
+                                           cache_dir, "calibrate", skipped):
         scores = det.score_grid(image, mask)
         # The whole grid brain mask, eroded-away voxels (scoring 0) included: see HealthyPool.
         pool.add(case.subject, scores.clean_map[mask], scores.stats)
-    return pool.calibration(fprs, skipped)
+        kept.append((scores.clean_map, scores.stats))
+    record = pool.calibration(fprs, skipped)
+    record["findings"] = healthy_findings(det, record, kept, reporter.sub(0.9, 1.0))
+    return record
+
+
+def healthy_findings(det, record: dict, maps: Sequence[Tuple[np.ndarray, dict]], reporter: Reporter) -> dict:
+    """The finding calibration from healthy scans' cleaned grid maps (and their robust statistics): each scan's
+    findings at its own base threshold, as detection cuts them on a scan (the cohort curve moved by the scan's
+    own move against the reference this same calibration measured)."""
+    from ..detection.postprocess import label_array
+
+    curve = CalibrationCurve.from_calibration(record)
+    reference = AdaptiveReference.from_stats(stats for _, stats in maps)
+    index_to_ras = np.diag(list(det.grid.spacing) + [1.0])  # only the voxel volume matters here
+    per_scan = []
+    for i, (clean, stats) in enumerate(maps):
+        reporter("healthy findings", i / max(len(maps), 1))
+        scan_curve = curve.moved(det.scan_move(stats, reference))
+        rule = FindingRule(scan_curve)
+        _, lesions = label_array(clean, index_to_ras, scan_curve.threshold(BASE_FPR),
+                                 det.postprocess_config.min_lesion_ml, rule=rule)
+        per_scan.append([les["finding_score"] for les in lesions])
+    reporter("healthy findings", 1.0)
+    return FindingCalibration.from_scans(per_scan, BASE_FPR).to_dict()
 
 
 def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
