@@ -220,6 +220,43 @@ def test_held_out_healthy_fpr_at_one_percent(data, calibrated, mode):
     assert 0.005 <= fpr <= 0.02, f"held-out healthy FPR {fpr:.4f} at the 1 % threshold"
 
 
+def test_lesion_level_operating_point_on_held_out_scans(data, calibrated):
+    """The default operating point (0.5 false findings per healthy scan, measured by `calibrate` on its healthy
+    scans): OTHER healthy scans get few findings, and the lesion case's lesion is reported first."""
+    from BrainAnomalyLib.core.io import read_volume
+    from BrainAnomalyLib.detection.pipeline import Detector
+
+    model = load_model(calibrated.folder)
+    found = model.meta["calibration"]["findings"]
+    assert found["n_scans"] == 8 and found["n_findings"] == len(found["scores"]) > 0
+    assert "false findings per healthy scan" in calibrated.stdout
+    det = Detector(model, device="cpu")
+    counts = []
+    for case in data.held:
+        result = det.run(read_volume(case.image))
+        assert result.threshold["false_findings"] == 0.5 and "lesion-level" in result.threshold["source"]
+        assert all(les["healthy_rate"] <= 0.5 for les in result.lesions)
+        counts.append(len(result.lesions))
+    assert np.mean(counts) <= 1.5, counts
+    result = det.run(read_volume(data.lesion.image))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data.lesion.mask))) > 0
+    assert result.lesions and result.lesions[0]["healthy_rate"] == min(les["healthy_rate"] for les in result.lesions)
+    # the first finding is the lesion (its centroid lies within 3 voxels of the lesion's), and the label map holds it
+    first = np.array(result.lesions[0]["centroid_ijk"][::-1])
+    assert np.linalg.norm(first - np.argwhere(truth).mean(axis=0)) < 3.0
+    assert (sitk.GetArrayFromImage(result.pred_mask)[truth] > 0).mean() > 0.3
+
+
+def test_calibrated_copy_keeps_the_model_card(data, tmp_path):
+    source = _copy_model(data, tmp_path / "carded")
+    (source / "MODEL_CARD.md").write_text("# card\n")
+    code, _, err = run_calibrate(["--model", source, "--manifest", data.cal, "--cache-dir", data.cache,
+                                  "-o", tmp_path / "copy", "-q"])
+    assert code == 0, err
+    assert (tmp_path / "copy" / "MODEL_CARD.md").read_text() == "# card\n"
+    load_model(tmp_path / "copy")
+
+
 def test_round_trip_and_clamping(calibrated):
     meta = load_model(calibrated.folder).meta
     curve = CalibrationCurve.from_meta(meta)

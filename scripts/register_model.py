@@ -14,19 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.core.files import folder_digest, staged_folder, write_atomic  # noqa: E402
-from BrainAnomalyLib.store.models import META_FILE, TENSOR_FILE, load_model, save_model, shipped_registry_file  # noqa: E402,E501
+from BrainAnomalyLib.store.models import load_model, save_model, shipped_registry_file  # noqa: E402
 
 
 def store_half(folder: Path) -> None:
     """Re-write a model folder's tensors in half precision, keeping its other files (card, training report); the
     folder is swapped in whole, so a failure leaves the model as it was."""
     model = load_model(folder)
-    with staged_folder(folder) as stage:
-        save_model(stage, model.meta, model.tensors, half=True)
-        for p in folder.rglob("*"):
-            if p.is_file() and p.relative_to(folder).as_posix() not in (META_FILE, TENSOR_FILE):
-                (stage / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(p, stage / p.relative_to(folder))
+    save_model(folder, model.meta, model.tensors, half=True, keep_files_of=folder)
 
 
 def main() -> int:

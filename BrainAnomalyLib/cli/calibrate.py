@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..calibration import DEFAULT_FPR, DEFAULT_FPRS, with_labelled
+from ..calibration import DEFAULT_FALSE_FINDINGS, DEFAULT_FPR, DEFAULT_FPRS, FindingCalibration, with_labelled
 from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
 from .progress_bar import ProgressBar
@@ -149,7 +149,7 @@ def run(args, cancel: CancelToken) -> int:
     finally:
         bar.close()
     try:
-        folder = save_model(target, meta, model.tensors)
+        folder = save_model(target, meta, model.tensors, keep_files_of=model.path)
     except OSError as exc:
         raise BadInputError(f"cannot write the model to {target}: {exc}") from None
     print(format_report(model.name, calib, folder, in_place))
@@ -171,6 +171,12 @@ def format_report(name: str, calib: dict, folder: Path, in_place: bool) -> str:
     for k, v in sorted(calib["thresholds"].items(), key=lambda kv: float(kv[0])):
         mark = "  (default)" if np.isclose(float(k), DEFAULT_FPR) else ""
         lines.append(f"  {_pct(float(k)):>17}   {v:.4g}{mark}")
+    found = FindingCalibration.from_dict(calib.get("findings"))
+    if found is not None:
+        lines.append(f"lesion-level: {found.scores.size / found.n_scans:.1f} findings per healthy scan at the "
+                     f"{_pct(found.base_fpr)} voxel threshold; the default {DEFAULT_FALSE_FINDINGS:g} false findings "
+                     f"per healthy scan reports findings scoring at least {found.threshold(DEFAULT_FALSE_FINDINGS):.3g}"
+                     " (detection's default operating point)")
     lab = calib.get("labelled")
     if lab:
         fpr = _pct(lab.get("healthy_fpr"))
@@ -180,7 +186,7 @@ def format_report(name: str, calib: dict, folder: Path, in_place: bool) -> str:
         elif ts and lab["threshold"] < min(ts):
             fpr = f"above {fpr}"
         lines.append(f"labelled refinement ({lab['n_cases']} case(s), stored separately; detection still defaults "
-                     f"to the label-free {_pct(DEFAULT_FPR)} threshold): threshold {lab['threshold']:.4g}, pooled "
+                     f"to the label-free calibration): threshold {lab['threshold']:.4g}, pooled "
                      f"Dice {lab['dice']:.3f}, healthy FPR {fpr}")
     lines.append(f"model {'updated in place' if in_place else 'written'}: {folder}")
     return "\n".join(lines)

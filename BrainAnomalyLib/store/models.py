@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -64,14 +65,23 @@ class Model:
 
 
 def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = None,
-               half: Optional[bool] = None) -> Path:
+               half: Optional[bool] = None, keep_files_of=None) -> Path:
     """Write a model folder: built next to `folder` and swapped in whole, so a failure at any point (calibrating a
     model in place included) leaves the previous model as it was.
 
     `half` stores the float32 tensors as float16 (read back as float32); None keeps what `meta` says, so a model
-    stored in half precision stays so when it is re-saved (e.g. recalibrated)."""
+    stored in half precision stays so when it is re-saved (e.g. recalibrated). `keep_files_of`, a model folder
+    (the same one, or the one a copy is made from), hands on its other files: the model card, the training
+    report."""
     folder = Path(folder)
     with staged_folder(folder) as stage:
+        if keep_files_of is not None:
+            source = Path(keep_files_of)
+            for p in source.rglob("*"):
+                rel = p.relative_to(source)
+                if p.is_file() and rel.as_posix() not in (META_FILE, TENSOR_FILE):
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(p, stage / rel)
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, files={})
         if half is None:
             half = meta.get("storage_dtype") == HALF

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Re-calibrate the shipped models on the healthy calibration split they were calibrated on, reproducibly: the
+voxel table and curve come out as before (checked) and the lesion-level calibration (`calibration.findings`) is
+added. Members go first; an ensemble is then re-pinned to its re-calibrated members and calibrated itself.
+Model cards and training reports are kept; the registry's checksums and sizes are updated, its metrics kept.
+
+    python scripts/recalibrate_shipped.py [--data ../shared/data] [--model ID ...]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from BrainAnomalyLib.core.files import folder_digest, write_atomic  # noqa: E402
+from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.store.ensembles import build_ensemble  # noqa: E402
+from BrainAnomalyLib.store.models import META_FILE, resolve_model, save_model, shipped_registry_file  # noqa: E402
+from BrainAnomalyLib.training.run import calibrate, split_subjects  # noqa: E402
+
+
+def healthy_cases(data: Path, modality: str, old: dict):
+    """The scans the model was calibrated on: the subjects its record names, else its split of the IXI cohort."""
+    cases = [c for c in read_manifest(data / "ixi_t1_2mm.csv", modality) if c.mask is None]
+    if old.get("subjects"):
+        return [c for c in cases if c.subject in set(old["subjects"])]
+    split = old.get("split") or "calibration"
+    return split_subjects(cases)[split] if split != "all" else cases
+
+
+def folder_of(model_id: str) -> Path:
+    return shipped_registry_file().parent / model_id
+
+
+def meta_of(model_id: str) -> dict:
+    # read directly: an ensemble whose members were just re-calibrated no longer loads until it is re-pinned
+    return json.loads((folder_of(model_id) / META_FILE).read_text(encoding="utf-8"))
+
+
+def repin(model_id: str) -> None:
+    """Pin an ensemble to its members' current folders (their healthy scales are unchanged by re-calibration)."""
+    meta = meta_of(model_id)
+    members = [resolve_model(m["id"]) for m in meta["params"]["members"]]
+    meta["params"] = build_ensemble(members, meta["params"].get("weights") or ())
+    save_model(folder_of(model_id), meta, None, keep_files_of=folder_of(model_id))
+    update_registry([model_id])
+
+
+def recalibrate(model_id: str, data: Path) -> None:
+    model = resolve_model(model_id)
+    old = dict(model.meta.get("calibration") or {})
+    cases = healthy_cases(data, model.modality, old)
+    fprs = sorted(float(k) for k in old.get("thresholds", {})) or None
+    t = time.perf_counter()
+    record = calibrate(model, cases, Reporter(), None, *([fprs] if fprs else []))
+    for key in ("thresholds", "curve", "adaptive"):
+        if old.get(key) is not None and json.dumps(old[key]) != json.dumps(record[key]):
+            print(f"note: {model_id}: the voxel calibration's {key} changed on re-calibration", file=sys.stderr)
+    keep = {k: old[k] for k in ("manifest", "modality", "split", "created_with") if k in old}
+    meta = dict(model.meta, calibration=dict(record, **keep, seconds=round(time.perf_counter() - t, 1)))
+    save_model(model.path, meta, model.tensors, keep_files_of=model.path)
+    update_registry([model_id])
+    f = meta["calibration"]["findings"]
+    print(f"{model_id}: {f['per_scan']:.1f} findings per healthy scan at the {f['base_fpr']:.0%} base threshold "
+          f"({f['n_scans']} scans)", flush=True)
+
+
+def update_registry(model_ids) -> None:
+    registry = shipped_registry_file()
+    data = json.loads(registry.read_text(encoding="utf-8"))
+    for entry in data["models"]:
+        if entry["id"] in model_ids:
+            folder = registry.parent / entry["path"]
+            entry["sha256"] = folder_digest(folder)
+            entry["size_bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    write_atomic(registry, json.dumps(data, indent=2) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--model", action="append", help="only these shipped models (default: every calibrated one)")
+    args = ap.parse_args()
+    registry = json.loads(shipped_registry_file().read_text(encoding="utf-8"))
+    ids = args.model or [e["id"] for e in registry["models"]]
+    calibrated = [i for i in ids if meta_of(i).get("calibration")]
+    # members before ensembles: an ensemble pins its members' folders
+    for model_id in sorted(calibrated, key=lambda i: meta_of(i)["kind"] == "ensemble"):
+        if meta_of(model_id)["kind"] == "ensemble":
+            repin(model_id)
+        recalibrate(model_id, args.data)
+    skipped = sorted(set(ids) - set(calibrated))
+    if skipped:
+        print(f"not calibrated on healthy scans, left as they are: {', '.join(skipped)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
