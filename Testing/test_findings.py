@@ -43,18 +43,20 @@ def test_rate_counts_healthy_findings_and_falls_with_the_score(calibrated):
     _, cal = calibrated
     assert cal.n_scans == 20 and cal.scores.size > 40  # several findings per healthy map at 1 %
     s = np.sort(cal.scores)
-    # Below the tail the rate is the plain count of healthy findings scoring at least as high, per scan.
+    # Below the tail the calibration scans' own rate is the plain count of healthy findings scoring at least as
+    # high, per scan; the rate reported is an upper bound over resamples of the scans: never below it.
     for v in s[: s.size - 12: 7]:
-        assert cal.rate(v) == pytest.approx(np.sum(cal.scores >= v) / cal.n_scans, rel=1e-6)
+        assert cal.point_rate(v) == pytest.approx(np.sum(cal.scores >= v) / cal.n_scans, rel=1e-6)
     grid = np.geomspace(s[0] / 2, s[-1] * 20, 400)
     r = cal.rate(grid)
-    assert np.all(np.diff(r) <= 1e-12) and r[0] == pytest.approx(s.size / 20)
+    assert np.all(r >= cal.point_rate(grid) * (1 - 1e-6))
+    assert np.all(np.diff(r) <= 1e-12) and r[0] >= s.size / 20 * 0.999
     assert 0 < r[-1] < 1 / 20  # beyond every healthy finding the tail still ranks, below 1 per 20 scans
     for target in (0.05, 0.2, 0.5, 1.0, 2.0):
         assert cal.rate(cal.threshold(target)) == pytest.approx(target, rel=1e-6)
     assert cal.threshold(10.0) <= s[0] or cal.rate(cal.threshold(10.0)) == pytest.approx(10.0)
     back = FindingCalibration.from_dict(cal.to_dict())
-    assert back.n_scans == 20 and np.allclose(back.rate(grid), r, rtol=1e-5)
+    assert back.n_scans == 20 and np.allclose(back.rate(grid), r, rtol=1e-4)  # stored to 6 digits, same seed
 
 
 def test_held_out_healthy_maps_get_the_target_number_of_findings(calibrated):

@@ -7,18 +7,20 @@ the minimum lesion size. Its score is its *excess mass*: the sum over its voxels
 the voxel volume (mL x decades). It grows with both size and strength; it is in physical units, so findings on a
 scan's own grid and on the model grid compare; and it is the same unit for every model.
 
-A model's calibration keeps the scores of all findings its healthy calibration scans produced (`findings` entry);
-a finding's *healthy rate* is how many findings per healthy scan score at least as high. The default report keeps
-the findings whose healthy rate is at most DEFAULT_FALSE_FINDINGS, so a healthy scan gets that many false findings
-on average. Above the top healthy scores the rate continues as an exponential tail in log-score fitted to the top
-TAIL_POINTS healthy findings (peaks over a threshold), so the strongest findings are still ranked and get a rate
-below 1 / number of scans rather than a flat 0.
+A model's calibration keeps the scores of the findings each healthy calibration scan produced (`findings` entry);
+a finding's *healthy rate* is how many findings per healthy scan score at least as high, read conservatively (an
+upper confidence bound over resamples of the calibration scans, see FindingCalibration). The default report keeps
+the findings whose healthy rate is at most DEFAULT_FALSE_FINDINGS, so a healthy scan gets at most about that many
+false findings on average. Above the top healthy scores the rate continues as an exponential tail in log-score
+fitted to the top TAIL_POINTS healthy findings (peaks over a threshold), so the strongest findings are still
+ranked and get a rate below 1 / number of scans rather than a flat 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from functools import cached_property
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +31,10 @@ DEFAULT_FALSE_FINDINGS = 0.5
 FALSE_FINDINGS_RANGE = (0.05, 10.0)
 SCORE_NAME = "excess mass (mL x decades of healthy voxel FPR above the base threshold)"
 TAIL_POINTS = 10
+CONFIDENCE = 0.9
+BOOTSTRAP = 200
+GRID_POINTS = 400
+SEED = 0
 _FLOOR = 1e-9  # scores are positive; a log needs a floor
 
 
@@ -54,90 +60,136 @@ def strength(curve: CalibrationCurve, scores: np.ndarray) -> np.ndarray:
     return -out / np.log(10.0)
 
 
+class PointRate:
+    """Findings per healthy scan scoring at least a given score, from one set of healthy scans: the count of
+    healthy findings at or above it (log-interpolated between them), and above the TAIL_POINTS-th highest an
+    exponential tail in log-score fitted to the top ones (peaks over a threshold)."""
+
+    def __init__(self, scores: np.ndarray, n_scans: int):
+        self.logs = np.sort(np.log(np.maximum(np.asarray(scores, np.float64), _FLOOR)))  # ascending
+        self.n_scans = n_scans
+        uniq = np.unique(self.logs)
+        counts = self.logs.size - np.searchsorted(self.logs, uniq, side="left")
+        self.steps = (uniq, np.log(counts / n_scans))
+        self.tail = None
+        k = min(TAIL_POINTS, self.logs.size - 1)
+        if k >= 2:
+            top = self.logs[::-1][:k + 1]
+            excess = float(np.mean(top[:k] - top[k]))
+            # The tail starts at the (k+1)-th highest score, which k+1 healthy findings reach: continuous there.
+            self.tail = (float(top[k]), (k + 1) / n_scans, 1.0 / max(excess, 1e-6))
+
+    def __call__(self, log_scores: np.ndarray) -> np.ndarray:
+        s = np.atleast_1d(np.asarray(log_scores, np.float64))
+        if self.logs.size == 0:
+            return np.zeros(s.shape)
+        logs, lr = self.steps
+        out = np.exp(np.interp(s, logs, lr))
+        if self.tail is not None:
+            start, rate0, decay = self.tail
+            above = s > start
+            out[above] = rate0 * np.exp(-decay * (s[above] - start))
+        else:
+            out[s > logs[-1]] = 0.0
+        return out
+
+
 @dataclass(frozen=True)
 class FindingCalibration:
-    """The scores of the findings a model's healthy calibration scans produced at `base_fpr`, highest first."""
+    """The scores of the findings each healthy calibration scan produced at `base_fpr`.
 
-    scores: np.ndarray
-    n_scans: int
+    A finding's healthy rate is read conservatively: healthy scans differ (a few produce many strong findings)
+    and a calibration holds a few dozen of them, so the rate a new healthy scan meets can be well above the
+    calibration scans' own average. The rate reported is the CONFIDENCE quantile of that average over BOOTSTRAP
+    resamples of the calibration scans (fixed seed: the same model always gives the same rates)."""
+
+    per_scan: Tuple[Tuple[float, ...], ...]
     base_fpr: float = BASE_FPR
 
     @classmethod
     def from_scans(cls, per_scan: Iterable[Sequence[float]], base_fpr: float = BASE_FPR) -> "FindingCalibration":
-        per_scan = [list(s) for s in per_scan]
+        per_scan = tuple(tuple(float(v) for v in s) for s in per_scan)
         if not per_scan:
             raise ValueError("no healthy scans to calibrate findings on")
-        scores = np.sort(np.asarray([v for s in per_scan for v in s], np.float64))[::-1]
-        return cls(scores, len(per_scan), float(base_fpr))
+        return cls(per_scan, float(base_fpr))
 
     @classmethod
     def from_dict(cls, record: Optional[dict]) -> Optional["FindingCalibration"]:
-        if not record or "scores" not in record or not record.get("n_scans"):
+        if not record or not record.get("per_scan_scores"):
             return None
-        return cls(np.sort(np.asarray(record["scores"], np.float64))[::-1], int(record["n_scans"]),
-                   float(record.get("base_fpr", BASE_FPR)))
+        return cls.from_scans(record["per_scan_scores"], float(record.get("base_fpr", BASE_FPR)))
 
     @classmethod
     def from_meta(cls, meta: Optional[dict]) -> Optional["FindingCalibration"]:
         return cls.from_dict(((meta or {}).get("calibration") or {}).get("findings"))
 
+    @property
+    def n_scans(self) -> int:
+        return len(self.per_scan)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Every healthy finding's score, highest first."""
+        return np.sort(np.asarray([v for s in self.per_scan for v in s], np.float64))[::-1]
+
     def to_dict(self) -> dict:
         return {"method": SCORE_NAME, "base_fpr": self.base_fpr, "n_scans": self.n_scans,
                 "n_findings": int(self.scores.size), "per_scan": round(self.scores.size / self.n_scans, 3),
-                "tail_points": TAIL_POINTS, "scores": [float(f"{v:.6g}") for v in self.scores]}
+                "rate": f"upper {CONFIDENCE:.0%} bootstrap bound ({BOOTSTRAP} resamples of the scans), "
+                        f"exponential tail over the top {TAIL_POINTS}",
+                "per_scan_scores": [[float(f"{v:.6g}") for v in s] for s in self.per_scan]}
 
-    def _tail(self):
-        """(log-score where the tail starts, its rate there, decay per unit log-score) or None with too few
-        findings: an exponential tail fitted by the mean excess of the top log-scores over the k-th."""
-        k = min(TAIL_POINTS, self.scores.size - 1)
-        if k < 2:
-            return None
-        logs = np.log(np.maximum(self.scores[:k + 1], _FLOOR))
-        excess = float(np.mean(logs[:k] - logs[k]))
-        # The tail starts at the (k+1)-th highest score, which k+1 healthy findings reach: continuous there.
-        return float(logs[k]), (k + 1) / self.n_scans, 1.0 / max(excess, 1e-6)
+    def point_rate(self, scores) -> np.ndarray:
+        """The calibration scans' own average: findings per scan scoring at least `scores`."""
+        s = np.log(np.maximum(np.asarray(scores, np.float64), _FLOOR))
+        return PointRate(self.scores, self.n_scans)(s).reshape(np.shape(scores))
 
-    def _steps(self):
-        """(distinct healthy log-scores ascending, log of the findings per scan scoring at least each)."""
-        logs = np.log(np.maximum(self.scores[::-1], _FLOOR))
-        uniq = np.unique(logs)
-        counts = logs.size - np.searchsorted(logs, uniq, side="left")
-        return uniq, np.log(counts / self.n_scans)
+    @cached_property
+    def _upper(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(log-score grid, log of the conservative rate there, non-increasing)."""
+        all_scores = self.scores
+        if all_scores.size == 0:
+            return np.zeros(1), np.full(1, -np.inf)
+        lo = np.log(max(float(all_scores.min()), _FLOOR)) - 1.0
+        hi = np.log(max(float(all_scores.max()), _FLOOR)) + 6.0
+        grid = np.linspace(lo, hi, GRID_POINTS)
+        rng = np.random.default_rng(SEED)
+        arrays = [np.asarray(s, np.float64) for s in self.per_scan]
+        rates = np.empty((BOOTSTRAP, grid.size))
+        for b in range(BOOTSTRAP):
+            pick = rng.integers(0, len(arrays), len(arrays))
+            rates[b] = PointRate(np.concatenate([arrays[i] for i in pick]), len(arrays))(grid)
+        upper = np.maximum.accumulate(np.quantile(rates, CONFIDENCE, axis=0)[::-1])[::-1]  # never rises
+        with np.errstate(divide="ignore"):
+            return grid, np.log(upper)
 
     def rate(self, scores) -> np.ndarray:
-        """Findings per healthy scan scoring at least `scores` (an array or a number; float64). Below the lowest
-        healthy score: every healthy finding counts."""
+        """Findings per healthy scan scoring at least `scores` (conservative, see the class; float64, the shape of
+        `scores`). Below every healthy finding: all of them."""
+        grid, lr = self._upper
         s = np.log(np.maximum(np.asarray(scores, np.float64), _FLOOR))
-        if self.scores.size == 0:
-            return np.zeros(s.shape)
-        logs, lr = self._steps()
-        out = np.atleast_1d(np.exp(np.interp(s, logs, lr)))
-        s = np.atleast_1d(s)
-        tail = self._tail()
-        if tail is not None:
-            start, rate0, decay = tail
-            above = s > start
-            out[above] = rate0 * np.exp(-decay * (s[above] - start))
-        else:
-            out[s > logs[-1]] = 0.0
-        return out.reshape(np.shape(scores))
+        out = np.exp(np.interp(s, grid, lr))
+        if np.isfinite(lr[-1]) and lr.size > 1:  # past the grid the tail's decay carries on
+            slope = (lr[-1] - lr[-2]) / (grid[-1] - grid[-2])
+            out = np.where(s > grid[-1], np.exp(lr[-1] + slope * (s - grid[-1])), out)
+        return out
 
     def threshold(self, false_findings: float) -> float:
-        """The finding score above which healthy scans produce `false_findings` findings per scan on average (0
-        where they produce fewer than that at the base threshold: every finding is then reported)."""
-        target = check_false_findings(false_findings)
-        if self.scores.size == 0:
+        """The finding score from which healthy scans produce `false_findings` findings per scan (conservatively);
+        0 where they produce fewer at the base threshold (every finding is then reported)."""
+        target = np.log(check_false_findings(false_findings))
+        grid, lr = self._upper
+        if not np.isfinite(lr[0]) or target >= lr[0]:
             return 0.0
-        tail = self._tail()
-        if tail is not None and target <= tail[1]:
-            start, rate0, decay = tail
-            return float(np.exp(start + np.log(rate0 / target) / decay))
-        logs, lr = self._steps()
-        if np.log(target) >= lr[0]:
-            return 0.0
-        if np.log(target) < lr[-1]:  # no tail (too few findings): just above the top healthy score
-            return float(np.nextafter(np.exp(logs[-1]), np.inf))
-        return float(np.exp(np.interp(-np.log(target), -lr, logs)))
+        if target < lr[-1]:
+            slope = (lr[-1] - lr[-2]) / (grid[-1] - grid[-2])
+            return float(np.exp(grid[-1] + (target - lr[-1]) / slope))
+        # first grid point at or below the target, then linear back to where the curve crosses it
+        i = int(np.argmax(lr <= target))
+        if i == 0:
+            return float(np.exp(grid[0]))
+        x0, x1, y0, y1 = grid[i - 1], grid[i], lr[i - 1], lr[i]
+        return float(np.exp(x1 if y1 == y0 else x0 + (target - y0) * (x1 - x0) / (y1 - y0)))
 
 
 @dataclass(frozen=True)
