@@ -37,8 +37,10 @@ class BrainAnomaly(ScriptedLoadableModule):
         self.parent.helpText = (
             "Unsupervised anomaly detection in brain MRI. A model of healthy brains flags what it cannot explain: "
             "a heatmap over the scan, a label map, a segmentation and a table of lesions (click a row to jump to it). "
-            "The threshold slider is in healthy false-positive rate (how often healthy tissue would be flagged), "
-            "mapped through the model's calibration; moving it re-thresholds without running the model again. "
+            "For models calibrated for findings the threshold slider is in false findings per healthy scan (how many "
+            "findings a healthy scan would get; each finding's healthy rate is in the table, rarest first); tick "
+            "'Voxel threshold' for the healthy voxel false-positive rate instead (the only unit for other models). "
+            "Moving it re-thresholds without running the model again. "
             "Inference runs in a separate process and can be cancelled. Research use only, not for diagnosis.")
         self.parent.acknowledgementText = (
             "Uses the MNI152 2009a template shipped with nilearn, deepbet for skull stripping, SimpleITK for N4 and "

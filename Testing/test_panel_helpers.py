@@ -3,6 +3,7 @@ shows, and the options a click on "Detect anomalies" hands the logic."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -49,6 +50,62 @@ def test_threshold_text():
     text = panel.threshold_text(None, 1.5, calibrated=False)
     assert "1.50" in text and "no calibration" in text
     assert "no calibration" in panel.threshold_text(None, None, calibrated=False)
+
+
+def test_findings_slider_spans_the_librarys_range_on_a_log_scale():
+    from BrainAnomalyLib.calibration.findings import FALSE_FINDINGS_RANGE
+
+    lo, hi = FALSE_FINDINGS_RANGE
+    assert panel.slider_to_false_findings(panel.FINDINGS_SLIDER_MIN) == pytest.approx(lo)
+    assert panel.slider_to_false_findings(panel.FINDINGS_SLIDER_MAX) == pytest.approx(hi)
+    assert panel.slider_to_false_findings(-9.0) == pytest.approx(lo) and panel.slider_to_false_findings(9.0) == hi
+    assert panel.slider_to_false_findings(panel.false_findings_to_slider(None)) == 0.5  # the default
+    middle = (panel.FINDINGS_SLIDER_MIN + panel.FINDINGS_SLIDER_MAX) / 2  # log scale: the geometric mean
+    assert panel.slider_to_false_findings(middle) == pytest.approx((lo * hi) ** 0.5, rel=0.02)
+    values = [panel.slider_to_false_findings(panel.FINDINGS_SLIDER_MIN + k * 0.05) for k in range(47)]
+    assert values == sorted(values) and len(set(values)) > 30
+    for target in (0.05, 0.1, 0.5, 2.0, 10.0):
+        assert panel.slider_to_false_findings(panel.false_findings_to_slider(target)) == pytest.approx(target)
+    assert panel.false_findings_to_slider(100.0) == panel.FINDINGS_SLIDER_MAX
+    assert panel.false_findings_to_slider(float("nan")) == panel.false_findings_to_slider(0.5)
+
+
+def test_threshold_unit_follows_the_results_calibration_and_the_checkbox():
+    calibrated = {"curve": {"fpr": [0.01]}, "findings": {"scores": [2.0, 1.0], "n_scans": 3}}
+    assert panel.threshold_unit(calibrated, voxel_threshold=False) == panel.FINDINGS
+    assert panel.threshold_unit(calibrated, voxel_threshold=True) == panel.VOXEL
+    # Models calibrated before findings were, uncalibrated models: the voxel FPR slider.
+    assert panel.threshold_unit(dict(calibrated, findings=None), False) == panel.VOXEL
+    assert panel.threshold_unit(dict(calibrated, curve=None), False) == panel.VOXEL
+    assert panel.threshold_unit({"curve": None}, False) == panel.VOXEL
+    # No outputs yet: what the next run asks for.
+    assert panel.threshold_unit(None, False) == panel.FINDINGS and panel.threshold_unit(None, True) == panel.VOXEL
+
+
+def test_findings_text():
+    assert panel.findings_text(0.5, 3) == "0.5 false findings per healthy scan · 3 findings"
+    assert panel.findings_text(1.0, 1) == "1 false finding per healthy scan · 1 finding"
+    assert panel.findings_text(0.05, 0) == "0.05 false findings per healthy scan · 0 findings"
+    assert panel.findings_text(2.0, None, 12.345) == "2 false findings per healthy scan · finding score ≥ 12.3"
+    assert panel.findings_text(None) == "0.5 false findings per healthy scan"
+
+
+def test_model_has_finding_calibration(tmp_path):
+    from BrainAnomalyLib.store.models import list_models
+
+    def entry(calibration):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "model.json").write_text(json.dumps({"calibration": calibration}), encoding="utf-8")
+        return {"id": folder.name, "location": str(folder)}
+
+    assert panel.model_has_finding_calibration(entry({"findings": {"scores": [1.0], "n_scans": 2}}))
+    assert not panel.model_has_finding_calibration(entry({"thresholds": {"0.01": 2.0}}))
+    assert not panel.model_has_finding_calibration(entry(None))
+    assert not panel.model_has_finding_calibration({"id": "gone", "location": str(tmp_path / "gone")})
+    assert not panel.model_has_finding_calibration(None)
+    shipped = {e["id"]: e for e in list_models() if e.get("source") == "shipped"}
+    assert not panel.model_has_finding_calibration(shipped["normative-t1-ixi"])  # calibrated before findings were
 
 
 def test_format_size():
@@ -212,7 +269,7 @@ def test_gui_binding_keeps_one_set_of_connectors_across_module_entries():
 def test_detection_options():
     opts = panel.detection_options(model="normative-t1-ixi", modality=" T1 ", device="cuda", skull_strip=False,
                                    bias_correction=False, registration=True, fpr=0.005, min_lesion_ml=0.2,
-                                   per_lesion=True, create_new=True)
+                                   per_lesion=True, create_new=True, voxel_threshold=True)
     assert opts.model == "normative-t1-ixi" and opts.modality == "T1" and opts.device == "cuda"
     assert opts.skull_strip == "none" and not opts.bias_correction and opts.registration
     assert opts.fpr == pytest.approx(0.005) and opts.min_lesion_ml == pytest.approx(0.2)
@@ -226,6 +283,15 @@ def test_detection_options():
     default = panel.detection_options(model="", modality="")
     assert default.model is None and default.modality is None and default.skull_strip == "auto"
     assert default.reuse_outputs and default.device == "auto"
+    assert default.false_findings == 0.5 and default.fpr is None
+    findings = panel.detection_options(model=None, modality=None, fpr=0.005, false_findings=2.0)
+    assert findings.request(Path("in.nrrd"), Path("out")).threshold.false_findings == 2.0
+    assert findings.fpr is None
+    # The voxel threshold on request, and for a model without a finding calibration (it would refuse the target).
+    for voxel in (dict(voxel_threshold=True), dict(finding_calibrated=False)):
+        opts = panel.detection_options(model=None, modality=None, fpr=0.005, false_findings=2.0, **voxel)
+        threshold = opts.request(Path("in.nrrd"), Path("out")).threshold
+        assert (threshold.fpr, threshold.false_findings) == (0.005, None)
     with pytest.raises(ValueError):
         panel.detection_options(model=None, modality=None, device="tpu")
 
@@ -253,6 +319,8 @@ def test_result_summary():
     assert panel.result_summary({"threshold": 1.0, "fpr": None, "lesions": [{"volume_ml": 1}]}) == \
         "1 lesion, 1.00 mL at score ≥ 1.00"
     assert panel.result_summary({"lesions": []}) == "0 lesions, 0.00 mL"
+    at_findings = dict(result, false_findings=0.5)
+    assert panel.result_summary(at_findings) == "2 lesions, 1.75 mL at 0.5 false findings per healthy scan"
 
 
 def test_state_summary():
@@ -260,6 +328,8 @@ def test_state_summary():
         "1 lesion at score ≥ 3.37 (0.50 % healthy FPR)"
     assert panel.state_summary({"n_lesions": 0, "threshold": 1.0, "fpr": None}) == "0 lesions at score ≥ 1.00"
     assert panel.state_summary({}) == "lesions not counted yet"
+    assert panel.state_summary({"n_lesions": 3, "threshold": 1.7, "fpr": 0.01, "false_findings": 0.2}) == \
+        "3 lesions at 0.2 false findings per healthy scan"
     assert panel.state_summary({"n_lesions": 2, "device": "cuda"}) == "2 lesions; ran on cuda"  # what really ran
     assert panel.run_notes({"notes": ["out of memory at batch 32; scored with batch 8"]}) == \
         ["Note: out of memory at batch 32; scored with batch 8"]
@@ -275,8 +345,14 @@ def test_panel_module_needs_neither_qt_nor_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_default_fpr_is_the_logic_default():
+def test_defaults_are_the_librarys():
+    from BrainAnomalyLib.calibration import curve, findings
     from BrainAnomalySlicer.logic import DetectionOptions
 
-    assert DetectionOptions().fpr == panel.DEFAULT_FPR
-    assert math.isclose(panel.slider_to_fpr(panel.fpr_to_slider(DetectionOptions().fpr)), panel.DEFAULT_FPR)
+    assert panel.DEFAULT_FPR == curve.DEFAULT_FPR and panel.DEFAULT_FALSE_FINDINGS == findings.DEFAULT_FALSE_FINDINGS
+    assert math.isclose(panel.slider_to_fpr(panel.fpr_to_slider(None)), curve.DEFAULT_FPR)
+    # A bare DetectionOptions asks for neither: the model's own default operating point (choose_threshold).
+    options = DetectionOptions()
+    assert options.fpr is None and options.false_findings is None
+    request = options.request(Path("in.nrrd"), Path("out"))
+    assert request.threshold.fpr is None and request.threshold.false_findings is None

@@ -47,6 +47,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
+    assert rows[0]["false_findings"] == ""  # the shipped model has no finding calibration: a voxel threshold
     assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):
@@ -66,6 +67,24 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert t.GetNumberOfRows() == len(result["lesions"])
     assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == list(LESION_COLUMN_NAMES)
     assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
+
+
+def test_batch_at_a_number_of_false_findings(tmp_path, demo_case, template_findings_model):
+    sitk.WriteImage(demo_case[0], str(tmp_path / "demo.nrrd"))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nrrd,\n")
+    out = tmp_path / "out"
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--model", template_findings_model.path,
+                "--false-findings", "5")
+    assert proc.returncode == 0, proc.stderr
+    row, = csv.DictReader(open(out / "summary.csv"))
+    result = json.loads((out / "demo" / "result.json").read_text(encoding="utf-8"))
+    assert float(row["false_findings"]) == result["threshold"]["false_findings"] == 5.0
+    assert float(row["fpr"]) == result["threshold"]["fpr"] == 0.01  # the base threshold the findings are cut at
+    rates = [les["healthy_rate"] for les in result["lesions"]]
+    assert int(row["n_lesions"]) == len(rates) > 0 and all(r <= 5.0 for r in rates) and rates == sorted(rates)
+    proc = _run("--manifest", manifest, "-o", out, "--fpr", "0.01", "--false-findings", "5")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
 
 
 def test_batch_argument_and_model_errors(tmp_path):

@@ -330,3 +330,122 @@ def test_device_query_reads_the_workers_answer():
 
     query = DetectionLogic(None, process_factory=lambda command, env, cwd: Broken(command, env, cwd)).query_devices()
     assert "error" in query.poll()
+
+
+def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene, findings_worker_output, tmp_path):
+    from BrainAnomalyLib.calibration import CalibrationCurve, FindingCalibration
+
+    summary = json.loads((findings_worker_output / "out" / "result.json").read_text(encoding="utf-8"))
+    assert summary["threshold"]["false_findings"] == 0.5 and summary["finding_calibration"]["n_scans"] == 3
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(findings_worker_output / "scan.nrrd")))
+    logic = DetectionLogic(mrml_scene)
+    logic.start = lambda *args, **kwargs: pytest.fail("re-thresholding started a model run")
+    out = logic.load_outputs(scan_node, _outputs_copy(findings_worker_output, tmp_path), DetectionOptions())
+    state = logic.state(out)
+    assert state["false_findings"] == 0.5 and state["findings"] == summary["finding_calibration"]
+    # The worker's own table at its operating point, and a label map holding exactly those findings.
+    t = out.table.GetTable()
+    assert t.GetNumberOfRows() == summary["n_lesions"]
+    assert int((nodes.node_array(out.labelmap) > 0).sum()) == sum(les["voxels"] for les in summary["lesions"])
+    heat = nodes.node_array(out.heatmap).copy()
+    base = summary["threshold"]["value"]
+    findings = FindingCalibration.from_dict(summary["finding_calibration"])
+
+    at = {}
+    for target in (0.1, 0.5, 5.0):
+        result = logic.apply_threshold(out, false_findings=target)
+        at[target] = result
+        assert result["false_findings"] == target and result["threshold"] == pytest.approx(base, rel=1e-9)
+        assert result["finding_threshold"] == pytest.approx(findings.threshold(target))
+        rates = [les["healthy_rate"] for les in result["lesions"]]
+        assert all(r <= target for r in rates) and rates == sorted(rates)
+        # The table says the same (its healthy_rate column, rarest first), one row per reported finding.
+        t = out.table.GetTable()
+        assert t.GetNumberOfRows() == len(result["lesions"])
+        column = [t.GetValueByName(r, "healthy_rate").ToDouble() for r in range(t.GetNumberOfRows())]
+        assert column == pytest.approx(rates) and column == sorted(column)
+        # Label map voxels are the reported findings' voxels, nothing else; the display stays at the base threshold.
+        labels = nodes.node_array(out.labelmap) > 0
+        assert int(labels.sum()) == sum(les["voxels"] for les in result["lesions"])
+        assert not labels[heat <= base].any()
+        assert out.heatmap.GetDisplayNode().GetLowerThreshold() == pytest.approx(base)
+        assert logic.state(out)["false_findings"] == target and logic.state(out)["n_lesions"] == len(rates)
+
+    def found(result):  # a finding is the same component at every target: the base threshold does not move
+        return {tuple(les["centroid_ras"]) for les in result["lesions"]}
+
+    assert found(at[0.1]) <= found(at[0.5]) <= found(at[5.0])
+    assert len(at[0.5]["lesions"]) == summary["n_lesions"]
+    assert len(at[5.0]["lesions"]) > len(at[0.1]["lesions"])  # the slider really changes what is reported
+    # At the worker's own operating point the slider reproduces the worker's table.
+    again = logic.apply_threshold(out, false_findings=0.5)
+    assert [les["voxels"] for les in again["lesions"]] == [les["voxels"] for les in summary["lesions"]]
+    assert [les["healthy_rate"] for les in again["lesions"]] == [les["healthy_rate"] for les in summary["lesions"]]
+    # Per-lesion segments number the reported findings in rank order; the label map's numbers match the table.
+    many = logic.apply_threshold(out, false_findings=5.0, per_lesion=True)
+    assert out.segmentation.GetSegmentation().GetNumberOfSegments() == len(many["lesions"])
+    from BrainAnomalyLib.detection.postprocess import label_array
+
+    numbered, _ = label_array(heat, nodes.node_ijk_to_ras(out.heatmap), base, logic.state(out)["min_lesion_ml"],
+                              numbered=True)
+    assert sum(les["voxels"] for les in many["lesions"]) <= int((numbered > 0).sum())  # a subset of all components
+    # Min lesion size changes keep the operating point in force.
+    kept = logic.apply_threshold(out, min_lesion_ml=0.5)
+    assert kept["false_findings"] == 5.0 and all(les["volume_ml"] >= 0.5 for les in kept["lesions"])
+    # Dragging shows the finding score needed and leaves label map and display alone.
+    labels_before = nodes.node_array(out.labelmap).copy()
+    assert logic.preview_threshold(out, false_findings=0.2) == pytest.approx(findings.threshold(0.2))
+    assert np.array_equal(nodes.node_array(out.labelmap), labels_before)
+    assert out.heatmap.GetDisplayNode().GetLowerThreshold() == pytest.approx(base)
+    # The voxel FPR stays reachable: every component above the threshold, no healthy rate; and back again.
+    curve = CalibrationCurve.from_dict(summary["scan_calibration"])
+    voxel = logic.apply_threshold(out, fpr=0.05)
+    assert voxel["false_findings"] is None and voxel["threshold"] == pytest.approx(curve.threshold(0.05))
+    assert all(les["healthy_rate"] is None for les in voxel["lesions"])
+    assert np.isnan(out.table.GetTable().GetValueByName(0, "healthy_rate").ToDouble())
+    labels = nodes.node_array(out.labelmap) > 0
+    assert int(labels.sum()) == sum(les["voxels"] for les in voxel["lesions"])
+    assert labels.any() and not labels[heat <= voxel["threshold"]].any()
+    assert logic.state(out)["false_findings"] is None
+    assert logic.apply_threshold(out, min_lesion_ml=0.05)["false_findings"] is None  # voxel mode stays in force
+    back = logic.apply_threshold(out, false_findings=0.5)
+    assert [les["voxels"] for les in back["lesions"]] == [les["voxels"] for les in summary["lesions"]]
+    assert np.array_equal(nodes.node_array(out.heatmap), heat)
+    with pytest.raises(DetectionError, match="between 0.05 and 10"):
+        logic.apply_threshold(out, false_findings=20.0)
+    with pytest.raises(DetectionError, match="not several"):
+        logic.apply_threshold(out, false_findings=0.5, fpr=0.01)
+
+
+def test_results_without_finding_calibration_keep_the_voxel_slider(mrml_scene, worker_output, tmp_path):
+    summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
+    assert summary["finding_calibration"] is None  # the shipped models were calibrated before findings were
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    logic = DetectionLogic(mrml_scene)
+    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
+    assert logic.state(out)["false_findings"] is None
+    assert all(les["healthy_rate"] is None for les in summary["lesions"])
+    before = nodes.node_array(out.labelmap).copy()
+    with pytest.raises(DetectionError, match="no finding calibration") as info:
+        logic.apply_threshold(out, false_findings=0.5)
+    assert info.value.kind == "BadInputError"
+    with pytest.raises(DetectionError, match="no finding calibration"):
+        logic.preview_threshold(out, false_findings=0.5)
+    assert np.array_equal(nodes.node_array(out.labelmap), before)  # nothing half-applied
+    assert logic.apply_threshold(out, fpr=0.05)["fpr"] == pytest.approx(0.05)
+
+
+def test_the_run_asks_for_the_operating_point_in_force(mrml_scene, findings_worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(findings_worker_output / "scan.nrrd")))
+    source = _outputs_copy(findings_worker_output, tmp_path)
+    logic = DetectionLogic(mrml_scene, process_factory=_factory(source=source))
+    for options, expected in ((DetectionOptions(false_findings=2.0), (None, 2.0)),
+                              (DetectionOptions(fpr=0.005), (0.005, None)), (DetectionOptions(), (None, None))):
+        run = logic.start(scan_node, options)
+        threshold = FakeWorker.instances[-1].request()["threshold"]
+        run.cleanup()
+        assert (threshold["fpr"], threshold["false_findings"]) == expected
+    from BrainAnomalyLib.core.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="only one of"):
+        logic.start(scan_node, DetectionOptions(fpr=0.01, false_findings=0.5))

@@ -117,10 +117,13 @@ def _numbered_labels():
     arr[8:10, 9:12, 10:14] = 2
     image = sitk.GetImageFromArray(arr)
     image.CopyInformation(oblique_image((12, 14, 16)))
+    # A voxel threshold's table: no finding score or healthy rate.
     lesions = [{"label": 1, "voxels": 48, "volume_ml": 0.1, "max_score": 9.0, "mean_score": 5.0,
-                "centroid_ras": [1.0, 2.0, 3.0], "centroid_ijk": [5.5, 4.5, 3.0]},
+                "centroid_ras": [1.0, 2.0, 3.0], "centroid_ijk": [5.5, 4.5, 3.0], "finding_score": None,
+                "healthy_rate": None},
                {"label": 2, "voxels": 24, "volume_ml": 0.05, "max_score": 4.0, "mean_score": 3.0,
-                "centroid_ras": [-4.0, 5.5, -6.0], "centroid_ijk": [11.5, 10.0, 8.5]}]
+                "centroid_ras": [-4.0, 5.5, -6.0], "centroid_ijk": [11.5, 10.0, 8.5], "finding_score": None,
+                "healthy_rate": None}]
     return image, lesions
 
 
@@ -161,8 +164,9 @@ def test_lesion_table_contents_and_jump(mrml_scene):
     assert t.GetNumberOfRows() == 2
     names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
     assert names == "label,voxels,volume_ml,centroid_r,centroid_a,centroid_s,centroid_i,centroid_j,centroid_k," \
-                    "mean_score,max_score".split(",")  # lesions.csv's columns
+                    "mean_score,max_score,finding_score,healthy_rate".split(",")  # lesions.csv's columns
     assert t.GetValueByName(1, "max_score").ToDouble() == pytest.approx(4.0)
+    assert np.isnan(t.GetValueByName(0, "healthy_rate").ToDouble())  # empty at a voxel threshold
     assert nodes.lesion_position(table, 1) == [-4.0, 5.5, -6.0]
     assert nodes.lesion_position(table, 2) is None
     red = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
@@ -227,3 +231,34 @@ def test_rewriting_a_label_map_of_the_same_shape_reuses_its_memory(mrml_scene):
     assert np.array_equal(nodes.node_array(labelmap), 1 - mask)
     nodes.update_labelmap(mrml_scene, labelmap, np.zeros((3, 4, 5), np.uint8), ijk_to_ras(image))
     assert labelmap.GetImageData().GetDimensions() == (5, 4, 3)
+
+
+def test_lesion_table_of_the_findings_operating_point(mrml_scene):
+    """The table node of label_array's findings at a lesion-level operating point: the reported findings only,
+    their finding score and healthy rate, rarest first."""
+    from BrainAnomalyLib.calibration import CalibrationCurve, FindingCalibration
+    from BrainAnomalyLib.calibration.findings import FindingRule
+    from BrainAnomalyLib.detection.postprocess import label_array
+
+    arr = np.zeros((20, 20, 20), np.float32)
+    arr[2:6, 2:6, 2:6] = 2.5  # big and strong
+    arr[10:12, 10:12, 10:12] = 2.2  # small and weak
+    arr[15:19, 2:5, 12:18] = 2.4
+    curve = CalibrationCurve(np.array([1e-3, 1e-2, 1e-1]), np.array([3.0, 2.0, 1.0]))
+    healthy = FindingCalibration.from_scans([[0.5, 0.05], [0.2], [0.02, 0.01], [0.1]])
+    index_to_ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    _, everything = label_array(arr, index_to_ras, curve.threshold(0.01), 0.0, rule=FindingRule(curve, healthy))
+    assert len(everything) == 3
+    numbered, lesions = label_array(arr, index_to_ras, curve.threshold(0.01), 0.0, numbered=True,
+                                    rule=FindingRule(curve, healthy, 0.5))
+    assert len(lesions) == 2  # the weak finding is as common in healthy scans as more than 0.5 per scan
+    table = mrml_scene.AddNewNodeByClass("vtkMRMLTableNode", "lesions")
+    nodes.update_table(table, lesions)
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == len(lesions)
+    rates = [t.GetValueByName(r, "healthy_rate").ToDouble() for r in range(t.GetNumberOfRows())]
+    scores = [t.GetValueByName(r, "finding_score").ToDouble() for r in range(t.GetNumberOfRows())]
+    assert rates == pytest.approx([les["healthy_rate"] for les in lesions]) and all(r <= 0.5 for r in rates)
+    assert rates == sorted(rates) and scores == sorted(scores, reverse=True)
+    assert [t.GetValueByName(r, "label").ToInt() for r in range(t.GetNumberOfRows())] == [1, 2]
+    assert int((numbered > 0).sum()) == sum(les["voxels"] for les in lesions)

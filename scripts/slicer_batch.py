@@ -25,7 +25,11 @@ def parse(argv):
     p.add_argument("--modality", help="rows of this modality (default: the model's)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--fpr", type=float, default=0.01, help="healthy false-positive rate of the threshold")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--false-findings", type=float,
+                   help="false findings per healthy scan (0.05-10; default 0.5 for models calibrated for findings)")
+    g.add_argument("--fpr", type=float, help="instead: every finding above this healthy voxel false-positive rate "
+                                             "(default 0.01 for models not calibrated for findings)")
     p.add_argument("--min-lesion-ml", type=float, default=0.05)
     p.add_argument("--skull-strip", default="auto", choices=["auto", "deepbet", "none"])
     p.add_argument("--no-bias-correction", action="store_true")
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
         args = parse(argv)
     except SystemExit as exc:
         return 2 if exc.code else 0
-    options = DetectionOptions(model=args.model, device=args.device, fpr=args.fpr, min_lesion_ml=args.min_lesion_ml,
+    options = DetectionOptions(model=args.model, device=args.device, fpr=args.fpr, false_findings=args.false_findings,
+                               min_lesion_ml=args.min_lesion_ml,
                                skull_strip=args.skull_strip,
                                bias_correction=not args.no_bias_correction, registration=not args.no_register)
     scene = slicer.mrmlScene if hasattr(slicer, "mrmlScene") else slicer.vtkMRMLScene()

@@ -12,8 +12,10 @@ from typing import Callable, List, Optional
 from . import nodes
 from .logic import DetectionError, DetectionLogic, DetectionOptions
 
+# threshold and fpr: the voxel threshold the findings were cut at; false_findings: the lesion-level operating point
+# (empty for a voxel threshold).
 SUMMARY_COLUMNS = ("subject", "modality", "image", "status", "n_lesions", "anomalous_volume_ml", "threshold",
-                   "fpr", "seconds", "message")
+                   "fpr", "false_findings", "seconds", "message")
 
 
 def _load_volume(scene, path: Path, name: str):
@@ -88,7 +90,8 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
             save_case(result, scan, outdir / case.subject, Path(case.image).name)
             row.update(status="ok", n_lesions=len(result.lesions),
                        anomalous_volume_ml=round(sum(les["volume_ml"] for les in result.lesions), 3),
-                       threshold=round(result.threshold["value"], 5), fpr=result.threshold.get("fpr"), message="")
+                       threshold=round(result.threshold["value"], 5), fpr=result.threshold.get("fpr"),
+                       false_findings=result.threshold.get("false_findings"), message="")
         except (DetectionError, BrainAnomalyError, nodes.NodeError, OSError, RuntimeError) as exc:
             row.update(status="failed", message=str(exc))
         finally:

@@ -50,7 +50,10 @@ class DetectionOptions:
     skull_strip: str = "auto"  # auto | deepbet | none
     bias_correction: bool = True
     registration: bool = True
-    fpr: float = 0.01  # healthy false-positive rate of the threshold
+    # The operating point: at most one of them; neither is the model's default (0.5 false findings per healthy scan
+    # where the model is calibrated for findings, else every finding above the 1 % healthy voxel FPR threshold).
+    fpr: Optional[float] = None  # healthy voxel false-positive rate of the threshold
+    false_findings: Optional[float] = None  # false findings per healthy scan (lesion-level operating point)
     min_lesion_ml: float = 0.05
     per_lesion_segments: bool = False
     reuse_outputs: bool = True
@@ -64,7 +67,8 @@ class DetectionOptions:
         return DetectionRequest.from_dict({
             "input": str(input_path), "output": str(output_dir), "model": self.model, "modality": self.modality,
             "device": self.device, "skull_strip": self.skull_strip, "bias_correction": self.bias_correction,
-            "registration": self.registration, "fpr": float(self.fpr), "calibration": self.calibration,
+            "registration": self.registration, "fpr": self.fpr, "false_findings": self.false_findings,
+            "calibration": self.calibration,
             "min_lesion_ml": float(self.min_lesion_ml), "output_format": "nrrd"})
 
 
@@ -219,6 +223,23 @@ def _scan_curve(state: dict):
     return CalibrationCurve.from_dict(state.get("curve"))
 
 
+def _finding_rule(state: dict, false_findings: float):
+    """(base threshold, FindingRule) of the lesion-level operating point at `false_findings` on this scan, from the
+    scan curve and the model's finding calibration the worker wrote: what detect itself cuts and keeps."""
+    from BrainAnomalyLib.calibration import FindingCalibration
+    from BrainAnomalyLib.calibration.findings import FindingRule, check_false_findings
+
+    curve, findings = _scan_curve(state), FindingCalibration.from_dict(state.get("findings"))
+    if curve is None or findings is None:
+        raise DetectionError("this result has no finding calibration (the model was not calibrated for findings, "
+                             "or it is older); use the voxel threshold", kind="BadInputError")
+    try:
+        rule = FindingRule(curve, findings, check_false_findings(false_findings))
+    except ValueError as exc:
+        raise DetectionError(str(exc), kind="BadInputError") from None
+    return float(curve.threshold(findings.base_fpr)), rule
+
+
 class DetectionLogic:
     """Detection on one MRML scene. `process_factory` makes the worker's process (default: a real child process);
     tests pass their own to stand in for the worker."""
@@ -271,6 +292,7 @@ class DetectionLogic:
             recon_path = folder / "reconstruction.nrrd"
             recon = sitk.ReadImage(str(recon_path), sitk.sitkFloat32) if recon_path.is_file() else None
             threshold = float(summary["threshold"]["value"])
+            false_findings = summary["threshold"].get("false_findings")
             lesions = list(summary["lesions"])
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise DetectionError(f"the inference process left unreadable outputs ({exc})") from None
@@ -281,8 +303,9 @@ class DetectionLogic:
             if recon is not None:
                 nodes.update_node_from_image(outputs.reconstruction, recon)
                 nodes._display_node(self.scene, outputs.reconstruction)
-            state = {"curve": summary.get("scan_calibration"), "window": summary.get("display_range"),
-                     "threshold": threshold, "fpr": summary["threshold"].get("fpr"),
+            state = {"curve": summary.get("scan_calibration"), "findings": summary.get("finding_calibration"),
+                     "window": summary.get("display_range"), "threshold": threshold,
+                     "fpr": summary["threshold"].get("fpr"), "false_findings": false_findings,
                      "peak": summary.get("peak_score"),
                      # What the worker's table was made with (it was sent options.min_lesion_ml).
                      "min_lesion_ml": float(summary.get("min_lesion_ml", options.min_lesion_ml)),
@@ -293,7 +316,8 @@ class DetectionLogic:
             outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))
             nodes.show_heatmap(self.scene, outputs.heatmap, threshold, state["window"] or [threshold, threshold + 1.0],
                                state["peak"])
-            self._threshold(outputs, state, threshold, state["fpr"], lesions)
+            rule = _finding_rule(state, false_findings)[1] if false_findings is not None else None
+            self._threshold(outputs, state, threshold, state["fpr"], lesions, rule)
         return outputs
 
     def state(self, outputs: nodes.OutputNodes) -> dict:
@@ -306,10 +330,26 @@ class DetectionLogic:
         return _scan_curve(self.state(outputs))
 
     def apply_threshold(self, outputs: nodes.OutputNodes, fpr: Optional[float] = None, value: Optional[float] = None,
-                        min_lesion_ml: Optional[float] = None, per_lesion: Optional[bool] = None) -> dict:
+                        min_lesion_ml: Optional[float] = None, per_lesion: Optional[bool] = None,
+                        false_findings: Optional[float] = None) -> dict:
         """New display threshold, label map, segmentation and lesion table from the anomaly map already in the
-        scene, at a healthy FPR (through the scan's calibration) or a raw score. No model runs."""
+        scene. No model runs. At a number of `false_findings` per healthy scan (the lesion-level operating point:
+        the findings at the scan's base threshold whose healthy rate is at most that, rarest first), at a healthy
+        voxel FPR (through the scan's calibration: every finding above it) or at a raw score. With none of the
+        three, the operating point in force stays (min_lesion_ml / per_lesion changes)."""
         state = self.state(outputs)
+        if min_lesion_ml is not None:
+            state["min_lesion_ml"] = float(min_lesion_ml)
+        if per_lesion is not None:
+            state["per_lesion"] = bool(per_lesion)
+        if false_findings is None and fpr is None and value is None:
+            false_findings = state.get("false_findings")
+        if false_findings is not None:
+            if fpr is not None or value is not None:
+                raise DetectionError("give false findings, a healthy FPR or a raw score, not several",
+                                     kind="BadInputError")
+            base, rule = _finding_rule(state, false_findings)
+            return self._threshold(outputs, state, base, rule.calibration.base_fpr, rule=rule)
         cal = _scan_curve(state)
         if value is None:
             if fpr is None:
@@ -320,21 +360,18 @@ class DetectionLogic:
                 value = cal.threshold(fpr)
         elif fpr is None and cal is not None:
             fpr = cal.fpr(value)
-        if min_lesion_ml is not None:
-            state["min_lesion_ml"] = float(min_lesion_ml)
-        if per_lesion is not None:
-            state["per_lesion"] = bool(per_lesion)
         return self._threshold(outputs, state, float(value), fpr)
 
     def _threshold(self, outputs: nodes.OutputNodes, state: dict, value: float, fpr: Optional[float],
-                   lesions: Optional[List[dict]] = None) -> dict:
-        """Label map, segmentation and table at `value`, straight from the heatmap node's voxels in memory. With
-        `lesions` (the worker's table at this same threshold) the table is not recomputed."""
+                   lesions: Optional[List[dict]] = None, rule=None) -> dict:
+        """Label map, segmentation and table at `value` (with a FindingRule: the findings it reports at that base
+        threshold), straight from the heatmap node's voxels in memory. With `lesions` (the worker's table at this
+        same operating point) the table is not recomputed."""
         from BrainAnomalyLib.detection.postprocess import label_array
 
         heat = nodes.node_array(outputs.heatmap)  # a view of the node's voxels: nothing copied
         numbered, found = label_array(heat, nodes.node_ijk_to_ras(outputs.heatmap), value, state["min_lesion_ml"],
-                                      numbered=True)
+                                      numbered=True, rule=rule)
         lesions = found if lesions is None else lesions
         geometry = nodes.node_geometry(outputs.heatmap)
         if outputs.labelmap is not None:
@@ -345,16 +382,25 @@ class DetectionLogic:
         if outputs.table is not None:
             nodes.update_table(outputs.table, lesions)
         nodes.set_display_threshold(outputs.heatmap, value, state.get("peak"))
-        state.update(threshold=value, fpr=fpr, n_lesions=len(lesions))
+        false_findings = rule.false_findings if rule is not None else None
+        state.update(threshold=value, fpr=fpr, false_findings=false_findings, n_lesions=len(lesions))
         outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))
-        return {"threshold": value, "fpr": fpr, "lesions": lesions}
+        return {"threshold": value, "fpr": fpr, "false_findings": false_findings,
+                "finding_threshold": rule.calibration.threshold(false_findings) if rule is not None else None,
+                "lesions": lesions}
 
-    def preview_threshold(self, outputs: nodes.OutputNodes, fpr: float) -> float:
-        """Move only the heatmap's display threshold to a healthy FPR (cheap enough for a slider being dragged) and
-        return the raw score; `apply_threshold` then brings label map, segmentation and table along."""
+    def preview_threshold(self, outputs: nodes.OutputNodes, fpr: Optional[float] = None,
+                          false_findings: Optional[float] = None) -> float:
+        """What a slider being dragged shows at once; `apply_threshold` then brings label map, segmentation and table
+        along. At a healthy FPR: the heatmap's display threshold moves there and the raw score is returned. At a
+        number of false findings: the findings are cut at the scan's fixed base threshold, so the display stays
+        and the finding score a finding needs to be reported is returned."""
         state = self.state(outputs)
+        if false_findings is not None:
+            _, rule = _finding_rule(state, false_findings)
+            return float(rule.calibration.threshold(false_findings))
         cal = _scan_curve(state)
-        value = cal.threshold(fpr) if cal is not None else float(state["threshold"])
+        value = cal.threshold(fpr) if cal is not None and fpr is not None else float(state["threshold"])
         nodes.set_display_threshold(outputs.heatmap, float(value), state.get("peak"))
         return float(value)
 

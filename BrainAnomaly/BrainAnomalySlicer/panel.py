@@ -1,6 +1,7 @@
-"""What the BrainAnomaly panel shows and hands on, without Qt or slicer: the threshold slider's scale (healthy
-false-positive rate), the texts of the model, device, threshold and progress displays, and the DetectionOptions a
-click on "Detect anomalies" starts. Kept here so that plain pytest checks them; the widget only wires them up.
+"""What the BrainAnomaly panel shows and hands on, without Qt or slicer: the threshold sliders' scales (false
+findings per healthy scan, or healthy voxel false-positive rate), the texts of the model, device, threshold and
+progress displays, and the DetectionOptions a click on "Detect anomalies" starts. Kept here so that plain pytest
+checks them; the widget only wires them up.
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ import math
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
-# The threshold slider runs over log10 of the healthy FPR in percent: -1 .. 1 is 0.1 % .. 10 %.
+from BrainAnomalyLib.calibration.findings import DEFAULT_FALSE_FINDINGS, FALSE_FINDINGS_RANGE, FindingCalibration
+
+# The voxel threshold slider runs over log10 of the healthy FPR in percent: -1 .. 1 is 0.1 % .. 10 %.
 SLIDER_MIN, SLIDER_MAX = -1.0, 1.0
 DEFAULT_FPR = 0.01
+# The findings slider runs over log10 of the false findings per healthy scan, over the library's range.
+FINDINGS_SLIDER_MIN, FINDINGS_SLIDER_MAX = (math.log10(v) for v in FALSE_FINDINGS_RANGE)
+FINDINGS, VOXEL = "findings", "voxel"
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 MODALITIES = ("T1", "T1CE", "T2", "FLAIR", "PD")
@@ -30,6 +36,48 @@ def fpr_to_slider(fpr: Optional[float]) -> float:
     if fpr is None or not fpr > 0 or not math.isfinite(fpr):
         fpr = DEFAULT_FPR
     return min(max(math.log10(fpr * 100.0), SLIDER_MIN), SLIDER_MAX)
+
+
+def slider_to_false_findings(value: float) -> float:
+    """Findings slider position (log10) -> false findings per healthy scan, rounded to 2 significant digits (what
+    the panel shows is what is applied)."""
+    value = min(max(float(value), FINDINGS_SLIDER_MIN), FINDINGS_SLIDER_MAX)
+    return float(f"{10.0 ** value:.2g}")
+
+
+def false_findings_to_slider(false_findings: Optional[float]) -> float:
+    """False findings per healthy scan -> findings slider position, clamped; the default for a missing value."""
+    if false_findings is None or not false_findings > 0 or not math.isfinite(false_findings):
+        false_findings = DEFAULT_FALSE_FINDINGS
+    return min(max(math.log10(false_findings), FINDINGS_SLIDER_MIN), FINDINGS_SLIDER_MAX)
+
+
+def threshold_unit(state: Optional[dict], voxel_threshold: bool) -> str:
+    """The unit of the threshold in force for outputs with this calibration `state` (None: no outputs yet, then the
+    next run's): false findings per healthy scan unless the user asked for the voxel threshold or the result has
+    no finding calibration (an uncalibrated model, one calibrated before findings were, a run made with --fpr)."""
+    if voxel_threshold:
+        return VOXEL
+    if state is None:
+        return FINDINGS
+    calibrated = state.get("curve") is not None and FindingCalibration.from_dict(state.get("findings")) is not None
+    return FINDINGS if calibrated else VOXEL
+
+
+def format_false_findings(false_findings: float) -> str:
+    return f"{false_findings:g} false finding{'' if false_findings == 1 else 's'} per healthy scan"
+
+
+def findings_text(false_findings: Optional[float], n_findings: Optional[int] = None,
+                  finding_score: Optional[float] = None) -> str:
+    """The label beside the findings slider, e.g. '0.5 false findings per healthy scan · 3 findings' (while dragging:
+    the finding score a finding needs instead of the count)."""
+    parts = [format_false_findings(false_findings if false_findings is not None else DEFAULT_FALSE_FINDINGS)]
+    if n_findings is not None:
+        parts.append(f"{n_findings} finding{'s' if n_findings != 1 else ''}")
+    elif finding_score is not None:
+        parts.append(f"finding score ≥ {finding_score:.3g}")
+    return " · ".join(parts)
 
 
 def format_percent(fpr: float) -> str:
@@ -172,17 +220,37 @@ class GuiBinding:
 
 def detection_options(*, model: Optional[str], modality: Optional[str], device: str = "auto",
                       skull_strip: bool = True, bias_correction: bool = True, registration: bool = True,
-                      fpr: float = DEFAULT_FPR, min_lesion_ml: float = 0.05, per_lesion: bool = False,
-                      create_new: bool = False):
-    """The panel's choices as the logic's DetectionOptions."""
+                      fpr: float = DEFAULT_FPR, false_findings: float = DEFAULT_FALSE_FINDINGS,
+                      voxel_threshold: bool = False, finding_calibrated: bool = True, min_lesion_ml: float = 0.05,
+                      per_lesion: bool = False, create_new: bool = False):
+    """The panel's choices as the logic's DetectionOptions: the run asks for `false_findings` per healthy scan
+    unless the user ticked the voxel threshold or the model has no finding calibration (`finding_calibrated`,
+    see model_has_finding_calibration), then for the healthy voxel `fpr`."""
     from .logic import DetectionOptions
 
     if device not in DEVICE_CHOICES:
         raise ValueError(f"unknown device {device!r}")
+    findings = not voxel_threshold and finding_calibrated
     return DetectionOptions(model=model or None, modality=(modality or "").strip() or None, device=device,
                             skull_strip="auto" if skull_strip else "none", bias_correction=bool(bias_correction),
-                            registration=bool(registration), fpr=float(fpr), min_lesion_ml=float(min_lesion_ml),
-                            per_lesion_segments=bool(per_lesion), reuse_outputs=not create_new)
+                            registration=bool(registration), fpr=None if findings else float(fpr),
+                            false_findings=float(false_findings) if findings else None,
+                            min_lesion_ml=float(min_lesion_ml), per_lesion_segments=bool(per_lesion),
+                            reuse_outputs=not create_new)
+
+
+def model_has_finding_calibration(entry: Optional[dict]) -> bool:
+    """Whether a model (a registry entry, with its `location`) is calibrated for findings, read from its model.json
+    (meta only, no tensors): a run may then ask for a number of false findings per healthy scan."""
+    import json
+
+    if not entry or not entry.get("location"):
+        return False
+    try:
+        meta = json.loads((Path(entry["location"]) / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return FindingCalibration.from_meta(meta) is not None
 
 
 def progress_state(event: dict) -> Optional[Tuple[int, str]]:
@@ -216,6 +284,8 @@ def result_summary(result: dict) -> str:
     lesions = result.get("lesions") or []
     volume = sum(float(les.get("volume_ml", 0.0)) for les in lesions)
     text = f"{len(lesions)} lesion{'s' if len(lesions) != 1 else ''}, {volume:.2f} mL"
+    if result.get("false_findings") is not None:
+        return text + f" at {format_false_findings(result['false_findings'])}"
     if result.get("threshold") is not None:
         text += f" at score ≥ {result['threshold']:.2f}"
     if result.get("fpr") is not None:
@@ -228,10 +298,13 @@ def state_summary(state: dict) -> str:
     (with the device the worker really used)."""
     n = state.get("n_lesions")
     text = "lesions not counted yet" if n is None else f"{n} lesion{'s' if n != 1 else ''}"
-    if state.get("threshold") is not None:
-        text += f" at score ≥ {state['threshold']:.2f}"
-    if state.get("fpr") is not None:
-        text += f" ({format_percent(state['fpr'])} healthy FPR)"
+    if state.get("false_findings") is not None:
+        text += f" at {format_false_findings(state['false_findings'])}"
+    else:
+        if state.get("threshold") is not None:
+            text += f" at score ≥ {state['threshold']:.2f}"
+        if state.get("fpr") is not None:
+            text += f" ({format_percent(state['fpr'])} healthy FPR)"
     if state.get("device"):
         text += f"; ran on {state['device']}"
     return text

@@ -24,9 +24,9 @@ class DetectionSelfTest(unittest.TestCase):
         import numpy as np
         import SimpleITK as sitk
 
-        from BrainAnomalySlicer import nodes
+        from BrainAnomalySlicer import nodes, panel
         from BrainAnomalySlicer.dependencies import ensure_dependencies, slicer_installers
-        from BrainAnomalySlicer.logic import DetectionOptions
+        from BrainAnomalySlicer.logic import DetectionError, DetectionOptions
 
         self.delayDisplay("Checking Python packages (installed on first use)")
         self.assertTrue(ensure_dependencies(logging.info, None, *slicer_installers()))
@@ -58,6 +58,18 @@ class DetectionSelfTest(unittest.TestCase):
         heat = nodes.node_array(outputs.heatmap).copy()
         logic.start = lambda *args, **kwargs: self.fail("re-thresholding started a model run")
         try:
+            if panel.threshold_unit(logic.state(outputs), False) == panel.FINDINGS:
+                # A default model calibrated for findings: the slider in false findings per healthy scan.
+                reported = []
+                for target in (0.1, 5.0):
+                    rates = [les["healthy_rate"] for les in logic.apply_threshold(outputs, false_findings=target)[
+                        "lesions"]]
+                    self.assertTrue(all(r <= target for r in rates) and rates == sorted(rates), rates)
+                    reported.append(len(rates))
+                self.assertLessEqual(reported[0], reported[1], "more false findings allowed should report more")
+            else:  # calibrated before findings were: only the voxel threshold
+                with self.assertRaises(DetectionError):
+                    logic.apply_threshold(outputs, false_findings=0.5)
             counts = []
             for fpr in (0.001, 0.1):
                 logic.apply_threshold(outputs, fpr=fpr)

@@ -32,6 +32,9 @@ class BrainAnomalyParameterNode:
     registration: bool = True
     perLesionSegments: bool = False
     createNewOutputs: bool = False
+    falseFindingsLog10: Annotated[float, WithinRange(panel.FINDINGS_SLIDER_MIN, panel.FINDINGS_SLIDER_MAX)] = \
+        panel.false_findings_to_slider(panel.DEFAULT_FALSE_FINDINGS)
+    voxelThreshold: bool = False  # the slider in healthy voxel FPR even where findings are calibrated
     fprLog10Percent: Annotated[float, WithinRange(panel.SLIDER_MIN, panel.SLIDER_MAX)] = 0.0
     minLesionMl: Annotated[float, WithinRange(0.0, 5.0)] = 0.05
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
@@ -100,6 +103,8 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self.ui.modalitySelector.connect("currentTextChanged(QString)", self.onModalityChanged)
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.fprSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.findingsSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.voxelThresholdCheckBox.connect("toggled(bool)", self.onUnitChanged)
         self.ui.minLesionSlider.connect("valueChanged(double)", self.onLesionOptionChanged)
         self.ui.perLesionCheckBox.connect("toggled(bool)", self.onLesionOptionChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
@@ -316,10 +321,14 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         if self._parameterNode is None or not self._ensureDependencies():
             return
         p = self._parameterNode
+        index = self.ui.modelSelector.currentIndex
+        entry = self._models[index] if 0 <= index < len(self._models) else None
         self._start(panel.detection_options(
             model=p.model, modality=p.modality, device=p.device, skull_strip=p.skullStrip,
             bias_correction=p.biasCorrection, registration=p.registration, fpr=panel.slider_to_fpr(p.fprLog10Percent),
-            min_lesion_ml=p.minLesionMl, per_lesion=p.perLesionSegments, create_new=p.createNewOutputs))
+            false_findings=panel.slider_to_false_findings(p.falseFindingsLog10), voxel_threshold=p.voxelThreshold,
+            finding_calibrated=panel.model_has_finding_calibration(entry), min_lesion_ml=p.minLesionMl,
+            per_lesion=p.perLesionSegments, create_new=p.createNewOutputs))
 
     def _start(self, options):
         inputVolume = self._parameterNode.inputVolume
@@ -416,18 +425,44 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         if state is None:
             self._outputs = None
             self.ui.summaryLabel.text = "no results yet"
-            self.ui.thresholdLabel.text = panel.threshold_text(panel.slider_to_fpr(self.ui.fprSlider.value), None)
+            self._showThresholdText(None)
             return
         self._syncing = True
         try:
-            self.ui.fprSlider.value = panel.fpr_to_slider(state.get("fpr"))
+            if state.get("false_findings") is not None:
+                self.ui.findingsSlider.value = panel.false_findings_to_slider(state["false_findings"])
+            else:
+                self.ui.fprSlider.value = panel.fpr_to_slider(state.get("fpr"))
+            if panel.threshold_unit(state, False) == panel.FINDINGS:
+                # Outputs that could be in findings show the unit they were made in (e.g. a run at a voxel FPR).
+                self.ui.voxelThresholdCheckBox.checked = state.get("false_findings") is None
             self.ui.minLesionSlider.value = float(state.get("min_lesion_ml", self.ui.minLesionSlider.value))
             self.ui.perLesionCheckBox.checked = bool(state.get("per_lesion"))
         finally:
             self._syncing = False
-        self.ui.thresholdLabel.text = panel.threshold_text(state.get("fpr"), state.get("threshold"),
-                                                           state.get("curve") is not None)
+        self._showThresholdText(state)
         self.ui.summaryLabel.text = panel.state_summary(state)
+
+    def _unit(self, state):
+        return panel.threshold_unit(state, self.ui.voxelThresholdCheckBox.checked)
+
+    def _showThresholdText(self, state, score=None):
+        """The slider of the unit in force and the text beside it (state None: what the next run starts at; a
+        `score`: the slider is being dragged)."""
+        unit = self._unit(state)
+        self.ui.findingsSlider.visible = unit == panel.FINDINGS
+        self.ui.fprSlider.visible = unit == panel.VOXEL
+        if unit == panel.FINDINGS:
+            current = state is not None and score is None and state.get("false_findings") is not None
+            self.ui.thresholdLabel.text = panel.findings_text(
+                panel.slider_to_false_findings(self.ui.findingsSlider.value),
+                state.get("n_lesions") if current else None, score)
+        elif state is None:
+            self.ui.thresholdLabel.text = panel.threshold_text(panel.slider_to_fpr(self.ui.fprSlider.value), None)
+        else:
+            self.ui.thresholdLabel.text = panel.threshold_text(
+                panel.slider_to_fpr(self.ui.fprSlider.value), state.get("threshold") if score is None else score,
+                state.get("curve") is not None)
 
     def _state(self):
         """The calibration state of the outputs on show, after dropping nodes the user has deleted since."""
@@ -442,31 +477,48 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
             return None
 
     def onThresholdChanged(self, value):
-        fpr = panel.slider_to_fpr(value)
         if self._syncing:
             return
         state = self._state()
         if state is None:
-            self.ui.thresholdLabel.text = panel.threshold_text(fpr, None)  # the FPR the next run starts at
+            self._showThresholdText(None)  # what the next run starts at
             return
-        score = self.logic.preview_threshold(self._outputs, fpr)  # display threshold now, label map on rest
-        self.ui.thresholdLabel.text = panel.threshold_text(fpr, score, state.get("curve") is not None)
+        # The display threshold (or the finding score needed) now, label map and table once the slider rests.
+        if self._unit(state) == panel.FINDINGS:
+            score = self.logic.preview_threshold(
+                self._outputs, false_findings=panel.slider_to_false_findings(self.ui.findingsSlider.value))
+        else:
+            score = self.logic.preview_threshold(self._outputs, panel.slider_to_fpr(self.ui.fprSlider.value))
+        self._showThresholdText(state, score)
         self._thresholdTimer.start()
+
+    def onUnitChanged(self, checked):
+        if self._syncing:
+            return
+        state = self._state()
+        self._showThresholdText(state)
+        if state is not None:
+            self._applyThreshold()
 
     def onLesionOptionChanged(self, *args):
         if not self._syncing and self._state() is not None:
             self._thresholdTimer.start()
 
     def _applyThreshold(self):
-        if self._state() is None:
+        state = self._state()
+        if state is None:
             return
+        if self._unit(state) == panel.FINDINGS:
+            point = {"false_findings": panel.slider_to_false_findings(self.ui.findingsSlider.value)}
+        else:
+            point = {"fpr": panel.slider_to_fpr(self.ui.fprSlider.value)}
         try:
-            result = self.logic.apply_threshold(self._outputs, fpr=panel.slider_to_fpr(self.ui.fprSlider.value),
-                                                min_lesion_ml=self.ui.minLesionSlider.value,
-                                                per_lesion=self.ui.perLesionCheckBox.checked)
+            result = self.logic.apply_threshold(self._outputs, min_lesion_ml=self.ui.minLesionSlider.value,
+                                                per_lesion=self.ui.perLesionCheckBox.checked, **point)
         except Exception as exc:
             self._log(f"Re-thresholding failed: {exc}")
             return
+        self._showThresholdText(self._state())
         self.ui.summaryLabel.text = panel.result_summary(result)
 
     def onOpacityChanged(self, value):
