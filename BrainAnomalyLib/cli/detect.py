@@ -47,6 +47,9 @@ def run(args, cancel: CancelToken) -> int:
     out = Path(args.output)
     check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
     det = Detector.from_request(request)
+    few = (det.model.meta.get("calibration") or {}).get("few_scans")
+    if few:
+        print(f"note: model {det.model.name}: {few['note']}", file=sys.stderr)
     if args.input:
         bar = ProgressBar(args.quiet, "detect")
         try:

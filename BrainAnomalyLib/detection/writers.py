@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from ..core.errors import BadInputError
 from ..core.files import staged_folder
-from ..core.io import write_volume
+from ..core.io import itk_reason, write_volume
 from ..core.progress import Reporter
 from ..core.result import Result
 from .overlay import overlay_montage
@@ -177,8 +177,13 @@ def read_result(folder) -> Result:
         ext = next(e for e in FORMATS.values() if (folder / ("anomaly_map" + e)).is_file())
         images = {name: sitk.ReadImage(str(folder / (name + ext))) for name in VOLUMES
                   if (folder / (name + ext)).is_file()}
-    except (OSError, ValueError, RuntimeError, StopIteration) as exc:
-        raise BadInputError(f"{folder} does not hold readable detection outputs ({exc})") from None
+    except StopIteration:
+        raise BadInputError(f"{folder} does not hold detection outputs (no anomaly_map volume)") from None
+    except RuntimeError as exc:
+        raise BadInputError(f"{folder} does not hold readable detection outputs ({itk_reason(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{folder} does not hold readable detection outputs "
+                            f"({getattr(exc, 'strerror', None) or exc})") from None
     keys = {f.name for f in fields(Result)}
     given = {k: v for k, v in summary.items() if k in keys}
     return Result(**images, **given, scan_curve=summary.get("scan_calibration"))
