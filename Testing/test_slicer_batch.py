@@ -49,7 +49,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     case = out / "demo"
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
-    assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
+    assert int(rows[1]["n_lesions"]) == len(result["lesions"]) > 0
     assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     add_options(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder: new or empty (an earlier result there needs --overwrite; a folder holding "
-                        "other files is refused); with --manifest, one subfolder per case and summary.csv")
+                        "other files is refused); with --manifest, one subfolder per case and summary.csv, and "
+                        "--overwrite replaces an earlier run's whole folder once the new run ends")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

@@ -62,8 +62,9 @@ def folder_contents(folder, extra: Iterable[str] = (), cases: bool = False) -> T
         return [], []
     known, earlier, other = _names() | set(extra), [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(_STAGE) or (entry.is_file() and entry.name in known):
-            earlier.append(entry.name)  # a staging folder left by a killed run is this writer's too
+        if entry.name.startswith(_STAGE) or (entry.name.startswith(".") and "-swap-" in entry.name) \
+                or (entry.is_file() and entry.name in known):
+            earlier.append(entry.name)  # staging folders left by a killed run (ours or staged_folder's) are ours
         elif cases and entry.name == SUMMARY and entry.is_file():
             earlier.append(entry.name)
         elif cases and entry.is_dir() and not entry.is_symlink() and not folder_contents(entry, extra)[1]:
@@ -92,6 +93,9 @@ def check_output(folder, overwrite: bool = False, extra: Iterable[str] = (), cas
     if earlier and not overwrite:
         raise BadInputError(f"the output folder {folder} holds an earlier result ({_listing(earlier)}); pass "
                             "--overwrite to replace it, or choose a new or empty folder")
+    if earlier and (folder == Path.cwd() or folder in Path.cwd().parents):
+        raise BadInputError(f"the output folder {folder} holds an earlier result and is (or holds) the current "
+                            "folder, which cannot be replaced whole; run from another folder")
     # Replacing swaps the whole folder, which needs its parent; a new folder needs its nearest existing ancestor.
     place = folder if folder.is_dir() and not earlier else folder.parent
     while not place.exists():
@@ -110,7 +114,7 @@ def output_root(folder, overwrite: bool = False, extra: Iterable[str] = (), case
     when the block ends normally (on an error or a cancel an earlier result stays as it was, a new folder does not
     appear), or `folder` itself when it is empty, or new for a manifest run (whose cases then appear as they
     finish)."""
-    folder = Path(folder)
+    folder = Path(folder).absolute()  # "." has no name to swap by
     if check_output(folder, overwrite, extra, cases) or not (folder.exists() or cases):
         with staged_folder(folder) as stage:
             yield stage
@@ -150,7 +154,7 @@ def write_result(result: Result, scan: sitk.Image, outdir, fmt: str = "nifti", i
     reporter = reporter or Reporter()
     if fmt not in FORMATS:
         raise BadInputError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
-    outdir = Path(outdir)
+    outdir = Path(outdir).absolute()
     try:
         with output_root(outdir, overwrite) as root:
             if root != outdir:
