@@ -88,6 +88,33 @@ def test_writer_refuses_an_earlier_result_without_overwrite(tmp_path, demo_case,
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
 
 
+def test_what_counts_as_an_earlier_result(tmp_path, monkeypatch):
+    from BrainAnomalyLib.core.errors import BadInputError
+    from BrainAnomalyLib.detection.writers import check_output, folder_contents
+
+    assert check_output(tmp_path / "new" / "deeper") is False and not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    (run / "s1_T1" / ".partial-x").mkdir(parents=True)  # a killed run's staging folder is ours
+    (run / "s1_T1" / "result.json").write_text("{}")
+    (run / "summary.csv").write_text("")
+    assert folder_contents(run, cases=True) == (["s1_T1/", "summary.csv"], [])
+    assert check_output(run, overwrite=True, cases=True) is True
+    with pytest.raises(BadInputError, match="not a BrainAnomaly result"):
+        check_output(run)  # a single scan's folder holds no case folders
+    (run / "s1_T1" / "scan.nii.gz").write_text("")  # the user's file inside a case folder
+    with pytest.raises(BadInputError, match="s1_T1/"):
+        check_output(run, overwrite=True, cases=True)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BadInputError, match="is a file, not a folder"):
+        check_output(tmp_path / "afile")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "result.json").write_text("{}")
+    monkeypatch.chdir(mine)  # the current folder cannot be swapped away
+    with pytest.raises(BadInputError, match="current folder"):
+        check_output(".", overwrite=True)
+
+
 # --- an unwritable output folder --------------------------------------------------------------------------------
 
 

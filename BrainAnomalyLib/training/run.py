@@ -55,7 +55,7 @@ MIN_CALIBRATION_SCANS = 5
 ALLOW_FEW_FLAG = "--allow-few-scans"
 
 
-def check_calibration_scans(n: int, allow_few: bool, what: str = "healthy scans to calibrate on") -> None:
+def check_calibration_scans(n: int, allow_few: bool, what: str = "healthy scan(s) to calibrate on") -> None:
     """Refuse calibrating on fewer than MIN_CALIBRATION_SCANS scans unless `allow_few`."""
     if n < MIN_CALIBRATION_SCANS and not allow_few:
         raise BadInputError(f"{n} {what}; calibration needs at least {MIN_CALIBRATION_SCANS} (pass "
@@ -188,7 +188,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
         raise ValueError(f"{manifest}: {len(cases)} healthy {modality} scans; at least 4 are needed")
     splits = split_subjects(cases)
     check_calibration_scans(len(splits["calibration"]), allow_few_scans,
-                            f"healthy scans in the calibration split ({len(cases)} healthy {modality} scans, 15 % "
+                            f"healthy scan(s) in the calibration split ({len(cases)} healthy {modality} scans, 15 % "
                             "held out for calibration)")
     train_cases = splits["train"][:max_train] if max_train else splits["train"]
     grid, pre, post = Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
