@@ -276,3 +276,24 @@ def test_error_texts_carry_no_numpy_reprs(tmp_path, capsys):
         assert "np." not in text and "itk::" not in text.lower() and "ExceptionObject" not in text, text
         assert len(text.strip().splitlines()) == 1, text
     assert "only 1 slice" in texts[0] and "not an image format" in texts[2], texts
+
+
+def test_demo_replaces_only_its_own_earlier_output(tmp_path):
+    """Run twice into one folder the demo replaces its earlier output (checked here without the minute-long run;
+    the README's demo test runs it), but never another result or the user's files."""
+    from BrainAnomalyLib.cli.demo import DEMO_FILES, check_demo_output
+    from BrainAnomalyLib.core.errors import BadInputError
+
+    out = tmp_path / "demo_output"
+    check_demo_output(out)
+    out.mkdir()
+    for name in (*DEMO_FILES, *output_names("nifti")):
+        (out / name).write_text("")
+    check_demo_output(out)
+    (out / DEMO_FILES[0]).unlink()  # now a detect result, not a demo's
+    with pytest.raises(BadInputError, match="not a demo's"):
+        check_demo_output(out)
+    (out / DEMO_FILES[0]).write_text("")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="notes.txt"):
+        check_demo_output(out)
