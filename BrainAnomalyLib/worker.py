@@ -23,7 +23,8 @@ Running out of GPU memory is handled inside the detection (smaller batches, then
 in result.json's notes), so OutOfMemoryError means memory ran out even on the CPU: retrying cannot help. OUT
 receives the files of detection/writers.py (anomaly_map, pred_mask, brain_mask, reconstruction when the model has
 one, lesions.csv, result.json with the scan's FPR -> threshold curve and the display range, overlay.png), all
-moved in together at the end.
+moved in together at the end. OUT must be new or empty, or hold only an earlier result and the request say
+overwrite (then it is replaced whole); this is checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", help="DetectionRequest JSON file (instead of the options below)")
     p.add_argument("--list-devices", action="store_true", help="print one 'devices' line and exit")
     p.add_argument("--input", help="volume file")
-    p.add_argument("--output-dir", dest="output", help="folder for the outputs (created)")
+    p.add_argument("--output-dir", dest="output", help="folder for the outputs (created; new or empty, or see "
+                                                       "--overwrite)")
     add_options(p, output_format="nrrd")
     return p
 
@@ -96,8 +98,9 @@ def read_request(argv: Optional[List[str]]) -> DetectionRequest:
 def detect(request: DetectionRequest, channel: Channel, cancel) -> Path:
     from .core.progress import Reporter
     from .detection.pipeline import Detector
-    from .detection.writers import write_result
+    from .detection.writers import check_output, write_result
 
+    check_output(request.output, request.overwrite)  # before anything is loaded or computed
     reporter = Reporter(channel.progress, cancel)
     reporter("load model", 0.0)
     det = Detector.from_request(request)
@@ -106,7 +109,7 @@ def detect(request: DetectionRequest, channel: Channel, cancel) -> Path:
     for note in result.notes:
         channel.send("log", message=note)
     return write_result(result, scan, request.output, request.output_format, Path(request.input).name,
-                        reporter.sub(0.97, 1.0))
+                        reporter.sub(0.97, 1.0), overwrite=request.overwrite)
 
 
 def list_devices() -> dict:

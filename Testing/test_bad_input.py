@@ -46,7 +46,7 @@ def test_2d_image(tmp_path):
 
 def test_single_slice_3d_counts_as_2d(tmp_path):
     p = _write(_volume((64, 64, 1), (1, 1, 1)), tmp_path / "slice.nii.gz")
-    with pytest.raises(BadInputError, match="3D volume is needed"):
+    with pytest.raises(BadInputError, match="only 1 slice"):
         read_volume(p)
 
 

@@ -69,7 +69,7 @@ def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, demo_file, intens
     summary = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert summary[1].startswith("s1,T1,ok,") and summary[2].startswith("s2,T1,failed,")
     captured = capsys.readouterr()
-    assert "1 of 2 scans done" in captured.out and "s2_T1" in captured.err and "constant" in captured.err
+    assert "1 of 2 T1 scans done" in captured.out and "s2_T1" in captured.err and "constant" in captured.err
 
 
 def test_unknown_model_exits_3(tmp_path, demo_file, capsys):

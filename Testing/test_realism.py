@@ -267,7 +267,7 @@ def test_training_reports_realism_or_says_why_not(kind, arch, encoder_found, tmp
                "realism_encoder": encoder}
     pre = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
     folder = train(kind, csv, "T1", tmp_path / "model", Reporter(), cache_dir=tmp_path / "cache", pre=pre,
-                   options=options)
+                   options=options, allow_few_scans=True)
     realism = json.loads((folder / "training" / "realism.json").read_text())
     assert (folder / "model.json").is_file() and (folder / "training" / "net" / "training.json").is_file()
     if encoder_found:

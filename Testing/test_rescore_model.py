@@ -31,7 +31,8 @@ def test_rescoring_keeps_the_weights_and_fits_statistics_and_thresholds_again(tm
     code = cli_main(["train", "--model", "ddpm", "--manifest", str(csv), "--modality", "T1", "-o", str(trained),
                      "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir", cache,
                      "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu",
-                     "--arch", json.dumps(arch), "--realism-samples", "0", "--max-train", "2", "-q"])
+                     "--arch", json.dumps(arch), "--realism-samples", "0", "--max-train", "2",
+                     "--allow-few-scans", "-q"])
     assert code == 0, capsys.readouterr().err
     script = _script()
     out = tmp_path / "ddpm-one-level"

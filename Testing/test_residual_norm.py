@@ -86,6 +86,7 @@ def test_training_a_learned_model_adds_healthy_statistics(tmp_path, capsys):
     csv = _cohort(tmp_path)
     out = tmp_path / "dae"
     code = main(["train", "--model", "dae", "--manifest", str(csv), "--modality", "T1", "-o", str(out),
+                 "--allow-few-scans",
                  "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir",
                  str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
                  "--device", "cpu", "--arch", json.dumps({"features": [4, 4, 8, 8, 8, 4]}),

@@ -39,15 +39,18 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     proc = _run("--manifest", manifest, "-o", out, "--device", "cpu")
     assert proc.returncode == 1, proc.stderr  # one case failed
     assert "1 of 2 cases done" in proc.stdout and "failed: broken" in proc.stderr
+    assert "skipped 1 of 3 rows: modality FLAIR, this batch is for T1" in proc.stdout
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert [(r["subject"], r["status"]) for r in rows] == [("demo", "ok"), ("broken", "failed")]  # T1 rows only
-    assert "broken.nii.gz" in rows[1]["message"]
+    assert [(r["subject"], r["status"]) for r in rows] == [("flair", "skipped"), ("demo", "ok"), ("broken", "failed")]
+    assert "broken.nii.gz" in rows[2]["message"]
     assert sorted(p.name for p in out.iterdir()) == ["demo", "summary.csv"]  # nothing half-written for "broken"
+    again = _run("--manifest", manifest, "-o", out, "--device", "cpu")  # an earlier run: refused before any work
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
     case = out / "demo"
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
-    assert int(rows[0]["n_lesions"]) == len(result["lesions"]) > 0
-    assert rows[0]["false_findings"] == ""  # the shipped model has no finding calibration: a voxel threshold
+    assert int(rows[1]["n_lesions"]) == len(result["lesions"]) > 0
+    assert rows[1]["false_findings"] == ""  # the shipped model has no finding calibration: a voxel threshold
     assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):
@@ -156,6 +159,7 @@ def test_case_written_again_keeps_its_files_when_a_write_fails(worker_output, tm
     import os
 
     from BrainAnomalyLib.core import files
+    from BrainAnomalyLib.core.errors import BadInputError
     from BrainAnomalyLib.detection import writers
     from BrainAnomalySlicer import batch
 
@@ -195,7 +199,7 @@ def test_case_written_again_keeps_its_files_when_a_write_fails(worker_output, tm
         return real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", swap_fails)
-    with pytest.raises(PermissionError):
+    with pytest.raises(BadInputError, match="in use"):  # one line for the user, the swap undone
         batch.save_case(result, scan, case, "scan.nrrd")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in case.iterdir()} == before

@@ -51,7 +51,7 @@ def test_train_normative_from_a_manifest(tmp_path, capsys):
     out = tmp_path / "model"
     code = main(["train", "--model", "normative", "--manifest", str(csv), "--modality", "T1", "-o", str(out),
                  "--skull-strip", "none", "--no-bias-correction", "--no-register",
-                 "--cache-dir", str(tmp_path / "cache"), "-q"])
+                 "--cache-dir", str(tmp_path / "cache"), "--allow-few-scans", "-q"])
     assert code == 0, capsys.readouterr().err
     model = load_model(out)
     meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
@@ -95,7 +95,7 @@ def test_train_with_histogram_standardisation_stores_its_reference(tmp_path):
     out = tmp_path / "hist-model"
     assert main(["train", "--model", "normative", "--manifest", str(csv), "-o", str(out), "--normalisation",
                  "histogram", "--skull-strip", "none", "--no-bias-correction", "--no-register",
-                 "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--allow-few-scans", "-q"]) == 0
     pre = json.loads((out / "model.json").read_text(encoding="utf-8"))["preprocessing"]
     assert pre["normalisation"] == "histogram"
     ref = pre["normalisation_reference"]

@@ -86,10 +86,13 @@ def main(argv=None) -> int:
         volumes = grid_volumes(train_cases, det.preprocess_config, det.grid, reporter, args.cache_dir)
         params, tensors = fit_residual_norm(model.kind, params, tensors, volumes, reporter, "cpu", len(train_cases))
     meta = dict(model.meta, name=args.name or args.output.name, params=params)
+    # Calibrated on the original's split: fewer scans than the minimum only where the original was allowed them.
+    allow_few = bool((model.meta.get("calibration") or {}).get("few_scans"))
     meta.pop("calibration", None)
     meta["rescored_from"] = {"model": model.name, "arch_changes": changes, "score": args.score}
     folder = save_model(args.output, meta, tensors)
-    meta["calibration"] = calibrate(load_model(folder), splits["calibration"], reporter, args.cache_dir)
+    meta["calibration"] = calibrate(load_model(folder), splits["calibration"], reporter, args.cache_dir,
+                                    allow_few_scans=allow_few)
     save_model(args.output, meta, tensors)
     print(f"written {args.output}")
     return 0

@@ -5,7 +5,8 @@
 Also runs with a plain Python that has the slicer-core wheel (same logic, same outputs). Each case gets
 OUTDIR/<subject>/ with the files `brainanomaly detect --format nrrd` writes (anomaly_map.nrrd, pred_mask.nrrd,
 brain_mask.nrrd, reconstruction.nrrd, lesions.csv, result.json, overlay.png); OUTDIR/summary.csv lists every case.
-Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments.
+OUTDIR must be new or empty, or hold only an earlier batch run and --overwrite be given (it is then replaced whole at
+the end). Exits 0 when every case succeeded, 1 when any failed, 2 on bad arguments or such an OUTDIR.
 """
 
 import argparse
@@ -34,6 +35,9 @@ def parse(argv):
     p.add_argument("--skull-strip", default="auto", choices=["auto", "deepbet", "none"])
     p.add_argument("--no-bias-correction", action="store_true")
     p.add_argument("--no-register", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier batch run in OUTDIR, all of it at the end (without it such a folder is "
+                        "refused; a folder holding other files is refused even with it)")
     return p.parse_args(argv)
 
 
@@ -64,17 +68,19 @@ def main(argv=None) -> int:
     scene = slicer.mrmlScene if hasattr(slicer, "mrmlScene") else slicer.vtkMRMLScene()
     try:
         _install_dependencies(slicer, lambda message: print(message, file=sys.stderr))
-        rows = run_batch(args.manifest, args.output, options, scene, modality=args.modality)
+        rows = run_batch(args.manifest, args.output, options, scene, modality=args.modality,
+                         overwrite=args.overwrite)
     except Exception as exc:  # a message, not a traceback, for every failure before the first case
         print(f"slicer_batch: {exc}", file=sys.stderr)
         if isinstance(exc, DetectionError) and exc.kind == "BadInputError":
             return 2
         return getattr(exc, "exit_code", None) or 1
-    failed = [r for r in rows if r["status"] != "ok"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} cases done; summary in {Path(args.output) / 'summary.csv'}")
+    failed = [r for r in rows if r["status"] == "failed"]
+    ran = [r for r in rows if r["status"] != "skipped"]  # skipped rows (other modalities) were named already
+    print(f"{len(ran) - len(failed)} of {len(ran)} cases done; summary in {Path(args.output) / 'summary.csv'}")
     for r in failed:
         print(f"  failed: {r['subject']}: {r['message']}", file=sys.stderr)
-    return 1 if failed or not rows else 0
+    return 1 if failed or not any(r["status"] == "ok" for r in rows) else 0
 
 
 def run(argv) -> int:

@@ -1,6 +1,8 @@
 """Batch detection through the module's logic, for `scripts/slicer_batch.py` (Slicer started headless) and for
 anything else that has an MRML scene. Each case's files (the one layout of BrainAnomalyLib/detection/writers.py,
-as NRRD) appear together in OUTDIR/<subject>/ or not at all."""
+as NRRD) appear together in OUTDIR/<subject>/ or not at all. OUTDIR follows the writer's output folder rule
+(writers.check_output, checked before the model is loaded): new or empty, or holding only an earlier batch run,
+which `overwrite` replaces whole at the end."""
 
 from __future__ import annotations
 
@@ -33,13 +35,12 @@ def _load_volume(scene, path: Path, name: str):
 
 
 def save_case(result, scan, folder: Path, input_name: str = "") -> None:
-    """The case's outputs through the one writer every front end uses, built beside the case folder and swapped in
-    whole: a case written again keeps its previous files until the new set is complete, and no stale file stays."""
-    from BrainAnomalyLib.core.files import staged_folder
+    """The case's outputs through the one writer every front end uses, which builds them beside the case folder
+    and swaps them in whole: a case written again keeps its previous files until the new set is complete, and no
+    stale file stays."""
     from BrainAnomalyLib.detection.writers import write_result
 
-    with staged_folder(folder) as stage:
-        write_result(result, scan, stage, "nrrd", input_name)
+    write_result(result, scan, folder, "nrrd", input_name, overwrite=True)
 
 
 def _detect(logic: DetectionLogic, volume, options: DetectionOptions, cancel_requested):
@@ -60,20 +61,40 @@ def _detect(logic: DetectionLogic, volume, options: DetectionOptions, cancel_req
 
 def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Optional[str] = None,
               python: Optional[str] = None, log: Callable[[str], None] = print,
-              cancel_requested: Optional[Callable[[], bool]] = None) -> List[dict]:
+              cancel_requested: Optional[Callable[[], bool]] = None, overwrite: bool = False) -> List[dict]:
     """Detect on every row of a manifest (rows of `modality`, default the model's); returns one summary row per
-    case and writes OUTDIR/summary.csv. A failing case is reported and the batch goes on."""
-    from BrainAnomalyLib.core.errors import BrainAnomalyError
-    from BrainAnomalyLib.core.manifest import read_manifest
+    case and writes OUTDIR/summary.csv, where rows of other modalities are listed as skipped. A failing case is
+    reported and the batch goes on."""
+    from BrainAnomalyLib.core.manifest import read_manifest, skipped_rows
+    from BrainAnomalyLib.detection.writers import check_output, output_root
     from BrainAnomalyLib.store.models import resolve_model
 
+    outdir = Path(outdir)
+    check_output(outdir, overwrite, cases=True)  # before the model is loaded
     model = resolve_model(options.model)  # fail early on a missing or broken model
     modality = modality or options.modality or model.modality
-    cases = read_manifest(manifest, modality)
+    skipped = []
+    cases = read_manifest(manifest, modality, skipped)
     if not cases:
         raise DetectionError(f"no {modality} rows in {manifest}", kind="BadInputError", exit_code=2)
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    why = f"this batch is for {modality}"
+    if skipped:
+        log(skipped_rows(skipped, len(cases) + len(skipped), why))
+    rows = [{"subject": c.subject, "modality": c.modality, "image": str(c.image), "status": "skipped",
+             "message": f"modality {c.modality}, {why}"} for c in skipped]
+    with output_root(outdir, overwrite, cases=True) as root:
+        rows += _run_cases(cases, root, options, scene, python, log, cancel_requested)
+        with open(root / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+    return rows
+
+
+def _run_cases(cases, root: Path, options: DetectionOptions, scene, python, log, cancel_requested) -> List[dict]:
+    from BrainAnomalyLib.core.errors import BrainAnomalyError
+
     logic = DetectionLogic(scene, python)
     rows = []
     for i, case in enumerate(cases, start=1):
@@ -87,7 +108,7 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
             volume, scan = _load_volume(scene, case.image, case.subject)
             result = _detect(logic, volume, DetectionOptions(**dict(vars(options), modality=case.modality)),
                              cancel_requested)
-            save_case(result, scan, outdir / case.subject, Path(case.image).name)
+            save_case(result, scan, root / case.subject, Path(case.image).name)
             row.update(status="ok", n_lesions=len(result.lesions),
                        anomalous_volume_ml=round(sum(les["volume_ml"] for les in result.lesions), 3),
                        threshold=round(result.threshold["value"], 5), fpr=result.threshold.get("fpr"),
@@ -101,9 +122,4 @@ def run_batch(manifest, outdir, options: DetectionOptions, scene, modality: Opti
         rows.append(row)
         log(f"[{i}/{len(cases)}] {case.subject}: {row['status']}"
             + (f", {row['n_lesions']} lesion(s)" if row["status"] == "ok" else f" ({row['message']})"))
-    with open(outdir / "summary.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
     return rows

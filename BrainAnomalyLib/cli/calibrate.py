@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                       "threshold with the best pooled Dice on them, separately")
     p.add_argument("--device", default="cpu", help="device for the --labelled cases: cpu (default) | auto | cuda")
     p.add_argument("--cache-dir", help="where preprocessed volumes are cached (default ~/.cache/brainanomaly)")
+    p.add_argument("--allow-few-scans", action="store_true",
+                   help="calibrate on fewer than 5 healthy scans (refused without it); the model's calibration "
+                        "record then says so (few_scans in model.json)")
     p.add_argument("-o", "--output", help="write a calibrated copy of the model to this folder (default: update "
                                           "the model in place; required for a shipped model)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -101,9 +104,9 @@ def target_folder(model_path: Path, output: Optional[str]) -> Tuple[Path, bool]:
 
 def run(args, cancel: CancelToken) -> int:
     from .. import __version__
-    from ..core.manifest import normalise_modality, read_manifest
+    from ..core.manifest import normalise_modality, read_manifest, skipped_rows
     from ..store.models import resolve_model, save_model
-    from ..training.run import calibrate, labelled_threshold
+    from ..training.run import calibrate, check_calibration_scans, labelled_threshold
 
     fprs = parse_fprs(args.fprs)
     model = resolve_model(args.model)  # ModelError (exit 3) for an unknown, broken or tampered model
@@ -111,7 +114,11 @@ def run(args, cancel: CancelToken) -> int:
     modality = normalise_modality(args.modality) if args.modality else model.modality
     if modality != model.modality:
         print(f"note: calibrating a {model.modality} model on {modality} rows, as asked", file=sys.stderr)
-    healthy = [c for c in read_manifest(args.manifest, modality) if c.mask is None]
+    other_rows = []
+    rows = read_manifest(args.manifest, modality, other_rows)
+    if other_rows:
+        print(skipped_rows(other_rows, len(rows) + len(other_rows), f"calibrating on {modality}"), file=sys.stderr)
+    healthy = [c for c in rows if c.mask is None]
     split_name = getattr(args, "split", "all")
     if split_name != "all":
         from ..training.run import split_subjects
@@ -119,6 +126,9 @@ def run(args, cancel: CancelToken) -> int:
         healthy = split_subjects(healthy)[split_name]
     if not healthy:
         raise BadInputError(f"{args.manifest}: no healthy {modality} rows (rows with an empty mask column)"
+                            + (f" in the {split_name} split" if split_name != "all" else ""))
+    allow_few = getattr(args, "allow_few_scans", False)
+    check_calibration_scans(len(healthy), allow_few, f"healthy {modality} scan(s) to calibrate on"
                             + (f" in the {split_name} split" if split_name != "all" else ""))
     lesion_cases = []
     if args.labelled:
@@ -134,7 +144,7 @@ def run(args, cancel: CancelToken) -> int:
     t = time.perf_counter()
     try:
         try:
-            calib = calibrate(model, healthy, reporter.sub(0.0, split), cache_dir, fprs)
+            calib = calibrate(model, healthy, reporter.sub(0.0, split), cache_dir, fprs, allow_few)
         except ValueError as exc:
             raise BadInputError(str(exc)) from None
         calib.update(manifest=Path(args.manifest).name, modality=modality, split=split_name,
@@ -188,5 +198,7 @@ def format_report(name: str, calib: dict, folder: Path, in_place: bool) -> str:
         lines.append(f"labelled refinement ({lab['n_cases']} case(s), stored separately; detection still defaults "
                      f"to the label-free calibration): threshold {lab['threshold']:.4g}, pooled "
                      f"Dice {lab['dice']:.3f}, healthy FPR {fpr}")
+    if calib.get("few_scans"):
+        lines.append(f"note: {calib['few_scans']['note']}")
     lines.append(f"model {'updated in place' if in_place else 'written'}: {folder}")
     return "\n".join(lines)

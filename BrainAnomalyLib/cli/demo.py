@@ -2,40 +2,66 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
 from ..detection.request import DetectionRequest
-from .detect import detect_one, print_summary
+from .detect import print_summary
 from .progress_bar import ProgressBar
+
+
+DEMO_FILES = ("demo_t1.nii.gz", "demo_truth.nii.gz")  # the demo's own scan and its truth, beside the outputs
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="build a synthetic case from the bundled template and detect its lesion")
-    p.add_argument("-o", "--output", default="demo_output", help="output folder (default demo_output)")
+    p.add_argument("-o", "--output", default="demo_output",
+                   help="output folder (default demo_output): new or empty, or an earlier demo's, which is "
+                        "replaced whole; a folder holding anything else (another result included) is refused")
     p.add_argument("--model", help="model to use (default: the shipped default model)")
     p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
     p.add_argument("-q", "--quiet", action="store_true")
 
 
+def check_demo_output(out: Path) -> None:
+    """The demo may replace its own earlier output (its scan is remade each time), nothing else."""
+    from ..detection.writers import check_output, folder_contents
+
+    earlier, _ = folder_contents(out, DEMO_FILES)
+    if earlier and DEMO_FILES[0] not in earlier:
+        raise BadInputError(f"the output folder {out.absolute()} holds an earlier result that is not a demo's; "
+                            "choose a new or empty folder")
+    check_output(out, overwrite=True, extra=DEMO_FILES)
+
+
 def run(args, cancel: CancelToken) -> int:
     from ..core.io import write_volume
     from ..detection.pipeline import Detector
+    from ..core.files import staged_folder
+    from ..detection.writers import write_outputs
     from ..synth.demo import make_demo_case
 
     out = Path(args.output)
-    request = DetectionRequest.from_dict({"input": str(out / "demo_t1.nii.gz"), "output": str(out),
+    check_demo_output(out)  # before anything is loaded or computed
+    request = DetectionRequest.from_dict({"input": str(out / DEMO_FILES[0]), "output": str(out),
                                           "model": args.model, "modality": "T1", "device": args.device})
     det = Detector.from_request(request)  # a missing model fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    scan, truth = make_demo_case()
-    write_volume(scan, out / "demo_t1.nii.gz")
-    write_volume(truth, out / "demo_truth.nii.gz")
     bar = ProgressBar(args.quiet, "demo")
+    reporter = Reporter(bar, cancel)
     try:
-        s = detect_one(det, request, Reporter(bar, cancel))
+        # Built aside and swapped in whole: a second demo into the same folder leaves no file of the first.
+        with staged_folder(out) as stage:
+            scan, truth = make_demo_case()
+            write_volume(scan, stage / DEMO_FILES[0])
+            write_volume(truth, stage / DEMO_FILES[1])
+            one = dataclasses.replace(request, input=str(stage / DEMO_FILES[0]), output=str(stage))
+            result, image = det.run_request(one, reporter.sub(0.0, 0.95))
+            write_outputs(result, image, stage, input_name=DEMO_FILES[0], reporter=reporter.sub(0.95, 1.0))
     finally:
         bar.close()
+    s = result.summary()
     print_summary(s, out)
     print(_demo_verdict(s, truth, out))
     return 0

@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("input", nargs="?", help="volume file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
     p.add_argument("--manifest", help="CSV with subject,modality,image,mask: run every row")
     add_options(p)
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: new or empty (an earlier result there needs --overwrite; a folder holding "
+                        "other files is refused); with --manifest, one subfolder per case and summary.csv, and "
+                        "--overwrite replaces an earlier run's whole folder once the new run ends")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -31,18 +34,23 @@ def detect_one(det, request: DetectionRequest, reporter: Reporter) -> dict:
 
     result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
     write_result(result, scan, request.output, request.output_format, Path(request.input).name,
-                 reporter.sub(0.95, 1.0))
+                 reporter.sub(0.95, 1.0), overwrite=request.overwrite)
     return result.summary()
 
 
 def run(args, cancel: CancelToken) -> int:
     from ..detection.pipeline import Detector
+    from ..detection.writers import check_output
 
     if bool(args.input) == bool(args.manifest):
         raise BadInputError("give either an input volume or --manifest CSV (not both)")
     request = DetectionRequest.from_args(args)
-    det = Detector.from_request(request)
     out = Path(args.output)
+    check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
+    det = Detector.from_request(request)
+    few = (det.model.meta.get("calibration") or {}).get("few_scans")
+    if few:
+        print(f"note: model {det.model.name}: {few['note']}", file=sys.stderr)
     if args.input:
         bar = ProgressBar(args.quiet, "detect")
         try:
@@ -51,32 +59,51 @@ def run(args, cancel: CancelToken) -> int:
             bar.close()
         print_summary(s, out)
         return 0
-    from ..core.manifest import read_manifest
+    return _run_manifest(det, request, args.manifest, out, args.quiet, cancel)
 
-    # Rows of other contrasts are for other models: run only those this model was built for.
-    cases = read_manifest(args.manifest, request.modality or det.model.modality)
-    bar = ProgressBar(args.quiet, "cohort")
-    rows, failures = [], []
-    try:
-        for i, case in enumerate(cases):
-            rep = Reporter(bar, cancel).sub(i / len(cases), (i + 1) / len(cases))
-            one = dataclasses.replace(request, input=str(case.image), output=str(out / case.key),
-                                      modality=case.modality)
-            try:
-                s = detect_one(det, one, rep)
-                rows.append([case.subject, case.modality, "ok", s["n_lesions"], s["anomalous_volume_ml"],
-                             s["pred_score"], ""])
-            except Cancelled:
-                raise
-            except BrainAnomalyError as exc:
-                failures.append(f"{case.key}: {exc}")
-                rows.append([case.subject, case.modality, "failed", "", "", "", str(exc)])
-    finally:
-        bar.close()
-        if rows:
-            _write_summary(out / "summary.csv", rows)
-    print(f"{len(cases) - len(failures)} of {len(cases)} scans done; outputs in {out}/<subject>_<modality>/, "
-          f"overview in {out / 'summary.csv'}")
+
+def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken) -> int:
+    """Every row of the model's modality, each into OUT/<subject>_<modality>/; a failing case is reported and the
+    run goes on. Replacing an earlier run (--overwrite), the new set is built aside and swapped in at the end."""
+    from ..core.manifest import read_manifest, skipped_rows
+    from ..detection.writers import SUMMARY, output_root
+
+    modality = request.modality or det.model.modality
+    skipped = []
+    cases = read_manifest(manifest, modality, skipped)
+    keys = [c.key for c in cases]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise BadInputError(f"{manifest}: more than one row for {', '.join(twice)} (subject and modality name a "
+                            "case's output folder)")
+    why = (f"--modality {request.modality} was asked for" if request.modality
+           else f"this model is for {det.model.modality}")
+    if skipped:
+        print(skipped_rows(skipped, len(cases) + len(skipped), why))
+    rows = [[c.subject, c.modality, "skipped", "", "", "", f"modality {c.modality}, {why}"] for c in skipped]
+    failures = []
+    with output_root(out, request.overwrite, cases=True) as root:
+        bar = ProgressBar(quiet, "cohort")
+        try:
+            for i, case in enumerate(cases):
+                rep = Reporter(bar, cancel).sub(i / len(cases), (i + 1) / len(cases))
+                one = dataclasses.replace(request, input=str(case.image), output=str(root / case.key),
+                                          modality=case.modality, overwrite=False)
+                try:
+                    s = detect_one(det, one, rep)
+                    rows.append([case.subject, case.modality, "ok", s["n_lesions"], s["anomalous_volume_ml"],
+                                 s["pred_score"], ""])
+                except Cancelled:
+                    raise
+                except BrainAnomalyError as exc:
+                    failures.append(f"{case.key}: {exc}")
+                    rows.append([case.subject, case.modality, "failed", "", "", "", str(exc)])
+        finally:
+            bar.close()
+            if len(rows) > len(skipped):
+                _write_summary(root / SUMMARY, rows)
+    print(f"{len(cases) - len(failures)} of {len(cases)} {modality} scans done; outputs in "
+          f"{out}/<subject>_<modality>/, overview in {out / SUMMARY}")
     for f in failures:
         print(f"failed: {f}", file=sys.stderr)
     return 2 if failures else 0

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 def run(args, cancel: CancelToken) -> int:
     from ..evaluation.evaluate import evaluate
     from ..evaluation.report import markdown_table, write_report
-    from ..core.manifest import read_manifest
+    from ..core.manifest import read_manifest, skipped_rows
     from ..store.models import resolve_model
     from ..detection.pipeline import Detector
 
@@ -51,9 +51,14 @@ def run(args, cancel: CancelToken) -> int:
     modality = args.modality or modalities.pop()
     for det in detectors.values():
         det.check_modality(modality)
-    cases = read_manifest(args.manifest, modality)
-    if args.healthy:
-        cases += [c for c in read_manifest(args.healthy, modality) if c.mask is None]
+    why = f"--modality {args.modality} was asked for" if args.modality else f"the models are for {modality}"
+    cases = []
+    for i, manifest in enumerate([args.manifest] + ([args.healthy] if args.healthy else [])):
+        other = []
+        rows = read_manifest(manifest, modality, other)
+        if other:
+            print(f"{Path(manifest).name}: {skipped_rows(other, len(rows) + len(other), why)}", file=sys.stderr)
+        cases += rows if i == 0 else [c for c in rows if c.mask is None]  # --healthy: its healthy rows
     bar = ProgressBar(args.quiet, "evaluate")
     skipped: List[str] = []
     try:

@@ -29,11 +29,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args, cancel: CancelToken) -> int:
-    from ..core.manifest import read_manifest
+    from ..core.manifest import read_manifest, skipped_rows
     from ..synth.cohort import check_kinds, make_cohort
 
     kinds = check_kinds(args.kinds.split(","))
-    cases = None if args.template else read_manifest(args.manifest, args.modality)
+    cases, other = None, []
+    if not args.template:
+        cases = read_manifest(args.manifest, args.modality, other)
+    if other:
+        print(skipped_rows(other, len(cases) + len(other), f"synthesising {args.modality.upper()} cases"),
+              file=sys.stderr)
     if args.per_scan < 1:
         raise BadInputError("--per-scan must be at least 1")
     bar = ProgressBar(args.quiet, "synth")

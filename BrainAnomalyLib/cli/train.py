@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
                         "report (training/realism.json, samples.png; default 256, 0 skips it)")
     g.add_argument("--realism-encoder", default=None, metavar="MODEL",
                    help="model whose trained feature net judges realism (default dpa-t1-ixi, for T1)")
+    p.add_argument("--allow-few-scans", action="store_true",
+                   help="calibrate on fewer than 5 healthy scans (15 %% of the healthy subjects are held out for "
+                        "calibration, so fewer than 31 subjects give fewer than 5; refused without it); the "
+                        "model's calibration record then says so (few_scans in model.json)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -91,7 +95,7 @@ def run(args, cancel: CancelToken) -> int:
                        Reporter(bar, cancel), name=args.name, direction=args.direction,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, max_train=args.max_train,
                        pre=PreprocessOptions.from_args(args).apply({"normalisation": args.normalisation}),
-                       options=options)
+                       options=options, allow_few_scans=args.allow_few_scans)
     except (KeyError, ValueError) as exc:
         raise BadInputError(str(exc).strip("'")) from None
     finally:
@@ -100,5 +104,10 @@ def run(args, cancel: CancelToken) -> int:
         return 0
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     print(f"model written to {folder}; calibrated thresholds {meta['calibration']['thresholds']}")
+    other = meta["training_data"].get("other_modality_rows")
+    if other:
+        print(f"skipped {other} manifest row(s) of other modalities: this model is for {meta['modality']}")
+    if meta["calibration"].get("few_scans"):
+        print(f"note: {meta['calibration']['few_scans']['note']}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,35 @@ def read_volume(path: str | os.PathLike, fill_nan: bool = False) -> sitk.Image:
         else:
             image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise BadInputError(f"cannot read {p}: {first}") from None
+        raise BadInputError(f"cannot read {p}: {itk_reason(exc)}") from None
     if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
         image = _restore_nifti_nonfinite(image, p)
     return validate_volume(image, name=p.name, fill_nan=fill_nan)
+
+
+# ITK's own wording for common reading failures, and what it means to a user.
+_ITK_REASONS = (("Unable to determine ImageIO reader", "not an image format that can be read, or a damaged file"),
+                ("Could not create IO object", "not an image format that can be read, or a damaged file"),
+                ("does not exist", "no such file"),
+                ("ImageIO returns IO region that does not fully contain", "the file is shorter than its header says "
+                                                                          "(truncated)"))
+
+
+def itk_reason(exc: Exception) -> str:
+    """A SimpleITK error as one plain line: a known failure in plain words, else ITK's last line without its
+    source-file and class prefixes."""
+    text = str(exc).strip()
+    for marker, plain in _ITK_REASONS:
+        if marker in text:
+            return plain
+    last = text.splitlines()[-1] if text else "unknown reason"
+    return re.sub(r"^(\S*itk::)?(ERROR|Error|Exception)\S*:\s*(\S+?\s?\(0x[0-9a-f]+\):\s*)?", "", last).strip() \
+        or "unknown reason"
+
+
+def _dims(values) -> str:
+    """Sizes or extents as 64 x 64 x 1 (plain numbers, never numpy reprs)."""
+    return " x ".join(f"{float(v):g}" for v in values)
 
 
 def _restore_nifti_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
@@ -94,15 +119,20 @@ def validate_volume(image: sitk.Image, name: str = "input", fill_nan: bool = Fal
             raise BadInputError(f"{name}: is 4D with {image.GetSize()[3]} volumes; extract one volume first")
         image = image[:, :, :, 0]
         dim = 3
-    if dim != 3 or min(image.GetSize()) <= 1:
-        raise BadInputError(f"{name}: is a {dim}D image of size {image.GetSize()}; a 3D volume is needed")
+    if dim == 2:
+        raise BadInputError(f"{name}: is a single 2D image ({_dims(image.GetSize())} pixels), not a 3D scan")
+    if dim != 3:
+        raise BadInputError(f"{name}: has {dim} dimensions; a 3D scan is needed")
+    if min(image.GetSize()) <= 1:
+        raise BadInputError(f"{name}: has only 1 slice ({_dims(image.GetSize())} voxels), not a 3D scan")
     size = np.array(image.GetSize())
     extent = size * np.array(image.GetSpacing())
     if size.min() < MIN_VOXELS_PER_AXIS or extent.min() < MIN_EXTENT_MM:
-        raise BadInputError(f"{name}: is too small to be a brain scan (size {tuple(size)}, "
-                            f"extent {tuple(np.round(extent, 1))} mm)")
+        raise BadInputError(f"{name}: is too small to be a brain scan ({_dims(size)} voxels, "
+                            f"{_dims(np.round(extent, 1))} mm)")
     if size.prod() > MAX_VOXELS or extent.max() > MAX_EXTENT_MM:
-        raise BadInputError(f"{name}: is too large (size {tuple(size)}, extent {tuple(np.round(extent, 1))} mm)")
+        raise BadInputError(f"{name}: is too large for a brain scan ({_dims(size)} voxels, "
+                            f"{_dims(np.round(extent, 1))} mm)")
     image = sitk.Cast(image, sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(arr)
@@ -120,7 +150,7 @@ def validate_volume(image: sitk.Image, name: str = "input", fill_nan: bool = Fal
         image = out
         arr = sitk.GetArrayViewFromImage(image)
     if float(arr.max()) == float(arr.min()):
-        raise BadInputError(f"{name}: is constant (every voxel is {float(arr.min())})")
+        raise BadInputError(f"{name}: is constant (every voxel is {float(arr.min()):g})")
     return image
 
 

@@ -24,8 +24,9 @@ class Case:
         return f"{self.subject}_{self.modality}"
 
 
-def read_manifest(path, modality: Optional[str] = None) -> List[Case]:
-    """Read a manifest; with `modality`, keep only those rows (case-insensitive)."""
+def read_manifest(path, modality: Optional[str] = None, skipped: Optional[List[Case]] = None) -> List[Case]:
+    """Read a manifest; with `modality`, keep only those rows (case-insensitive), and add the others to `skipped`
+    when it is given, so the caller can say what it left out (`skipped_rows`)."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"manifest not found: {path}")
@@ -43,10 +44,23 @@ def read_manifest(path, modality: Optional[str] = None) -> List[Case]:
                               image=(path.parent / row["image"].strip()).resolve(),
                               mask=(path.parent / mask).resolve() if mask else None))
     if modality is not None:
+        if skipped is not None:
+            skipped.extend(c for c in cases if c.modality != normalise_modality(modality))
         cases = [c for c in cases if c.modality == normalise_modality(modality)]
     if not cases:
         raise BadInputError(f"{path}: no rows" + (f" with modality {modality}" if modality else ""))
     return cases
+
+
+def skipped_rows(skipped: List[Case], total: int, why: str) -> str:
+    """One line for rows a run leaves out, e.g. "skipped 1 of 4 rows: modality FLAIR, this model is for T1"."""
+    counts = {}
+    for c in skipped:
+        counts[c.modality] = counts.get(c.modality, 0) + 1
+    if len(counts) == 1:
+        return f"skipped {len(skipped)} of {total} rows: modality {skipped[0].modality}, {why}"
+    kinds = ", ".join(f"{m} ({n})" for m, n in sorted(counts.items()))
+    return f"skipped {len(skipped)} of {total} rows: modality {kinds}; {why}"
 
 
 def write_manifest(path, cases: List[Case]) -> None:

@@ -81,6 +81,7 @@ class DetectionRequest:
     batch_size: Optional[int] = None  # slices per forward pass (learned scorers); halved on out-of-memory
     output_format: str = "nifti"
     fill_nan: bool = False  # set NaN/infinite voxels to the lowest value instead of refusing the scan
+    overwrite: bool = False  # replace an earlier result in the output folder (detection/writers.check_output)
 
     # -- the one constructor --
     @classmethod
@@ -122,7 +123,7 @@ class DetectionRequest:
             "postprocessing": {"erode_voxels": a.get("erode"), "median_size": a.get("median"),
                                "min_lesion_ml": a.get("min_lesion_ml")},
             "batch_size": a.get("batch_size"), "output_format": a.get("format") or "nifti",
-            "fill_nan": bool(a.get("fill_nan"))})
+            "fill_nan": bool(a.get("fill_nan")), "overwrite": bool(a.get("overwrite"))})
 
     @classmethod
     def from_json(cls, path) -> "DetectionRequest":
@@ -246,6 +247,10 @@ def add_options(p: argparse.ArgumentParser, output_format: str = "nifti") -> Non
                    help="slices per forward pass for learned scorers (halved automatically on out-of-memory)")
     p.add_argument("--format", default=output_format, choices=sorted(FORMATS),
                    help=f"file format of the output volumes (default {output_format})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in the output folder, all of it at once (no file of the earlier "
+                        "result stays); without it such a folder is refused (exit 2). A folder holding other files "
+                        "is refused even with --overwrite, so no file of yours is deleted")
 
 
 def add_calibration_option(p: argparse.ArgumentParser) -> None:

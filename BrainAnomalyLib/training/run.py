@@ -51,13 +51,29 @@ def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid,
             "postprocess": post.to_dict(), "params": params, "created_with": f"BrainAnomalyLib {__version__}"}
 
 
+# Fewer healthy scans than this give thresholds that move with the particular scans (the 1 % tail of one or two
+# brains), so calibrating on fewer is refused unless asked for, and then recorded in the model.
+MIN_CALIBRATION_SCANS = 5
+ALLOW_FEW_FLAG = "--allow-few-scans"
+
+
+def check_calibration_scans(n: int, allow_few: bool, what: str = "healthy scan(s) to calibrate on") -> None:
+    """Refuse calibrating on fewer than MIN_CALIBRATION_SCANS scans unless `allow_few`."""
+    if n < MIN_CALIBRATION_SCANS and not allow_few:
+        raise BadInputError(f"{n} {what}; calibration needs at least {MIN_CALIBRATION_SCANS} (pass "
+                            f"{ALLOW_FEW_FLAG} to calibrate on fewer; the model then records that it was)")
+
+
 def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir: Optional[Path] = None,
-              fprs: Sequence[float] = DEFAULT_FPRS) -> dict:
+              fprs: Sequence[float] = DEFAULT_FPRS, allow_few_scans: bool = False) -> dict:
     """A model's `calibration` record from healthy scans, through its own scoring and post-processing: the table
     at `fprs`, the dense curve and the scan-adaptive reference (see calibration.HealthyPool), and the findings
-    those scans produce at the base threshold (`findings`, see calibration.findings)."""
+    those scans produce at the base threshold (`findings`, see calibration.findings). Fewer than
+    MIN_CALIBRATION_SCANS scans (given, or usable after skipping bad ones) are refused unless `allow_few_scans`;
+    then the record says so under "few_scans"."""
     from ..detection.pipeline import Detector
 
+    check_calibration_scans(len(cases), allow_few_scans)
     det = Detector(model, device="cpu")
     pool, skipped, kept = HealthyPool(), [], []
     for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter.sub(0.0, 0.9),
@@ -66,9 +82,16 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
         # The whole grid brain mask, eroded-away voxels (scoring 0) included: see HealthyPool.
         pool.add(case.subject, scores.clean_map[mask], scores.stats)
         kept.append((scores.clean_map, scores.stats))
-    record = pool.calibration(fprs, skipped)
-    record["findings"] = healthy_findings(det, record, kept, reporter.sub(0.9, 1.0))
-    return record
+    calib = pool.calibration(fprs, skipped)
+    n = calib["n_scans"]
+    check_calibration_scans(n, allow_few_scans, f"of {len(cases)} healthy scans usable ({len(skipped)} skipped)")
+    if n < MIN_CALIBRATION_SCANS:
+        calib["few_scans"] = {"n_scans": n, "minimum": MIN_CALIBRATION_SCANS,
+                              "note": f"calibrated on {n} healthy scan(s), fewer than the minimum of "
+                                      f"{MIN_CALIBRATION_SCANS}, as allowed by {ALLOW_FEW_FLAG}: the thresholds and "
+                                      "their false-positive rates are rough"}
+    calib["findings"] = healthy_findings(det, calib, kept, reporter.sub(0.9, 1.0))
+    return calib
 
 
 def healthy_findings(det, record: dict, maps: Sequence[Tuple[np.ndarray, dict]], reporter: Reporter) -> dict:
@@ -100,14 +123,16 @@ def _read_truth(path: Path, shape: Sequence[int]) -> np.ndarray:
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        raise BadInputError(f"cannot read mask {path}: {lines[-1] if lines else 'unknown reason'}") from None
+        from ..core.io import itk_reason
+
+        raise BadInputError(f"cannot read mask {path}: {itk_reason(exc)}") from None
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
         img = img[:, :, :, 0]
     arr = sitk.GetArrayFromImage(img)
     if arr.shape != tuple(shape):
-        raise BadInputError(f"mask {Path(path).name} has {arr.shape[::-1]} voxels but its scan has "
-                            f"{tuple(shape)[::-1]}; the mask must be on the scan's grid")
+        raise BadInputError(f"mask {Path(path).name} has {' x '.join(map(str, arr.shape[::-1]))} voxels but its "
+                            f"scan has {' x '.join(str(int(v)) for v in tuple(shape)[::-1])}; the mask must be on the "
+                            "scan's grid")
     return arr > 0
 
 
@@ -175,16 +200,22 @@ def _rank() -> int:
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
           direction: str = "auto", cache_dir: Optional[Path] = None,
           pre: Optional[PreprocessConfig] = None, post: Optional[PostprocessConfig] = None,
-          max_train: Optional[int] = None, options: Optional[dict] = None) -> Optional[Path]:
-    """Train a scorer on the healthy rows of a manifest, then calibrate it on held-out healthy scans. `options`
-    carries the settings of learned scorers (see scorers/learned_fit.py). Under torchrun every rank trains and
-    rank 0 alone writes the model (the others return None)."""
-    cases = read_manifest(manifest, modality)
+          max_train: Optional[int] = None, options: Optional[dict] = None,
+          allow_few_scans: bool = False) -> Optional[Path]:
+    """Train a scorer on the healthy rows of a manifest, then calibrate it on held-out healthy scans (at least
+    MIN_CALIBRATION_SCANS of them, checked before training, unless `allow_few_scans`). `options` carries the
+    settings of learned scorers (see scorers/learned_fit.py). Under torchrun every rank trains and rank 0 alone
+    writes the model (the others return None)."""
+    other_rows: List[Case] = []
+    cases = read_manifest(manifest, modality, other_rows)
     lesion_cases = [c for c in cases if c.mask is not None]
     cases = [c for c in cases if c.mask is None]  # healthy-only: rows with a lesion mask are not trained on
     if len(cases) < 4:
         raise ValueError(f"{manifest}: {len(cases)} healthy {modality} scans; at least 4 are needed")
     splits = split_subjects(cases)
+    check_calibration_scans(len(splits["calibration"]), allow_few_scans,
+                            f"healthy scan(s) in the calibration split ({len(cases)} healthy {modality} scans, 15 % "
+                            "held out for calibration)")
     train_cases = splits["train"][:max_train] if max_train else splits["train"]
     grid, pre, post = Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
     params = {"direction": direction_for(modality) if direction == "auto" else direction}
@@ -226,7 +257,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
                                                     len(train_cases))
             params = dict(params, scan_norm=options.get("scan_norm", "robust"))
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
-                             splits, lesion_cases, skipped, t, reporter, cache_dir)
+                             splits, lesion_cases, skipped, t, reporter, cache_dir, other_rows, allow_few_scans)
             from .realism_run import check_after_training
 
             # Samples of a diffusion model against the calibration split, in the report (after the model is saved:
@@ -244,11 +275,11 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     params, tensors = cls.fit(grid_volumes(train_cases, pre, grid, reporter.sub(0.0, 0.85), cache_dir,
                                            skipped=skipped), params, reporter)
     return _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases, splits,
-                   lesion_cases, skipped, t, reporter, cache_dir)
+                   lesion_cases, skipped, t, reporter, cache_dir, other_rows, allow_few_scans)
 
 
 def _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases, splits,
-            lesion_cases, skipped, t, reporter, cache_dir) -> Path:
+            lesion_cases, skipped, t, reporter, cache_dir, other_rows, allow_few_scans) -> Path:
     """Write the model folder, calibrate it on the calibration split and write it again with its thresholds."""
     name = name or Path(out).name
     meta = base_meta(kind, name, modality, f"{kind} scorer for {modality}, trained on {Path(manifest).name}",
@@ -256,11 +287,13 @@ def _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensor
     meta["training_data"] = {"manifest": Path(manifest).name, "n_train": len(train_cases),
                              "n_calibration": len(splits["calibration"]), "n_test_held_out": len(splits["test"]),
                              "lesion_rows_ignored": len(lesion_cases), "skipped": skipped,
+                             "other_modality_rows": len(other_rows),
                              "test_subjects": sorted({c.subject for c in splits["test"]}),
                              "seconds": round(time.perf_counter() - t, 1)}
     folder = save_model(out, meta, tensors)
     from ..store.models import load_model
 
-    calib = calibrate(load_model(folder), splits["calibration"], reporter.sub(0.85, 1.0), cache_dir)
+    calib = calibrate(load_model(folder), splits["calibration"], reporter.sub(0.85, 1.0), cache_dir,
+                      allow_few_scans=allow_few_scans)
     meta["calibration"] = calib
     return save_model(out, meta, tensors)
