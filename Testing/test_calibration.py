@@ -229,7 +229,7 @@ def test_lesion_level_operating_point_on_held_out_scans(data, calibrated):
 
     model = load_model(calibrated.folder)
     found = model.meta["calibration"]["findings"]
-    assert found["n_scans"] == 8 and found["n_findings"] == len(found["scores"]) > 0
+    assert found["n_scans"] == 8 == len(found["per_scan_scores"]) and found["n_findings"] > 0
     assert "false findings per healthy scan" in calibrated.stdout
     det = Detector(model, device="cpu")
     counts = []

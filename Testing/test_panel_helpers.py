@@ -71,7 +71,7 @@ def test_findings_slider_spans_the_librarys_range_on_a_log_scale():
 
 
 def test_threshold_unit_follows_the_results_calibration_and_the_checkbox():
-    calibrated = {"curve": {"fpr": [0.01]}, "findings": {"scores": [2.0, 1.0], "n_scans": 3}}
+    calibrated = {"curve": {"fpr": [0.01]}, "findings": {"per_scan_scores": [[2.0], [1.0], []]}}
     assert panel.threshold_unit(calibrated, voxel_threshold=False) == panel.FINDINGS
     assert panel.threshold_unit(calibrated, voxel_threshold=True) == panel.VOXEL
     # Models calibrated before findings were, uncalibrated models: the voxel FPR slider.
@@ -99,7 +99,7 @@ def test_model_has_finding_calibration(tmp_path):
         (folder / "model.json").write_text(json.dumps({"calibration": calibration}), encoding="utf-8")
         return {"id": folder.name, "location": str(folder)}
 
-    assert panel.model_has_finding_calibration(entry({"findings": {"scores": [1.0], "n_scans": 2}}))
+    assert panel.model_has_finding_calibration(entry({"findings": {"per_scan_scores": [[1.0], []]}}))
     assert not panel.model_has_finding_calibration(entry({"thresholds": {"0.01": 2.0}}))
     assert not panel.model_has_finding_calibration(entry(None))
     assert not panel.model_has_finding_calibration({"id": "gone", "location": str(tmp_path / "gone")})
