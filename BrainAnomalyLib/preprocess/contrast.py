@@ -23,7 +23,7 @@ real PD scan has checked it, so a PD call never refuses a FLAIR or T2 model eith
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -56,7 +56,7 @@ MIN_MARGIN = 0.1
 class ContrastEstimate:
     contrast: str
     margin: float  # distance, in brain IQRs, of the nearest deciding feature from its boundary
-    features: Dict[str, float]
+    features: Dict[str, Union[float, str]]  # contrast_features()
     runner_up: str  # the contrast on the other side of the nearest boundary
     # distance to the boundary with each contrast the call was weighed against (T1 vs T1CE left out: compatible)
     margins: Dict[str, float] = field(default_factory=dict)
@@ -108,7 +108,7 @@ def _side_levels(unit: np.ndarray, brain: np.ndarray, regions: Dict[str, np.ndar
             "wm_spread": float(q75 - q25)}
 
 
-def contrast_features(image: np.ndarray, mask: np.ndarray, grid: Grid) -> Dict[str, float]:
+def contrast_features(image: np.ndarray, mask: np.ndarray, grid: Grid) -> Dict[str, Union[float, str]]:
     """Tissue levels of a registered grid volume in brain IQRs from the brain median, from the hemisphere with the
     more uniform white matter, and the bright tail of the whole brain."""
     brain = mask & brain_mask_on_grid(grid)
@@ -139,7 +139,7 @@ def contrast_features(image: np.ndarray, mask: np.ndarray, grid: Grid) -> Dict[s
     return out
 
 
-def recognise(features: Dict[str, float]) -> ContrastEstimate:
+def recognise(features: Dict[str, Union[float, str]]) -> ContrastEstimate:
     """The contrast the tissue levels say, with the margin (brain IQRs) to each boundary it was weighed against.
 
     First: do the fluid spaces reach farther below the parenchyma (T1, T1CE, FLAIR) or above it (T2, PD)? CSF
