@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from BrainAnomalyLib.cli.main import main
 from BrainAnomalyLib.core.errors import BadInputError
 from BrainAnomalyLib.core.io import read_volume
 from BrainAnomalyLib.core.progress import Reporter
-from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid
+from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess
-from BrainAnomalyLib.preprocess.contrast import MIN_MARGIN, check_contrast, estimate_contrast, recognise
+from BrainAnomalyLib.preprocess.contrast import MIN_MARGIN, T1_MIN_GAP, check_contrast, estimate_contrast, recognise
 from BrainAnomalyLib.preprocess.sanity import judge, scan_measures
 from BrainAnomalyLib.preprocess.skullstrip import foreground_mask, looks_skull_stripped
 from BrainAnomalyLib.synth.appearance import TISSUE_SIGNAL, render_contrast
@@ -116,16 +117,46 @@ def test_synthetic_contrasts_are_recognised(tissue, modality):
         assert est.contrast == modality and est.margin >= MIN_MARGIN, est
 
 
+def _features(wm, gm, dark, bright, csf=0.0, tail=0.3):
+    return {"wm": wm, "gm": gm, "fluid_dark": dark, "fluid_bright": bright, "csf": csf, "tail": tail}
+
+
 def test_recognise_uses_csf_when_grey_and_white_matter_look_alike():
     # an older T2 (grey and white matter within 0.02 IQR) is still T2 because CSF leads by far
-    est = recognise({"wm": 0.034, "gm": 0.049, "csf": 1.33, "tail": 7.0})
+    est = recognise(_features(0.034, 0.049, dark=0.1, bright=4.0, csf=1.33, tail=7.0))
     assert est.contrast == "T2" and est.margin > 1.0
-    est = recognise({"wm": 0.37, "gm": -0.10, "csf": -0.44, "tail": 0.9})
-    assert est.contrast == "T1"
+    # CSF about as bright as grey matter, grey matter clearly above white matter: PD
+    assert recognise(_features(-1.0, 0.25, dark=-1.5, bright=0.9, csf=0.8)).contrast == "PD"
 
 
-def _est(contrast, margin=1.0, runner_up="T1"):
-    return {"contrast": contrast, "margin": margin, "runner_up": runner_up, "features": {}}
+def test_grey_white_order_decides_t1_against_flair_with_a_band_of_doubt():
+    t1 = recognise(_features(0.6, 0.0, dark=2.0, bright=-0.8))
+    assert t1.contrast == "T1" and t1.runner_up == "FLAIR" and t1.margin == pytest.approx(0.6 - T1_MIN_GAP)
+    assert recognise(_features(0.6, 0.0, dark=2.0, bright=-0.8, tail=3.0)).contrast == "T1CE"
+    flair = recognise(_features(0.0, 0.1, dark=2.5, bright=0.1, tail=4.0))  # a FLAIR of weak grey-white contrast
+    assert flair.contrast == "FLAIR" and flair.margins["T1"] == pytest.approx(T1_MIN_GAP + 0.1)
+    doubtful = recognise(_features(T1_MIN_GAP + MIN_MARGIN / 2, 0.0, dark=2.5, bright=0.0, tail=4.0))
+    assert doubtful.contrast == "T1CE" and doubtful.runner_up == "FLAIR" and not doubtful.confident
+
+
+def test_tissue_levels_come_from_the_hemisphere_with_uniform_white_matter(tissue):
+    # a FLAIR whose right hemisphere is swollen with oedema (white matter brightened by 1-3x its own level in
+    # patches): over the whole brain WM would outshine GM as on a T1; the left hemisphere still says FLAIR
+    grid = Grid()
+    image = render_contrast(tissue, "FLAIR", noise=0.02, seed=3)
+    rng = np.random.default_rng(0)
+    right = np.zeros(image.shape, bool)
+    right[..., image.shape[-1] // 2:] = True
+    wm = tissue.brain & right & (tissue_on_grid(grid)["WM"] > 0.5)
+    patches = ndimage.gaussian_filter(rng.normal(size=image.shape), 3) > 0
+    image = np.where(wm & patches, image * rng.uniform(1.5, 3.0, image.shape), image)
+    est = estimate_contrast(image, tissue.brain, grid)
+    assert est.features["side"] == "left" and est.contrast == "FLAIR" and est.confident
+
+
+def _est(contrast, margin=1.0, runner_up="T1", margins=None):
+    return {"contrast": contrast, "margin": margin, "runner_up": runner_up, "features": {},
+            "margins": margins or {runner_up: margin}}
 
 
 def test_check_contrast_refuses_naming_detected_expected_and_fitting_models():
@@ -138,14 +169,31 @@ def test_check_contrast_refuses_naming_detected_expected_and_fitting_models():
     assert "\n" not in msg
 
 
-def test_check_contrast_override_uncertain_and_compatible_are_notes():
+def test_check_contrast_unclear_is_refused_unless_both_sides_fit():
+    models = lambda: [{"id": "flair-model", "modality": "FLAIR"}]  # noqa: E731
+    # looks T1 but within the margin of FLAIR: never silently into a T1 model
+    with pytest.raises(BadInputError, match="cannot tell the scan's contrast.*T1.*FLAIR.*for T1 scans.*flair-model"):
+        check_contrast(_est("T1", MIN_MARGIN / 2, "FLAIR"), "T1", None, models)
+    with pytest.raises(BadInputError, match="cannot tell"):
+        check_contrast(_est("FLAIR", MIN_MARGIN / 2, "T1"), "T1", None)
+    with pytest.raises(BadInputError, match="cannot tell"):  # and not into a FLAIR model either
+        check_contrast(_est("FLAIR", MIN_MARGIN / 2, "T1"), "FLAIR", None)
+    # the nearest boundary is with a compatible contrast (T2/PD) and the incompatible one is far: accepted
+    assert check_contrast(_est("T2", 0.02, "PD", {"PD": 0.02, "FLAIR": 2.0}), "T2", None) == []
+    # a T1 close to T2 but far from FLAIR is still refused: T2 does not fit a T1 model
+    with pytest.raises(BadInputError, match="T2"):
+        check_contrast(_est("T1", 0.05, "T2", {"T2": 0.05, "FLAIR": 0.5}), "T1", None)
+
+
+def test_check_contrast_override_and_compatible_are_notes():
     notes = check_contrast(_est("FLAIR"), "T1", "T1")
     assert len(notes) == 1 and "overridden" in notes[0] and "FLAIR" in notes[0]
-    assert check_contrast(_est("T1"), "T1", None) == []
-    notes = check_contrast(_est("T1CE"), "T1", None)  # cannot be told apart: compatible, with a note
+    notes = check_contrast(_est("T1", MIN_MARGIN / 2, "FLAIR"), "T1", "T1")  # unclear, given as T1: noted
+    assert len(notes) == 1 and "overridden" in notes[0] and "cannot tell" in notes[0]
+    assert check_contrast(_est("T1", runner_up="FLAIR"), "T1", None) == []
+    assert check_contrast(_est("T1", runner_up="FLAIR"), "T1", "T1") == []
+    notes = check_contrast(_est("T1CE", runner_up="FLAIR"), "T1", None)  # cannot be told apart: a note
     assert len(notes) == 1 and "T1CE" in notes[0]
-    notes = check_contrast(_est("FLAIR", margin=MIN_MARGIN / 2), "T1", None)
-    assert len(notes) == 1 and "unclear" in notes[0]
 
 
 # --- sanity ---------------------------------------------------------------------------------------------------

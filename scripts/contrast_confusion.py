@@ -97,21 +97,28 @@ def main(argv=None) -> int:
     good = [r for r in rows if "error" in r and print(f"refused: {r['scan']}: {r['error']}") or "error" not in r]
     for r in good:
         est = recognise(r["features"])
-        r.update(pred=est.contrast, margin=round(est.margin, 4), runner_up=est.runner_up)
+        r.update(pred=est.contrast, margin=round(est.margin, 4), runner_up=est.runner_up,
+                 margins={k: round(v, 4) for k, v in est.margins.items()})
     print(confusion(good))
-    print(f"\nuncertain (margin < {MIN_MARGIN} IQR, never refused): "
-          + (", ".join(f"{r['scan']} ({r['pred']}, {r['margin']:.2f})" for r in good if r["margin"] < MIN_MARGIN)
-             or "none"))
+    print(f"\nunclear (margin < {MIN_MARGIN} IQR; refused unless both sides fit the model): "
+          + (", ".join(f"{r['scan']} ({r['pred']}, {r['margin']:.2f} from {r['runner_up']})" for r in good
+                       if r["margin"] < MIN_MARGIN) or "none"))
     wrong = [r for r in good if not compatible(r["pred"], r["true"])]
     print("wrong: " + (", ".join(f"{r['scan']} -> {r['pred']} (margin {r['margin']:.2f})" for r in wrong) or "none"))
-    print("\nfeatures (brain IQRs from the brain median) by set and true contrast:")
+    print("\nfeatures (brain IQRs from the brain median; tissue levels of the hemisphere with the more uniform WM) by "
+          "set and true contrast:")
     for key in sorted({(r["set"], r["true"]) for r in good}):
         sub = [r for r in good if (r["set"], r["true"]) == key]
         print(f"  {key[0]} {key[1]}:")
-        for f in ("wm", "gm", "csf", "tail"):
-            print(f"    {f:<5} {spread(r['features'][f] for r in sub)}")
-        print(f"    wm-gm {spread(r['features']['wm'] - r['features']['gm'] for r in sub)}")
-        print(f"    margin {spread(r['margin'] for r in sub)}")
+        for f in ("wm", "gm", "csf", "tail", "fluid_dark", "fluid_bright"):
+            print(f"    {f:<12} {spread(r['features'][f] for r in sub)}")
+        print(f"    wm-gm        {spread(r['features']['wm'] - r['features']['gm'] for r in sub)}")
+        print(f"    bright-dark  {spread(r['features']['fluid_bright'] - r['features']['fluid_dark'] for r in sub)}")
+        print(f"    margin       {spread(r['margin'] for r in sub)}")
+        for other in CONTRASTS:
+            values = [r["margins"][other] for r in sub if other in r["margins"]]
+            if values:
+                print(f"    margin to {other:<6}{spread(values)}")
     real = [r for r in good if r["set"] != "synthetic"]
     print(f"\nsanity measures on the {len(real)} real scans (limits: refuse / note):")
     for m in list(LIMITS) + ["snr", "noise"]:
