@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--modality", help="evaluate rows of this modality (default: the models' modality)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="raw score threshold instead of the calibrated one")
-    g.add_argument("--fpr", type=float, help="calibrated healthy FPR to threshold at (default 0.01)")
+    g.add_argument("--false-findings", type=float, help="lesion-level operating point: false findings per healthy "
+                                                         "scan (default 0.5 for models calibrated for it)")
+    g.add_argument("--fpr", type=float, help="calibrated healthy voxel FPR to threshold at instead (the default for "
+                                             "models without a lesion-level calibration: 0.01)")
     p.add_argument("--device", default="auto")
     add_calibration_option(p)
     p.add_argument("-o", "--output", required=True, help="report folder")
@@ -43,7 +46,7 @@ def run(args, cancel: CancelToken) -> int:
             raise BadInputError(f"two of the models are named {model.name!r}; give one another name (the 'name' in "
                                 "its model.json, or train it with --name) to compare them")
         detectors[model.name] = Detector(model, device=args.device, calibration=args.calibration)
-        thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr)
+        thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr, args.false_findings)
     modalities = {d.model.modality for d in detectors.values()}
     if len(modalities) > 1:
         raise BadInputError(f"models of different modalities ({', '.join(sorted(modalities))}) cannot be "
