@@ -14,7 +14,9 @@ def test_demo_ranks_the_inserted_lesion_first_with_the_default_model(tmp_path, c
     assert "demo lesion: found as finding #1 of" in capsys.readouterr().out
     summary = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
     assert summary["model"]["name"] == default_model_name()
-    assert summary["threshold"]["fpr"] == 0.01
+    # the lesion-level operating point: at most 0.5 false findings per healthy scan, cut at the 1 % voxel FPR
+    assert summary["threshold"]["false_findings"] == 0.5 and summary["threshold"]["fpr"] == 0.01
+    assert all(les["healthy_rate"] <= 0.5 for les in summary["lesions"])
     truth_img = sitk.ReadImage(str(tmp_path / "demo_truth.nii.gz"))
     truth = sitk.GetArrayFromImage(truth_img) > 0
     centre = np.array(truth_img.TransformContinuousIndexToPhysicalPoint(
@@ -23,7 +25,8 @@ def test_demo_ranks_the_inserted_lesion_first_with_the_default_model(tmp_path, c
     assert np.linalg.norm(np.array(top["centroid_ras"]) - centre) < 5.0
     true_ml = truth.sum() * np.prod(truth_img.GetSpacing()) / 1000
     assert 0.5 * true_ml < top["volume_ml"] < 2.0 * true_ml
-    # clearly separated from everything else the model flags
+    # the rarest finding in healthy scans, and clearly separated from anything else reported
+    assert top["healthy_rate"] == min(les["healthy_rate"] for les in summary["lesions"])
     assert all(les["max_score"] < 0.5 * top["max_score"] for les in summary["lesions"][1:])
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred_mask.nii.gz"))) > 0
     assert pred[truth].mean() > 0.7  # most of the inserted lesion is labelled

@@ -138,9 +138,13 @@ def write_outputs(result: Result, scan: sitk.Image, folder: Path, fmt: str = "ni
     write_lesions_csv(result.lesions, folder / "lesions.csv")
     summary = dict(result.summary(), input=input_name, lesion_columns=list(LESION_COLUMN_NAMES))
     (folder / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    fpr = result.threshold.get("fpr")
-    title = (f"{input_name}  model {result.model['name']}  threshold {result.threshold['value']:.3g}"
-             + (f" (healthy FPR {fpr:.2%})" if fpr else "") + f"  lesions {len(result.lesions)}")
+    t = result.threshold
+    if t.get("false_findings") is not None:
+        # heat above the base threshold in colour; the reported findings outlined in cyan
+        point = f"{t['false_findings']:g} false findings / healthy scan (heat from the {t['fpr']:.0%} voxel FPR)"
+    else:
+        point = f"threshold {t['value']:.3g}" + (f" (healthy FPR {t['fpr']:.2%})" if t.get("fpr") else "")
+    title = f"{input_name}  model {result.model['name']}  {point}  findings {len(result.lesions)}"
     overlay_montage(scan, result.anomaly_map, result.pred_mask, result.threshold["value"], folder / "overlay.png",
                     result.brain_mask, title=title)
     reporter.check()
