@@ -81,6 +81,21 @@ def template_cohort(n: int = 6, seed: int = 0):
         yield image, mask
 
 
+def write_template_cases(folder: Path, n: int, seed: int, prefix: str = "h") -> list:
+    """`template_cohort` scans written as T1 NIfTI files on the grid (healthy manifest rows, no mask)."""
+    from BrainAnomalyLib.core.manifest import Case
+    from BrainAnomalyLib.core.template import Grid
+
+    ref = Grid().reference()
+    cases = []
+    for i, (image, _) in enumerate(template_cohort(n, seed=seed)):
+        img = sitk.GetImageFromArray(image * 100 + 400)
+        img.CopyInformation(ref)
+        sitk.WriteImage(img, str(folder / f"{prefix}{i}.nii.gz"))
+        cases.append(Case(f"{prefix}{i}", "T1", folder / f"{prefix}{i}.nii.gz", None))
+    return cases
+
+
 @functools.lru_cache(maxsize=None)
 def _small_volumes(n: int, seed: int):
     return tuple((np.ascontiguousarray(image[::2, ::2, ::2]), np.ascontiguousarray(mask[::2, ::2, ::2]))

@@ -16,10 +16,9 @@ import SimpleITK as sitk
 
 from BrainAnomalyLib.cli.main import main
 from BrainAnomalyLib.core.manifest import Case, write_manifest
-from BrainAnomalyLib.core.template import Grid
 from BrainAnomalyLib.detection.writers import output_names
 
-from conftest import template_cohort
+from conftest import write_template_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,14 +194,7 @@ def test_manifest_names_skipped_rows_and_overwrite_drops_stale_cases(tmp_path, s
 
 
 def _healthy(folder: Path, n: int) -> list:
-    ref = Grid().reference()
-    cases = []
-    for i, (image, _) in enumerate(template_cohort(n, seed=9)):
-        img = sitk.GetImageFromArray(image * 100 + 400)
-        img.CopyInformation(ref)
-        sitk.WriteImage(img, str(folder / f"h{i}.nii.gz"))
-        cases.append(Case(f"h{i}", "T1", folder / f"h{i}.nii.gz", None))
-    return cases
+    return write_template_cases(folder, n, seed=9)
 
 
 NO_PRE = ["--skull-strip", "none", "--no-bias-correction", "--no-register"]

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import SimpleITK as sitk
 
 from BrainAnomalyLib.cli.main import main
 from BrainAnomalyLib.core.manifest import Case, read_manifest, write_manifest
@@ -11,17 +10,11 @@ from BrainAnomalyLib.store.models import load_model
 from BrainAnomalyLib.core.template import Grid
 from BrainAnomalyLib.training.run import split_subjects
 
-from conftest import template_cohort
+from conftest import write_template_cases
 
 
 def _cohort(folder, n=8):
-    ref = Grid().reference()
-    cases = []
-    for i, (image, _) in enumerate(template_cohort(n, seed=5)):
-        img = sitk.GetImageFromArray(image * 100 + 400)
-        img.CopyInformation(ref)
-        sitk.WriteImage(img, str(folder / f"h{i}.nii.gz"))
-        cases.append(Case(f"h{i}", "T1", folder / f"h{i}.nii.gz", None))
+    cases = write_template_cases(folder, n, seed=5)
     cases.append(Case("p1", "T1", folder / "h0.nii.gz", folder / "h0.nii.gz"))  # a lesion row: not trained on
     write_manifest(folder / "cohort.csv", cases)
     return folder / "cohort.csv"
