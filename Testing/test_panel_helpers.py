@@ -105,7 +105,8 @@ def test_model_has_finding_calibration(tmp_path):
     assert not panel.model_has_finding_calibration({"id": "gone", "location": str(tmp_path / "gone")})
     assert not panel.model_has_finding_calibration(None)
     shipped = {e["id"]: e for e in list_models() if e.get("source") == "shipped"}
-    assert not panel.model_has_finding_calibration(shipped["normative-t1-ixi"])  # calibrated before findings were
+    assert panel.model_has_finding_calibration(shipped["normative-t1-ixi"])  # scripts/recalibrate_shipped.py
+    assert not panel.model_has_finding_calibration(shipped["intensity-flair"])  # no healthy FLAIR cohort
 
 
 def test_format_size():

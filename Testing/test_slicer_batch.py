@@ -50,7 +50,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[1]["n_lesions"]) == len(result["lesions"]) > 0
-    assert rows[1]["false_findings"] == ""  # the shipped model has no finding calibration: a voxel threshold
+    assert float(rows[1]["false_findings"]) == 0.5  # the shipped default's lesion-level operating point
     assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):

@@ -418,11 +418,19 @@ def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene
 
 
 def test_results_without_finding_calibration_keep_the_voxel_slider(mrml_scene, worker_output, tmp_path):
-    summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
-    assert summary["finding_calibration"] is None  # the shipped models were calibrated before findings were
+    # A result as a model without a finding calibration writes it (an uncalibrated model, or one calibrated
+    # before findings were): no finding calibration, a voxel threshold, no healthy rates.
+    folder = _outputs_copy(worker_output, tmp_path)
+    summary = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    summary["finding_calibration"] = None
+    for key in ("false_findings", "finding_threshold"):
+        summary["threshold"].pop(key, None)
+    for les in summary["lesions"]:
+        les.update(finding_score=None, healthy_rate=None)
+    (folder / "result.json").write_text(json.dumps(summary), encoding="utf-8")
     scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
     logic = DetectionLogic(mrml_scene)
-    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
+    out = logic.load_outputs(scan_node, folder, DetectionOptions())
     assert logic.state(out)["false_findings"] is None
     assert all(les["healthy_rate"] is None for les in summary["lesions"])
     before = nodes.node_array(out.labelmap).copy()

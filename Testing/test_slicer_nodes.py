@@ -250,15 +250,15 @@ def test_lesion_table_of_the_findings_operating_point(mrml_scene):
     _, everything = label_array(arr, index_to_ras, curve.threshold(0.01), 0.0, rule=FindingRule(curve, healthy))
     assert len(everything) == 3
     numbered, lesions = label_array(arr, index_to_ras, curve.threshold(0.01), 0.0, numbered=True,
-                                    rule=FindingRule(curve, healthy, 0.5))
-    assert len(lesions) == 2  # the weak finding is as common in healthy scans as more than 0.5 per scan
+                                    rule=FindingRule(curve, healthy, 1.0))
+    assert len(lesions) == 2  # the weak finding is as common in healthy scans as more than once per scan
     table = mrml_scene.AddNewNodeByClass("vtkMRMLTableNode", "lesions")
     nodes.update_table(table, lesions)
     t = table.GetTable()
     assert t.GetNumberOfRows() == len(lesions)
     rates = [t.GetValueByName(r, "healthy_rate").ToDouble() for r in range(t.GetNumberOfRows())]
     scores = [t.GetValueByName(r, "finding_score").ToDouble() for r in range(t.GetNumberOfRows())]
-    assert rates == pytest.approx([les["healthy_rate"] for les in lesions]) and all(r <= 0.5 for r in rates)
+    assert rates == pytest.approx([les["healthy_rate"] for les in lesions]) and all(r <= 1.0 for r in rates)
     assert rates == sorted(rates) and scores == sorted(scores, reverse=True)
     assert [t.GetValueByName(r, "label").ToInt() for r in range(t.GetNumberOfRows())] == [1, 2]
     assert int((numbered > 0).sum()) == sum(les["voxels"] for les in lesions)

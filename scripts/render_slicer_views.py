@@ -22,7 +22,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-o", "--output", default="Resources/Screenshots/slicer_overlay.png")
     p.add_argument("--model", help="model id or folder (default: the shipped default)")
-    p.add_argument("--fpr", type=float, default=0.01)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--false-findings", type=float, help="operating point (default: the model's, 0.5 false findings "
+                                                         "per healthy scan for a model calibrated for it)")
+    g.add_argument("--fpr", type=float, help="a voxel threshold at this healthy FPR instead")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
@@ -46,10 +49,11 @@ def main() -> int:
     scan_node.CreateDefaultDisplayNodes()
     logic = DetectionLogic(scene)
     started = time.perf_counter()
-    out = logic.detect(scan_node, DetectionOptions(model=args.model, device=args.device, fpr=args.fpr))
+    out = logic.detect(scan_node, DetectionOptions(model=args.model, device=args.device, fpr=args.fpr,
+                                                   false_findings=args.false_findings))
     seconds = time.perf_counter() - started
     state = logic.state(out)
-    lesions = logic.apply_threshold(out, fpr=args.fpr)["lesions"]
+    lesions = logic.apply_threshold(out)["lesions"]
     views = render_views(scene, scan_node, out.heatmap, out.labelmap, 0.8, lesions[0]["centroid_ras"], size=360,
                          field_of_view_mm=190.0)
 
@@ -60,11 +64,13 @@ def main() -> int:
         ax.set_title(title, color="white", fontsize=11)
         ax.axis("off")
     model = state["model"]["name"]
-    fig.text(0.01, 0.985, f"{scan_node.GetName()}  ·  model {model}  ·  threshold {state['threshold']:.2f} "
-             f"(healthy FPR {args.fpr:.1%})  ·  {len(lesions)} finding(s)  ·  {seconds:.0f} s on {args.device}",
-             color="white", fontsize=11, va="top")
-    header = f"{'#':>3} {'volume mL':>10} {'peak':>7} {'mean':>7} {'R':>8} {'A':>8} {'S':>8}"
-    rows = [f"{les['label']:>3} {les['volume_ml']:>10.2f} {les['max_score']:>7.2f} {les['mean_score']:>7.2f} "
+    point = (f"{state['false_findings']:g} false findings per healthy scan" if state.get("false_findings")
+             else f"threshold {state['threshold']:.2f} (healthy FPR {state['fpr']:.1%})")
+    fig.text(0.01, 0.985, f"{scan_node.GetName()}  ·  model {model}  ·  {point}  ·  {len(lesions)} finding(s)  ·  "
+             f"{seconds:.0f} s on {args.device}", color="white", fontsize=11, va="top")
+    header = f"{'#':>3} {'volume mL':>10} {'peak':>7} {'healthy rate':>13} {'R':>8} {'A':>8} {'S':>8}"
+    rows = [f"{les['label']:>3} {les['volume_ml']:>10.2f} {les['max_score']:>7.2f} "
+            f"{les['healthy_rate'] if les.get('healthy_rate') is not None else '':>13} "
             f"{les['centroid_ras'][0]:>8.1f} {les['centroid_ras'][1]:>8.1f} {les['centroid_ras'][2]:>8.1f}"
             for les in lesions[:6]]
     fig.text(0.02, 0.29, "Lesion table (click a row in Slicer to jump there)\n" + header + "\n" + "\n".join(rows),
