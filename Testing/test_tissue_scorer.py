@@ -1,0 +1,65 @@
+"""The tissue-aware scorer on template-made FLAIR and T2: a hyperintense lesion in white matter stands out, the
+cortex (FLAIR) and the CSF borders (T2) do not, where the plain intensity scorer ranks them with the lesion."""
+
+import numpy as np
+import pytest
+
+from BrainAnomalyLib.core.progress import Reporter
+from BrainAnomalyLib.core.template import Grid, tissue_on_grid
+from BrainAnomalyLib.scorers import scorer_class
+from BrainAnomalyLib.synth.appearance import healthy_template_scan
+
+GRID = Grid()
+
+
+def _lesion_case(modality: str, brightness: float):
+    """A shifted template scan with a 6 mm-radius sphere in deep white matter, `brightness` white-matter-to-
+    grey-matter gaps above the white matter's level."""
+    image, mask = healthy_template_scan(modality, seed=5, grid=GRID)
+    t = tissue_on_grid(GRID)
+    wm_level = float(np.median(image[mask & (t["WM"] > 0.9)]))
+    gm_level = float(np.median(image[mask & (t["GM"] > 0.6)]))
+    zz, yy, xx = np.indices(mask.shape)
+    deep = np.argwhere(mask & (t["WM"] > 0.95))
+    centre = deep[len(deep) // 2]
+    lesion = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) <= 3 ** 2
+    lesion &= mask
+    image = image.copy()
+    image[lesion] = wm_level + brightness * abs(gm_level - wm_level)
+    return image, mask, lesion, t
+
+
+def _border(modality: str, mask, lesion, t):
+    """The normal tissue that a brain-wide comparison mistakes for lesion: the cortex on FLAIR (brighter than
+    white matter), the CSF and its partial-volume borders on T2 (the brightest normal signal)."""
+    csf = 1.0 - t["WM"] - t["GM"]
+    region = (t["GM"] > 0.5) if modality == "FLAIR" else (csf > 0.3)
+    return mask & region & ~lesion
+
+
+def _scores(kind: str, modality: str, image, mask):
+    scorer = scorer_class(kind)({"direction": "hyper"}, {})
+    return scorer.score(image, mask, Reporter()).anomaly_map
+
+
+@pytest.mark.parametrize("modality,brightness", [("FLAIR", 2.0), ("T2", 3.0)])
+def test_tissue_scorer_flags_the_lesion_not_the_cortex_or_csf(modality, brightness):
+    image, mask, lesion, t = _lesion_case(modality, brightness)
+    border = _border(modality, mask, lesion, t)
+    assert lesion.sum() > 50 and border.sum() > 1000
+    shares = {}
+    for kind in ("tissue", "intensity"):
+        scores = _scores(kind, modality, image, mask)
+        # The cut that keeps most of the lesion: how much of the normal border scores as high?
+        cut = float(np.percentile(scores[lesion], 20))
+        shares[kind] = float((scores[border] >= cut).mean())
+    assert shares["tissue"] < 0.01, shares
+    assert shares["intensity"] > 0.05, shares
+
+
+def test_tissue_scorer_is_blind_to_the_scan_scale():
+    image, mask, _, _ = _lesion_case("FLAIR", 2.0)
+    a = _scores("tissue", "FLAIR", image, mask)
+    b = _scores("tissue", "FLAIR", image * 7.5 + 300.0 * mask, mask)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert not a[~mask].any()
