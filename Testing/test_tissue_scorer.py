@@ -42,7 +42,8 @@ def _scores(kind: str, modality: str, image, mask):
     return scorer.score(image, mask, Reporter()).anomaly_map
 
 
-@pytest.mark.parametrize("modality,brightness", [("FLAIR", 1.5), ("T2", 3.0)])
+# A FLAIR lesion a third of the grey-white gap above grey matter: what a brain-wide comparison confuses with cortex.
+@pytest.mark.parametrize("modality,brightness", [("FLAIR", 1.3), ("T2", 2.0)])
 def test_tissue_scorer_flags_the_lesion_not_the_cortex_or_csf(modality, brightness):
     image, mask, lesion, t = _lesion_case(modality, brightness)
     border = _border(modality, mask, lesion, t)
@@ -53,8 +54,9 @@ def test_tissue_scorer_flags_the_lesion_not_the_cortex_or_csf(modality, brightne
         # The cut that keeps most of the lesion: how much of the normal border scores as high?
         cut = float(np.percentile(scores[lesion], 20))
         shares[kind] = float((scores[border] >= cut).mean())
-    assert shares["tissue"] < 0.01, shares
-    assert shares["intensity"] > 0.05, shares
+    # Measured: FLAIR 3.6 % of the cortex (tissue) vs 26 % (intensity); T2 0.3 % vs 73 % of the CSF.
+    assert shares["tissue"] < 0.05, shares
+    assert shares["intensity"] > 4 * shares["tissue"] + 0.1, shares
 
 
 def test_tissue_scorer_is_blind_to_the_scan_scale():

@@ -5,10 +5,11 @@ matter) and on T2 the CSF of sulci and ventricles (the brightest normal signal) 
 is compared with the tissues the registered template says may be at that place: grey matter, white matter and CSF,
 each at its own level on this very scan. Needs no healthy cohort: the levels are the scan's own robust statistics.
 
-Per voxel, with z_c = (I - level_c) / IQR on the side where lesions show (hyper on FLAIR and T2, clipped at 0 on
-the other side; IQR the brain's, as the plain scorer's unit) and p_c the local tissue prior, the score is
-sqrt(min_c (z_c^2 - 2 ln(p_c / max_k p_k))): the distance to the most plausible tissue, a tissue that is rarer here
-than the likeliest one costing as much as being sqrt(2 ln(max p / p_c)) further out. It is -2 ln of the best
+Per voxel, with z_c = (I - level_c) / IQR signed so lesions are positive (hyper on FLAIR and T2; IQR the brain's,
+as the plain scorer's unit) and p_c the local tissue prior, the nearest tissue is c* = argmin_c d_c with
+d_c = z_c^2 - 2 ln(p_c / max_k p_k), and the score is sign(z_c*) sqrt(d_c*): the distance to the most plausible
+tissue, on the side where the voxel lies of it, a tissue that is rarer here than the likeliest one costing as much
+as being sqrt(2 ln(max p / p_c)) further out. It is -2 ln of the best
 class term of a Gaussian mixture, relative to the likeliest tissue's, so a voxel of a tissue that belongs there
 scores its own robust z and partial volume between two tissues that meet there scores low.
 
@@ -104,13 +105,19 @@ def tissue_score(image: np.ndarray, mask: np.ndarray, direction: str, grid: Grid
     unit = max(float(q75 - q25), 1e-6)
     # Relative to the likeliest tissue, so a voxel that fits it scores its own z whatever the mixing.
     top = np.maximum.reduce([priors[c][mask] for c in CLASSES])
-    best = None
+    best = side = None
     for c, (level, _) in levels.items():
-        z = np.maximum(signed((inside - level) / unit, direction), 0.0)
+        z = signed((inside - level) / unit, direction)
         cost = z ** 2 - 2.0 * np.log(priors[c][mask] / top)
-        best = cost if best is None else np.minimum(best, cost)
+        if best is None:
+            best, side = cost, z
+        else:
+            nearer = cost < best
+            best, side = np.where(nearer, cost, best), np.where(nearer, z, side)
+    # Signed by the side of the nearest tissue, so healthy voxels spread around 0 and the scan-adaptive move has a
+    # spread to measure.
     out = np.zeros(mask.shape, np.float32)
-    out[mask] = np.sqrt(np.maximum(best, 0.0))
+    out[mask] = np.sign(side) * np.sqrt(np.maximum(best, 0.0))
     return out
 
 
