@@ -65,3 +65,24 @@ def test_tissue_scorer_is_blind_to_the_scan_scale():
     b = _scores("tissue", "FLAIR", image * 7.5 + 300.0 * mask, mask)
     np.testing.assert_allclose(a, b, atol=1e-3)
     assert not a[~mask].any()
+
+
+@pytest.mark.parametrize("name", ["tissue-flair", "tissue-t2"])
+def test_shipped_tissue_models_threshold_a_healthy_scan_at_about_their_rate(name):
+    """The default threshold is a calibrated one (no constant), moved onto the scan, and on a synthetic healthy
+    scan it leaves no more than a few findings."""
+    from BrainAnomalyLib.calibration import choose_threshold
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.store.models import load_model, shipped_registry_file
+
+    model = load_model(shipped_registry_file().parent / name)
+    assert "default_threshold" not in model.meta
+    det = Detector(model, device="cpu")
+    chosen = choose_threshold(model.meta, fpr=0.01)
+    assert chosen.fpr == 0.01 and chosen.source.startswith("healthy calibration")
+    image, mask = healthy_template_scan(model.modality, seed=99, grid=GRID)  # not one of the calibration seeds
+    scores = det.score_grid(image, mask)
+    moved = det.for_scan(chosen, scores)
+    assert moved.adaptive is not None  # the scan-adaptive move, not the synthetic cohort's raw value
+    flagged = float((scores.clean_map[mask] > moved.value).mean())
+    assert 0.001 < flagged < 0.03, flagged
