@@ -86,3 +86,13 @@ def test_shipped_tissue_models_threshold_a_healthy_scan_at_about_their_rate(name
     assert moved.adaptive is not None  # the scan-adaptive move, not the synthetic cohort's raw value
     flagged = float((scores.clean_map[mask] > moved.value).mean())
     assert 0.001 < flagged < 0.03, flagged
+
+
+def test_contrast_check_names_the_tissue_model_first_for_t2():
+    from BrainAnomalyLib.core.errors import BadInputError
+    from BrainAnomalyLib.preprocess.contrast import check_contrast
+    from BrainAnomalyLib.store.models import list_models
+
+    estimate = {"contrast": "T2", "margin": 3.0, "runner_up": "FLAIR", "margins": {"FLAIR": 3.0}}
+    with pytest.raises(BadInputError, match=r"a T2 model \(tissue-t2, intensity-t2"):
+        check_contrast(estimate, "T1", models=list_models, model_name="ensemble-t1-ixi")
