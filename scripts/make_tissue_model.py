@@ -7,10 +7,11 @@ synthetic healthy scans made from the template's tissue maps.
 The scorer needs no training. Its thresholds come from N_SCANS synthetic healthy scans of the contrast
 (synth.appearance.healthy_template_scan): the template's GM/WM/CSF maps shifted by up to 2 mm (the misregistration
 an affine leaves), rendered with the contrast's textbook tissue signals, a smooth bias field and Gaussian noise.
-They are scored and post-processed as detection does, and their cleaned scores make the model's calibration record (voxel table, curve, scan-adaptive reference and finding calibration) through the
-same code as `brainanomaly calibrate`. On a real scan the scan-adaptive move then carries the thresholds onto the
-scan's own cleaned-score median and spread, so what the synthetic scans fix is the shape of the healthy tail in
-robust units, not its location or width. A site with healthy scans of the contrast replaces this calibration with
+They are scored and post-processed as detection does, and their cleaned scores make the model's calibration
+record (voxel table, curve, scan-adaptive reference and finding calibration) through the same code as
+`brainanomaly calibrate`. On a real scan the scan-adaptive move then carries the thresholds onto the scan's own
+cleaned-score median and spread, so what the synthetic scans fix is the shape of the healthy tail in robust units,
+not its location or width. A site with healthy scans of the contrast replaces this calibration with
 `brainanomaly calibrate --model tissue-flair --manifest healthy.csv -o DIR`.
 """
 
