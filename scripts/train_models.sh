@@ -56,4 +56,7 @@ $PY scripts/register_model.py "$OUT/ensemble-t1-ixi" --default --card docs/model
 for M in flair t2; do
     $PY scripts/make_intensity_model.py --modality "$M" -o "$OUT/intensity-$M"
     $PY scripts/register_model.py "$OUT/intensity-$M" --card "docs/model_cards/intensity-$M.md"
+    # Tissue-aware and calibrated without a cohort: on synthetic healthy scans from the template's tissue maps.
+    $PY scripts/make_tissue_model.py --modality "$M" -o "$OUT/tissue-$M"
+    $PY scripts/register_model.py "$OUT/tissue-$M" --card "docs/model_cards/tissue-$M.md"
 done

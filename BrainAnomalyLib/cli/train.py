@@ -24,8 +24,9 @@ def _score_arg(text: str) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model on healthy scans from a manifest")
     p.add_argument("--model", required=True, dest="kind",
-                   help="scorer kind: normative, intensity (non-deep); ae_dense, ae_spatial, vae, cae, anovaegan, "
-                        "dae, dpa (learned, on axial slices); ddpm, pddpm, cddpm, ldm (diffusion, on axial slices)")
+                   help="scorer kind: normative, intensity, tissue (non-deep); ae_dense, ae_spatial, vae, cae, "
+                        "anovaegan, dae, dpa (learned, on axial slices); ddpm, pddpm, cddpm, ldm (diffusion, on axial "
+                        "slices)")
     p.add_argument("--manifest", required=True, help="CSV of healthy scans (rows with a mask are skipped)")
     p.add_argument("--modality", default="T1")
     p.add_argument("--direction", default="auto", choices=["auto", "hyper", "hypo", "two-sided"],

@@ -8,8 +8,8 @@ of each tissue; on T1 the WM-GM gap is about one IQR, on T2/FLAIR WM is the dark
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -100,3 +100,30 @@ def render_contrast(tissue: TissueMaps, modality: str, noise: float = 0.02, seed
     out = signal["CSF"] * csf + signal["GM"] * tissue.gm + signal["WM"] * tissue.wm
     out = out + noise * max(signal.values()) * np.random.default_rng(seed).standard_normal(out.shape)
     return np.where(tissue.brain, np.clip(out, 0.0, None) * scale, 0.0).astype(np.float32)
+
+
+# A template-made healthy scan looks like a registered patient's: its tissues sit up to a couple of mm off the
+# template's (the error an affine registration leaves), under a smooth bias field and noise.
+TEMPLATE_SCAN_SHIFT_MM = 2.0
+TEMPLATE_SCAN_NOISE = 0.03  # share of the brightest tissue signal
+TEMPLATE_SCAN_BIAS = 0.05  # peak of the log bias field
+TEMPLATE_SCAN_BIAS_SMOOTH_MM = 40.0
+
+
+def healthy_template_scan(modality: str, seed: int, grid) -> Tuple[np.ndarray, np.ndarray]:
+    """A synthetic healthy scan in `modality` on the model `grid` (core.template.Grid), made from the template's
+    tissue maps shifted by a random offset: (image z,y,x float32, template brain mask)."""
+    from scipy import ndimage
+
+    from ..core.template import brain_mask_on_grid
+
+    rng = np.random.default_rng(seed)
+    tissue = TissueMaps.from_template(grid)
+    spacing_zyx = np.array(list(reversed(grid.spacing)), float)
+    shift = rng.uniform(-TEMPLATE_SCAN_SHIFT_MM, TEMPLATE_SCAN_SHIFT_MM, 3) / spacing_zyx
+    moved = replace(tissue, wm=ndimage.shift(tissue.wm, shift, order=1), gm=ndimage.shift(tissue.gm, shift, order=1))
+    image = render_contrast(moved, modality, noise=TEMPLATE_SCAN_NOISE, seed=seed)
+    field = ndimage.gaussian_filter(rng.standard_normal(image.shape), TEMPLATE_SCAN_BIAS_SMOOTH_MM / spacing_zyx)
+    field *= TEMPLATE_SCAN_BIAS / max(float(np.abs(field).max()), 1e-12)
+    mask = brain_mask_on_grid(grid)
+    return np.where(mask, image * np.exp(field), 0.0).astype(np.float32), mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -75,22 +75,38 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
 
     check_calibration_scans(len(cases), allow_few_scans)
     det = Detector(model, device="cpu")
-    pool, skipped, kept = HealthyPool(), [], []
-    for case, image, mask in cases_on_grid(cases, det.preprocess_config, det.grid, reporter.sub(0.0, 0.9),
-                                           cache_dir, "calibrate", skipped):
+    skipped: List[str] = []
+    volumes = ((case.subject, image, mask) for case, image, mask in
+               cases_on_grid(cases, det.preprocess_config, det.grid, reporter.sub(0.0, 0.9), cache_dir, "calibrate",
+                             skipped))
+    return calibrate_volumes(model, volumes, reporter.sub(0.9, 1.0), fprs, allow_few_scans, skipped, len(cases))
+
+
+def calibrate_volumes(model: Model, volumes: Iterable[Tuple[str, np.ndarray, np.ndarray]], reporter: Reporter,
+                      fprs: Sequence[float] = DEFAULT_FPRS, allow_few_scans: bool = False,
+                      skipped: Sequence[str] = (), n_given: Optional[int] = None) -> dict:
+    """`calibrate` on healthy volumes already on the model grid: (subject, image, brain mask) triples, e.g.
+    synthetic scans made from the template for a contrast without a healthy cohort. `skipped` may still grow
+    while `volumes` is read (cases_on_grid adds the scans it cannot read)."""
+    from ..detection.pipeline import Detector
+
+    det = Detector(model, device="cpu")
+    pool, kept = HealthyPool(), []
+    for subject, image, mask in volumes:
         scores = det.score_grid(image, mask)
         # The whole grid brain mask, eroded-away voxels (scoring 0) included: see HealthyPool.
-        pool.add(case.subject, scores.clean_map[mask], scores.stats)
+        pool.add(subject, scores.clean_map[mask], scores.stats)
         kept.append((scores.clean_map, scores.stats))
     calib = pool.calibration(fprs, skipped)
     n = calib["n_scans"]
-    check_calibration_scans(n, allow_few_scans, f"of {len(cases)} healthy scans usable ({len(skipped)} skipped)")
+    n_given = n + len(skipped) if n_given is None else n_given
+    check_calibration_scans(n, allow_few_scans, f"of {n_given} healthy scans usable ({len(skipped)} skipped)")
     if n < MIN_CALIBRATION_SCANS:
         calib["few_scans"] = {"n_scans": n, "minimum": MIN_CALIBRATION_SCANS,
                               "note": f"calibrated on {n} healthy scan(s), fewer than the minimum of "
                                       f"{MIN_CALIBRATION_SCANS}, as allowed by {ALLOW_FEW_FLAG}: the thresholds and "
                                       "their false-positive rates are rough"}
-    calib["findings"] = healthy_findings(det, calib, kept, reporter.sub(0.9, 1.0))
+    calib["findings"] = healthy_findings(det, calib, kept, reporter)
     return calib
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Write a tissue-aware intensity model (scorers/tissue.py) for a contrast without a healthy cohort, calibrated on
+synthetic healthy scans made from the template's tissue maps.
+
+    python scripts/make_tissue_model.py --modality FLAIR -o build/models/tissue-flair
+
+The scorer needs no training. Its thresholds come from N_SCANS synthetic healthy scans of the contrast
+(synth.appearance.healthy_template_scan): the template's GM/WM/CSF maps shifted by up to 2 mm (the misregistration
+an affine leaves), rendered with the contrast's textbook tissue signals, a smooth bias field and Gaussian noise.
+They are scored and post-processed as detection does, and their cleaned scores make the model's calibration
+record (voxel table, curve, scan-adaptive reference and finding calibration) through the same code as
+`brainanomaly calibrate`. On a real scan the scan-adaptive move then carries the thresholds onto the scan's own
+cleaned-score median and spread, so what the synthetic scans fix is the shape of the healthy tail in robust units,
+not its location or width. A site with healthy scans of the contrast replaces this calibration with
+`brainanomaly calibrate --model tissue-flair --manifest healthy.csv -o DIR`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from BrainAnomalyLib.core.manifest import normalise_modality  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
+from BrainAnomalyLib.scorers import direction_for  # noqa: E402
+from BrainAnomalyLib.store.models import load_model, save_model  # noqa: E402
+from BrainAnomalyLib.synth.appearance import healthy_template_scan  # noqa: E402
+from BrainAnomalyLib.training.run import base_meta, calibrate_volumes  # noqa: E402
+
+N_SCANS = 12
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modality", required=True)
+    ap.add_argument("-o", "--output", required=True, type=Path)
+    args = ap.parse_args()
+    modality = normalise_modality(args.modality)
+    grid = Grid()
+    meta = base_meta("tissue", args.output.name, modality,
+                     f"tissue-aware intensity scorer for {modality}: each voxel against the grey matter, white "
+                     "matter and CSF the registered template allows there, at this scan's own tissue levels; no "
+                     f"healthy cohort: thresholds calibrated on {N_SCANS} synthetic healthy {modality} scans made "
+                     "from the template's tissue maps and moved to each scan's own score distribution "
+                     "(scan-adaptive); calibrate on your own healthy scans where you have them",
+                     grid, PreprocessConfig(), PostprocessConfig(), {"direction": direction_for(modality)})
+    meta["training_data"] = {"manifest": f"none (no training; calibrated on {N_SCANS} synthetic template scans)"}
+    save_model(args.output, meta)
+    volumes = ((f"synthetic-{modality.lower()}-{seed}", *healthy_template_scan(modality, seed, grid))
+               for seed in range(N_SCANS))
+    meta["calibration"] = calibrate_volumes(load_model(args.output), volumes, Reporter())
+    meta["calibration"]["method"] += (f"; synthetic healthy {modality} scans from the template tissue maps "
+                                      "(scripts/make_tissue_model.py)")
+    save_model(args.output, meta)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
