@@ -116,11 +116,9 @@ def small_grid():
     return Grid(size=(48, 56, 40), spacing=(4.0, 4.0, 4.0))
 
 
-def build_template_normative_model(folder: Path, findings: bool = False):
-    """A real normative model fitted on template-derived healthy volumes, calibrated on others. With `findings`,
-    its calibration also holds the findings those healthy volumes produce (the lesion-level operating point,
-    measured by training.run.healthy_findings as `brainanomaly calibrate` does); without, it is a model calibrated
-    before that existed (voxel thresholds only)."""
+def build_template_normative_model(folder: Path):
+    """A real normative model fitted on template-derived healthy volumes, calibrated on others (voxel thresholds
+    only: a model calibrated before the lesion-level calibration existed)."""
     from BrainAnomalyLib.calibration import AdaptiveReference, thresholds_for_fpr
     from BrainAnomalyLib.store.models import load_model, save_model
     from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map,
@@ -143,27 +141,12 @@ def build_template_normative_model(folder: Path, findings: bool = False):
         stats.append(robust_stats(filtered[eroded]))
     meta["calibration"] = {"method": "test", "thresholds": thresholds_for_fpr(values), "n_scans": 3,
                            "adaptive": AdaptiveReference.from_stats(stats).to_dict()}
-    model = load_model(save_model(folder, meta, tensors))
-    if not findings:
-        return model
-    from BrainAnomalyLib.detection.pipeline import Detector
-    from BrainAnomalyLib.training.run import healthy_findings
-
-    det = Detector(model, device="cpu")
-    maps = [(scores.clean_map, scores.stats) for scores in
-            (det.score_grid(image, mask) for image, mask in template_cohort(3, seed=2))]
-    meta["calibration"]["findings"] = healthy_findings(det, meta["calibration"], maps, Reporter())
     return load_model(save_model(folder, meta, tensors))
 
 
 @pytest.fixture(scope="session")
 def template_normative_model(tmp_path_factory):
     return build_template_normative_model(tmp_path_factory.mktemp("models") / "template-normative")
-
-
-@pytest.fixture(scope="session")
-def template_findings_model(tmp_path_factory):
-    return build_template_normative_model(tmp_path_factory.mktemp("models") / "template-findings", findings=True)
 
 
 @pytest.fixture(scope="session")
@@ -230,15 +213,3 @@ def _run_worker(folder: Path, *args: str) -> None:
                            "--output-dir", str(folder / "out"), "--device", "cpu", *args], capture_output=True,
                           text=True, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="session")
-def findings_worker_output(tmp_path_factory, demo_case, template_findings_model):
-    """The worker run as the module runs it, on the demo scan with a model calibrated for findings: its result
-    carries a finding calibration and the lesion-level operating point (the default, 0.5 per healthy scan)."""
-    folder = tmp_path_factory.mktemp("worker-findings")
-    scan, truth = demo_case
-    sitk.WriteImage(scan, str(folder / "scan.nrrd"))
-    sitk.WriteImage(truth, str(folder / "truth.nrrd"))
-    _run_worker(folder, "--model", str(template_findings_model.path))
-    return folder

@@ -72,13 +72,12 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
 
 
-def test_batch_at_a_number_of_false_findings(tmp_path, demo_case, template_findings_model):
+def test_batch_at_a_number_of_false_findings(tmp_path, demo_case):
     sitk.WriteImage(demo_case[0], str(tmp_path / "demo.nrrd"))
     manifest = tmp_path / "cases.csv"
     manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nrrd,\n")
     out = tmp_path / "out"
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--model", template_findings_model.path,
-                "--false-findings", "5")
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--false-findings", "5")
     assert proc.returncode == 0, proc.stderr
     row, = csv.DictReader(open(out / "summary.csv"))
     result = json.loads((out / "demo" / "result.json").read_text(encoding="utf-8"))

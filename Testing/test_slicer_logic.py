@@ -332,15 +332,16 @@ def test_device_query_reads_the_workers_answer():
     assert "error" in query.poll()
 
 
-def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene, findings_worker_output, tmp_path):
+def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene, worker_output, tmp_path):
     from BrainAnomalyLib.calibration import CalibrationCurve, FindingCalibration
 
-    summary = json.loads((findings_worker_output / "out" / "result.json").read_text(encoding="utf-8"))
-    assert summary["threshold"]["false_findings"] == 0.5 and summary["finding_calibration"]["n_scans"] == 3
-    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(findings_worker_output / "scan.nrrd")))
+    summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
+    # the shipped default works at its lesion-level operating point (23 healthy calibration scans)
+    assert summary["threshold"]["false_findings"] == 0.5 and summary["finding_calibration"]["n_scans"] == 23
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
     logic = DetectionLogic(mrml_scene)
     logic.start = lambda *args, **kwargs: pytest.fail("re-thresholding started a model run")
-    out = logic.load_outputs(scan_node, _outputs_copy(findings_worker_output, tmp_path), DetectionOptions())
+    out = logic.load_outputs(scan_node, _outputs_copy(worker_output, tmp_path), DetectionOptions())
     state = logic.state(out)
     assert state["false_findings"] == 0.5 and state["findings"] == summary["finding_calibration"]
     # The worker's own table at its operating point, and a label map holding exactly those findings.
@@ -443,9 +444,9 @@ def test_results_without_finding_calibration_keep_the_voxel_slider(mrml_scene, w
     assert logic.apply_threshold(out, fpr=0.05)["fpr"] == pytest.approx(0.05)
 
 
-def test_the_run_asks_for_the_operating_point_in_force(mrml_scene, findings_worker_output, tmp_path):
-    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(findings_worker_output / "scan.nrrd")))
-    source = _outputs_copy(findings_worker_output, tmp_path)
+def test_the_run_asks_for_the_operating_point_in_force(mrml_scene, worker_output, tmp_path):
+    scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
+    source = _outputs_copy(worker_output, tmp_path)
     logic = DetectionLogic(mrml_scene, process_factory=_factory(source=source))
     for options, expected in ((DetectionOptions(false_findings=2.0), (None, 2.0)),
                               (DetectionOptions(fpr=0.005), (0.005, None)), (DetectionOptions(), (None, None))):
