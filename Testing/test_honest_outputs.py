@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from BrainAnomalyLib.cli.main import main
 from BrainAnomalyLib.core.manifest import Case, write_manifest
-from BrainAnomalyLib.detection.writers import output_names
+from BrainAnomalyLib.detection.writers import output_names, write_result
 
 from conftest import write_template_cases
 
@@ -42,11 +42,12 @@ def _snapshot(folder: Path) -> dict:
 
 
 def test_earlier_result_is_refused_then_replaced_whole_with_overwrite(tmp_path, scan_file, intensity_model,
-                                                                      capsys):
+                                                                      demo_case, demo_result, capsys):
     out = tmp_path / "out"
     base = ["detect", str(scan_file), "--model", str(intensity_model.path), "--no-bias-correction", "-q"]
-    assert main([*base, "--format", "nrrd", "-o", str(out)]) == 0
-    # An earlier run of a model with a reconstruction, in the other format: neither file may outlive a new run.
+    # An earlier result of another model, one with a reconstruction, in the other format, plus a reconstruction in
+    # this format: none of it may outlive a new run.
+    write_result(demo_result, demo_case[0], out, "nrrd", "case.nii.gz")
     shutil.copy(out / "anomaly_map.nrrd", out / "reconstruction.nii.gz")
     before = _snapshot(out)
     capsys.readouterr()

@@ -36,7 +36,8 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nii.gz,\nbroken,T1,broken.nii.gz,\n"
                         "flair,FLAIR,demo.nii.gz,\n")
     out = tmp_path / "out"
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu")
+    # at a number of false findings per healthy scan other than the default 0.5 (passed through to each case)
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--false-findings", "5")
     assert proc.returncode == 1, proc.stderr  # one case failed
     assert "1 of 2 cases done" in proc.stdout and "failed: broken" in proc.stderr
     assert "skipped 1 of 3 rows: modality FLAIR, this batch is for T1" in proc.stdout
@@ -50,7 +51,9 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes
     result = json.loads((case / "result.json").read_text(encoding="utf-8"))
     assert int(rows[1]["n_lesions"]) == len(result["lesions"]) > 0
-    assert float(rows[1]["false_findings"]) == 0.5  # the shipped default's lesion-level operating point
+    assert float(rows[1]["false_findings"]) == result["threshold"]["false_findings"] == 5.0
+    rates = [les["healthy_rate"] for les in result["lesions"]]
+    assert all(r <= 5.0 for r in rates) and rates == sorted(rates)
     assert result["threshold"]["fpr"] == pytest.approx(0.01) and result["device"] == "cpu"  # the device that really ran
     # Maps on the input grid, the inserted lesion in the label map.
     for name in ("anomaly_map.nrrd", "pred_mask.nrrd"):
@@ -72,24 +75,9 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
 
 
-def test_batch_at_a_number_of_false_findings(tmp_path, demo_case):
-    sitk.WriteImage(demo_case[0], str(tmp_path / "demo.nrrd"))
-    manifest = tmp_path / "cases.csv"
-    manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nrrd,\n")
-    out = tmp_path / "out"
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--false-findings", "5")
-    assert proc.returncode == 0, proc.stderr
-    row, = csv.DictReader(open(out / "summary.csv"))
-    result = json.loads((out / "demo" / "result.json").read_text(encoding="utf-8"))
-    assert float(row["false_findings"]) == result["threshold"]["false_findings"] == 5.0
-    assert float(row["fpr"]) == result["threshold"]["fpr"] == 0.01  # the base threshold the findings are cut at
-    rates = [les["healthy_rate"] for les in result["lesions"]]
-    assert int(row["n_lesions"]) == len(rates) > 0 and all(r <= 5.0 for r in rates) and rates == sorted(rates)
-    proc = _run("--manifest", manifest, "-o", out, "--fpr", "0.01", "--false-findings", "5")
-    assert proc.returncode == 2 and "not allowed with" in proc.stderr
-
-
 def test_batch_argument_and_model_errors(tmp_path):
+    proc = _run("--manifest", tmp_path / "m.csv", "-o", tmp_path / "o", "--fpr", "0.01", "--false-findings", "5")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
     proc = _run("--model", "x")
     assert proc.returncode == 2 and "--manifest" in proc.stderr
     manifest = tmp_path / "m.csv"
