@@ -149,33 +149,33 @@ class CalibrationCurve:
             return float(self.fprs.max())
         return float(np.exp(np.interp(value, t, lf)))
 
+    def log_fpr(self, scores: np.ndarray) -> np.ndarray:
+        """Natural log of the healthy voxel FPR each raw score stands for (float64, same shape): log-FPR
+        interpolation along the curve, the curve's largest FPR below its lowest threshold, and above its highest
+        threshold the log-linear tail of its last segment carried on (a one-point curve: a slope of -1 per its
+        threshold's size), so scores past the curve keep their order."""
+        t, lf = self._by_threshold()
+        s = np.atleast_1d(np.asarray(scores, np.float64))
+        out = np.interp(s, t, lf)
+        above = s > t[-1]
+        if above.any():
+            slope = (lf[-1] - lf[-2]) / (t[-1] - t[-2]) if t.size >= 2 else -1.0 / max(abs(t[-1]), 1e-6)
+            out[above] = lf[-1] + min(slope, -1e-12) * (s[above] - t[-1])
+        return out.reshape(np.shape(scores))
+
     def score_to_unit(self, scores: np.ndarray) -> np.ndarray:
         """Raw scores -> [0, 1] as 1 - healthy FPR(score), monotone (float64, same shape).
 
-        Along the curve: log-FPR interpolation. Below the curve's lowest threshold (FPR 0.5): linear from 0 at
-        score 0 (and below) up to 1 - 0.5 there; where that threshold is 0 itself, scores of 0 or less map to 0.
-        Above its highest threshold (FPR 1e-4): the log-linear tail of the curve's last segment carries on, so
-        scores approach 1 (float64 keeps them apart well past the curve)."""
-        t, lf = self._by_threshold()
+        Along the curve and above it: 1 - exp(log_fpr), so scores approach 1 past the curve (float64 keeps them
+        apart well past it). Below the curve's lowest threshold (FPR 0.5): linear from 0 at score 0 (and below)
+        up to 1 - 0.5 there; where that threshold is 0 itself, scores of 0 or less map to 0."""
+        t, _ = self._by_threshold()
         s = np.asarray(scores, np.float64)
-        out = np.empty(s.shape, np.float64)
-        lo, hi = t[0], t[-1]
+        lo = t[0]
         below = s < lo if lo > 0 else s <= lo  # a score of 0 (or less) is 0, even where half the brain scores 0
-        above = s > hi
-        mid = ~below & ~above
-        out[mid] = 1.0 - np.exp(np.interp(s[mid], t, lf))
+        out = np.asarray(1.0 - np.exp(self.log_fpr(s)))
         u_lo = 1.0 - float(self.fprs.max())  # 0.5 at the curve's largest FPR
-        if lo > 0:
-            out[below] = u_lo * np.clip(s[below] / lo, 0.0, 1.0)
-        else:
-            out[below] = 0.0
-        if above.any():
-            if t.size >= 2:
-                slope = (lf[-1] - lf[-2]) / (t[-1] - t[-2])  # d log-FPR / d score, negative
-            else:
-                slope = -1.0 / max(abs(hi), 1e-6)
-            slope = min(slope, -1e-12)
-            out[above] = 1.0 - np.exp(lf[-1] + slope * (s[above] - hi))
+        out[below] = u_lo * np.clip(s[below] / lo, 0.0, 1.0) if lo > 0 else 0.0
         return np.clip(out, 0.0, 1.0)
 
     def moved(self, move: Optional[ScanMove]) -> "CalibrationCurve":

@@ -47,17 +47,9 @@ def check_false_findings(value: float) -> float:
 
 
 def strength(curve: CalibrationCurve, scores: np.ndarray) -> np.ndarray:
-    """-log10 of the healthy voxel FPR each raw score stands for on `curve` (float64). Between calibrated points:
-    log-FPR interpolation; above the curve's top: its last segment carried on (strength keeps growing); below its
-    bottom: the bottom's strength."""
-    t, lf = curve._by_threshold()
-    s = np.asarray(scores, np.float64)
-    out = np.interp(s, t, lf)
-    if t.size >= 2:
-        slope = min((lf[-1] - lf[-2]) / (t[-1] - t[-2]), -1e-12)
-        above = s > t[-1]
-        out[above] = lf[-1] + slope * (s[above] - t[-1])
-    return -out / np.log(10.0)
+    """-log10 of the healthy voxel FPR each raw score stands for on `curve` (CalibrationCurve.log_fpr: the curve's
+    tail carried on above its top, so strength keeps growing)."""
+    return -curve.log_fpr(scores) / np.log(10.0)
 
 
 class PointRate:
