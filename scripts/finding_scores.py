@@ -16,17 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from BrainAnomalyLib.calibration.findings import BASE_FPR, FindingCalibration, strength  # noqa: E402
+from BrainAnomalyLib.calibration.findings import BASE_FPR, FindingCalibration, FindingRule, strength  # noqa: E402,E501
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.detection.postprocess import CONNECTIVITY  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import ijk_to_ras, label_array  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import to_native  # noqa: E402
 from BrainAnomalyLib.store.cache import cases_on_grid  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
@@ -35,24 +34,14 @@ from BrainAnomalyLib.training.run import split_subjects  # noqa: E402
 SCORES = ("excess mass", "peak strength", "volume")
 
 
-def findings(heat, curve, voxel_ml, min_ml, truth=None):
-    """[(excess mass, peak strength, volume mL, touches the truth)] of the findings at the base threshold."""
-    base = curve.threshold(BASE_FPR)
-    labels, n = ndimage.label(heat > base, structure=CONNECTIVITY)
-    if n == 0:
-        return []
-    flat = np.flatnonzero(labels)
-    lab = labels.ravel()[flat]
-    st = strength(curve, heat.ravel()[flat])
-    zero = float(strength(curve, np.array([base]))[0])
-    count = np.bincount(lab, minlength=n + 1)
-    mass = np.bincount(lab, weights=np.maximum(st - zero, 0), minlength=n + 1) * voxel_ml
-    peak = np.full(n + 1, -np.inf)
-    np.maximum.at(peak, lab, st)
-    hit = np.zeros(n + 1, bool)
-    if truth is not None:
-        hit[np.unique(lab[truth.ravel()[flat]])] = True
-    return [(mass[i], peak[i], count[i] * voxel_ml, hit[i]) for i in range(1, n + 1) if count[i] * voxel_ml >= min_ml]
+def findings(heat, index_to_ras, curve, min_ml, truth=None):
+    """[(excess mass, peak strength, volume mL, touches the truth)] of the findings at the base threshold, cut and
+    scored by detection's own label_array and FindingRule."""
+    numbered, lesions = label_array(heat, index_to_ras, curve.threshold(BASE_FPR), min_ml, numbered=True,
+                                    rule=FindingRule(curve))
+    hit = set(np.unique(numbered[truth]).tolist()) if truth is not None else set()
+    peaks = strength(curve, np.array([les["max_score"] for les in lesions]))
+    return [(les["finding_score"], peak, les["volume_ml"], les["label"] in hit) for les, peak in zip(lesions, peaks)]
 
 
 def main() -> int:
@@ -66,21 +55,20 @@ def main() -> int:
           "scan | FF/held-out IXI scan |\n|---|---|---|---|---|---|")
     for name in args.model or ["ensemble-t1-ixi", "dpa-t1-ixi", "normative-t1-ixi"]:
         det = Detector(resolve_model(name), device="cpu")
-        min_ml, voxel_ml = det.postprocess_config.min_lesion_ml, float(np.prod(det.grid.spacing)) / 1000
+        min_ml, grid_to_ras = det.postprocess_config.min_lesion_ml, np.diag(list(det.grid.spacing) + [1.0])
         healthy = {}
         for split in ("calibration", "test"):
             healthy[split] = []
             for _, image, mask in cases_on_grid(ixi[split], det.preprocess_config, det.grid, Reporter()):
                 scores = det.score_grid(image, mask)
-                healthy[split].append(findings(scores.clean_map, det.scan_curve(scores), voxel_ml, min_ml))
+                healthy[split].append(findings(scores.clean_map, grid_to_ras, det.scan_curve(scores), min_ml))
         lesion = []
         for case in brats:
             scan = read_volume(case.image)
             an = det.analyse(scan)
             heat = sitk.GetArrayFromImage(to_native(an.clean_map, an.pre, scan)) * an.pre.native_mask
             truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask))) > 0
-            lesion.append(findings(heat, det.scan_curve(an), float(np.prod(scan.GetSpacing())) / 1000, min_ml,
-                                   truth))
+            lesion.append(findings(heat, ijk_to_ras(scan), det.scan_curve(an), min_ml, truth))
         for k, score in enumerate(SCORES):
             cal = FindingCalibration.from_scans([[f[k] for f in scan] for scan in healthy["calibration"]])
             cells = []
