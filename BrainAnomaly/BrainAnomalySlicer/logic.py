@@ -5,6 +5,7 @@ this one class; it never opens a dialog.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -223,13 +224,22 @@ def _scan_curve(state: dict):
     return CalibrationCurve.from_dict(state.get("curve"))
 
 
+@functools.lru_cache(maxsize=4)
+def _finding_calibration(record: str):
+    """The finding calibration of a result (its JSON text), built once: its conservative rates take a bootstrap
+    (about half a second), which a slider being moved should not repeat."""
+    from BrainAnomalyLib.calibration import FindingCalibration
+
+    return FindingCalibration.from_dict(json.loads(record))
+
+
 def _finding_rule(state: dict, false_findings: float):
     """(base threshold, FindingRule) of the lesion-level operating point at `false_findings` on this scan, from the
     scan curve and the model's finding calibration the worker wrote: what detect itself cuts and keeps."""
-    from BrainAnomalyLib.calibration import FindingCalibration
     from BrainAnomalyLib.calibration.findings import FindingRule, check_false_findings
 
-    curve, findings = _scan_curve(state), FindingCalibration.from_dict(state.get("findings"))
+    curve = _scan_curve(state)
+    findings = _finding_calibration(json.dumps(state.get("findings"), sort_keys=True))
     if curve is None or findings is None:
         raise DetectionError("this result has no finding calibration (the model was not calibrated for findings, "
                              "or it is older); use the voxel threshold", kind="BadInputError")
