@@ -82,6 +82,17 @@ def brain_mask_on_grid(grid: Grid = Grid()) -> np.ndarray:
     return mask
 
 
+def midline_axis(grid: Grid) -> int:
+    """The array axis (z,y,x order) whose reversal mirrors a grid volume across the template's midsagittal plane.
+    The template is the symmetric MNI152 2009a, so this holds only for a grid centred on x = 0 with its axes along
+    the template's; ValueError otherwise."""
+    d = np.array(grid.direction, dtype=float).reshape(3, 3)
+    if not np.allclose(np.abs(d), np.eye(3)) or abs(float(grid.centre[0])) > 1e-6:
+        raise ValueError("the model grid is not symmetric about the template's midline (centre x = 0, axes along "
+                         "the template's), so its maps cannot be compared with their mirror image")
+    return 2
+
+
 def spacing_zyx(grid: Grid) -> Sequence[float]:
     return tuple(reversed(grid.spacing))
 
