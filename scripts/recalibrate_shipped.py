@@ -3,8 +3,8 @@
 voxel table and curve come out as before (checked) and the lesion-level calibration (`calibration.findings`) is
 added. Members go first; an ensemble is then re-pinned to its re-calibrated members and calibrated itself.
 Model cards and training reports are kept; the registry's checksums and sizes are updated, its metrics kept.
-With --contralateral W the models' post-processing first gets that contralateral weight (detection/postprocess.py,
-subtract_contralateral; 0 turns it off) and their version a minor step, since their maps change.
+With --contralateral W the (non-ensemble) models' post-processing first gets that contralateral weight
+(core.template.contralateral_difference; 0 turns it off) and their version a minor step, since their maps change.
 
     python scripts/recalibrate_shipped.py [--data ../shared/data] [--model ID ...] [--contralateral W]
 """
@@ -49,7 +49,9 @@ def repin(model_id: str) -> None:
     """Pin an ensemble to its members' current folders (their healthy scales are unchanged by re-calibration)."""
     meta = meta_of(model_id)
     members = [resolve_model(m["id"]) for m in meta["params"]["members"]]
-    meta["params"] = build_ensemble(members, meta["params"].get("weights") or ())
+    p = meta["params"]
+    meta["params"] = build_ensemble(members, p.get("weights") or (), p.get("rule") or "mean",
+                                    float(p.get("contralateral") or 0.0))
     save_model(folder_of(model_id), meta, None, keep_files_of=folder_of(model_id))
     update_registry([model_id])
 
@@ -61,7 +63,9 @@ def next_minor(version: str) -> str:
 
 def recalibrate(model_id: str, data: Path, contralateral: Optional[float] = None) -> None:
     model = resolve_model(model_id)
-    if contralateral is not None and model.meta.get("postprocess", {}).get("contralateral", 0.0) != contralateral:
+    # An ensemble mirrors its members' maps itself (its params; `brainanomaly ensemble --contralateral`).
+    if contralateral is not None and model.kind != "ensemble" and \
+            model.meta.get("postprocess", {}).get("contralateral", 0.0) != contralateral:
         model.meta = dict(model.meta, postprocess=dict(model.meta.get("postprocess", {}), contralateral=contralateral),
                           version=next_minor(model.meta.get("version", "1.0.0")))
     old = dict(model.meta.get("calibration") or {})

@@ -19,13 +19,13 @@ from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
 from ..store.models import Model, list_models, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
-                          scan_score, subtract_contralateral)
+                          scan_score)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import scorer_class
-from ..core.template import Grid, midline_axis
+from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
 
 
@@ -66,10 +66,9 @@ class Detector:
             "normalisation", self.preprocess_config.normalisation)
         self.postprocess_config = postprocess_config or PostprocessConfig(**meta.get("postprocess", {}))
         self.params = dict(meta.get("params", {}), **(scorer_params or {}))
-        self.mirror_axis = None
-        if self.postprocess_config.contralateral:
+        if self.postprocess_config.contralateral or self.params.get("contralateral"):
             try:
-                self.mirror_axis = midline_axis(self.grid)
+                midline_axis(self.grid)
             except ValueError as exc:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
@@ -100,7 +99,7 @@ class Detector:
     def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
         """Score a preprocessed grid volume and post-process the map."""
         out, notes = self._score(image, mask, reporter or Reporter())
-        contrasted = subtract_contralateral(out.anomaly_map, self.postprocess_config.contralateral, self.mirror_axis)
+        contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
         filtered = filter_map(contrasted, self.postprocess_config)
         eroded = erode_mask(mask, self.postprocess_config)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
