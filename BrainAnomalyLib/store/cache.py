@@ -95,8 +95,9 @@ def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cach
         raw, mask, record = cached_preprocessing(path, config, grid, cache_dir)
         with np.load(native_file) as data:
             native_mask = data["mask"].astype(bool)
-        if record is not None and native_mask.shape == tuple(reversed(native.GetSize())):
-            steps = {s["step"]: s for s in record}
+        steps = {s["step"]: s for s in record or []}
+        # Entries cached before the contrast and sanity steps existed lack what a detection needs: redo those.
+        if {"register", "contrast", "sanity"} <= set(steps) and native_mask.shape == tuple(reversed(native.GetSize())):
             image = standardise(raw, mask, config, grid)[0]
             contrast = {k: v for k, v in steps["contrast"].items() if k not in ("step", "applied", "seconds")}
             return Preprocessed(image, mask, native_mask, affine_from_dict(steps["register"]["transform"]), grid,
@@ -104,10 +105,9 @@ def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cach
     plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
     pre = preprocess(native, plain, grid, use_gpu, reporter or Reporter())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if not grid_file.is_file():
-        with atomic_path(grid_file) as tmp:
-            np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
-                                record=np.array(json.dumps(pre.record)))
+    with atomic_path(grid_file) as tmp:
+        np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
+                            record=np.array(json.dumps(pre.record)))
     with atomic_path(native_file) as tmp:
         np.savez_compressed(tmp, mask=pre.native_mask.astype(np.uint8))
     pre.image = standardise(pre.raw_image, pre.mask, config, grid)[0]
