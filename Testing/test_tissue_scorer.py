@@ -96,3 +96,19 @@ def test_contrast_check_names_the_tissue_model_first_for_t2():
     estimate = {"contrast": "T2", "margin": 3.0, "runner_up": "FLAIR", "margins": {"FLAIR": 3.0}}
     with pytest.raises(BadInputError, match=r"a T2 model \(tissue-t2, intensity-t2"):
         check_contrast(estimate, "T1", models=list_models, model_name="ensemble-t1-ixi")
+
+
+def test_extreme_reference_holds_flair_to_the_brightest_possible_tissue():
+    """FLAIR's `extreme` reference: the lesion above every tissue the template allows scores, the cortex (the
+    brightest normal tissue where it lies) does not; the scorer's `reference` parameter reaches it."""
+    from BrainAnomalyLib.scorers.tissue import extreme_reference_score
+
+    image, mask, lesion, t = _lesion_case("FLAIR", 1.3)
+    border = _border("FLAIR", mask, lesion, t)
+    scores = extreme_reference_score(image, mask, "hyper", GRID)
+    cut = float(np.percentile(scores[lesion], 20))
+    assert float((scores[border] >= cut).mean()) < 0.05
+    scorer = scorer_class("tissue")({"direction": "hyper", "reference": "extreme"}, {})
+    np.testing.assert_array_equal(scorer.score(image, mask, Reporter()).anomaly_map, scores)
+    with pytest.raises(ValueError, match="one-sided"):
+        extreme_reference_score(image, mask, "two-sided", GRID)
