@@ -53,9 +53,11 @@ def main() -> int:
     modality = normalise_modality(args.modality)
     grid = Grid()
     chosen = SETTINGS.get(modality, {})
+    against = ("the most lesion-like of the grey matter, white matter and CSF" if
+               chosen.get("params", {}).get("reference") == "extreme" else "the grey matter, white matter and CSF")
     meta = base_meta("tissue", args.output.name, modality,
-                     f"tissue-aware intensity scorer for {modality}: each voxel against the grey matter, white "
-                     "matter and CSF the registered template allows there, at this scan's own tissue levels; no "
+                     f"tissue-aware intensity scorer for {modality}: each voxel against {against} the registered "
+                     "template allows there, at this scan's own tissue levels; no "
                      f"healthy cohort: thresholds calibrated on {N_SCANS} synthetic healthy {modality} scans made "
                      "from the template's tissue maps and moved to each scan's own score distribution "
                      "(scan-adaptive); calibrate on your own healthy scans where you have them",

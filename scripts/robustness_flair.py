@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Robustness of a cohort-free scorer to slice thickness and to scans delivered in MNI space: synthetic lesions
-inserted into resampled versions of the brats18_dev scans, each model against a plain intensity threshold.
+"""Robustness of a cohort-free scorer to slice thickness and to scans delivered in MNI space: synthetic lesions in
+resampled versions of the brats18_dev scans, each model against a plain intensity threshold.
 
     python scripts/robustness_flair.py --modality FLAIR --models tissue-flair,intensity-flair
 
-Versions of each dev scan: `native` (1 mm), `thick-N` (slices N mm thick: the volume blurred across slices with a
-Gaussian of FWHM N mm, then resampled to N mm slice spacing, as a 2D acquisition averages its slab) and `mni`
-(resampled onto the template's 1 mm grid through detection's own affine registration and z-scored over the whole
-volume, so the background is negative, as many MNI-space research pipelines deliver them). Into each version
-`synth` inserts one seeded lesion of `--kind` (default `ms`: MS-like white-matter lesions) on tissue maps registered
-to that version. Scored against the synthetic lesions only: the scan's own tumour (dilated by 3 mm) is left out of
-both lesion and non-lesion voxels. Per version and model: pooled voxel AUPRC, Dice of the default threshold's
-label map, and synthetic lesions found / false findings per scan at that threshold.
+`synth` first inserts one seeded lesion of `--kind` (default `ms`: MS-like white-matter lesions) into each dev
+scan at 1 mm, on tissue maps registered to it; then versions of the lesioned scan are made: `native` (as is),
+`thick-N` (slices N mm thick: blurred across slices with a Gaussian of FWHM N mm, then resampled to N mm slice
+spacing, as a 2D acquisition averages its slab, so the lesions are partial-volumed as they would be) and `mni`
+(resampled onto the template's 1 mm grid through the registration the lesion was placed with, and z-scored over
+the whole field of view so the background is negative, as many MNI-space research pipelines deliver them).
+Scored against the synthetic lesions only: the scan's own tumour (dilated by 3 mm) is left out of both lesion and
+non-lesion voxels. Per version and model: pooled voxel AUPRC, Dice of the default threshold's label map, and
+synthetic lesions found / false findings per scan at that threshold.
 """
 
 import argparse
@@ -25,14 +26,15 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from BrainAnomalyLib.core.errors import BadInputError  # noqa: E402
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import normalise_modality, read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
-from BrainAnomalyLib.core.template import Grid, template_1mm  # noqa: E402
+from BrainAnomalyLib.core.template import template_1mm  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import findings  # noqa: E402
 from BrainAnomalyLib.evaluation.metrics import average_precision, finding_match  # noqa: E402
-from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess  # noqa: E402
+from BrainAnomalyLib.preprocess.chain import preprocess  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
 from BrainAnomalyLib.synth.generate import synthesize  # noqa: E402
 from BrainAnomalyLib.synth.tissue import TissueMaps  # noqa: E402
@@ -71,20 +73,17 @@ def resample_to_mni(image: sitk.Image, template_to_scan: sitk.Transform, labels:
     return z
 
 
-def versions(image: sitk.Image, tumour: sitk.Image, names):
-    """(name, image, tumour labels) for each requested version of one scan."""
-    transform = None
+def versions(image: sitk.Image, labels: dict, names, template_to_scan: sitk.Transform):
+    """(name, image, {label name: labels}) for each requested version of one scan."""
     for name in names:
         if name == "native":
-            yield name, image, tumour
+            yield name, image, labels
         elif name.startswith("thick-"):
             mm = float(name.split("-", 1)[1])
-            yield name, thick_slices(image, mm), thick_slices(tumour, mm, labels=True)
+            yield name, thick_slices(image, mm), {k: thick_slices(v, mm, labels=True) for k, v in labels.items()}
         elif name == "mni":
-            if transform is None:
-                transform = preprocess(image, PreprocessConfig(bias_correction=False), Grid(), False,
-                                       Reporter()).transform
-            yield name, resample_to_mni(image, transform), resample_to_mni(tumour, transform, labels=True)
+            yield name, resample_to_mni(image, template_to_scan), {k: resample_to_mni(v, template_to_scan, True)
+                                                                  for k, v in labels.items()}
         else:
             raise SystemExit(f"unknown version {name!r}: use native, thick-<mm> or mni")
 
@@ -126,22 +125,33 @@ def main() -> int:
         raise SystemExit(f"no {modality} lesion scans in {args.manifest}")
     names = args.versions.split(",")
     tallies = {(v, m): [] for v in names for m in detectors}
+    skipped = []
     for i, case in enumerate(cases):
         image = read_volume(case.image)
         tumour = sitk.Cast(sitk.ReadImage(str(case.mask)) > 0, sitk.sitkUInt8)
         tumour.CopyInformation(image)
-        for name, version, version_tumour in versions(image, tumour, names):
-            tissue = TissueMaps.for_scan(version, modality)
-            synth = synthesize(version, modality, args.kind, args.seed + 1000 * i, tissue)
-            lesion = sitk.GetArrayFromImage(synth.mask) > 0
+        try:
+            tissue = TissueMaps.for_scan(image, modality)
+            synth = synthesize(image, modality, args.kind, args.seed + 1000 * i, tissue)
+        except (BadInputError, ValueError) as exc:  # a scan the pipeline cannot register or place a lesion in
+            skipped.append(f"{case.subject}: {exc}")
+            continue
+        lesion_img = sitk.Cast(synth.mask > 0, sitk.sitkUInt8)
+        for name, version, labels in versions(synth.image, {"lesion": lesion_img, "tumour": tumour}, names,
+                                               tissue.template_to_scan):
+            lesion = sitk.GetArrayFromImage(labels["lesion"]) > 0
             spacing_zyx = list(reversed(version.GetSpacing()))
-            tumour_zone = ndimage.distance_transform_edt(sitk.GetArrayFromImage(version_tumour) == 0,
+            tumour_zone = ndimage.distance_transform_edt(sitk.GetArrayFromImage(labels["tumour"]) == 0,
                                                          sampling=spacing_zyx) <= TUMOUR_MARGIN_MM
             lesion &= ~tumour_zone
-            pre = preprocess(synth.image, first.preprocess_config, first.grid, False, Reporter())
+            try:
+                pre = preprocess(version, first.preprocess_config, first.grid, False, Reporter())
+            except BadInputError as exc:  # a version the pipeline cannot take: listed, not scored
+                skipped.append(f"{case.subject} {name}: {exc}")
+                continue
             keep = pre.native_mask & ~tumour_zone
             for m, det in detectors.items():
-                tallies[(name, m)].append(score_case(det, synth.image, pre, lesion & keep, keep, modality))
+                tallies[(name, m)].append(score_case(det, version, pre, lesion & keep, keep, modality))
             print(f"{case.subject} {name}: {int(lesion.sum())} synthetic lesion voxels", flush=True)
     print(f"\n{modality}, synthetic '{args.kind}' lesions in {len(cases)} brats18_dev scans (tumour left out)\n")
     print("| version | model | AUPRC | Dice at default | lesions found | false findings / scan |")
@@ -149,12 +159,16 @@ def main() -> int:
     for v in names:
         for m in detectors:
             rows = tallies[(v, m)]
+            if not rows:
+                continue
             auprc = average_precision(np.concatenate([r["scores"] for r in rows]),
                                       np.concatenate([r["labels"] for r in rows]))
             dice = 2 * sum(r["inter"] for r in rows) / max(sum(r["pred"] + r["truth"] for r in rows), 1)
             found = f"{sum(r['found'] for r in rows)}/{sum(r['true_lesions'] for r in rows)}"
             ff = np.mean([r["false_findings"] for r in rows])
-            print(f"| {v} | {m} | {auprc:.3f} | {dice:.3f} | {found} | {ff:.1f} |")
+            print(f"| {v} ({len(rows)} scans) | {m} | {auprc:.3f} | {dice:.3f} | {found} | {ff:.1f} |")
+    for line in skipped:
+        print(f"not scored: {line}")
     return 0
 
 
