@@ -16,6 +16,11 @@ scores its own robust z and partial volume between two tissues that meet there s
 The priors are the template's GM/WM maps (CSF the rest of the brain) on the grid, floored so no tissue is ever
 impossible, and the tissue levels are refined on the scan: one EM-like step re-estimates each tissue's level from
 the voxels its posterior claims and that fit it (lesions, outliers to every tissue, are left out).
+
+A second reference (`reference: extreme`, extreme_reference_score, the FLAIR model's) holds each voxel to the most
+lesion-like tissue possible there instead of the nearest: on FLAIR a lesion must outshine every tissue the template
+allows at that place, not merely differ from the nearest one (brats18_dev FLAIR grid AUPRC with the model's
+post-processing: 0.839 against 0.819 for the nearest reference).
 """
 
 from __future__ import annotations
