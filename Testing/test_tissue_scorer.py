@@ -88,7 +88,8 @@ def test_shipped_tissue_models_threshold_a_healthy_scan_at_about_their_rate(name
     assert 0.001 < flagged < 0.03, flagged
 
 
-@pytest.mark.parametrize("contrast,first", [("T2", r"tissue-t2, intensity-t2"), ("FLAIR", r"tissue-flair, intensity-flair")])
+@pytest.mark.parametrize("contrast,first",
+                         [("T2", r"tissue-t2, intensity-t2"), ("FLAIR", r"tissue-flair, intensity-flair")])
 def test_contrast_check_names_the_tissue_model_first(contrast, first):
     from BrainAnomalyLib.core.errors import BadInputError
     from BrainAnomalyLib.preprocess.contrast import check_contrast
