@@ -67,7 +67,7 @@ def test_tissue_scorer_is_blind_to_the_scan_scale():
     assert not a[~mask].any()
 
 
-@pytest.mark.parametrize("name", ["tissue-flair", "tissue-t2"])
+@pytest.mark.parametrize("name", ["tissue-flair", "tissue-t2", "tissue-t1ce"])
 def test_shipped_tissue_models_threshold_a_healthy_scan_at_about_their_rate(name):
     """The default threshold is a calibrated one (no constant), moved onto the scan, and on a synthetic healthy
     scan it leaves no more than a few findings."""
@@ -88,11 +88,43 @@ def test_shipped_tissue_models_threshold_a_healthy_scan_at_about_their_rate(name
     assert 0.001 < flagged < 0.03, flagged
 
 
-def test_contrast_check_names_the_tissue_model_first_for_t2():
+@pytest.mark.parametrize("contrast,first",
+                         [("T2", r"tissue-t2, intensity-t2"), ("FLAIR", r"tissue-flair, intensity-flair")])
+def test_contrast_check_names_the_tissue_model_first(contrast, first):
     from BrainAnomalyLib.core.errors import BadInputError
     from BrainAnomalyLib.preprocess.contrast import check_contrast
     from BrainAnomalyLib.store.models import list_models
 
-    estimate = {"contrast": "T2", "margin": 3.0, "runner_up": "FLAIR", "margins": {"FLAIR": 3.0}}
-    with pytest.raises(BadInputError, match=r"a T2 model \(tissue-t2, intensity-t2"):
+    estimate = {"contrast": contrast, "margin": 3.0, "runner_up": "T1", "margins": {"T1": 3.0}}
+    with pytest.raises(BadInputError, match=rf"a {contrast} model \({first}"):
         check_contrast(estimate, "T1", models=list_models, model_name="ensemble-t1-ixi")
+
+
+def test_a_t1ce_scan_has_a_t1ce_model():
+    """The T1CE path: tissue-t1ce takes a scan recognised as T1CE (or as T1, which a healthy T1CE resembles)
+    without a note or a refusal, and --modality T1CE is accepted by it."""
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.preprocess.contrast import check_contrast
+    from BrainAnomalyLib.store.models import resolve_model
+
+    for seen in ("T1CE", "T1"):
+        estimate = {"contrast": seen, "margin": 3.0, "runner_up": "FLAIR", "margins": {"FLAIR": 3.0}}
+        notes = check_contrast(estimate, "T1CE", model_name="tissue-t1ce")
+        assert len(notes) == (0 if seen == "T1CE" else 1), notes
+    assert Detector(resolve_model("tissue-t1ce"), device="cpu").check_modality("t1ce") == "T1CE"
+
+
+def test_extreme_reference_holds_flair_to_the_brightest_possible_tissue():
+    """FLAIR's `extreme` reference: the lesion above every tissue the template allows scores, the cortex (the
+    brightest normal tissue where it lies) does not; the scorer's `reference` parameter reaches it."""
+    from BrainAnomalyLib.scorers.tissue import extreme_reference_score
+
+    image, mask, lesion, t = _lesion_case("FLAIR", 1.3)
+    border = _border("FLAIR", mask, lesion, t)
+    scores = extreme_reference_score(image, mask, "hyper", GRID)
+    cut = float(np.percentile(scores[lesion], 20))
+    assert float((scores[border] >= cut).mean()) < 0.05
+    scorer = scorer_class("tissue")({"direction": "hyper", "reference": "extreme"}, {})
+    np.testing.assert_array_equal(scorer.score(image, mask, Reporter()).anomaly_map, scores)
+    with pytest.raises(ValueError, match="one-sided"):
+        extreme_reference_score(image, mask, "two-sided", GRID)

@@ -34,6 +34,16 @@ from BrainAnomalyLib.training.run import base_meta, calibrate_volumes  # noqa: E
 
 N_SCANS = 12
 
+# Settings chosen per contrast on the five brats18_dev cases (the hyperparameters the model card names, with
+# their leave-one-case-out numbers): the tissue reference (scorers/tissue.py: `nearest` tissue, or `extreme`, the
+# most lesion-like tissue the template allows), the brain-mask erosion and the weight of the mirror image
+# subtracted before filtering (PostprocessConfig.contralateral).
+SETTINGS = {
+    "FLAIR": {"params": {"reference": "extreme"}, "postprocess": {"erode_voxels": 0, "contralateral": 0.25}},
+    "T2": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 0, "contralateral": 0.5}},
+    "T1CE": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 3, "contralateral": 0.5}},
+}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,13 +52,17 @@ def main() -> int:
     args = ap.parse_args()
     modality = normalise_modality(args.modality)
     grid = Grid()
+    chosen = SETTINGS.get(modality, {})
+    against = ("the most lesion-like of the grey matter, white matter and CSF" if
+               chosen.get("params", {}).get("reference") == "extreme" else "the grey matter, white matter and CSF")
     meta = base_meta("tissue", args.output.name, modality,
-                     f"tissue-aware intensity scorer for {modality}: each voxel against the grey matter, white "
-                     "matter and CSF the registered template allows there, at this scan's own tissue levels; no "
+                     f"tissue-aware intensity scorer for {modality}: each voxel against {against} the registered "
+                     "template allows there, at this scan's own tissue levels; no "
                      f"healthy cohort: thresholds calibrated on {N_SCANS} synthetic healthy {modality} scans made "
                      "from the template's tissue maps and moved to each scan's own score distribution "
                      "(scan-adaptive); calibrate on your own healthy scans where you have them",
-                     grid, PreprocessConfig(), PostprocessConfig(), {"direction": direction_for(modality)})
+                     grid, PreprocessConfig(), PostprocessConfig(**chosen.get("postprocess", {})),
+                     {"direction": direction_for(modality), **chosen.get("params", {})})
     meta["training_data"] = {"manifest": f"none (no training; calibrated on {N_SCANS} synthetic template scans)"}
     save_model(args.output, meta)
     volumes = ((f"synthetic-{modality.lower()}-{seed}", *healthy_template_scan(modality, seed, grid))

@@ -81,10 +81,13 @@ def target(stats: TissueStats, modality: str, component: str) -> float:
     return float(np.clip(stats.wm + k * stats.iqr, stats.lo, stats.hi))
 
 
-# Relative signal of CSF, GM and WM in each contrast (textbook orderings: T1 WM > GM > CSF; T2 CSF >> GM > WM;
+# Relative signal of CSF, GM and WM in each contrast (textbook orderings: T1 and T1CE WM > GM > CSF; T2 CSF >> GM > WM;
 # FLAIR GM > WM > CSF; PD GM > WM, CSF close to GM), for scans made from tissue maps alone.
 TISSUE_SIGNAL: Dict[str, Dict[str, float]] = {
     "T1": {"CSF": 0.25, "GM": 0.60, "WM": 0.85},
+    # Healthy tissue takes up little gadolinium: a healthy T1CE has T1's tissue order and levels (its vessels and
+    # choroid plexus are not in the tissue maps).
+    "T1CE": {"CSF": 0.25, "GM": 0.60, "WM": 0.85},
     "T2": {"CSF": 1.00, "GM": 0.45, "WM": 0.33},
     "FLAIR": {"CSF": 0.12, "GM": 0.62, "WM": 0.48},
     "PD": {"CSF": 0.86, "GM": 0.80, "WM": 0.66},
