@@ -86,11 +86,12 @@ def calibrate_volumes(model: Model, volumes: Iterable[Tuple[str, np.ndarray, np.
                       fprs: Sequence[float] = DEFAULT_FPRS, allow_few_scans: bool = False,
                       skipped: Sequence[str] = (), n_given: Optional[int] = None) -> dict:
     """`calibrate` on healthy volumes already on the model grid: (subject, image, brain mask) triples, e.g.
-    synthetic scans made from the template for a contrast without a healthy cohort. `skipped` may still grow
+    synthetic scans made from the template for a contrast without a healthy cohort (for a fusion model the image
+    is a dict, modality -> volume, all on one grid and mask). `skipped` may still grow
     while `volumes` is read (cases_on_grid adds the scans it cannot read)."""
     from ..detection.pipeline import Detector
 
-    det = Detector(model, device="cpu")
+    det = Detector.for_model(model, device="cpu")
     pool, kept = HealthyPool(), []
     for subject, image, mask in volumes:
         scores = det.score_grid(image, mask)
