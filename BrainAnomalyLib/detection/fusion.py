@@ -1,5 +1,5 @@
 """Detection on several contrasts of one subject with a fusion model (scorers/fusion.py): the reference contrast
-(T1 when given, else the first of the model's contrasts given) is preprocessed as any scan; the others reuse its
+(T1 when given, else the first given) is preprocessed as any scan; the others reuse its
 brain mask and template transform (preprocess.chain.preprocess_companion: one registration for the session); each
 member model scores and post-processes its own contrast as it would alone, the fusion averages the maps on a common
 scale, and the fused map is cleaned, thresholded, back-projected onto the reference scan's grid and calibrated like
@@ -27,6 +27,12 @@ from .postprocess import PostprocessConfig, erode_mask, robust_stats
 from .request import DetectionRequest
 
 REFERENCE = "T1"  # registered first when given: the contrast with the sharpest grey/white boundary
+
+
+def reference_contrast(given) -> str:
+    """The contrast registered first, on whose grid the result lies: T1 when given, else the first given."""
+    given = [normalise_modality(m) for m in given]
+    return REFERENCE if REFERENCE in given else given[0]
 
 
 class FusionDetector(Detector):
@@ -72,7 +78,7 @@ class FusionDetector(Detector):
         return [m for m in self.modalities if m not in self.scorer.required]
 
     def reference_modality(self, given) -> str:
-        return REFERENCE if REFERENCE in given else next(m for m in self.modalities if m in given)
+        return reference_contrast(given)
 
     def label(self, given) -> str:
         """The result's modality: the contrasts fused, in the model's order."""

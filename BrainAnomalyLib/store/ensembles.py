@@ -71,6 +71,10 @@ def build_fusion(members: Sequence[Tuple[str, object]], weights: Sequence[float]
         if modality in {normalise_modality(o) for o in optional}:
             ref["optional"] = True
         out.append(ref)
+    if "T1" in modalities[1:]:
+        # T1, when a member, is the reference contrast (detection.fusion.reference_contrast), and the first member
+        # is the model's modality: the contrast whose rows a manifest is evaluated on.
+        raise ValueError("list the T1 member first: it is the fusion's reference contrast")
     if all(r.get("optional") for r in out):
         raise ValueError("at least one contrast of a fusion must be required")
     return {"members": out, "weights": [float(w) for w in weights] or None, "scale": scale}
