@@ -48,6 +48,7 @@ def session(tmp_path_factory):
         image = np.where(lesion & mask, 1.5 * bright, image)
         paths[modality] = _write(image, folder / f"{modality.lower()}.nii.gz", grid)
     paths["far"] = _write(image, folder / "flair_far.nii.gz", grid, shift_mm=400.0)
+    paths["truth"] = _write(lesion & mask, folder / "truth.nii.gz", grid)
     return folder, paths, lesion
 
 
@@ -55,7 +56,9 @@ def session(tmp_path_factory):
 def fusion_folder(tmp_path_factory):
     members = [("T2", resolve_model("tissue-t2")), ("FLAIR", resolve_model("tissue-flair"))]
     params = build_fusion(members, weights=[1.0, 3.0])
-    meta = base_meta("fusion", "test-fusion", "T2", "T2 and FLAIR fused", Grid(), PreprocessConfig(),
+    # The synthetic scans lie in template space already: no registration, skull strip or N4 (fast)
+    pre = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
+    meta = base_meta("fusion", "test-fusion", "T2", "T2 and FLAIR fused", Grid(), pre,
                      PostprocessConfig(median_size=1), params)
     meta["inputs"] = ["T2", "FLAIR"]
     return save_model(tmp_path_factory.mktemp("models") / "test-fusion", meta)
@@ -132,3 +135,16 @@ def test_manifest_rows_of_one_subject_are_fused(session, fusion_folder, tmp_path
     assert summary["modality"] == "T2+FLAIR"
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert rows[1].startswith("s1,T2+FLAIR,ok") and rows[2].startswith("s2,FLAIR,failed")
+
+
+def test_evaluate_scores_a_fusion_model_on_each_subjects_rows(session, fusion_folder, tmp_path, capsys):
+    _, paths, _ = session
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,modality,image,mask\n"
+                        f"s1,FLAIR,{paths['FLAIR']},{paths['truth']}\ns1,T2,{paths['T2']},{paths['truth']}\n")
+    rc = main(["evaluate", "--manifest", str(manifest), "--model", str(fusion_folder), "--threshold", "4",
+               "--device", "cpu", "-q", "-o", str(tmp_path / "report")])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["test-fusion"]
+    assert metrics["n_lesion_scans"] == 1  # one case: the T2 row, with its FLAIR
+    assert metrics["voxel"]["auprc"] > 0.5

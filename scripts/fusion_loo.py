@@ -106,8 +106,8 @@ def _ap_ranked(ranked: np.ndarray, y: np.ndarray) -> float:
 def fusion_model(setting: dict) -> Model:
     """The fusion of `setting` as an in-memory model (what make_fusion_model.py would write, uncalibrated)."""
     members = [(m, resolve_model(i)) for m, (i, _, _) in setting.items()]
-    params = build_fusion(members, [w for _, w, _ in setting.values()],
-                          [{"contralateral": c} if c else None for _, _, c in setting.values()])
+    params = build_fusion(members, weights=[w for _, w, _ in setting.values()],
+                          postprocess=[{"contralateral": c} if c else None for _, _, c in setting.values()])
     template = members[0][1]
     meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
                 postprocess=PostprocessConfig(median_size=1).to_dict(), inputs=list(setting))
@@ -127,17 +127,8 @@ def native(detector: FusionDetector, cases) -> tuple:
     return sitk.GetArrayFromImage(result.anomaly_map)[brain], truth[brain]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
-    ap.add_argument("-o", "--output", required=True, type=Path)
-    args = ap.parse_args()
-    subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
-    detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
-    data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
-    names = sorted(data)
-    all_settings = list(settings())
+def grid_scores(data: dict, names, all_settings) -> list:
+    """Per setting, the pooled grid AUPRC over all subjects ("all") and over all but each one (by subject)."""
     cache: dict = {}
     scores = []
     labels = np.concatenate([data[s]["label"][data[s]["mask"]] for s in names])
@@ -153,6 +144,26 @@ def main() -> int:
         scores.append(row)
         if (n + 1) % 20 == 0:
             print(f"setting {n + 1}/{len(all_settings)}", file=sys.stderr, flush=True)
+    return scores
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
+    ap.add_argument("-o", "--output", required=True, type=Path)
+    args = ap.parse_args()
+    subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
+    detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
+    data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
+    names = sorted(data)
+    all_settings = list(settings())
+    done = args.cache / "grid_scores.json"  # the grid stage, kept so a failed native stage need not redo it
+    if done.is_file():
+        scores = json.loads(done.read_text())
+    else:
+        scores = grid_scores(data, names, all_settings)
+        done.write_text(json.dumps(scores))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
     report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],
               "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}
