@@ -148,3 +148,22 @@ def test_evaluate_scores_a_fusion_model_on_each_subjects_rows(session, fusion_fo
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["test-fusion"]
     assert metrics["n_lesion_scans"] == 1  # one case: the T2 row, with its FLAIR
     assert metrics["voxel"]["auprc"] > 0.5
+
+
+def test_calibrate_takes_each_subjects_healthy_rows_as_one_session(fusion_folder, tmp_path, capsys):
+    grid = Grid()
+    rows = []
+    for seed in (5, 6):
+        for modality in ("T2", "FLAIR"):
+            image, _ = healthy_template_scan(modality, seed, grid)
+            rows.append(f"h{seed},{modality},{_write(image, tmp_path / f'{modality}{seed}.nii.gz', grid)},")
+    manifest = tmp_path / "healthy.csv"
+    manifest.write_text("subject,modality,image,mask\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "calibrated"
+    rc = main(["calibrate", "--model", str(fusion_folder), "--manifest", str(manifest), "--allow-few-scans", "-q",
+               "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    calibration = load_model(out).meta["calibration"]
+    assert calibration["n_scans"] == 2 and sorted(calibration["subjects"]) == ["h5", "h6"]
+    t = calibration["thresholds"]
+    assert 0 < t["0.05"] < t["0.01"] < t["0.001"]

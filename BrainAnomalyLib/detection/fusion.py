@@ -134,27 +134,35 @@ class FusionDetector(Detector):
         its grid, score each with its member and fuse. The analysis's `pre` is the reference's, its record
         extended by the other contrasts' steps."""
         reporter = reporter or Reporter()
+        t = time.perf_counter()
+        pre, images = self.grid_volumes(scans, reporter.sub(0.0, 0.7), pre)
+        seconds = {"preprocess": time.perf_counter() - t}
+        t = time.perf_counter()
+        scores = self.score_grid(images, pre.mask, reporter.sub(0.7, 0.95))
+        seconds["score+postprocess"] = time.perf_counter() - t
+        return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
+
+    def grid_volumes(self, scans: Mapping[str, sitk.Image], reporter: Optional[Reporter] = None,
+                     pre: Optional[Preprocessed] = None) -> Tuple[Preprocessed, Dict[str, np.ndarray]]:
+        """Every contrast on the model grid through one registration: the reference's preprocessing (its record
+        extended by the other contrasts' steps) and each contrast's standardised grid volume."""
+        reporter = reporter or Reporter()
         scans = self.inputs(scans)
         ref = self.reference_modality(scans)
-        t = time.perf_counter()
         if pre is None:
-            pre = self.preprocess_scan(scans[ref], reporter.sub(0.0, 0.4))
+            pre = self.preprocess_scan(scans[ref], reporter.sub(0.0, 0.6))
         pre = replace(pre, record=[dict(s, contrast_of=ref) if "contrast_of" not in s else s for s in pre.record],
                       notes=list(pre.notes))
         others = [m for m in scans if m != ref]
         images = {ref: self._standardised(ref, pre)}
         for i, m in enumerate(others):
             comp = preprocess_companion(scans[m], pre, scans[ref], self.members[m].preprocess_config,
-                                        reporter.sub(0.4 + 0.3 * i / len(others), 0.4 + 0.3 * (i + 1) / len(others)))
+                                        reporter.sub(0.6 + 0.4 * i / len(others), 0.6 + 0.4 * (i + 1) / len(others)))
             pre.record += [dict(s, contrast_of=m) for s in comp.record]
             images[m] = comp.image
             pre.notes += check_contrast(comp.contrast, m, m, model_name=self.members[m].model.name)
         pre.notes += check_contrast(pre.contrast, ref, ref, model_name=self.members[ref].model.name)
-        seconds = {"preprocess": time.perf_counter() - t}
-        t = time.perf_counter()
-        scores = self.score_grid(images, pre.mask, reporter.sub(0.7, 0.95))
-        seconds["score+postprocess"] = time.perf_counter() - t
-        return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
+        return pre, images
 
     def _standardised(self, modality: str, pre: Preprocessed) -> np.ndarray:
         """The reference's grid volume on its member's intensity scale (the same as the fusion's unless they

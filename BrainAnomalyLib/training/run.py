@@ -73,6 +73,8 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     then the record says so under "few_scans"."""
     from ..detection.pipeline import Detector
 
+    if model.kind == "fusion":
+        return _calibrate_fusion(model, cases, reporter, fprs, allow_few_scans)
     check_calibration_scans(len(cases), allow_few_scans)
     det = Detector(model, device="cpu")
     skipped: List[str] = []
@@ -80,6 +82,34 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
                cases_on_grid(cases, det.preprocess_config, det.grid, reporter.sub(0.0, 0.9), cache_dir, "calibrate",
                              skipped))
     return calibrate_volumes(model, volumes, reporter.sub(0.9, 1.0), fprs, allow_few_scans, skipped, len(cases))
+
+
+def _calibrate_fusion(model: Model, cases: Sequence[Case], reporter: Reporter, fprs: Sequence[float],
+                      allow_few_scans: bool) -> dict:
+    """`calibrate` for a fusion model: each subject's healthy rows of its contrasts are one session, brought onto
+    the grid through one registration as detection brings them (not cached)."""
+    from ..core.io import read_volume
+    from ..core.manifest import group_by_subject
+    from ..detection.pipeline import Detector
+
+    det = Detector.for_model(model, device="cpu")
+    sessions = group_by_subject(list(cases), det.modalities)
+    check_calibration_scans(len(sessions), allow_few_scans, "healthy session(s) to calibrate on")
+    skipped: List[str] = []
+
+    def volumes():
+        for i, (subject, rows) in enumerate(sessions.items()):
+            try:
+                scans = {c.modality: read_volume(c.image) for c in rows}
+                pre, images = det.grid_volumes(scans, reporter.sub(0.9 * i / len(sessions),
+                                                                    0.9 * (i + 1) / len(sessions)))
+            except BadInputError as exc:
+                skipped.append(f"{subject}: {exc}")
+                continue
+            yield subject, images, pre.mask
+
+    return calibrate_volumes(model, volumes(), reporter.sub(0.9, 1.0), fprs, allow_few_scans, skipped,
+                             len(sessions))
 
 
 def calibrate_volumes(model: Model, volumes: Iterable[Tuple[str, np.ndarray, np.ndarray]], reporter: Reporter,
