@@ -63,6 +63,26 @@ def test_ensemble_averages_members_on_their_healthy_scale(installed, tmp_path):
     assert not np.allclose(got, 0.0)
 
 
+def test_rms_rule_mirrors_each_member_then_takes_the_root_mean_square_of_scan_scaled_maps(installed, tmp_path):
+    folder = _build(tmp_path, "--weight", "1", "--weight", "3", "--rule", "rms", "--contralateral", "0.5")
+    model = load_model(folder)
+    assert model.meta["params"]["rule"] == "rms" and model.meta["params"]["contralateral"] == 0.5
+    assert model.meta["postprocess"]["contralateral"] == 0.0  # the fused map is not mirrored a second time
+    image, mask = next(template_cohort(1, seed=9))
+    got = scorer_class("ensemble").for_model(model, model.meta["params"]).score(image, mask, Reporter()).anomaly_map
+    total = np.zeros(image.shape)
+    for name, w in (("hypo", 1.0), ("two-sided", 3.0)):
+        member = load_model(installed / name)
+        raw = scorer_class(member.kind)(member.meta["params"], member.tensors).score(image, mask, Reporter())
+        mirrored = raw.anomaly_map - 0.5 * raw.anomaly_map[:, :, ::-1]
+        med = np.median(mirrored[mask])
+        z = (mirrored - med) / np.median(np.abs(mirrored[mask] - med))
+        total += w * np.clip(z, 0, None) ** 2
+    expected = np.where(mask, np.sqrt(total / 4.0), 0.0)
+    assert np.allclose(got, expected, atol=1e-4)
+    assert got.min() >= 0 and got.max() > 1
+
+
 def test_a_missing_member_is_a_model_error_naming_it(installed, tmp_path):
     folder = _build(tmp_path)
     (installed / "two-sided" / "model.safetensors").unlink()

@@ -74,7 +74,7 @@ def scorers_for(modality: str, only=None) -> dict:
     return {name: Detector(m, device="cpu") for name, m in models.items()}
 
 
-def run_groups(cases, modality, group_of, label, only=None):
+def run_groups(cases, modality, group_of, label, only=None, cache=True):
     detectors = scorers_for(modality, only)
     if not detectors:
         log(f"{label}: none of the chosen models is for {modality}; skipped")
@@ -82,7 +82,7 @@ def run_groups(cases, modality, group_of, label, only=None):
     log(f"{label}: {len(cases)} scans x {len(detectors)} scorers ({', '.join(detectors)})")
     skipped = []
     t = time.perf_counter()
-    out = evaluate_groups(cases, detectors, group_of, Reporter(progress), skipped)
+    out = evaluate_groups(cases, detectors, group_of, Reporter(progress), skipped, cache=cache)
     for s in skipped:
         log(f"  skipped {s}")
     log(f"{label}: done in {time.perf_counter() - t:.0f} s")
@@ -99,6 +99,8 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated model ids, names or folders to run instead of every shipped "
                     "and user model (e.g. a newly trained one beside an earlier run's table)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmark" / "latest"))
+    ap.add_argument("--no-cache", action="store_true", help="preprocess every scan again (the timings then include "
+                    "preprocessing; with the cache, a scan preprocessed in an earlier run is read back)")
     args = ap.parse_args()
     only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     if only:
@@ -125,7 +127,7 @@ def main() -> int:
         lesion_cases = [c for c in brats if c.modality == modality]
         cases = lesion_cases + (healthy if modality == "T1" else [])
         res = run_groups(cases, modality, lambda c: "brats18_dev" if c.mask is not None else None,
-                         f"brats18_dev {modality}", only)
+                         f"brats18_dev {modality}", only, not args.no_cache)
         label = f"brats18_dev {modality}" + (f" + {len(healthy)} held-out healthy IXI" if modality == "T1" else "")
         for name, by_group in res.items():
             rows.append((name, label, by_group["brats18_dev"]))
@@ -147,7 +149,7 @@ def main() -> int:
                 return None  # the untouched scans: healthy references for every kind
             return "synth " + ("artefacts" if c in artefacts else kind_of[c.subject])
 
-        res = run_groups(synth + artefacts + subjects, "T1", group, "synthetic", only)
+        res = run_groups(synth + artefacts + subjects, "T1", group, "synthetic", only, not args.no_cache)
         for name, by_group in res.items():
             for g, metrics in sorted(by_group.items()):
                 rows.append((name, g, metrics))

@@ -3,8 +3,10 @@
 voxel table and curve come out as before (checked) and the lesion-level calibration (`calibration.findings`) is
 added. Members go first; an ensemble is then re-pinned to its re-calibrated members and calibrated itself.
 Model cards and training reports are kept; the registry's checksums and sizes are updated, its metrics kept.
+With --contralateral W the (non-ensemble) models' post-processing first gets that contralateral weight
+(core.template.contralateral_difference; 0 turns it off) and their version a minor step, since their maps change.
 
-    python scripts/recalibrate_shipped.py [--data ../shared/data] [--model ID ...]
+    python scripts/recalibrate_shipped.py [--data ../shared/data] [--model ID ...] [--contralateral W]
 """
 
 import argparse
@@ -12,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,13 +49,25 @@ def repin(model_id: str) -> None:
     """Pin an ensemble to its members' current folders (their healthy scales are unchanged by re-calibration)."""
     meta = meta_of(model_id)
     members = [resolve_model(m["id"]) for m in meta["params"]["members"]]
-    meta["params"] = build_ensemble(members, meta["params"].get("weights") or ())
+    p = meta["params"]
+    meta["params"] = build_ensemble(members, p.get("weights") or (), p.get("rule") or "mean",
+                                    float(p.get("contralateral") or 0.0))
     save_model(folder_of(model_id), meta, None, keep_files_of=folder_of(model_id))
     update_registry([model_id])
 
 
-def recalibrate(model_id: str, data: Path) -> None:
+def next_minor(version: str) -> str:
+    major, minor, *_ = (version.split(".") + ["0", "0"])
+    return f"{major}.{int(minor) + 1}.0"
+
+
+def recalibrate(model_id: str, data: Path, contralateral: Optional[float] = None) -> None:
     model = resolve_model(model_id)
+    # An ensemble mirrors its members' maps itself (its params; `brainanomaly ensemble --contralateral`).
+    if contralateral is not None and model.kind != "ensemble" and \
+            model.meta.get("postprocess", {}).get("contralateral", 0.0) != contralateral:
+        model.meta = dict(model.meta, postprocess=dict(model.meta.get("postprocess", {}), contralateral=contralateral),
+                          version=next_minor(model.meta.get("version", "1.0.0")))
     old = dict(model.meta.get("calibration") or {})
     cases = healthy_cases(data, model.modality, old)
     fprs = sorted(float(k) for k in old.get("thresholds", {})) or None
@@ -78,6 +93,7 @@ def update_registry(model_ids) -> None:
         if entry["id"] in model_ids:
             folder = registry.parent / entry["path"]
             entry["sha256"] = folder_digest(folder)
+            entry["version"] = meta_of(entry["id"]).get("version", entry.get("version"))
             entry["size_bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     write_atomic(registry, json.dumps(data, indent=2) + "\n")
 
@@ -86,7 +102,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--model", action="append", help="only these shipped models (default: every calibrated one)")
+    ap.add_argument("--contralateral", type=float, help="set this contralateral weight in the models' post-processing "
+                    "first (0-1; 0 = off)")
     args = ap.parse_args()
+    if args.contralateral is not None and not 0.0 <= args.contralateral < 1.0:
+        ap.error("--contralateral must be in [0, 1): a weight of 1 erases a lesion with a mirror twin")
     registry = json.loads(shipped_registry_file().read_text(encoding="utf-8"))
     ids = args.model or [e["id"] for e in registry["models"]]
     calibrated = [i for i in ids if meta_of(i).get("calibration")]
@@ -94,7 +114,7 @@ def main() -> int:
     for model_id in sorted(calibrated, key=lambda i: meta_of(i)["kind"] == "ensemble"):
         if meta_of(model_id)["kind"] == "ensemble":
             repin(model_id)
-        recalibrate(model_id, args.data)
+        recalibrate(model_id, args.data, args.contralateral)
     skipped = sorted(set(ids) - set(calibrated))
     if skipped:
         print(f"not calibrated on healthy scans, left as they are: {', '.join(skipped)}")

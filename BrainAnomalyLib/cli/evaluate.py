@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
                                              "models without a lesion-level calibration: 0.01)")
     p.add_argument("--device", default="auto")
     add_calibration_option(p)
+    p.add_argument("--no-cache", action="store_true", help="preprocess every scan again instead of reusing the "
+                   "preprocessing cache (~/.cache/brainanomaly/preprocessed, or $BRAINANOMALY_CACHE)")
     p.add_argument("-o", "--output", required=True, help="report folder")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -76,7 +78,8 @@ def run(args, cancel: CancelToken) -> int:
     bar = ProgressBar(args.quiet, "evaluate")
     skipped: List[str] = []
     try:
-        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds, companions)
+        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds, companions,
+                           cache=not args.no_cache)
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     finally:

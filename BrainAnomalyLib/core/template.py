@@ -93,6 +93,19 @@ def midline_axis(grid: Grid) -> int:
     return 2
 
 
+def contralateral_difference(volume: np.ndarray, weight: float, grid: Grid) -> np.ndarray:
+    """`volume` minus `weight` times its mirror image across the template's midline (see midline_axis).
+
+    On an anomaly map a voxel then scores how much more anomalous it is than the same place in the other
+    hemisphere: much of what a model scores badly on healthy anatomy it scores badly on both sides, while most
+    lesions are one-sided. Measured on brats18_dev T1 (grid AUPRC, pooled; weights 0.5 / 0.75 / 1.0): dpa 0.425 ->
+    0.485 / 0.489 / 0.481, cae 0.349 -> 0.419 / 0.424 / 0.409. What it costs: a lesion with a mirror twin
+    (bilateral and symmetric) keeps only (1 - weight) of its score, which is why the weight stays below 1."""
+    if weight == 0:
+        return volume
+    return volume - np.float32(weight) * np.flip(volume, axis=midline_axis(grid))
+
+
 def spacing_zyx(grid: Grid) -> Sequence[float]:
     return tuple(reversed(grid.spacing))
 

@@ -19,13 +19,13 @@ from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
 from ..store.models import Model, list_models, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
-                          scan_score, subtract_contralateral)
+                          scan_score)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput, scorer_class
-from ..core.template import Grid, midline_axis
+from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
 
 
@@ -71,10 +71,9 @@ class Detector:
             "normalisation", self.preprocess_config.normalisation)
         self.postprocess_config = postprocess_config or PostprocessConfig(**meta.get("postprocess", {}))
         self.params = dict(meta.get("params", {}), **(scorer_params or {}))
-        self.mirror_axis = None
-        if self.postprocess_config.contralateral:
+        if self.postprocess_config.contralateral or self.params.get("contralateral"):
             try:
-                self.mirror_axis = midline_axis(self.grid)
+                midline_axis(self.grid)
             except ValueError as exc:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
@@ -115,7 +114,7 @@ class Detector:
 
     def filtered(self, anomaly_map: np.ndarray) -> np.ndarray:
         """The raw map cleaned in template space (contralateral subtraction, median filter), not yet clipped."""
-        contrasted = subtract_contralateral(anomaly_map, self.postprocess_config.contralateral, self.mirror_axis)
+        contrasted = contralateral_difference(anomaly_map, self.postprocess_config.contralateral, self.grid)
         return filter_map(contrasted, self.postprocess_config)
 
     def postprocess(self, out: ScoreOutput, mask: np.ndarray, notes: Sequence[str] = ()) -> GridScores:

@@ -21,23 +21,11 @@ class PostprocessConfig:
     min_lesion_ml: float = 0.05
     # Weight of the map's mirror image (across the template midline) subtracted from it before filtering; 0 = off.
     # Healthy anatomy the model scores badly on one side it mostly scores badly on the other too, while most lesions
-    # are one-sided; see subtract_contralateral.
+    # are one-sided; see core.template.contralateral_difference.
     contralateral: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def subtract_contralateral(anomaly_map: np.ndarray, weight: float, axis: int) -> np.ndarray:
-    """The map minus `weight` times its mirror image along `axis` (core.template.midline_axis).
-
-    A voxel then scores how much more anomalous it is than the same place in the other hemisphere. Measured on
-    brats18_dev T1 (grid AUPRC, pooled; weights 0.5 / 0.75 / 1.0): dpa 0.425 -> 0.485 / 0.489 / 0.481, cae 0.349 ->
-    0.419 / 0.424 / 0.409. What it costs: a lesion with a mirror twin (bilateral, symmetric) keeps only (1 - weight)
-    of its score, which is why the weight stays below 1."""
-    if weight == 0:
-        return anomaly_map
-    return anomaly_map - np.float32(weight) * np.flip(anomaly_map, axis=axis)
 
 
 def filter_map(anomaly_map: np.ndarray, config: PostprocessConfig) -> np.ndarray:

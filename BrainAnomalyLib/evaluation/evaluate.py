@@ -23,6 +23,7 @@ from ..detection.fusion import FusionDetector
 from ..detection.pipeline import Detector
 from ..detection.postprocess import CONNECTIVITY, findings
 from ..preprocess.chain import preprocess
+from ..store.cache import cached_preprocessed
 from ..core.progress import Reporter
 from .metrics import (HIT_RULE, average_precision, best_dice, detection_summary, finding_match, froc, pr_curve,
                       roc_auc, sweep_thresholds)
@@ -147,22 +148,26 @@ def _truth(case: Case, scan: sitk.Image) -> Optional[sitk.Image]:
 
 def evaluate(cases: Sequence[Case], detectors: Dict[str, Detector], reporter: Optional[Reporter] = None,
              skipped: Optional[List[str]] = None, thresholds: Optional[Dict[str, Threshold]] = None,
-             companions: Optional[Mapping[str, Mapping[str, Path]]] = None) -> Dict[str, dict]:
+             companions: Optional[Mapping[str, Mapping[str, Path]]] = None, cache: bool = False) -> Dict[str, dict]:
     """Metrics per scorer name. Cases with a mask are lesion scans; cases without are healthy scans.
 
     Each scorer is thresholded at `thresholds[name]` (as chosen by Detector.threshold) or its default. A fusion
     model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image); the
     case's own scan is its reference, the one whose grid and mask the metrics use.
     """
-    grouped = evaluate_groups(cases, detectors, lambda case: "all", reporter, skipped, thresholds, companions)
+    grouped = evaluate_groups(cases, detectors, lambda case: "all", reporter, skipped, thresholds, companions, cache)
     return {name: by_group["all"] for name, by_group in grouped.items()}
 
 
 def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group_of: Callable[[Case], Optional[str]],
                     reporter: Optional[Reporter] = None, skipped: Optional[List[str]] = None,
                     thresholds: Optional[Dict[str, Threshold]] = None,
-                    companions: Optional[Mapping[str, Mapping[str, Path]]] = None) -> Dict[str, Dict[str, dict]]:
-    """Metrics per scorer and per group of cases ({scorer: {group: metrics}}), each scan preprocessed once.
+                    companions: Optional[Mapping[str, Mapping[str, Path]]] = None,
+                    cache: bool = False) -> Dict[str, Dict[str, dict]]:
+    """Metrics per scorer and per group of cases ({scorer: {group: metrics}}), each scan preprocessed once, and
+    with `cache` (store/cache.py) once across runs: the preprocessing cache gives back exactly what preprocessing
+    gave, so a cached run scores the same (its seconds per volume then count the cache read, not preprocessing).
+    A fusion model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image).
 
     `group_of(case)` names a case's group; a case in group None counts in every group (healthy scans shared by
     several lesion sets).
@@ -186,8 +191,12 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
             scan = read_volume(case.image)
             truth_img = _truth(case, scan)
             t = time.perf_counter()
-            pre = preprocess(scan, first.preprocess_config, first.grid, first.device.startswith("cuda"),
-                             rep.sub(0.0, 0.8))
+            if cache:
+                pre = cached_preprocessed(case.image, scan, first.preprocess_config, first.grid,
+                                          use_gpu=first.device.startswith("cuda"), reporter=rep.sub(0.0, 0.8))
+            else:
+                pre = preprocess(scan, first.preprocess_config, first.grid, first.device.startswith("cuda"),
+                                 rep.sub(0.0, 0.8))
         except BadInputError as exc:
             skipped.append(f"{case.key}: {exc}")
             continue

@@ -160,3 +160,12 @@ def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
 
 def affine_to_dict(t: sitk.AffineTransform) -> dict:
     return {"matrix": list(t.GetMatrix()), "translation": list(t.GetTranslation()), "center": list(t.GetCenter())}
+
+
+def affine_from_dict(d: dict) -> sitk.AffineTransform:
+    """The transform affine_to_dict wrote (JSON keeps every double exactly)."""
+    t = sitk.AffineTransform(3)
+    t.SetCenter([float(v) for v in d["center"]])
+    t.SetMatrix([float(v) for v in d["matrix"]])
+    t.SetTranslation([float(v) for v in d["translation"]])
+    return t

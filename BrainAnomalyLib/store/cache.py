@@ -1,6 +1,9 @@
 """On-disk cache of preprocessed grid volumes, so training, calibration and evaluation preprocess a scan once, and
 the grid volumes of a list of manifest cases read through it.
 
+Evaluation also needs the way back to the scan's own grid: the brain mask there, which is kept beside the grid volume
+(`<key>.native.npz`) the first time a scan is evaluated, and the registration, which the preprocessing record holds.
+
 Lives outside the project (derived volumes are never committed); keyed by the file's content, the preprocessing
 settings and the grid, so a change to any of them misses the cache.
 """
@@ -20,7 +23,8 @@ from ..core.io import read_volume
 from ..core.errors import BadInputError
 from ..core.manifest import Case
 from ..core.files import atomic_path, folder_digest, sha256_file
-from ..preprocess.chain import PreprocessConfig, preprocess, standardise
+from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, standardise
+from ..preprocess.register import affine_from_dict
 from ..core.progress import Reporter
 from ..core.template import Grid
 
@@ -77,6 +81,37 @@ def cached_preprocessing(path, config: PreprocessConfig, grid: Grid, cache_dir: 
         np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
                             record=np.array(json.dumps(pre.record)))
     return pre.raw_image, pre.mask, pre.record
+
+
+def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cache_dir: Optional[Path] = None,
+                        use_gpu: bool = False, reporter: Optional[Reporter] = None) -> Preprocessed:
+    """What `preprocess` returns for the scan at `path` (already read as `native`), from the cache when the scan has
+    been through it with its native brain mask; otherwise preprocessed here and cached for the next run."""
+    path = Path(path)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(path, config, grid)
+    grid_file, native_file = cache_dir / f"{key}.npz", cache_dir / f"{key}.native.npz"
+    if grid_file.is_file() and native_file.is_file():
+        raw, mask, record = cached_preprocessing(path, config, grid, cache_dir)
+        with np.load(native_file) as data:
+            native_mask = data["mask"].astype(bool)
+        if record is not None and native_mask.shape == tuple(reversed(native.GetSize())):
+            steps = {s["step"]: s for s in record}
+            image = standardise(raw, mask, config, grid)[0]
+            contrast = {k: v for k, v in steps["contrast"].items() if k not in ("step", "applied", "seconds")}
+            return Preprocessed(image, mask, native_mask, affine_from_dict(steps["register"]["transform"]), grid,
+                                record, raw_image=raw, contrast=contrast, notes=list(steps["sanity"].get("notes", [])))
+    plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
+    pre = preprocess(native, plain, grid, use_gpu, reporter or Reporter())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not grid_file.is_file():
+        with atomic_path(grid_file) as tmp:
+            np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
+                                record=np.array(json.dumps(pre.record)))
+    with atomic_path(native_file) as tmp:
+        np.savez_compressed(tmp, mask=pre.native_mask.astype(np.uint8))
+    pre.image = standardise(pre.raw_image, pre.mask, config, grid)[0]
+    return pre
 
 
 def cases_on_grid(cases: Sequence[Case], config: PreprocessConfig, grid: Grid, reporter: Reporter,

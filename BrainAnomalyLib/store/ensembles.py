@@ -10,8 +10,16 @@ from ..core.manifest import normalise_modality
 from .models import COMPOSITE_KINDS, installed_id, user_models_dir
 
 
-def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> dict:
-    """The params of an ensemble of calibrated, installed models of one modality and grid."""
+def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = "mean",
+                   contralateral: float = 0.0) -> dict:
+    """The params of an ensemble of calibrated, installed models of one modality and grid (scorers/ensemble.py
+    says what `rule` and `contralateral` do)."""
+    from ..scorers.ensemble import RULES
+
+    if rule not in RULES:
+        raise ValueError(f"unknown ensemble rule {rule!r}; choose from {', '.join(RULES)}")
+    if not 0.0 <= contralateral < 1.0:
+        raise ValueError(f"contralateral weight {contralateral} is outside [0, 1)")
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two models")
     modalities = {m.modality for m in models}
@@ -38,7 +46,12 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = ()) -> dict:
             raise ValueError(f"model {m.path} is not installed; an ensemble names its members by id, so install it "
                              f"first (brainanomaly models import {m.path}, into {user_models_dir()})")
         members.append({"id": member_id, "sha256": folder_digest(m.path), "scale": scale})
-    return {"members": members, "weights": [float(w) for w in weights] or None}
+    out = {"members": members, "weights": [float(w) for w in weights] or None}
+    if rule != "mean":
+        out["rule"] = rule
+    if contralateral:
+        out["contralateral"] = float(contralateral)
+    return out
 
 
 def build_fusion(members: Sequence[Tuple[str, object]], weights: Sequence[float] = (), scale: str = "scan",

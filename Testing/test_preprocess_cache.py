@@ -1,0 +1,47 @@
+"""Evaluation's preprocessing cache gives back what preprocessing gave, registration and native brain mask included,
+so a run over the same scans again skips preprocessing without changing a number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainAnomalyLib.core.template import Grid
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig, standardise
+from BrainAnomalyLib.store import cache as cache_module
+from BrainAnomalyLib.store.cache import cached_preprocessed
+
+
+def _coarse(scan: sitk.Image, mm: float = 3.0) -> sitk.Image:
+    size = [int(n * s / mm) for n, s in zip(scan.GetSize(), scan.GetSpacing())]
+    return sitk.Resample(scan, size, sitk.Transform(), sitk.sitkLinear, scan.GetOrigin(), [mm] * 3,
+                         scan.GetDirection())
+
+
+def test_a_cached_scan_comes_back_as_preprocessing_made_it(tmp_path, demo_case, monkeypatch):
+    scan = _coarse(demo_case[0])
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(scan, str(path))
+    config, grid = PreprocessConfig(normalisation="tissue-peaks"), Grid()
+    first = cached_preprocessed(path, scan, config, grid, tmp_path / "cache")
+    assert sorted(p.name.endswith(".native.npz") for p in (tmp_path / "cache").iterdir()) == [False, True]
+    np.testing.assert_array_equal(first.image, standardise(first.raw_image, first.mask, config, grid)[0])
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("the cached scan was preprocessed again")
+
+    monkeypatch.setattr(cache_module, "preprocess", no_preprocessing)
+    again = cached_preprocessed(path, scan, config, grid, tmp_path / "cache")
+    np.testing.assert_array_equal(again.image, first.image)
+    np.testing.assert_array_equal(again.mask, first.mask)
+    np.testing.assert_array_equal(again.native_mask, first.native_mask)
+    assert again.native_mask.any() and again.native_mask.shape == first.native_mask.shape
+    assert again.transform.GetParameters() == first.transform.GetParameters()
+    assert again.transform.GetFixedParameters() == first.transform.GetFixedParameters()
+    assert again.contrast == first.contrast and again.notes == first.notes
+
+    # Another scan of another size under the same key (a file rewritten in place) is not given the old mask.
+    other = _coarse(demo_case[0], 4.0)
+    with pytest.raises(AssertionError, match="preprocessed again"):
+        cached_preprocessed(path, other, config, grid, tmp_path / "cache")
