@@ -90,7 +90,7 @@ def read_request(argv: Optional[List[str]]) -> DetectionRequest:
         request = DetectionRequest.from_json(args.request)
     else:
         request = DetectionRequest.from_args(args)
-    if not request.input or not request.output:
+    if not (request.input or request.inputs) or not request.output:
         raise BadInputError("the request needs an input volume and an output folder")
     return request
 
@@ -108,7 +108,7 @@ def detect(request: DetectionRequest, channel: Channel, cancel) -> Path:
     result, scan = det.run_request(request, reporter.sub(0.0, 0.97))
     for note in result.notes:
         channel.send("log", message=note)
-    return write_result(result, scan, request.output, request.output_format, Path(request.input).name,
+    return write_result(result, scan, request.output, request.output_format, request.input_name(),
                         reporter.sub(0.97, 1.0), overwrite=request.overwrite)
 
 

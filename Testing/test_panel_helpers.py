@@ -134,6 +134,15 @@ def test_model_texts():
     assert "Import" in panel.model_details(None)
 
 
+def test_a_fusion_model_asks_for_its_other_contrasts():
+    fusion = {"id": "f", "kind": "fusion", "modality": "T1", "inputs": ["T1", "T2", "FLAIR"], "size_bytes": 9000,
+              "source": "shipped"}
+    assert panel.other_contrasts(fusion) == ["T2", "FLAIR"]
+    assert panel.other_contrasts(SHIPPED) == [] and panel.other_contrasts(None) == []
+    assert "contrasts T1 + T2 + FLAIR" in panel.model_details(fusion)
+    assert panel.guess_modality(fusion) == "T1"  # the input volume's contrast
+
+
 def test_guess_modality():
     assert panel.guess_modality(SHIPPED) == "T1"
     assert panel.guess_modality(USER) == "FLAIR"

@@ -49,7 +49,7 @@ def main() -> int:
             else {"default": model.name, "models": []})
     meta = model.meta
     entry = {"id": model.name, "path": model.name, "kind": meta["kind"], "version": meta.get("version", "1.0.0"),
-             "modality": meta["modality"], "inputs": [meta["modality"]],
+             "modality": meta["modality"], "inputs": list(meta.get("inputs") or [meta["modality"]]),
              "description": meta.get("description", ""),
              "size_bytes": sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()),
              "sha256": folder_digest(dest),

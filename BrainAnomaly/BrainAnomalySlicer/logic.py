@@ -60,13 +60,18 @@ class DetectionOptions:
     reuse_outputs: bool = True
     calibration: str = "adaptive"
 
-    def request(self, input_path: Path, output_dir: Path):
+    def request(self, input_path: Path, output_dir: Path, others: Optional[Dict[str, Path]] = None):
         """The worker's DetectionRequest for these options, built and checked by BrainAnomalyLib (the one place
-        every front end builds one; a flat dict, as a parameter node gives it)."""
+        every front end builds one; a flat dict, as a parameter node gives it). `others` are a fusion model's
+        other contrasts (modality -> exported file); the input is then the contrast `modality` names."""
         from BrainAnomalyLib.detection.request import DetectionRequest
 
+        inputs = None
+        if others:
+            inputs = dict({self.modality: str(input_path)}, **{m: str(p) for m, p in others.items()})
         return DetectionRequest.from_dict({
-            "input": str(input_path), "output": str(output_dir), "model": self.model, "modality": self.modality,
+            "input": None if others else str(input_path), "inputs": inputs, "output": str(output_dir),
+            "model": self.model, "modality": None if others else self.modality,
             "device": self.device, "skull_strip": self.skull_strip, "bias_correction": self.bias_correction,
             "registration": self.registration, "fpr": self.fpr, "false_findings": self.false_findings,
             "calibration": self.calibration,
@@ -105,8 +110,10 @@ class DetectionRun:
     panel shows by then."""
 
     def __init__(self, input_node, options: DetectionOptions, python: Optional[str] = None,
-                 on_event: Optional[EventFn] = None, process_factory: Optional[ProcessFactory] = None) -> None:
+                 on_event: Optional[EventFn] = None, process_factory: Optional[ProcessFactory] = None,
+                 others: Optional[Dict[str, object]] = None) -> None:
         self.input_node = input_node
+        self.others = dict(others or {})  # a fusion model's other contrasts: modality -> volume node
         self.options = DetectionOptions(**asdict(options))
         self.python = python or python_executable()
         self.on_event = on_event or (lambda e: None)
@@ -122,7 +129,11 @@ class DetectionRun:
         try:
             input_path = self.workdir / "input.nrrd"
             sitk.WriteImage(nodes.node_to_image(self.input_node), str(input_path), True)
-            self.process = self.process_factory(self.command(input_path), worker_environment(),
+            others = {}
+            for modality, node in self.others.items():
+                others[modality] = self.workdir / f"input-{modality}.nrrd"
+                sitk.WriteImage(nodes.node_to_image(node), str(others[modality]), True)
+            self.process = self.process_factory(self.command(input_path, others), worker_environment(),
                                                 str(self.workdir)).start()
         except Exception:
             self.cleanup()
@@ -131,10 +142,10 @@ class DetectionRun:
         self.on_event({"event": "started", "device": self.options.device})
         return self
 
-    def command(self, input_path: Path) -> List[str]:
+    def command(self, input_path: Path, others: Optional[Dict[str, Path]] = None) -> List[str]:
         """The worker reads the run's request as JSON (written beside the exported input)."""
         request = self.workdir / "request.json"
-        self.options.request(input_path, self.output_dir).to_json(request)
+        self.options.request(input_path, self.output_dir, others).to_json(request)
         return [self.python, "-m", "BrainAnomalyLib.worker", "--request", str(request)]
 
     def poll(self) -> bool:
@@ -261,10 +272,23 @@ class DetectionLogic:
         self.process_factory = process_factory
 
     # -- running --
-    def start(self, input_node, options: DetectionOptions, on_event: Optional[EventFn] = None) -> DetectionRun:
+    def start(self, input_node, options: DetectionOptions, on_event: Optional[EventFn] = None,
+              others: Optional[Dict[str, object]] = None) -> DetectionRun:
+        """Start a detection on `input_node`; with `others` (a fusion model's other contrasts of the same session,
+        modality -> volume node), `options.modality` names the input's contrast, which must be the one the fusion
+        registers first (T1 when given), as the results go with it."""
         if input_node is None:
             raise DetectionError("select an input volume", kind="BadInputError")
-        return DetectionRun(input_node, options, self.python, on_event, self.process_factory).start()
+        if others:
+            from BrainAnomalyLib.detection.fusion import reference_contrast
+
+            if not options.modality:
+                raise DetectionError("say which contrast the input volume is", kind="BadInputError")
+            reference = reference_contrast([options.modality, *others])
+            if reference != options.modality:
+                raise DetectionError(f"select the {reference} volume as the input: the fusion "
+                                     "registers it first and the results go with it", kind="BadInputError")
+        return DetectionRun(input_node, options, self.python, on_event, self.process_factory, others).start()
 
     def finish(self, run: DetectionRun) -> nodes.OutputNodes:
         """Bring a finished run's outputs into the scene, beside the run's own input (then remove its temporary
@@ -276,9 +300,10 @@ class DetectionLogic:
             run.cleanup()
 
     def detect(self, input_node, options: DetectionOptions, on_event: Optional[EventFn] = None,
-               cancel_requested: Optional[Callable[[], bool]] = None) -> nodes.OutputNodes:
-        """Blocking detection (headless use, batch, tests)."""
-        run = self.start(input_node, options, on_event)
+               cancel_requested: Optional[Callable[[], bool]] = None,
+               others: Optional[Dict[str, object]] = None) -> nodes.OutputNodes:
+        """Blocking detection (headless use, batch, tests); `others` as for `start`."""
+        run = self.start(input_node, options, on_event, others)
         try:
             run.wait(cancel_requested)
         except BaseException:
@@ -320,7 +345,8 @@ class DetectionLogic:
                      # What the worker's table was made with (it was sent options.min_lesion_ml).
                      "min_lesion_ml": float(summary.get("min_lesion_ml", options.min_lesion_ml)),
                      "per_lesion": bool(options.per_lesion_segments), "model": summary.get("model"),
-                     "modality": summary.get("modality"), "pred_score": summary.get("pred_score"),
+                     "modality": summary.get("modality"), "input": summary.get("input"),
+                     "pred_score": summary.get("pred_score"),
                      "device": summary.get("device"), "timings": summary.get("timings"),
                      "notes": summary.get("notes", [])}
             outputs.heatmap.SetAttribute(nodes.CALIBRATION_ATTRIBUTE, json.dumps(state))

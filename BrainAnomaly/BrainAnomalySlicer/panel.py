@@ -117,6 +117,14 @@ def guess_modality(entry: Optional[dict]) -> str:
     return str(entry.get("modality") or (inputs[0] if inputs else "") or "")
 
 
+def other_contrasts(entry: Optional[dict]) -> List[str]:
+    """A fusion model's contrasts besides the input volume's (its first, the one the results go with): one volume
+    selector each; [] for a model of one contrast."""
+    if not entry or entry.get("kind") != "fusion":
+        return []
+    return [str(m) for m in (entry.get("inputs") or [])[1:]]
+
+
 def model_item_text(entry: dict, default_id: Optional[str] = None) -> str:
     """Text of a model in the selector: 'normative-t1-ixi (T1, default)'."""
     tags = [t for t in (guess_modality(entry), "default" if entry.get("id") == default_id else "",
@@ -128,7 +136,8 @@ def model_details(entry: Optional[dict]) -> str:
     """Description, modality and size of a model, for the label under the selector."""
     if not entry:
         return "No model found. Import one with 'Import model…'."
-    facts = [f"modality {guess_modality(entry) or '?'}"]
+    inputs = entry.get("inputs") or []
+    facts = [f"contrasts {' + '.join(inputs)}" if len(inputs) > 1 else f"modality {guess_modality(entry) or '?'}"]
     if entry.get("kind"):
         facts.append(f"{entry['kind']} scorer")
     facts.append(format_size(entry.get("size_bytes")))

@@ -110,6 +110,7 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
 
+        self._otherSelectors = {}  # a fusion model's other contrasts: modality -> (label, volume selector)
         self._refreshModels()
         self.initializeParameterNode()
         self._hideOutputsFromInput()
@@ -223,6 +224,32 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self._parameterNode.model = entry["id"] if entry else ""
         if panel.guess_modality(entry):
             self.ui.modalitySelector.setCurrentText(panel.guess_modality(entry))  # guessed; the user may edit it
+        self._showOtherSelectors(panel.other_contrasts(entry))
+
+    def _showOtherSelectors(self, modalities):
+        """One volume selector per other contrast of a fusion model, under the input volume's."""
+        layout = self.ui.inputsCollapsibleButton.layout()
+        for modality in list(self._otherSelectors):
+            if modality not in modalities:
+                label, selector = self._otherSelectors.pop(modality)
+                layout.removeWidget(label)
+                layout.removeWidget(selector)
+                label.deleteLater()
+                selector.deleteLater()
+        for n, modality in enumerate(modalities):
+            if modality in self._otherSelectors:
+                continue
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.noneEnabled = True
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.setCurrentNode(None)
+            selector.toolTip = f"The {modality} volume of the same session (optional where the model says so)"
+            label = qt.QLabel(f"{modality} volume:")
+            layout.insertRow(1 + n, label, selector)
+            self._otherSelectors[modality] = (label, selector)
 
     def onModalityChanged(self, text):
         if not self._syncing and self._parameterNode is not None:
@@ -338,7 +365,8 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self._log(f"Detecting anomalies in '{inputVolume.GetName() if inputVolume else None}' with "
                   f"{options.model or 'the default model'} (device {options.device})")
         try:
-            self._run = self.logic.start(inputVolume, options, on_event=self._onEvent)
+            others = {m: sel.currentNode() for m, (_, sel) in self._otherSelectors.items() if sel.currentNode()}
+            self._run = self.logic.start(inputVolume, options, on_event=self._onEvent, others=others or None)
         except Exception as exc:
             self._run = None
             self._failed(f"The detection could not start: {exc}")

@@ -115,7 +115,11 @@ def run(args, cancel: CancelToken) -> int:
     if modality != model.modality:
         print(f"note: calibrating a {model.modality} model on {modality} rows, as asked", file=sys.stderr)
     other_rows = []
-    rows = read_manifest(args.manifest, modality, other_rows)
+    if model.kind == "fusion":
+        # a fusion calibrates on sessions: each subject's rows of its contrasts together (training.run.calibrate)
+        rows = read_manifest(args.manifest)
+    else:
+        rows = read_manifest(args.manifest, modality, other_rows)
     if other_rows:
         print(skipped_rows(other_rows, len(rows) + len(other_rows), f"calibrating on {modality}"), file=sys.stderr)
     healthy = [c for c in rows if c.mask is None]
@@ -128,8 +132,11 @@ def run(args, cancel: CancelToken) -> int:
         raise BadInputError(f"{args.manifest}: no healthy {modality} rows (rows with an empty mask column)"
                             + (f" in the {split_name} split" if split_name != "all" else ""))
     allow_few = getattr(args, "allow_few_scans", False)
-    check_calibration_scans(len(healthy), allow_few, f"healthy {modality} scan(s) to calibrate on"
-                            + (f" in the {split_name} split" if split_name != "all" else ""))
+    if model.kind == "fusion" and args.labelled:
+        raise BadInputError("--labelled is not available for a fusion model yet; calibrate it on healthy sessions")
+    if model.kind != "fusion":  # a fusion counts sessions, not rows (training.run.calibrate)
+        check_calibration_scans(len(healthy), allow_few, f"healthy {modality} scan(s) to calibrate on"
+                                + (f" in the {split_name} split" if split_name != "all" else ""))
     lesion_cases = []
     if args.labelled:
         lesion_cases = [c for c in read_manifest(args.labelled, modality) if c.mask is not None]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 import sys
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 from ..core.errors import BadInputError, BrainAnomalyError, Cancelled
+from ..core.manifest import normalise_modality
 from ..core.progress import CancelToken, Reporter
 from ..detection.request import DetectionRequest, add_options
 from .progress_bar import ProgressBar
@@ -18,8 +21,11 @@ SUMMARY_COLUMNS = ("subject", "modality", "status", "n_lesions", "anomalous_volu
 
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="detect anomalies in a scan or a manifest of scans")
-    p.add_argument("input", nargs="?", help="volume file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
-    p.add_argument("--manifest", help="CSV with subject,modality,image,mask: run every row")
+    p.add_argument("input", nargs="*", help="volume file (NIfTI, NRRD, MHA, ...) or DICOM series folder; for a "
+                                            "fusion model (several contrasts of one session), one MODALITY=path "
+                                            "per contrast, e.g. T1=t1.nii.gz T2=t2.nii.gz FLAIR=flair.nii.gz")
+    p.add_argument("--manifest", help="CSV with subject,modality,image,mask: run every row (for a fusion model, "
+                                      "each subject's rows of the model's contrasts together)")
     add_options(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder: new or empty (an earlier result there needs --overwrite; a folder holding "
@@ -33,7 +39,7 @@ def detect_one(det, request: DetectionRequest, reporter: Reporter) -> dict:
     from ..detection.writers import write_result
 
     result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
-    write_result(result, scan, request.output, request.output_format, Path(request.input).name,
+    write_result(result, scan, request.output, request.output_format, request.input_name(),
                  reporter.sub(0.95, 1.0), overwrite=request.overwrite)
     return result.summary()
 
@@ -44,6 +50,7 @@ def run(args, cancel: CancelToken) -> int:
 
     if bool(args.input) == bool(args.manifest):
         raise BadInputError("give either an input volume or --manifest CSV (not both)")
+    args.input, args.inputs = parse_inputs(args.input)
     request = DetectionRequest.from_args(args)
     out = Path(args.output)
     check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
@@ -51,7 +58,7 @@ def run(args, cancel: CancelToken) -> int:
     few = (det.model.meta.get("calibration") or {}).get("few_scans")
     if few:
         print(f"note: model {det.model.name}: {few['note']}", file=sys.stderr)
-    if args.input:
+    if not args.manifest:
         bar = ProgressBar(args.quiet, "detect")
         try:
             s = detect_one(det, request, Reporter(bar, cancel))
@@ -59,7 +66,75 @@ def run(args, cancel: CancelToken) -> int:
             bar.close()
         print_summary(s, out)
         return 0
+    if det.model.kind == "fusion":
+        return _run_fused_manifest(det, request, args.manifest, out, args.quiet, cancel)
     return _run_manifest(det, request, args.manifest, out, args.quiet, cancel)
+
+
+_NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9]*)=(.+)$")
+
+
+def parse_inputs(items) -> Tuple[Optional[str], Optional[Dict[str, str]]]:
+    """detect's positional inputs as (one volume, None) or (None, modality -> volume) for MODALITY=path items."""
+    items = list(items or [])
+    if not items:
+        return None, None
+    if len(items) == 1 and (Path(items[0]).exists() or not _NAMED.match(items[0])):
+        return items[0], None
+    named = [_NAMED.match(x) for x in items]
+    if not all(named):
+        raise BadInputError("with several inputs, name each one's contrast: MODALITY=path, e.g. T1=t1.nii.gz "
+                            "FLAIR=flair.nii.gz")
+    inputs: Dict[str, str] = {}
+    for m in named:
+        key = normalise_modality(m.group(1))
+        if key in inputs:
+            raise BadInputError(f"{key} is given twice")
+        inputs[key] = m.group(2)
+    return None, inputs
+
+
+def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool,
+                        cancel: CancelToken) -> int:
+    """A fusion model on a manifest: each subject's rows of the model's contrasts are one case, written into
+    OUT/<subject>/; rows of other contrasts are left out (and said so), a subject that fails is reported and the
+    run goes on."""
+    from ..core.manifest import group_by_subject, read_manifest, skipped_rows
+    from ..detection.writers import SUMMARY, output_root
+
+    skipped: list = []
+    subjects = group_by_subject(read_manifest(manifest), det.modalities, skipped)
+    why = f"model {det.model.name} fuses {', '.join(det.modalities)}"
+    if skipped:
+        print(skipped_rows(skipped, sum(len(v) for v in subjects.values()) + len(skipped), why))
+    label = det.label(det.modalities)
+    rows, failures = [], []
+    with output_root(out, request.overwrite, cases=True) as root:
+        bar = ProgressBar(quiet, "cohort")
+        try:
+            for i, (subject, cases) in enumerate(subjects.items()):
+                rep = Reporter(bar, cancel).sub(i / len(subjects), (i + 1) / len(subjects))
+                given = {c.modality: str(c.image) for c in cases}
+                try:
+                    one = dataclasses.replace(request, input=None, inputs=given, output=str(root / subject),
+                                              modality=None, overwrite=False)
+                    s = detect_one(det, one, rep)
+                    rows.append([subject, s["modality"], "ok", s["n_lesions"], s["anomalous_volume_ml"],
+                                 s["pred_score"], ""])
+                except Cancelled:
+                    raise
+                except BrainAnomalyError as exc:
+                    failures.append(f"{subject}: {exc}")
+                    rows.append([subject, "+".join(given), "failed", "", "", "", str(exc)])
+        finally:
+            bar.close()
+            if rows:
+                _write_summary(root / SUMMARY, rows)
+    print(f"{len(subjects) - len(failures)} of {len(subjects)} subjects done ({label}); outputs in "
+          f"{out}/<subject>/, overview in {out / SUMMARY}")
+    for f in failures:
+        print(f"failed: {f}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken) -> int:

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 def run(args, cancel: CancelToken) -> int:
     from ..evaluation.evaluate import evaluate
     from ..evaluation.report import markdown_table, write_report
-    from ..core.manifest import read_manifest, skipped_rows
+    from ..core.manifest import normalise_modality, read_manifest, skipped_rows
     from ..store.models import resolve_model
     from ..detection.pipeline import Detector
 
@@ -47,27 +47,39 @@ def run(args, cancel: CancelToken) -> int:
             # Results are keyed by model name: a second folder of the same name would silently replace the first.
             raise BadInputError(f"two of the models are named {model.name!r}; give one another name (the 'name' in "
                                 "its model.json, or train it with --name) to compare them")
-        detectors[model.name] = Detector(model, device=args.device, calibration=args.calibration)
+        detectors[model.name] = Detector.for_model(model, device=args.device, calibration=args.calibration)
         thresholds[model.name] = detectors[model.name].threshold(args.threshold, args.fpr, args.false_findings)
     modalities = {d.model.modality for d in detectors.values()}
     if len(modalities) > 1:
         raise BadInputError(f"models of different modalities ({', '.join(sorted(modalities))}) cannot be "
                             "evaluated on the same scans")
-    modality = args.modality or modalities.pop()
+    model_modality = modalities.pop()
+    modality = args.modality or model_modality
+    fusions = [d for d in detectors.values() if d.model.kind == "fusion"]
+    if fusions and normalise_modality(modality) != model_modality:
+        raise BadInputError(f"a fusion model is evaluated on the rows of its reference contrast, {model_modality}")
     for det in detectors.values():
-        det.check_modality(modality)
+        if det not in fusions:
+            det.check_modality(modality)
     why = f"--modality {args.modality} was asked for" if args.modality else f"the models are for {modality}"
     cases = []
     for i, manifest in enumerate([args.manifest] + ([args.healthy] if args.healthy else [])):
         other = []
         rows = read_manifest(manifest, modality, other)
-        if other:
+        if other and not fusions:  # a fusion model's other contrasts come in as the subjects' companions
             print(f"{Path(manifest).name}: {skipped_rows(other, len(rows) + len(other), why)}", file=sys.stderr)
         cases += rows if i == 0 else [c for c in rows if c.mask is None]  # --healthy: its healthy rows
+    companions = None
+    if fusions:
+        # each lesion case's other contrasts: the manifest's rows of the same subject
+        companions = {}
+        for c in read_manifest(args.manifest) + (read_manifest(args.healthy) if args.healthy else []):
+            companions.setdefault(c.subject, {})[c.modality] = c.image
     bar = ProgressBar(args.quiet, "evaluate")
     skipped: List[str] = []
     try:
-        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds, cache=not args.no_cache)
+        results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds, companions,
+                           cache=not args.no_cache)
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     finally:

@@ -53,7 +53,10 @@ def run(args, cancel: CancelToken) -> int:
         return 0
     for r in rows:
         mark = "*" if r["id"] == default else " "
-        print(f"{mark} {r['id']:<22} {r.get('kind') or '?':<10} {r.get('modality') or '?':<6} {r['source']:<8} "
+        inputs = r.get("inputs") or []
+        # a model of several contrasts shows them all (T1+T2+FLAIR), as its results name them
+        modality = "+".join(inputs) if len(inputs) > 1 else r.get("modality") or "?"
+        print(f"{mark} {r['id']:<22} {r.get('kind') or '?':<10} {modality:<6} {r['source']:<8} "
               f"{r.get('description', '')}")
     print("* default model")
     return 0

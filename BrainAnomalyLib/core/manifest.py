@@ -83,3 +83,22 @@ def _relative(p: Path, base: Path) -> str:
 def normalise_modality(name: str) -> str:
     m = name.strip().upper().replace("-", "").replace("_", "")
     return {"T1W": "T1", "T1C": "T1CE", "T1GD": "T1CE", "T2W": "T2", "T2FLAIR": "FLAIR"}.get(m, m)
+
+
+def group_by_subject(cases: List[Case], modalities, skipped: Optional[List[Case]] = None) -> dict:
+    """The rows of `modalities` per subject (subject -> cases, in manifest order), for models that take several
+    contrasts of one subject together; rows of other contrasts go to `skipped` when it is given. A subject with
+    two rows of one contrast is refused."""
+    wanted = {normalise_modality(m) for m in modalities}
+    out: dict = {}
+    for c in cases:
+        if c.modality not in wanted:
+            if skipped is not None:
+                skipped.append(c)
+            continue
+        if any(o.modality == c.modality for o in out.get(c.subject, [])):
+            raise BadInputError(f"more than one {c.modality} row for subject {c.subject}")
+        out.setdefault(c.subject, []).append(c)
+    if not out:
+        raise BadInputError(f"no rows of {', '.join(sorted(wanted))}")
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,9 +24,14 @@ from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_na
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
-from ..scorers import scorer_class
+from ..scorers import ScoreOutput, scorer_class
 from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
+
+
+# Detectors for model kinds that take more than one scan, by kind; the modules defining them add them (the package
+# imports them all, so the table is complete once any detection module is imported).
+DETECTORS: dict = {}
 
 
 @dataclass
@@ -73,10 +78,16 @@ class Detector:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
 
+    @staticmethod
+    def for_model(model: Model, **options) -> "Detector":
+        """The detector of `model`'s kind (a fusion of contrasts has its own, detection/fusion.py; the others this
+        one-scan Detector); `options` are Detector's."""
+        return DETECTORS.get(model.kind, Detector)(model, **options)
+
     @classmethod
     def from_request(cls, request: DetectionRequest, model: Optional[Model] = None) -> "Detector":
         model = model or resolve_model(request.model)
-        return cls(model, device=request.device, preprocess_config=request.preprocess_config(model.meta),
+        return cls.for_model(model, device=request.device, preprocess_config=request.preprocess_config(model.meta),
                    postprocess_config=request.postprocess_config(model.meta), scorer_params=request.scorer_params(),
                    calibration=request.threshold.calibration)
 
@@ -99,11 +110,18 @@ class Detector:
     def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
         """Score a preprocessed grid volume and post-process the map."""
         out, notes = self._score(image, mask, reporter or Reporter())
-        contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
-        filtered = filter_map(contrasted, self.postprocess_config)
+        return self.postprocess(out, mask, notes)
+
+    def filtered(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """The raw map cleaned in template space (contralateral subtraction, median filter), not yet clipped."""
+        contrasted = contralateral_difference(anomaly_map, self.postprocess_config.contralateral, self.grid)
+        return filter_map(contrasted, self.postprocess_config)
+
+    def postprocess(self, out: ScoreOutput, mask: np.ndarray, notes: Sequence[str] = ()) -> GridScores:
+        filtered = self.filtered(out.anomaly_map)
         eroded = erode_mask(mask, self.postprocess_config)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
-                          robust_stats(filtered[eroded]), notes)
+                          robust_stats(filtered[eroded]), list(notes))
 
     def _score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
         """The scorer's output, under the out-of-memory policy: only this step is retried (the preprocessed volume
@@ -159,17 +177,7 @@ class Detector:
         reporter = reporter or Reporter()
         t = time.perf_counter()
         if pre is None:
-            try:
-                pre = preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"),
-                                 reporter.sub(0.0, 0.8))
-            except BrainAnomalyError:
-                raise
-            except Exception as exc:
-                if not _out_of_memory(exc):
-                    raise
-                raise OutOfMemoryError(f"out of memory on {self.device} while preprocessing; "
-                                       + ("run with --device cpu" if self.device != "cpu" else
-                                          "close other programs or use a machine with more memory")) from None
+            pre = self.preprocess_scan(native, reporter.sub(0.0, 0.8))
             # contrast check (preprocess.contrast): refuses a scan of another contrast before it is scored
             pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
@@ -178,9 +186,25 @@ class Detector:
         seconds["score+postprocess"] = time.perf_counter() - t
         return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
 
+    def preprocess_scan(self, native: sitk.Image, reporter: Reporter) -> Preprocessed:
+        """The model's preprocessing of a scan, running out of memory reported as such."""
+        try:
+            return preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"), reporter)
+        except BrainAnomalyError:
+            raise
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise OutOfMemoryError(f"out of memory on {self.device} while preprocessing; "
+                                   + ("run with --device cpu" if self.device != "cpu" else
+                                      "close other programs or use a machine with more memory")) from None
+
     def run_request(self, request: DetectionRequest, reporter: Optional[Reporter] = None) -> Tuple[Result, sitk.Image]:
         """Read the request's input and detect on it; returns the result and the scan read."""
         reporter = reporter or Reporter()
+        if request.inputs:
+            raise BadInputError(f"model {self.model.name} takes one {self.model.modality} scan; several contrasts "
+                                "of one subject need a fusion model (see 'brainanomaly models')")
         self.check_modality(request.modality)
         t = request.threshold
         self.threshold(t.value, t.fpr, t.false_findings)  # a bad threshold fails before the reading

@@ -8,7 +8,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..calibration.findings import DEFAULT_FALSE_FINDINGS, FALSE_FINDINGS_RANGE, check_false_findings
 from ..core.errors import BadInputError
@@ -71,6 +71,8 @@ class PostprocessOptions:
 @dataclass
 class DetectionRequest:
     input: Optional[str] = None  # volume file or DICOM folder
+    # A fusion model's contrasts of one session instead: modality -> volume file or DICOM folder.
+    inputs: Optional[Dict[str, str]] = None
     output: Optional[str] = None  # output folder
     model: Optional[str] = None  # registry id or model folder; None: the shipped default
     modality: Optional[str] = None  # None: the model's
@@ -114,7 +116,7 @@ class DetectionRequest:
         """From the options `add_options` declared (and `input`/`output` where the front end has them)."""
         a = vars(args)
         return cls.from_dict({
-            "input": a.get("input"), "output": a.get("output"), "model": a.get("model"),
+            "input": a.get("input"), "inputs": a.get("inputs"), "output": a.get("output"), "model": a.get("model"),
             "modality": a.get("modality"), "device": a.get("device") or "auto",
             "preprocessing": asdict(PreprocessOptions.from_args(args)),
             "threshold": {"value": a.get("threshold"), "fpr": a.get("fpr"),
@@ -140,10 +142,22 @@ class DetectionRequest:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def input_name(self) -> str:
+        """What the result names as its input: the file name, or each contrast's as MODALITY=name."""
+        if self.inputs:
+            return " ".join(f"{m}={Path(p).name}" for m, p in self.inputs.items())
+        return Path(self.input).name if self.input else ""
+
     def to_json(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def _check(self) -> None:
+        if self.inputs is not None:
+            if self.input is not None:
+                raise BadInputError("give one input volume or several contrasts (MODALITY=path), not both")
+            if not isinstance(self.inputs, Mapping) or not self.inputs or not all(
+                    isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.inputs.items()):
+                raise BadInputError("inputs: expected modality -> volume path, e.g. {\"T1\": \"t1.nii.gz\"}")
         t = self.threshold
         if sum(v is not None for v in (t.value, t.fpr, t.false_findings)) > 1:
             raise BadInputError("give only one of a raw threshold, a healthy FPR and a number of false findings")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 import tracemalloc
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,6 +19,7 @@ from ..calibration import CalibrationCurve, Threshold
 from ..core.errors import BadInputError
 from ..core.io import read_volume
 from ..core.manifest import Case
+from ..detection.fusion import FusionDetector
 from ..detection.pipeline import Detector
 from ..detection.postprocess import CONNECTIVITY, findings
 from ..preprocess.chain import preprocess
@@ -146,22 +148,26 @@ def _truth(case: Case, scan: sitk.Image) -> Optional[sitk.Image]:
 
 def evaluate(cases: Sequence[Case], detectors: Dict[str, Detector], reporter: Optional[Reporter] = None,
              skipped: Optional[List[str]] = None, thresholds: Optional[Dict[str, Threshold]] = None,
-             cache: bool = False) -> Dict[str, dict]:
+             companions: Optional[Mapping[str, Mapping[str, Path]]] = None, cache: bool = False) -> Dict[str, dict]:
     """Metrics per scorer name. Cases with a mask are lesion scans; cases without are healthy scans.
 
-    Each scorer is thresholded at `thresholds[name]` (as chosen by Detector.threshold) or its default.
+    Each scorer is thresholded at `thresholds[name]` (as chosen by Detector.threshold) or its default. A fusion
+    model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image); the
+    case's own scan is its reference, the one whose grid and mask the metrics use.
     """
-    grouped = evaluate_groups(cases, detectors, lambda case: "all", reporter, skipped, thresholds, cache)
+    grouped = evaluate_groups(cases, detectors, lambda case: "all", reporter, skipped, thresholds, companions, cache)
     return {name: by_group["all"] for name, by_group in grouped.items()}
 
 
 def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group_of: Callable[[Case], Optional[str]],
                     reporter: Optional[Reporter] = None, skipped: Optional[List[str]] = None,
                     thresholds: Optional[Dict[str, Threshold]] = None,
+                    companions: Optional[Mapping[str, Mapping[str, Path]]] = None,
                     cache: bool = False) -> Dict[str, Dict[str, dict]]:
     """Metrics per scorer and per group of cases ({scorer: {group: metrics}}), each scan preprocessed once, and
     with `cache` (store/cache.py) once across runs: the preprocessing cache gives back exactly what preprocessing
     gave, so a cached run scores the same (its seconds per volume then count the cache read, not preprocessing).
+    A fusion model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image).
 
     `group_of(case)` names a case's group; a case in group None counts in every group (healthy scans shared by
     several lesion sets).
@@ -202,7 +208,12 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
             threshold = tallies[(name, groups[0])].threshold
             tracemalloc.start()
             t = time.perf_counter()
-            analysis = det.analyse(scan, pre=pre)
+            try:
+                analysis = _analyse(det, case, scan, pre, companions)
+            except BadInputError as exc:
+                skipped.append(f"{case.key} ({name}): {exc}")
+                tracemalloc.stop()
+                continue
             result = det.to_result(scan, analysis, det.for_scan(threshold, analysis), det.model.modality,
                                    with_reconstruction=False)
             seconds = pre_seconds + time.perf_counter() - t
@@ -218,6 +229,20 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
     for (name, g), tally in tallies.items():
         out[name][g] = summarise(tally, detectors[name])
     return out
+
+
+def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):
+    """The detector's grid analysis of a case: the scan alone, or with the subject's other contrasts for a fusion
+    model (the case's own preprocessing reused when its contrast is the fusion's reference)."""
+    if not isinstance(det, FusionDetector):
+        return det.analyse(scan, pre=pre)
+    given = {m: p for m, p in ((companions or {}).get(case.subject) or {}).items()
+             if m != case.modality and m in det.modalities}
+    scans = dict({case.modality: scan}, **{m: read_volume(p) for m, p in given.items()})
+    if det.reference_modality(det.inputs(scans)) != case.modality:
+        raise BadInputError(f"the fusion's reference contrast is {det.reference_modality(scans)}, not "
+                            f"{case.modality}; evaluate its rows")
+    return det.analyse_contrasts(scans, pre=pre)
 
 
 def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -> None:

@@ -153,3 +153,48 @@ def _apply_mask(image: sitk.Image, mask: np.ndarray) -> sitk.Image:
     out = sitk.GetImageFromArray(np.where(mask, arr, 0).astype(np.float32))
     out.CopyInformation(image)
     return out
+
+
+# A companion scan must hold nearly all of the reference brain: a few voxels may fall outside a tighter field of view.
+MIN_SHARED_BRAIN = 0.95
+
+
+def preprocess_companion(native: sitk.Image, reference: Preprocessed, reference_native: sitk.Image,
+                         config: PreprocessConfig, reporter: Reporter) -> Preprocessed:
+    """Another contrast of the reference scan's session onto the same grid, registered once: scans of one session
+    share physical space, so the reference's brain mask (resampled through physical space onto this scan's
+    voxels) and its template transform serve here too; only N4 and the standardisation are this scan's own.
+    Refuses a scan that does not hold the reference brain (another session, or a header that places it apart)."""
+    rec = _Recorder()
+    t = time.perf_counter()
+    ref_mask = _mask_image(reference.native_mask, reference_native)
+    mask = sitk.GetArrayFromImage(sitk.Resample(ref_mask, native, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt8)).astype(bool)
+    shared = mask.sum() * float(np.prod(native.GetSpacing())) / max(
+        reference.native_mask.sum() * float(np.prod(reference_native.GetSpacing())), 1e-9)
+    if shared < MIN_SHARED_BRAIN:
+        raise BadInputError(f"the scans do not overlap in space: only {100 * shared:.0f} % of the reference scan's "
+                            "brain lies inside this one; give contrasts of one session (same physical space)")
+    rec.add("brain-mask", True, t, method="the reference scan's, through physical space", shared_brain=round(
+        float(shared), 4))
+    stripped = _apply_mask(native, mask)
+    if config.bias_correction:
+        t = time.perf_counter()
+        stripped, info = n4_correct(stripped, mask, reporter.sub(0.0, 0.8))
+        rec.add("bias-correct", True, t, method="N4", **info)
+    else:
+        rec.add("bias-correct", False, time.perf_counter())
+    t = time.perf_counter()
+    # The reference transform maps template points to physical points, which both scans share.
+    raw = sitk.GetArrayFromImage(sitk.Resample(stripped, reference.grid.reference(), reference.transform,
+                                               sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    rec.add("resample", True, t, grid=reference.grid.to_dict(), transform="the reference scan's")
+    t = time.perf_counter()
+    contrast = estimate_contrast(raw, reference.mask, reference.grid).to_dict()
+    rec.add("contrast", True, t, **contrast)
+    t = time.perf_counter()
+    image, info = standardise(raw, reference.mask, config, reference.grid)
+    rec.add("normalise", True, t, **info)
+    reporter("normalise", 1.0)
+    return Preprocessed(image, reference.mask, mask, reference.transform, reference.grid, rec.steps, raw_image=raw,
+                        contrast=contrast)

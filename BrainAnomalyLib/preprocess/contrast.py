@@ -211,8 +211,9 @@ def check_contrast(estimate: Optional[dict], expected: str, declared: Optional[s
                      f"the {expected} model was used")]
         return []
     candidates = [c for c in (detected, close if unclear else None) if c and not compatible(c, expected)]
-    fits = [m["id"] for m in (models() if models else [])
-            if any(compatible(c, str(m.get("modality") or "")) for c in candidates)]
+    # a model of several contrasts (a fusion) is no alternative for one scan
+    fits = [m["id"] for m in (models() if models else []) if len(m.get("inputs") or []) <= 1
+            and any(compatible(c, str(m.get("modality") or "")) for c in candidates)]
     others = f"a {' or '.join(candidates)} model ({', '.join(fits) if fits else 'none installed'})"
     if unclear:
         raise BadInputError(f"{said}; {model_name} is for {expected} scans: give --modality {expected} if it is one, "

@@ -1,12 +1,13 @@
-"""Building an ensemble's parameters from installed, calibrated models: members are named by their registry id and
-pinned by the sha256 of their folder (the scorer in scorers/ensemble.py loads them back)."""
+"""Building an ensemble's (or a fusion's) parameters from installed, calibrated models: members are named by their
+registry id and pinned by the sha256 of their folder (scorers/ensemble.py and scorers/fusion.py use them)."""
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..core.files import folder_digest
-from .models import installed_id, user_models_dir
+from ..core.manifest import normalise_modality
+from .models import COMPOSITE_KINDS, installed_id, user_models_dir
 
 
 def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = "mean",
@@ -32,8 +33,8 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
             raise ValueError(f"ensemble members must share their {what}")
     scales = []
     for m in models:
-        if m.kind == "ensemble":
-            raise ValueError(f"{m.name} is an ensemble itself; list its members instead")
+        if m.kind in COMPOSITE_KINDS:
+            raise ValueError(f"{m.name} is an {m.kind} itself; list its members instead")
         ref = ((m.meta.get("calibration") or {}).get("adaptive")) or {}
         if not ref.get("mad"):
             raise ValueError(f"model {m.name} has no healthy score statistics; calibrate it first")
@@ -51,3 +52,42 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
     if contralateral:
         out["contralateral"] = float(contralateral)
     return out
+
+
+def build_fusion(members: Sequence[Tuple[str, object]], weights: Sequence[float] = (), scale: str = "scan",
+                 postprocess: Sequence[Optional[dict]] = (), optional: Sequence[str] = ()) -> dict:
+    """The params of a fusion of installed models, one per contrast: `members` are (modality, model) pairs,
+    `postprocess` per member changes to its own post-processing (e.g. a contralateral weight), `optional` the
+    contrasts a scan may lack. With scale "healthy" each member needs its healthy score statistics."""
+    if len(members) < 2:
+        raise ValueError("a fusion needs at least two contrasts")
+    modalities = [normalise_modality(m) for m, _ in members]
+    if len(set(modalities)) < len(modalities):
+        raise ValueError("a fusion has one member per contrast")
+    out = []
+    for n, (modality, m) in enumerate(members):
+        if m.modality != modality:
+            raise ValueError(f"{m.name} is a {m.modality} model, not a {modality} one")
+        if m.kind in COMPOSITE_KINDS:
+            raise ValueError(f"{m.name} is an {m.kind} itself")
+        member_id = installed_id(m.path)
+        if member_id is None:
+            raise ValueError(f"model {m.path} is not installed; a fusion names its members by id")
+        ref = {"id": member_id, "sha256": folder_digest(m.path), "modality": modality}
+        ref_stats = ((m.meta.get("calibration") or {}).get("adaptive")) or {}
+        if ref_stats.get("mad"):
+            ref["scale"] = {"median": float(ref_stats["median"]), "mad": float(ref_stats["mad"])}
+        elif scale == "healthy":
+            raise ValueError(f"model {m.name} has no healthy score statistics; calibrate it first")
+        if n < len(postprocess) and postprocess[n]:
+            ref["postprocess"] = dict(postprocess[n])
+        if modality in {normalise_modality(o) for o in optional}:
+            ref["optional"] = True
+        out.append(ref)
+    if "T1" in modalities[1:]:
+        # T1, when a member, is the reference contrast (detection.fusion.reference_contrast), and the first member
+        # is the model's modality: the contrast whose rows a manifest is evaluated on.
+        raise ValueError("list the T1 member first: it is the fusion's reference contrast")
+    if all(r.get("optional") for r in out):
+        raise ValueError("at least one contrast of a fusion must be required")
+    return {"members": out, "weights": [float(w) for w in weights] or None, "scale": scale}

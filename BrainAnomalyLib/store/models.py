@@ -2,8 +2,9 @@
 
 A model is never unpickled: tensors are safetensors, everything else is JSON. Every file of a folder is listed
 with its sha256 in model.json, and shipped models are listed with a folder digest in Resources/Models/models.json,
-so a broken or tampered model is refused before use. An ensemble holds no weights of its own: it names each member
-by id with the member folder's digest, and loading it finds and checks each member the same way.
+so a broken or tampered model is refused before use. An ensemble (and a fusion of contrasts) holds no weights of its
+own: it names each member by id with the member folder's digest, and loading it finds and checks each member the
+same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ META_FILE = "model.json"
 # model.json's "storage_dtype" when the floating-point tensors were stored in half precision to keep the folder
 # small; they are cast back to float32 on loading, so scorers always see float32.
 HALF = "float16"
+# Models made of other installed models (named by id and sha256 in params.members).
+COMPOSITE_KINDS = ("ensemble", "fusion")
 
 
 def resources_dir() -> Path:
@@ -48,7 +51,7 @@ class Model:
     path: Path
     meta: dict
     tensors: Dict[str, np.ndarray] = field(default_factory=dict)
-    # An ensemble's members, found and checked when it is loaded; never written back into its folder.
+    # An ensemble's or a fusion's members, found and checked when it is loaded; never written back into its folder.
     members: List["Model"] = field(default_factory=list)
 
     @property
@@ -99,10 +102,10 @@ def save_model(folder, meta: dict, tensors: Optional[Dict[str, np.ndarray]] = No
 
 
 def load_model(folder, expected_digest: Optional[str] = None) -> Model:
-    """A checked model folder; an ensemble comes with its members, each found by id and checked against the digest
-    the ensemble recorded."""
+    """A checked model folder; an ensemble or a fusion comes with its members, each found by id and checked against
+    the digest it recorded."""
     model = _load_folder(Path(folder), expected_digest)
-    if model.kind == "ensemble":
+    if model.kind in COMPOSITE_KINDS:
         model.members = _load_members(model)
     return model
 
@@ -221,13 +224,15 @@ def resolve_model(name_or_path: Optional[str]) -> Model:
 
 
 def _load_members(ensemble: Model) -> List[Model]:
-    """Each member named by the ensemble, found as an installed model (never as a path relative to the working
-    folder) and refused unless its folder digest is the one recorded when the ensemble was built: a member that
-    was retrained or recalibrated since no longer matches the scale the ensemble put its map on."""
+    """Each member named by an ensemble or fusion, found as an installed model (never as a path relative to the
+    working folder) and refused unless its folder digest is the one recorded when it was built: a member that was
+    retrained or recalibrated since no longer matches the scale its map was put on. A fusion's members also say
+    which contrast they score, and need a healthy scale only when the fusion uses it."""
     params = ensemble.meta.get("params")
     refs = params.get("members") if isinstance(params, dict) else None
+    fusion = ensemble.kind == "fusion"
     if not isinstance(refs, list) or len(refs) < 2:
-        raise ModelError(f"model {ensemble.name}: an ensemble names at least two members in its {META_FILE}")
+        raise ModelError(f"model {ensemble.name}: an {ensemble.kind} names at least two members in its {META_FILE}")
     weights = params.get("weights")
     if weights is not None and not (isinstance(weights, list) and len(weights) == len(refs)
                                     and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
@@ -240,7 +245,8 @@ def _load_members(ensemble: Model) -> List[Model]:
             raise ModelError(f"model {ensemble.name}: member {n + 1} is not named by id and sha256 (an ensemble "
                              "from an older version?); rebuild it with 'brainanomaly ensemble'")
         scale = ref.get("scale")
-        if not (isinstance(scale, dict) and _is_number(scale.get("median")) and _is_number(scale.get("mad"))
+        if (not fusion or params.get("scale") == "healthy") and not (
+                isinstance(scale, dict) and _is_number(scale.get("median")) and _is_number(scale.get("mad"))
                 and scale["mad"] > 0):
             raise ModelError(f"model {ensemble.name}: member {member_id!r} has no healthy scale (median, mad > 0)")
         found = installed_folder(member_id)
@@ -249,15 +255,20 @@ def _load_members(ensemble: Model) -> List[Model]:
                              f"model nor in {user_models_dir()}); install it with 'brainanomaly models import'")
         if folder_digest(found[0]) != digest:
             raise ModelError(f"model {ensemble.name}: member {member_id!r} ({found[0]}) does not match the sha256 "
-                             "the ensemble recorded (changed, recalibrated or tampered with since); rebuild the "
-                             "ensemble with 'brainanomaly ensemble'")
+                             f"the {ensemble.kind} recorded (changed, recalibrated or tampered with since); rebuild "
+                             "it")
         try:
             member = _load_folder(found[0], None)
         except ModelError as exc:
             raise ModelError(f"model {ensemble.name}: member {member_id!r}: {exc}") from None
-        if member.kind == "ensemble":
-            raise ModelError(f"model {ensemble.name}: member {member_id!r} is an ensemble itself")
+        if member.kind in COMPOSITE_KINDS:
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} is an {member.kind} itself")
+        if fusion and ref.get("modality") != member.modality:
+            raise ModelError(f"model {ensemble.name}: member {member_id!r} is a {member.modality} model but is "
+                             f"named for {ref.get('modality')!r}")
         members.append(member)
+    if fusion and len({m.modality for m in members}) < len(members):
+        raise ModelError(f"model {ensemble.name}: a fusion has one member per contrast")
     return members
 
 

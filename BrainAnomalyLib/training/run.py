@@ -73,6 +73,8 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     then the record says so under "few_scans"."""
     from ..detection.pipeline import Detector
 
+    if model.kind == "fusion":
+        return _calibrate_fusion(model, cases, reporter, fprs, allow_few_scans)
     check_calibration_scans(len(cases), allow_few_scans)
     det = Detector(model, device="cpu")
     skipped: List[str] = []
@@ -82,15 +84,44 @@ def calibrate(model: Model, cases: Sequence[Case], reporter: Reporter, cache_dir
     return calibrate_volumes(model, volumes, reporter.sub(0.9, 1.0), fprs, allow_few_scans, skipped, len(cases))
 
 
+def _calibrate_fusion(model: Model, cases: Sequence[Case], reporter: Reporter, fprs: Sequence[float],
+                      allow_few_scans: bool) -> dict:
+    """`calibrate` for a fusion model: each subject's healthy rows of its contrasts are one session, brought onto
+    the grid through one registration as detection brings them (not cached)."""
+    from ..core.io import read_volume
+    from ..core.manifest import group_by_subject
+    from ..detection.pipeline import Detector
+
+    det = Detector.for_model(model, device="cpu")
+    sessions = group_by_subject(list(cases), det.modalities)
+    check_calibration_scans(len(sessions), allow_few_scans, "healthy session(s) to calibrate on")
+    skipped: List[str] = []
+
+    def volumes():
+        for i, (subject, rows) in enumerate(sessions.items()):
+            try:
+                scans = {c.modality: read_volume(c.image) for c in rows}
+                pre, images = det.grid_volumes(scans, reporter.sub(0.9 * i / len(sessions),
+                                                                    0.9 * (i + 1) / len(sessions)))
+            except BadInputError as exc:
+                skipped.append(f"{subject}: {exc}")
+                continue
+            yield subject, images, pre.mask
+
+    return calibrate_volumes(model, volumes(), reporter.sub(0.9, 1.0), fprs, allow_few_scans, skipped,
+                             len(sessions))
+
+
 def calibrate_volumes(model: Model, volumes: Iterable[Tuple[str, np.ndarray, np.ndarray]], reporter: Reporter,
                       fprs: Sequence[float] = DEFAULT_FPRS, allow_few_scans: bool = False,
                       skipped: Sequence[str] = (), n_given: Optional[int] = None) -> dict:
     """`calibrate` on healthy volumes already on the model grid: (subject, image, brain mask) triples, e.g.
-    synthetic scans made from the template for a contrast without a healthy cohort. `skipped` may still grow
+    synthetic scans made from the template for a contrast without a healthy cohort (for a fusion model the image
+    is a dict, modality -> volume, all on one grid and mask). `skipped` may still grow
     while `volumes` is read (cases_on_grid adds the scans it cannot read)."""
     from ..detection.pipeline import Detector
 
-    det = Detector(model, device="cpu")
+    det = Detector.for_model(model, device="cpu")
     pool, kept = HealthyPool(), []
     for subject, image, mask in volumes:
         scores = det.score_grid(image, mask)

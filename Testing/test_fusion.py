@@ -1,0 +1,169 @@
+"""Several contrasts of one subject through a fusion model: the reference contrast registered once, the others on
+its mask and transform, each scored by its member, the maps fused into one result; real SimpleITK I/O on synthetic
+scans made from the template, the shipped tissue-t2 and tissue-flair models as members."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainAnomalyLib.cli.main import main
+from BrainAnomalyLib.core.errors import BadInputError
+from BrainAnomalyLib.core.template import Grid
+from BrainAnomalyLib.detection.pipeline import Detector
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig
+from BrainAnomalyLib.store.ensembles import build_fusion
+from BrainAnomalyLib.store.models import load_model, resolve_model, save_model
+from BrainAnomalyLib.synth.appearance import healthy_template_scan
+from BrainAnomalyLib.training.run import base_meta
+
+FAST = ["--no-register", "--skull-strip", "none", "--no-bias-correction", "--device", "cpu", "-q"]
+CENTRE = (48, 60, 30)  # a lesion in the right hemisphere's white matter (z, y, x on the 2 mm grid)
+
+
+def _write(array: np.ndarray, path, grid: Grid, shift_mm: float = 0.0):
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.CopyInformation(grid.reference())
+    if shift_mm:
+        img.SetOrigin([o + shift_mm for o in img.GetOrigin()])
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """A T2 and a FLAIR scan of one synthetic subject on the template grid, with one bright lesion in both."""
+    folder = tmp_path_factory.mktemp("session")
+    grid = Grid()
+    zz, yy, xx = np.indices(tuple(reversed(grid.size)))
+    lesion = (zz - CENTRE[0]) ** 2 + (yy - CENTRE[1]) ** 2 + (xx - CENTRE[2]) ** 2 <= 16
+    paths = {}
+    for modality in ("T2", "FLAIR"):
+        image, mask = healthy_template_scan(modality, 3, grid)
+        bright = np.percentile(image[mask], 99)
+        image = np.where(lesion & mask, 1.5 * bright, image)
+        paths[modality] = _write(image, folder / f"{modality.lower()}.nii.gz", grid)
+    paths["far"] = _write(image, folder / "flair_far.nii.gz", grid, shift_mm=400.0)
+    paths["truth"] = _write(lesion & mask, folder / "truth.nii.gz", grid)
+    return folder, paths, lesion
+
+
+@pytest.fixture(scope="module")
+def fusion_folder(tmp_path_factory):
+    members = [("T2", resolve_model("tissue-t2")), ("FLAIR", resolve_model("tissue-flair"))]
+    params = build_fusion(members, weights=[1.0, 3.0])
+    # The synthetic scans lie in template space already: no registration, skull strip or N4 (fast)
+    pre = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
+    meta = base_meta("fusion", "test-fusion", "T2", "T2 and FLAIR fused", Grid(), pre,
+                     PostprocessConfig(median_size=1), params)
+    meta["inputs"] = ["T2", "FLAIR"]
+    return save_model(tmp_path_factory.mktemp("models") / "test-fusion", meta)
+
+
+def test_fuse_is_the_weighted_mean_of_scan_scaled_maps_and_skips_a_missing_optional_member(fusion_folder):
+    det = Detector.for_model(load_model(fusion_folder), device="cpu")
+    a, b = np.full((2, 2, 2), 3.0, np.float32), np.full((2, 2, 2), 1.0, np.float32)
+    stats = {"T2": {"median": 1.0, "mad": 2.0}, "FLAIR": {"median": 0.0, "mad": 0.5}}
+    assert np.allclose(det.scorer.fuse({"T2": a, "FLAIR": b}, stats), (1.0 * 1.0 + 3.0 * 2.0) / 4.0)
+    det.scorer.params["members"][0]["optional"] = True
+    assert np.allclose(det.scorer.fuse({"FLAIR": b}, stats), 2.0)
+    with pytest.raises(BadInputError, match="has no member for T1"):
+        det.inputs({"T1": "x", "FLAIR": "y"})
+    det.scorer.params["members"][0]["optional"] = False
+    with pytest.raises(BadInputError, match="needs T2 too"):
+        det.inputs({"FLAIR": "y"})
+
+
+def test_cli_fuses_two_contrasts_into_one_result_on_the_reference_grid(session, fusion_folder, tmp_path, capsys):
+    folder, paths, lesion = session
+    out = tmp_path / "out"
+    rc = main(["detect", f"FLAIR={paths['FLAIR']}", f"T2={paths['T2']}", "--model", str(fusion_folder),
+               "--threshold", "4", *FAST, "-o", str(out)])
+    assert rc == 0, capsys.readouterr()
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["input"] == "FLAIR=flair.nii.gz T2=t2.nii.gz"
+    assert summary["modality"] == "T2+FLAIR"
+    assert {s.get("contrast_of") for s in summary["preprocessing"]} == {"T2", "FLAIR"}
+    heat = sitk.ReadImage(str(out / "anomaly_map.nii.gz"))
+    assert heat.GetSize() == sitk.ReadImage(paths["T2"]).GetSize()
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pred_mask.nii.gz"))) > 0
+    assert pred[lesion].mean() > 0.5  # the lesion is found...
+    assert pred.sum() < 3 * lesion.sum()  # ...and little else
+    assert (out / "lesions.csv").is_file() and (out / "overlay.png").is_file()
+
+
+def test_scans_apart_in_space_are_refused_in_one_line(session, fusion_folder, tmp_path, capsys):
+    _, paths, _ = session
+    out = tmp_path / "out"
+    rc = main(["detect", f"T2={paths['T2']}", f"FLAIR={paths['far']}", "--model", str(fusion_folder),
+               "--threshold", "4", *FAST, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "do not overlap in space" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_one_volume_or_unnamed_inputs_are_refused_for_a_fusion_model(session, fusion_folder, tmp_path, capsys):
+    _, paths, _ = session
+    assert main(["detect", paths["T2"], "--model", str(fusion_folder), *FAST, "-o", str(tmp_path / "a")]) == 2
+    assert "give each contrast as MODALITY=path" in capsys.readouterr().err
+    assert main(["detect", paths["T2"], paths["FLAIR"], "--model", str(fusion_folder), *FAST,
+                 "-o", str(tmp_path / "b")]) == 2
+    assert "name each one's contrast" in capsys.readouterr().err
+    assert main(["detect", f"T2={paths['T2']}", f"FLAIR={paths['FLAIR']}", "--model", "tissue-flair", *FAST,
+                 "-o", str(tmp_path / "c")]) == 2
+    assert "need a fusion model" in capsys.readouterr().err
+
+
+def test_manifest_rows_of_one_subject_are_fused(session, fusion_folder, tmp_path, capsys):
+    folder, paths, _ = session
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,modality,image,mask\n"
+                        f"s1,T2,{paths['T2']},\ns1,FLAIR,{paths['FLAIR']},\ns1,T1,{paths['T2']},\n"
+                        f"s2,FLAIR,{paths['FLAIR']},\n")
+    rc = main(["detect", "--manifest", str(manifest), "--model", str(fusion_folder), "--threshold", "4", *FAST,
+               "-o", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2  # s2 lacks its T2
+    assert "skipped 1 of 4 rows: modality T1" in captured.out
+    assert "s2: model test-fusion needs T2 too" in captured.err
+    summary = json.loads((tmp_path / "out" / "s1" / "result.json").read_text())
+    assert summary["modality"] == "T2+FLAIR"
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert rows[1].startswith("s1,T2+FLAIR,ok") and rows[2].startswith("s2,FLAIR,failed")
+
+
+def test_evaluate_scores_a_fusion_model_on_each_subjects_rows(session, fusion_folder, tmp_path, capsys):
+    _, paths, _ = session
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,modality,image,mask\n"
+                        f"s1,FLAIR,{paths['FLAIR']},{paths['truth']}\ns1,T2,{paths['T2']},{paths['truth']}\n")
+    rc = main(["evaluate", "--manifest", str(manifest), "--model", str(fusion_folder), "--threshold", "4",
+               "--device", "cpu", "-q", "-o", str(tmp_path / "report")])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["test-fusion"]
+    assert metrics["n_lesion_scans"] == 1  # one case: the T2 row, with its FLAIR
+    assert metrics["voxel"]["auprc"] > 0.5
+
+
+def test_calibrate_takes_each_subjects_healthy_rows_as_one_session(fusion_folder, tmp_path, capsys):
+    grid = Grid()
+    rows = []
+    for seed in (5, 6):
+        for modality in ("T2", "FLAIR"):
+            image, _ = healthy_template_scan(modality, seed, grid)
+            rows.append(f"h{seed},{modality},{_write(image, tmp_path / f'{modality}{seed}.nii.gz', grid)},")
+    manifest = tmp_path / "healthy.csv"
+    manifest.write_text("subject,modality,image,mask\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "calibrated"
+    rc = main(["calibrate", "--model", str(fusion_folder), "--manifest", str(manifest), "--allow-few-scans", "-q",
+               "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    calibration = load_model(out).meta["calibration"]
+    assert calibration["n_scans"] == 2 and sorted(calibration["subjects"]) == ["h5", "h6"]
+    t = calibration["thresholds"]
+    assert 0 < t["0.05"] < t["0.01"] < t["0.001"]

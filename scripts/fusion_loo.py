@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Leave-one-case-out choice and measurement of a fusion model's tuned settings on a small labelled set.
+
+    python scripts/fusion_loo.py --manifest ../shared/data/brats18_dev.csv --cache build/fusion-loo -o loo.json
+
+The settings tuned are those of the fusion-brats-dev card: each contrast's member model (a scorer choice for T2
+and FLAIR), the T1 and T2 weights beside FLAIR's 1, and whether each member subtracts its contralateral mirror
+(at the weight measured for it). For every case held out, the setting with the best pooled AUPRC over the other
+cases' grid maps is picked (grid maps: each contrast on the T1 scan's registration, as detection brings them,
+cached in --cache); then the held-out case is detected with its pick on its own grid, exactly as `evaluate`
+does, and the held-out maps of all cases are pooled into AUPRC and best Dice over the brain voxels. The setting
+best on all cases (the one a model would ship with) is reported too, with its in-sample grid AUPRC.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from BrainAnomalyLib.core.io import read_volume  # noqa: E402
+from BrainAnomalyLib.core.manifest import group_by_subject, read_manifest  # noqa: E402
+from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.detection.fusion import FusionDetector  # noqa: E402
+from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
+from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice  # noqa: E402
+from BrainAnomalyLib.preprocess.chain import preprocess_companion  # noqa: E402
+from BrainAnomalyLib.store.ensembles import build_fusion  # noqa: E402
+from BrainAnomalyLib.store.models import Model, resolve_model  # noqa: E402
+
+# Candidate members per contrast and the contralateral weight each was measured with (grid AUPRC, brats18_dev).
+CHOICES = {"T1": ["dpa-t1-ixi"], "T2": ["tissue-t2", "intensity-t2"], "FLAIR": ["tissue-flair", "intensity-flair"]}
+MIRROR = {"T1": 0.75, "T2": 0.5, "FLAIR": 0.25}
+WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+
+
+def settings():
+    for t1w, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
+                                                            (0, 1), (0, 1), (0, 1)):
+        if (t1w == 0 and m1) or (t2w == 0 and (m2 or t2m != CHOICES["T2"][0])):
+            continue  # an unused member's options change nothing
+        yield {"T1": ("dpa-t1-ixi", t1w, MIRROR["T1"] * m1), "T2": (t2m, t2w, MIRROR["T2"] * m2),
+               "FLAIR": (flm, 1.0, MIRROR["FLAIR"] * m3)}
+
+
+def grid_maps(subject, cases, cache: Path, detectors) -> dict:
+    """Each candidate member's raw grid map of one subject, every contrast on the T1 registration (cached)."""
+    path = cache / f"{subject}.npz"
+    if path.is_file():
+        return dict(np.load(path))
+    rows = {c.modality: c for c in cases}
+    scans = {m: read_volume(rows[m].image) for m in CHOICES}
+    ref = detectors["dpa-t1-ixi"]
+    pre = ref.preprocess_scan(scans["T1"], Reporter())
+    images = {"T1": pre.image}
+    for m in ("T2", "FLAIR"):
+        images[m] = preprocess_companion(scans[m], pre, scans["T1"], ref.preprocess_config, Reporter()).image
+    truth = sitk.ReadImage(str(rows["T1"].mask))
+    out = {"mask": pre.mask, "label": sitk.GetArrayFromImage(sitk.Resample(
+        truth, pre.grid.reference(), pre.transform, sitk.sitkNearestNeighbor, 0)) > 0}
+    for m, ids in CHOICES.items():
+        for i in ids:
+            out[f"{m}|{i}"] = detectors[i].scorer.score(images[m], pre.mask, Reporter()).anomaly_map
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    return out
+
+
+def fused_grid(d: dict, setting: dict, cache: dict) -> np.ndarray:
+    """The fused, cleaned grid map of one subject as detection makes it (members' contralateral subtraction and
+    median filter, per-scan robust scale, weighted mean, erosion and clipping), at the brain voxels."""
+    total, weight = 0.0, 0.0
+    eroded = ndimage.binary_erosion(d["mask"], iterations=3)
+    for m, (model_id, w, mirror) in setting.items():
+        if w == 0:
+            continue
+        key = (id(d), m, model_id, mirror)
+        if key not in cache:
+            raw = d[f"{m}|{model_id}"]
+            raw = raw - np.float32(mirror) * np.flip(raw, 2) if mirror else raw
+            f = ndimage.median_filter(raw, size=(1, 5, 5))
+            v = f[eroded]
+            med = np.median(v)
+            cache[key] = ((f - med) / (1.4826 * np.median(np.abs(v - med))))[d["mask"]]
+        total, weight = total + w * cache[key], weight + w
+    return np.where(eroded[d["mask"]], np.maximum(total / weight, 0), 0)
+
+
+def _ap_ranked(ranked: np.ndarray, y: np.ndarray) -> float:
+    """Average precision of scores already sorted in descending order (ties count as one threshold, as
+    evaluation.metrics.average_precision counts them)."""
+    tp = np.cumsum(y)
+    last = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    tp, seen = tp[last], last + 1
+    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * tp / seen)) if tp[-1] else 0.0
+
+
+def fusion_model(setting: dict) -> Model:
+    """The fusion of `setting` as an in-memory model (what make_fusion_model.py would write, uncalibrated)."""
+    members = [(m, resolve_model(i)) for m, (i, _, _) in setting.items()]
+    params = build_fusion(members, weights=[w for _, w, _ in setting.values()],
+                          postprocess=[{"contralateral": c} if c else None for _, _, c in setting.values()])
+    template = members[0][1]
+    meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
+                postprocess=PostprocessConfig(median_size=1).to_dict(), inputs=list(setting))
+    meta.pop("calibration", None)
+    return Model(Path("."), meta, members=[m for _, m in members])
+
+
+def native(detector: FusionDetector, cases) -> tuple:
+    """The held-out case detected as `evaluate` detects it: heat and truth at the brain voxels of its T1 grid."""
+    rows = {c.modality: c for c in cases}
+    scans = {m: read_volume(rows[m].image) for m in ("T1", "T2", "FLAIR")}
+    analysis = detector.analyse_contrasts(scans)
+    result = detector.to_result(scans["T1"], analysis, detector.threshold(), "T1+T2+FLAIR",
+                                with_reconstruction=False)
+    brain = analysis.pre.native_mask
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(rows["T1"].mask))) > 0
+    return sitk.GetArrayFromImage(result.anomaly_map)[brain], truth[brain]
+
+
+def grid_scores(data: dict, names, all_settings) -> list:
+    """Per setting, the pooled grid AUPRC over all subjects ("all") and over all but each one (by subject)."""
+    cache: dict = {}
+    scores = []
+    labels = np.concatenate([data[s]["label"][data[s]["mask"]] for s in names])
+    groups = np.concatenate([np.full(int(data[s]["mask"].sum()), i) for i, s in enumerate(names)])
+    for n, setting in enumerate(all_settings):
+        pooled = np.concatenate([fused_grid(data[s], setting, cache) for s in names])
+        order = np.argsort(-pooled, kind="stable")  # one sort serves all folds
+        ranked, y, g = pooled[order], labels[order], groups[order]
+        row = {"all": _ap_ranked(ranked, y)}
+        for i, held in enumerate(names):
+            keep = g != i
+            row[held] = _ap_ranked(ranked[keep], y[keep])
+        scores.append(row)
+        if (n + 1) % 20 == 0:
+            print(f"setting {n + 1}/{len(all_settings)}", file=sys.stderr, flush=True)
+    return scores
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
+    ap.add_argument("-o", "--output", required=True, type=Path)
+    args = ap.parse_args()
+    subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
+    detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
+    data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
+    names = sorted(data)
+    all_settings = list(settings())
+    done = args.cache / "grid_scores.json"  # the grid stage, kept so a failed native stage need not redo it
+    if done.is_file():
+        scores = json.loads(done.read_text())
+    else:
+        scores = grid_scores(data, names, all_settings)
+        done.write_text(json.dumps(scores))
+    best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
+    report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],
+              "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}
+    heat, truth = [], []
+    for held in names:
+        pick = max(range(len(all_settings)), key=lambda i: scores[i][held])
+        h, t = native(FusionDetector(fusion_model(all_settings[pick]), device="cpu"), subjects[held])
+        heat.append(h)
+        truth.append(t)
+        report["folds"][held] = {"pick": all_settings[pick], "train_grid_auprc": scores[pick][held],
+                                 "held_out_native_auprc": average_precision(h, t)}
+        print(held, report["folds"][held], file=sys.stderr, flush=True)
+    heat, truth = np.concatenate(heat), np.concatenate(truth)
+    report["loo_native_pooled"] = {"auprc": average_precision(heat, truth), "best_dice": best_dice(heat, truth)[0]}
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["loo_native_pooled"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
