@@ -36,12 +36,17 @@ def main() -> int:
                     help="keep the registry's recorded metrics: for a model re-packed without changing its scores")
     args = ap.parse_args()
     model = load_model(args.folder)  # refuses broken folders before anything is copied
+    if args.card and not Path(args.card).is_file():
+        print(f"register_model: no model card at {args.card}", file=sys.stderr)
+        return 2
     registry = shipped_registry_file()
     dest = registry.parent / model.name
     if dest.resolve() != args.folder.resolve():
         with staged_folder(dest) as stage:  # a registered model stays whole until its copy is complete
             shutil.copytree(args.folder, stage, dirs_exist_ok=True)
-    if args.card:
+            if args.card:
+                shutil.copy(args.card, stage / "MODEL_CARD.md")
+    elif args.card:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
     if args.half:
         store_half(dest)
