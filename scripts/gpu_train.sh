@@ -2,10 +2,10 @@
 # Train the learned T1 models with real compute: on a lent GPU host (the `device` tool's `run`), from a training
 # pack, inside one call; then calibrate (and register) what comes back, here on the CPU.
 #
-#   here, once:  python scripts/pack_training_cache.py     # build/gpu/training_pack.npz (about 30 MiB)
+#   here, once:  python scripts/pack_training_cache.py     # build/gpu/training_pack.npz (about 14 MiB)
 #                bash scripts/gpu_train.sh wheels           # MONAI + einops wheels into build/gpu/wheels (the
 #                                                           # GPU image has torch but not these; no network there)
-#   on the GPU:  device `run`, carry ["build/gpu"], timeout_s 600 (the call's limit):
+#   on the GPU:  device `run`, carry ["build/gpu/training_pack.npz", "build/gpu/wheels"], timeout_s 600:
 #                bash scripts/gpu_train.sh train 8 ldm dae  # 8 minutes of training in all, shared by the models
 #   back here:   bash scripts/gpu_train.sh finish DIR [register]
 #                # DIR: the call's files_at; unpacks each model, calibrates it on the manifest's calibration split

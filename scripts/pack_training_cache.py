@@ -5,8 +5,9 @@ for scripts/gpu_train.sh, which trains the networks on a lent GPU host that has 
     python scripts/pack_training_cache.py [--manifest ../shared/data/ixi_t1_2mm.csv] [--max-train 70] \
         [-o build/gpu/training_pack.npz]
 
-The 70 IXI T1 training scans the shipped models were trained on pack into about 30 MB (brain voxels as float16;
-see store/training_pack.py). Scans not yet preprocessed are preprocessed (and cached) first.
+The 70 IXI T1 training scans the shipped models were trained on pack into about 14 MiB (brain voxels in 8 bits;
+see store/training_pack.py), small enough to travel to a GPU host beside the project (64 MiB in all). Scans not
+yet preprocessed are preprocessed (and cached) first.
 """
 
 import argparse
