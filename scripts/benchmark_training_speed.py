@@ -63,7 +63,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch {args.batch}"
-          + (f", CPU bf16 support: {torch.backends.mkldnn.is_available()}" if args.device == "cpu" else ""))
+          + (f", CPU instructions: {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else ""))
     for kind in args.models.split(","):
         size = default_arch(kind, in_channels=1)["size"]
         x = torch.randn(args.batch, 1, *size, device=args.device)
