@@ -108,8 +108,11 @@ PYEOF
     ;;
 finish)
     FROM=${2:?usage: gpu_train.sh finish DIR [register]}
+    shopt -s nullglob
+    TARS=("$FROM"/*.tar)
+    [ ${#TARS[@]} -gt 0 ] || { echo "no model tars (NAME.tar) in $FROM" >&2; exit 2; }
     mkdir -p build/gpu/models
-    for tarball in "$FROM"/*.tar; do
+    for tarball in "${TARS[@]}"; do
         NAME=$(basename "$tarball" .tar)
         rm -rf "build/gpu/models/$NAME"
         tar -C build/gpu/models -xf "$tarball"
