@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .. import __version__
 from ..core.errors import BrainAnomalyError, Cancelled
 from ..core.progress import CancelToken
-from . import calibrate, demo, detect, ensemble, evaluate, models, synth, train
-
-# In the order `brainanomaly --help` lists them.
-COMMANDS = {"detect": detect, "demo": demo, "train": train, "evaluate": evaluate, "models": models,
-            "ensemble": ensemble, "synth": synth, "calibrate": calibrate}
+# In the order `brainanomaly --help` lists them; each is the module of that name here.
+COMMANDS = ("detect", "demo", "train", "evaluate", "models", "ensemble", "synth", "calibrate")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(name: str):
+    # Imported when the parser is built, not with this module: `commands` can leave out the ones whose imports a
+    # host lacks (a GPU host training from a pack has no SimpleITK; see scripts/gpu_train.py).
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainanomaly", description="Unsupervised anomaly detection in brain MRI.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
-        module.add_parser(sub)
+    for name in commands:
+        _command(name).add_parser(sub)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, commands: Sequence[str] = COMMANDS) -> int:
+    args = build_parser(commands).parse_args(argv)
     cancel = CancelToken()
 
     def _on_sigint(signum, frame):
@@ -37,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        return COMMANDS[args.command].run(args, cancel)
+        return _command(args.command).run(args, cancel)
     except KeyboardInterrupt:
         print("brainanomaly: cancelled", file=sys.stderr)
         return Cancelled.exit_code

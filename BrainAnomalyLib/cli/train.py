@@ -27,8 +27,14 @@ def add_parser(sub) -> None:
                    help="scorer kind: normative, intensity, tissue (non-deep); ae_dense, ae_spatial, vae, cae, "
                         "anovaegan, dae, dpa (learned, on axial slices); ddpm, pddpm, cddpm, ldm (diffusion, on axial "
                         "slices)")
-    p.add_argument("--manifest", required=True, help="CSV of healthy scans (rows with a mask are skipped)")
-    p.add_argument("--modality", default="T1")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="CSV of healthy scans (rows with a mask are skipped)")
+    source.add_argument("--pack", help="a training pack (scripts/pack_training_cache.py) instead of a manifest: "
+                                       "learned scorers only; its scans, split and preprocessing are fixed in it, "
+                                       "and the model is written uncalibrated (then `brainanomaly calibrate "
+                                       "--split calibration` on the manifest it was packed from)")
+    p.add_argument("--half", action="store_true", help="with --pack: store the weights as float16")
+    p.add_argument("--modality", default="T1", help="which manifest rows to train on (with --pack: the pack's)")
     p.add_argument("--direction", default="auto", choices=["auto", "hyper", "hypo", "two-sided"],
                    help="which deviations count as anomalous (auto: by modality)")
     p.add_argument("--name", help="model name (default: the output folder's name)")
@@ -76,8 +82,6 @@ def add_parser(sub) -> None:
 
 
 def run(args, cancel: CancelToken) -> int:
-    from ..training.run import train
-
     options = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                "max_minutes": args.max_minutes, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                "device": args.device, "context": args.context, "score": args.score, "resume": args.resume,
@@ -91,6 +95,10 @@ def run(args, cancel: CancelToken) -> int:
             raise BadInputError(f"--arch is not a JSON object: {exc}") from None
     options = {k: v for k, v in options.items() if v is not None}
     bar = ProgressBar(args.quiet, "train")
+    if args.pack:
+        return _run_pack(args, options, bar, cancel)
+    from ..training.run import train
+
     try:
         folder = train(args.kind, Path(args.manifest), args.modality.upper(), Path(args.output),
                        Reporter(bar, cancel), name=args.name, direction=args.direction,
@@ -112,3 +120,19 @@ def run(args, cancel: CancelToken) -> int:
         print(f"note: {meta['calibration']['few_scans']['note']}")
     return 0
 
+
+
+def _run_pack(args, options: dict, bar, cancel: CancelToken) -> int:
+    from ..training.packed import train_from_pack
+
+    try:
+        folder = train_from_pack(args.kind, Path(args.pack), Path(args.output), Reporter(bar, cancel),
+                                 name=args.name, direction=args.direction, options=options, half=args.half)
+    except (KeyError, ValueError) as exc:
+        raise BadInputError(str(exc).strip("'")) from None
+    finally:
+        bar.close()
+    if folder is not None:
+        print(f"model written to {folder} (uncalibrated: calibrate it on the held-out scans of the manifest it was "
+              "packed from, brainanomaly calibrate --split calibration)")
+    return 0

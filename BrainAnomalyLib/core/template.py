@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 TEMPLATE_NAME = "MNI152NLin2009aSym (nilearn mni_icbm152_*_tal_nlin_sym_09a_converted)"
 _FILES = {"T1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -27,6 +29,8 @@ class Grid:
     direction: Tuple[float, ...] = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
     def reference(self) -> sitk.Image:
+        import SimpleITK as sitk
+
         ref = sitk.Image([int(s) for s in self.size], sitk.sitkFloat32)
         ref.SetSpacing([float(s) for s in self.spacing])
         ref.SetDirection([float(d) for d in self.direction])
@@ -55,6 +59,8 @@ def _template_file(which: str) -> Path:
 @lru_cache(maxsize=4)
 def template_1mm(which: str = "T1") -> sitk.Image:
     """The 1 mm template (T1 brain, or the GM/WM probability maps) as float32 scaled to 0..1."""
+    import SimpleITK as sitk
+
     image = sitk.Cast(sitk.ReadImage(str(_template_file(which))), sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(image)
     out = sitk.GetImageFromArray(arr / max(float(arr.max()), 1e-6))
@@ -62,8 +68,11 @@ def template_1mm(which: str = "T1") -> sitk.Image:
     return out
 
 
-def _on_grid(image: sitk.Image, grid: Grid, interpolator=sitk.sitkLinear) -> sitk.Image:
-    return sitk.Resample(image, grid.reference(), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+def _on_grid(image: sitk.Image, grid: Grid, interpolator=None) -> sitk.Image:
+    import SimpleITK as sitk
+
+    return sitk.Resample(image, grid.reference(), sitk.Transform(),
+                         sitk.sitkLinear if interpolator is None else interpolator, 0.0, sitk.sitkFloat32)
 
 
 @lru_cache(maxsize=4)
@@ -74,6 +83,8 @@ def template_on_grid(grid: Grid = Grid(), which: str = "T1") -> sitk.Image:
 @lru_cache(maxsize=4)
 def brain_mask_on_grid(grid: Grid = Grid()) -> np.ndarray:
     """Template brain mask on the grid (bool, z,y,x), the region where every scorer is allowed to score."""
+    import SimpleITK as sitk
+
     arr = sitk.GetArrayFromImage(template_on_grid(grid, "T1"))
     mask = arr > 0.1
     from scipy import ndimage
@@ -113,6 +124,8 @@ def spacing_zyx(grid: Grid) -> Sequence[float]:
 @lru_cache(maxsize=4)
 def tissue_on_grid(grid: Grid = Grid()) -> dict:
     """Template white- and grey-matter probability maps on the grid (z,y,x float32, 0..1)."""
+    import SimpleITK as sitk
+
     return {name: sitk.GetArrayFromImage(template_on_grid(grid, name)) for name in ("WM", "GM")}
 
 

@@ -291,6 +291,41 @@ def _scalars(losses: dict) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _optimisers(groups: Dict[str, List[torch.nn.Parameter]], c: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
+    return {name: torch.optim.AdamW(params, lr=float(c.group_lr.get(name, c.lr)), betas=tuple(c.betas),
+                                    weight_decay=c.weight_decay)
+            for name, params in groups.items()}
+
+
+def write_resume_checkpoint(net: torch.nn.Module, checkpoint_dir, history: dict,
+                            config: Optional[TrainConfig] = None) -> Path:
+    """A checkpoint in `checkpoint_dir/checkpoint/` from which `fit_net(..., resume=True)` trains `net`'s present
+    weights further: for a model trained before, whose checkpoints are gone (a shipped model keeps only its
+    weights). `history` is the summary the model recorded (train_loss, val_loss, best_epoch, best_val_loss,
+    total_seconds): the run goes on at the epoch after it, keeps the weights as the best so far at that validation
+    loss, and its per-epoch seeds continue from there. The optimisers start fresh (their moments were not kept),
+    as a restarted AdamW does; the RNG state saved is this process's (the engine re-derives it every epoch)."""
+    c = config or TrainConfig()
+    groups = {name: [p for p in params if p.requires_grad] for name, params in net.param_groups().items()}
+    train_loss, val_loss = list(history.get("train_loss") or []), list(history.get("val_loss") or [])
+    epochs = len(train_loss)
+    if epochs == 0:
+        raise BadInputError("the recorded history has no epochs to resume after")
+    seconds = float(history.get("total_seconds") or 0.0) / epochs
+    records = [{"epoch": i + 1, "train_loss": train_loss[i], "val_loss": val_loss[i] if i < len(val_loss) else None,
+                "train": {"loss": train_loss[i]},
+                "val": None if i >= len(val_loss) else {"loss": val_loss[i]},
+                "steps": None, "partial": False, "seconds": round(seconds, 3), "lr": {}} for i in range(epochs)]
+    best_val = history.get("best_val_loss")
+    state = {"epoch": epochs, "global_step": 0, "history": records,
+             "best_val": None if best_val is None else float(best_val),
+             "best_epoch": history.get("best_epoch"), "bad_epochs": 0, "stop_reason": "time", "world_size": 1,
+             "config": c.to_dict()}
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    path = Path(checkpoint_dir) / CHECKPOINT_SUBDIR
+    return save_checkpoint(path, net, _optimisers(groups, c), state, {"best": weights})
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 class _Trainer:
     def __init__(self, net, train, val, config: TrainConfig, reporter: Reporter, checkpoint_dir, resume: bool,
@@ -332,9 +367,7 @@ class _Trainer:
                 raise BadInputError(f"parameter group {name!r} shares parameters with another group")
             seen |= {id(p) for p in params}
             self.groups[name] = params
-        self.optimisers = {name: torch.optim.AdamW(params, lr=float(c.group_lr.get(name, c.lr)), betas=tuple(c.betas),
-                                                   weight_decay=c.weight_decay)
-                           for name, params in self.groups.items()}
+        self.optimisers = _optimisers(self.groups, c)
         self.multi = len(self.groups) > 1
         takes_generator = "generator" in inspect.signature(net.training_losses).parameters
         self.generator = torch.Generator(device=self.device) if takes_generator else None

@@ -124,3 +124,41 @@ def _summary(history: dict) -> dict:
     keep = ("best_epoch", "best_val_loss", "stop_reason", "epochs_run", "total_seconds", "train_loss", "val_loss")
     return {k: history[k] for k in keep if k in history}
 
+
+
+def write_resume_checkpoints(kind: str, params: dict, tensors: Dict[str, np.ndarray], checkpoint_dir) -> int:
+    """Checkpoints in `checkpoint_dir` (a training's OUTPUT.checkpoints) from which `fit_learned` with resume trains
+    a model trained earlier further: for a model whose own checkpoints are gone (a shipped one keeps only its
+    weights and its training summary). See learn.engine.write_resume_checkpoint; a two-stage model gets both, and the
+    resumed run keeps its first stage as it is and trains the second. Returns the epoch the net resumes after."""
+    import torch
+
+    from ..learn.engine import TrainConfig, write_resume_checkpoint
+    from ..nets import build_net
+
+    training = params.get("training") or {}
+    history = training.get("history") or {}
+    if "arch" not in params or "net" not in history:
+        raise ValueError(f"the {kind} model has no recorded training history to resume after")
+    config = TrainConfig(**{k: v for k, v in (training.get("config") or {}).items()
+                            if k in TrainConfig.__dataclass_fields__})
+    state = {k[len("net."):]: torch.from_numpy(np.asarray(v, np.float32) if v.dtype.kind == "f" else np.asarray(v))
+             for k, v in tensors.items() if k.startswith("net.")}
+    net = build_net(params["arch"])
+    stage = first_stage_key(kind)
+    if stage is not None:
+        if stage not in history:
+            raise ValueError(f"the {kind} model has no recorded {stage} history to resume after")
+        first = build_net(params["arch"][stage])
+        prefix = next((name + "." for name, module in net.named_children() if type(module) is type(first)), None)
+        if prefix is None:
+            raise ValueError(f"the {kind} net holds no {type(first).__name__}")
+        first.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        write_resume_checkpoint(first, Path(checkpoint_dir) / stage, history[stage], config)
+        if hasattr(net, "set_first_stage"):
+            net.set_first_stage(first)  # frozen inside the second net, as training left it
+        else:
+            net.set_feature_net(first)
+    net.load_state_dict(state, strict=True)
+    write_resume_checkpoint(net, Path(checkpoint_dir) / "net", history["net"], config)
+    return len(history["net"]["train_loss"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import __version__
 from ..store.cache import cases_on_grid, grid_volumes
 from ..calibration import (BASE_FPR, DEFAULT_FPRS, AdaptiveReference, CalibrationCurve, FindingCalibration,
                            HealthyPool, labelled_refinement)
@@ -22,7 +22,9 @@ from ..preprocess.chain import PreprocessConfig
 from ..preprocess.normalise import fit_histogram_reference, histogram_landmarks
 from ..core.progress import Reporter
 from ..scorers import direction_for, scorer_class
-from ..core.template import TEMPLATE_NAME, Grid
+from ..core.template import Grid
+from .meta import base_meta, training_data
+from .network_fit import attach_reports, fit_network
 
 
 def split_subjects(cases: Sequence[Case], fractions=(0.7, 0.15, 0.15)) -> Dict[str, List[Case]]:
@@ -42,13 +44,6 @@ def histogram_reference(cases: Sequence[Case], pre: PreprocessConfig, grid: Grid
     # Scans skipped here are skipped again, and reported, when the model is fitted.
     volumes = cases_on_grid(cases, pre, grid, reporter, cache_dir, "histogram reference", [], standardised=False)
     return fit_histogram_reference(histogram_landmarks(raw, mask) for _, raw, mask in volumes)
-
-
-def base_meta(kind: str, name: str, modality: str, description: str, grid: Grid, pre: PreprocessConfig,
-              post: PostprocessConfig, params: dict) -> dict:
-    return {"name": name, "kind": kind, "version": "1.0.0", "modality": modality, "description": description,
-            "template": TEMPLATE_NAME, "grid": grid.to_dict(), "preprocessing": pre.to_dict(),
-            "postprocess": post.to_dict(), "params": params, "created_with": f"BrainAnomalyLib {__version__}"}
 
 
 # Fewer healthy scans than this give thresholds that move with the particular scans (the 1 % tail of one or two
@@ -237,11 +232,32 @@ def recorded_splits(model: Model, manifest: Path) -> Tuple[Dict[str, List[Case]]
     n_train = (model.meta.get("training_data") or {}).get("n_train")
     return splits, (splits["train"][:n_train] if n_train else splits["train"])
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 writes the model."""
-    import os
+@dataclass
+class TrainingCases:
+    """A manifest's healthy subjects split as `train` splits them, and the rows it leaves out."""
 
-    return int(os.environ.get("RANK", "0"))
+    splits: Dict[str, List[Case]]
+    train: List[Case]  # the training split, cut to max_train
+    lesion_rows: List[Case]
+    other_rows: List[Case]
+
+
+def training_cases(manifest: Path, modality: str, max_train: Optional[int] = None,
+                   allow_few_scans: bool = False) -> TrainingCases:
+    """The healthy rows of a manifest split into train / calibration / test subjects (at least 4 healthy scans,
+    and MIN_CALIBRATION_SCANS in the calibration split unless `allow_few_scans`)."""
+    other_rows: List[Case] = []
+    cases = read_manifest(manifest, modality, other_rows)
+    lesion_rows = [c for c in cases if c.mask is not None]
+    cases = [c for c in cases if c.mask is None]  # healthy-only: rows with a lesion mask are not trained on
+    if len(cases) < 4:
+        raise ValueError(f"{manifest}: {len(cases)} healthy {modality} scans; at least 4 are needed")
+    splits = split_subjects(cases)
+    check_calibration_scans(len(splits["calibration"]), allow_few_scans,
+                            f"healthy scan(s) in the calibration split ({len(cases)} healthy {modality} scans, 15 % "
+                            "held out for calibration)")
+    return TrainingCases(splits, splits["train"][:max_train] if max_train else splits["train"], lesion_rows,
+                         other_rows)
 
 
 def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporter, name: Optional[str] = None,
@@ -253,17 +269,8 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     MIN_CALIBRATION_SCANS of them, checked before training, unless `allow_few_scans`). `options` carries the
     settings of learned scorers (see scorers/learned_fit.py). Under torchrun every rank trains and rank 0 alone
     writes the model (the others return None)."""
-    other_rows: List[Case] = []
-    cases = read_manifest(manifest, modality, other_rows)
-    lesion_cases = [c for c in cases if c.mask is not None]
-    cases = [c for c in cases if c.mask is None]  # healthy-only: rows with a lesion mask are not trained on
-    if len(cases) < 4:
-        raise ValueError(f"{manifest}: {len(cases)} healthy {modality} scans; at least 4 are needed")
-    splits = split_subjects(cases)
-    check_calibration_scans(len(splits["calibration"]), allow_few_scans,
-                            f"healthy scan(s) in the calibration split ({len(cases)} healthy {modality} scans, 15 % "
-                            "held out for calibration)")
-    train_cases = splits["train"][:max_train] if max_train else splits["train"]
+    split = training_cases(manifest, modality, max_train, allow_few_scans)
+    splits, train_cases, lesion_cases, other_rows = split.splits, split.train, split.lesion_rows, split.other_rows
     grid, pre, post = Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
     params = {"direction": direction_for(modality) if direction == "auto" else direction}
     cls = scorer_class(kind)
@@ -284,25 +291,16 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
         report_dir = Path(tempfile.mkdtemp(prefix="brainanomaly-report-"))
         options["report_dir"] = str(report_dir)
         try:
-            params, tensors = cls.fit(
-                grid_volumes(fit_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, skipped=skipped), params,
-                reporter.sub(0.05, 0.8),
-                validation=grid_volumes(val_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, "validation",
-                                        skipped=skipped),
-                options=options)
-            if _rank() != 0:
+            fitted = fit_network(
+                kind, params,
+                grid_volumes(fit_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, skipped=skipped),
+                grid_volumes(val_cases, pre, grid, reporter.sub(0.0, 0.05), cache_dir, "validation",
+                             skipped=skipped),
+                lambda: grid_volumes(train_cases, pre, grid, Reporter(cancel=reporter.cancel), cache_dir, skipped=[]),
+                len(train_cases), options, reporter.sub(0.05, 0.85))
+            if fitted is None:
                 return None
-            if options.get("residual_norm", "voxel") == "voxel":
-                from ..core.device import resolve_device
-                from ..scorers.learned import fit_residual_norm
-
-                # Over every training subject (fit and validation): the more scans, the steadier each voxel's spread.
-                volumes = grid_volumes(train_cases, pre, grid, Reporter(cancel=reporter.cancel), cache_dir,
-                                       skipped=[])
-                params, tensors = fit_residual_norm(kind, params, tensors, volumes, reporter.sub(0.8, 0.85),
-                                                    resolve_device(options.get("device") or "auto"),
-                                                    len(train_cases))
-            params = dict(params, scan_norm=options.get("scan_norm", "robust"))
+            params, tensors = fitted
             folder = _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensors, train_cases,
                              splits, lesion_cases, skipped, t, reporter, cache_dir, other_rows, allow_few_scans)
             from .realism_run import check_after_training
@@ -311,11 +309,7 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
             # nothing here can cost it).
             check_after_training(kind, params, tensors, fit_cases, splits["calibration"], pre, grid, report_dir,
                                  modality, options, cache_dir, reporter.sub(1.0, 1.0))
-            if any(report_dir.iterdir()):
-                from ..core.files import staged_folder
-
-                with staged_folder(folder / "training") as stage:
-                    shutil.copytree(report_dir, stage, dirs_exist_ok=True)
+            attach_reports(folder, report_dir)
             return folder
         finally:
             shutil.rmtree(report_dir, ignore_errors=True)
@@ -331,12 +325,8 @@ def _finish(kind, name, out, manifest, modality, grid, pre, post, params, tensor
     name = name or Path(out).name
     meta = base_meta(kind, name, modality, f"{kind} scorer for {modality}, trained on {Path(manifest).name}",
                      grid, pre, post, params)
-    meta["training_data"] = {"manifest": Path(manifest).name, "n_train": len(train_cases),
-                             "n_calibration": len(splits["calibration"]), "n_test_held_out": len(splits["test"]),
-                             "lesion_rows_ignored": len(lesion_cases), "skipped": skipped,
-                             "other_modality_rows": len(other_rows),
-                             "test_subjects": sorted({c.subject for c in splits["test"]}),
-                             "seconds": round(time.perf_counter() - t, 1)}
+    meta["training_data"] = dict(training_data(manifest, train_cases, splits, len(lesion_cases), skipped,
+                                               len(other_rows)), seconds=round(time.perf_counter() - t, 1))
     folder = save_model(out, meta, tensors)
     from ..store.models import load_model
 
