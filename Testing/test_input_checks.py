@@ -109,12 +109,17 @@ def test_head_with_noisy_air_is_not_taken_for_stripped():
 
 # --- contrast recognition ------------------------------------------------------------------------------------
 
+# A healthy T1CE renders with T1's tissue levels (synth/appearance.py: healthy tissue takes up little gadolinium), so
+# its contrast is T1's: the family that T1 models accept, which is what the check must get right.
+RECOGNISED_AS = {"T1CE": "T1"}
+
+
 @pytest.mark.parametrize("modality", sorted(TISSUE_SIGNAL))
 def test_synthetic_contrasts_are_recognised(tissue, modality):
     grid = Grid()
     for seed, noise in enumerate((0.01, 0.05)):
         est = estimate_contrast(render_contrast(tissue, modality, noise=noise, seed=seed), tissue.brain, grid)
-        assert est.contrast == modality and est.margin >= MIN_MARGIN, est
+        assert est.contrast == RECOGNISED_AS.get(modality, modality) and est.margin >= MIN_MARGIN, est
 
 
 def _features(wm, gm, dark, bright, csf=0.0, tail=0.3):
