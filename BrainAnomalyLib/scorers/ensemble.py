@@ -8,8 +8,8 @@ Two rules put the members' maps together:
         mean square of the positive parts. A lesion that only one member sees (e.g. a hyperintense blob only the
         perceptual AE scores, a small hypointense one the voxel-wise normative model finds best) keeps most of its
         score instead of being averaged away, and a member whose whole map shifts on another scanner is rescaled.
-        Measured on the template grid (brats18_dev T1 / synthetic hypo blobs / stroke AUPRC) for dpa + cae +
-        0.5 x normative: mean 0.40 / 0.54 / 0.37 against rms 0.46 / 0.61 / 0.34.
+        Measured on the template grid (AUPRC on brats18_dev T1 / synthetic hyper blobs / hypo blobs / stroke) for
+        dpa + cae + 0.5 x normative, mirrored: mean 0.46 / 0.08 / 0.52 / 0.38 against rms 0.46 / 0.53 / 0.61 / 0.34.
 With `contralateral` set, each member's map first has that share of its mirror image taken off
 (core.template.contralateral_difference); the rms rule is not linear, so this happens before the members meet.
 """
