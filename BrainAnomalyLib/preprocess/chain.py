@@ -87,12 +87,7 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     brain_ml = info["brain_ml"]
     stripped = _apply_mask(work, mask)
 
-    if config.bias_correction:
-        t = time.perf_counter()
-        stripped, info = n4_correct(stripped, mask, reporter.sub(0.3, 0.5))
-        rec.add("bias-correct", True, t, method="N4", **info)
-    else:
-        rec.add("bias-correct", False, time.perf_counter())
+    stripped = _bias_correct(stripped, mask, config, rec, reporter.sub(0.3, 0.5))
 
     t = time.perf_counter()
     fixed = template_on_grid(grid)
@@ -142,6 +137,18 @@ def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest:
     return sitk.Resample(src, native, inverse, interp, 0.0, sitk.sitkFloat32)
 
 
+def _bias_correct(stripped: sitk.Image, mask: np.ndarray, config: PreprocessConfig, rec: _Recorder,
+                  reporter: Reporter) -> sitk.Image:
+    """N4 when the configuration asks for it, recorded either way."""
+    t = time.perf_counter()
+    if not config.bias_correction:
+        rec.add("bias-correct", False, t)
+        return stripped
+    stripped, info = n4_correct(stripped, mask, reporter)
+    rec.add("bias-correct", True, t, method="N4", **info)
+    return stripped
+
+
 def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     img.CopyInformation(reference)
@@ -178,12 +185,7 @@ def preprocess_companion(native: sitk.Image, reference: Preprocessed, reference_
     rec.add("brain-mask", True, t, method="the reference scan's, through physical space", shared_brain=round(
         float(shared), 4))
     stripped = _apply_mask(native, mask)
-    if config.bias_correction:
-        t = time.perf_counter()
-        stripped, info = n4_correct(stripped, mask, reporter.sub(0.0, 0.8))
-        rec.add("bias-correct", True, t, method="N4", **info)
-    else:
-        rec.add("bias-correct", False, time.perf_counter())
+    stripped = _bias_correct(stripped, mask, config, rec, reporter.sub(0.0, 0.8))
     t = time.perf_counter()
     # The reference transform maps template points to physical points, which both scans share.
     raw = sitk.GetArrayFromImage(sitk.Resample(stripped, reference.grid.reference(), reference.transform,

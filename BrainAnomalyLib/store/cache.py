@@ -76,11 +76,15 @@ def cached_preprocessing(path, config: PreprocessConfig, grid: Grid, cache_dir: 
     # Only the volume before standardisation is kept, so run the chain with a method that needs no reference.
     plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
     pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    _write_grid_entry(target, pre)
+    return pre.raw_image, pre.mask, pre.record
+
+
+def _write_grid_entry(target: Path, pre: Preprocessed) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
                             record=np.array(json.dumps(pre.record)))
-    return pre.raw_image, pre.mask, pre.record
 
 
 def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cache_dir: Optional[Path] = None,
@@ -104,10 +108,7 @@ def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cach
                                 record, raw_image=raw, contrast=contrast, notes=list(steps["sanity"].get("notes", [])))
     plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
     pre = preprocess(native, plain, grid, use_gpu, reporter or Reporter())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(grid_file) as tmp:
-        np.savez_compressed(tmp, image=pre.raw_image.astype(np.float32), mask=pre.mask.astype(np.uint8),
-                            record=np.array(json.dumps(pre.record)))
+    _write_grid_entry(grid_file, pre)
     with atomic_path(native_file) as tmp:
         np.savez_compressed(tmp, mask=pre.native_mask.astype(np.uint8))
     pre.image = standardise(pre.raw_image, pre.mask, config, grid)[0]
