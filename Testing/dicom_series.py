@@ -56,11 +56,11 @@ def write_series(image: sitk.Image, folder, number: int = 3, description: str = 
         ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.PixelData = arr[k].tobytes()
-        ds.save_as(str(folder / f"IM{order[k]:04d}.dcm"), enforce_file_format=True)
+        ds.save_as(str(folder / f"S{number}IM{order[k]:04d}.dcm"), enforce_file_format=True)
     return series_uid
 
 
-def oblique_volume(size=(40, 36, 18), spacing=(1.1, 0.9, 4.0), seed: int = 0) -> sitk.Image:
+def oblique_volume(size=(64, 72, 18), spacing=(1.1, 0.9, 4.0), seed: int = 0) -> sitk.Image:
     """A small oblique, anisotropic volume (thick slices, non-square pixels, rotated about every axis)."""
     rng = np.random.default_rng(seed)
     arr = rng.normal(400, 40, size[::-1]).astype(np.float32)
