@@ -73,3 +73,20 @@ def oblique_volume(size=(64, 72, 18), spacing=(1.1, 0.9, 4.0), seed: int = 0) ->
     image.SetDirection((rz @ ry @ rx).ravel().tolist())
     image.SetOrigin((-31.5, 12.25, -40.75))
     return image
+
+
+def findings_on(scan: sitk.Image):
+    """A heatmap on the scan's grid with three blobs (one across slices), and its findings at 1.0 as
+    label_lesions makes them: (heatmap, numbered findings, lesion table)."""
+    from BrainAnomalyLib.detection.postprocess import label_lesions
+
+    heat = np.zeros(sitk.GetArrayViewFromImage(scan).shape, np.float32)
+    heat[2:5, 5:12, 4:9] = 3.0
+    heat[9:11, 20:30, 25:31] = 5.0
+    heat[14, 30:33, 2:5] = 2.0
+    heat += np.random.default_rng(0).random(heat.shape).astype(np.float32) * 0.5
+    image = sitk.GetImageFromArray(heat)
+    image.CopyInformation(scan)
+    numbered, lesions = label_lesions(image, 1.0, 0.0, numbered=True)
+    assert len(lesions) == 3
+    return image, numbered, lesions

@@ -17,7 +17,7 @@ from BrainAnomalyLib.core.dicom import MAP_NAME, SEG_NAME, export_dicom, find_se
 from BrainAnomalyLib.core.errors import BadInputError
 from BrainAnomalyLib.core.io import read_volume
 from BrainAnomalyLib.detection.postprocess import label_lesions, number_findings
-from dicom_series import oblique_volume, write_series
+from dicom_series import findings_on, oblique_volume, write_series
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +27,6 @@ def series(tmp_path_factory):
     volume = oblique_volume()
     write_series(volume, folder)
     return folder, volume
-
-
-def _results(scan: sitk.Image):
-    """A heatmap on the scan's grid with three blobs, and its findings as label_lesions makes them."""
-    heat = np.zeros(sitk.GetArrayViewFromImage(scan).shape, np.float32)
-    heat[2:5, 5:12, 4:9] = 3.0  # spans slices: frames of several source images
-    heat[9:11, 20:30, 25:31] = 5.0
-    heat[14, 30:33, 2:5] = 2.0
-    heat += np.random.default_rng(0).random(heat.shape).astype(np.float32) * 0.5
-    image = sitk.GetImageFromArray(heat)
-    image.CopyInformation(scan)
-    numbered, lesions = label_lesions(image, 1.0, 0.0, numbered=True)
-    assert len(lesions) == 3
-    return image, numbered, lesions
 
 
 def _frames_by_source(dataset):
@@ -76,7 +62,7 @@ def test_several_series_are_read_as_the_largest_and_the_note_says_which(series, 
 
 def test_number_findings_matches_label_lesions(series):
     scan = read_volume(series[0])
-    heat, numbered, lesions = _results(scan)
+    heat, numbered, lesions = findings_on(scan)
     binary, same = label_lesions(heat, 1.0, 0.0)
     assert same == lesions
     again = number_findings(binary, lesions)
@@ -89,7 +75,7 @@ def test_number_findings_matches_label_lesions(series):
 def test_seg_and_parametric_map_land_on_the_source_grid(series, tmp_path, per_finding):
     folder, _ = series
     scan = read_volume(folder)
-    heat, numbered, lesions = _results(scan)
+    heat, numbered, lesions = findings_on(scan)
     out = tmp_path / "out"
     out.mkdir()
     paths = export_dicom(numbered, lesions, heat, folder, out, per_finding, "test-model", [1.0, 5.0])
@@ -108,7 +94,7 @@ def test_seg_and_parametric_map_land_on_the_source_grid(series, tmp_path, per_fi
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     labels = [d.SegmentLabel for d in seg.SegmentSequence]
-    assert labels == (["Finding 1", "Finding 2", "Finding 3"] if per_finding else ["Anomaly"])
+    assert labels == (["Lesion 1", "Lesion 2", "Lesion 3"] if per_finding else ["Anomaly"])
     # Voxel for voxel through the references: each source image's frame holds that slice's findings.
     got = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)
     assert np.array_equal(got, expected)
@@ -138,7 +124,7 @@ def test_seg_and_parametric_map_land_on_the_source_grid(series, tmp_path, per_fi
 def test_no_findings_give_one_empty_anomaly_segment(series, tmp_path):
     folder, _ = series
     scan = read_volume(folder)
-    heat, numbered, _ = _results(scan)
+    heat, numbered, _ = findings_on(scan)
     empty = sitk.Image(numbered.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(numbered)
     paths = export_dicom(empty, [], heat, folder, tmp_path, True)
@@ -151,7 +137,7 @@ def test_no_findings_give_one_empty_anomaly_segment(series, tmp_path):
 def test_results_off_the_series_grid_are_refused(series, tmp_path):
     folder, _ = series
     scan = read_volume(folder)
-    heat, numbered, lesions = _results(scan)
+    heat, numbered, lesions = findings_on(scan)
     moved = sitk.Image(numbered)
     moved.SetOrigin([v + 0.5 for v in numbered.GetOrigin()])
     with pytest.raises(BadInputError, match="not on the grid of DICOM series .* lies elsewhere"):
@@ -169,7 +155,7 @@ def test_results_off_the_series_grid_are_refused(series, tmp_path):
 def test_exported_files_pass_the_dciodvfy_validator(series, tmp_path):
     folder, _ = series
     scan = read_volume(folder)
-    heat, numbered, lesions = _results(scan)
+    heat, numbered, lesions = findings_on(scan)
     paths = export_dicom(numbered, lesions, heat, folder, tmp_path, True, "test-model", [1.0, 5.0])
     source = find_series(folder)[0].files[0]
     for path, iod in ((paths[0], "Segmentation"), (paths[1], "ParametricMap"), (source, "MRImage")):

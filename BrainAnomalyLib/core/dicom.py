@@ -146,7 +146,8 @@ def _segment_descriptions(lesions: Sequence[dict], per_finding: bool, model_name
             algorithm_identification=_algorithm(model_name), tracking_uid=hd.UID(), tracking_id=label)
 
     if per_finding and lesions:
-        return [segment(int(les["label"]), f"Finding {int(les['label'])}") for les in lesions]
+        # Named as the Slicer module names its segments, so both show the same list.
+        return [segment(int(les["label"]), f"Lesion {int(les['label'])}") for les in lesions]
     return [segment(1, "Anomaly")]
 
 
