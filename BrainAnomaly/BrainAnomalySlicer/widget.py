@@ -562,7 +562,7 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self.logic.jump_to_lesion(self._outputs, row)
 
     def onExportDicom(self):
-        if self._state() is None:
+        if self._state() is None or not self._ensureDependencies():  # highdicom comes with inference's packages
             return
         window = slicer.util.mainWindow()
         source = qt.QFileDialog.getExistingDirectory(
