@@ -209,3 +209,31 @@ def test_dicom_out_needs_a_dicom_series_and_writes_nothing_without_one(tmp_path,
     code = main(["detect", str(scan), "--model", str(intensity_model.path), "-o", str(out), "--dicom-out",
                  str(out / "dicom"), "-q"])
     assert code == 2 and "apart from -o" in capsys.readouterr().err
+
+
+def test_manifest_dicom_out_writes_one_folder_per_case(tmp_path, demo_case, intensity_model, capsys):
+    from BrainAnomalyLib.cli.main import main
+
+    write_series(demo_case[0], tmp_path / "s1")
+    sitk.WriteImage(demo_case[0], str(tmp_path / "s2.nii.gz"))
+    (tmp_path / "cohort.csv").write_text("subject,modality,image,mask\ns1,T1,s1,\ns2,T1,s2.nii.gz,\n",
+                                         encoding="utf-8")
+    out, dicom = tmp_path / "out", tmp_path / "dicom"
+    code = main(["detect", "--manifest", str(tmp_path / "cohort.csv"), "--model", str(intensity_model.path),
+                 "--no-bias-correction", "--no-register", "--skull-strip", "none", "-o", str(out),
+                 "--dicom-out", str(dicom), "-q"])
+    assert code == 2  # the NIfTI case cannot be exported, and says so; the other goes on
+    assert sorted(p.name for p in (dicom / "s1_T1").iterdir()) == sorted([SEG_NAME, MAP_NAME])
+    assert not (dicom / "s2_T1").exists() and not (out / "s2_T1").exists()
+    assert "--dicom-out needs the scan as a DICOM series folder" in capsys.readouterr().err
+
+
+def test_dicom_source_of_a_fusion_is_its_reference_contrast(tmp_path):
+    from BrainAnomalyLib.cli.detect import dicom_source
+    from BrainAnomalyLib.detection.request import DetectionRequest
+
+    (tmp_path / "t1").mkdir()
+    request = DetectionRequest(inputs={"FLAIR": str(tmp_path / "flair.nii.gz"), "T1": str(tmp_path / "t1")})
+    assert dicom_source(request) == tmp_path / "t1"
+    with pytest.raises(BadInputError, match="flair.nii.gz is not a folder"):
+        dicom_source(DetectionRequest(inputs={"FLAIR": str(tmp_path / "flair.nii.gz"), "T2": str(tmp_path)}))

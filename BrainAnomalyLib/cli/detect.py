@@ -3,6 +3,7 @@ writer."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import re
@@ -48,7 +49,8 @@ class DicomOut:
 
     folder: Path
     per_finding: bool = True
-    overwrite: bool = False  # a manifest's cases are written with overwrite off, but their DICOM folders not staged
+    # --overwrite, kept apart from the case requests': a manifest's -o is replaced whole, its DIR case by case.
+    overwrite: bool = False
 
 
 def detect_one(det, request: DetectionRequest, reporter: Reporter, dicom: Optional[DicomOut] = None) -> dict:
@@ -56,16 +58,12 @@ def detect_one(det, request: DetectionRequest, reporter: Reporter, dicom: Option
     ones into theirs: all of them or none); the summary written."""
     from ..detection.writers import dicom_output, write_result
 
-    if dicom is not None:
-        dicom_source(request)
+    source = dicom_source(request) if dicom is not None else None  # refused before anything is computed
     result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
-    if dicom is None:
+    with dicom_output(result, source, dicom.folder, dicom.per_finding, dicom.overwrite) if dicom is not None \
+            else contextlib.nullcontext():
         write_result(result, scan, request.output, request.output_format, request.input_name(),
                      reporter.sub(0.95, 1.0), overwrite=request.overwrite)
-    else:
-        with dicom_output(result, dicom_source(request), dicom.folder, dicom.per_finding, dicom.overwrite):
-            write_result(result, scan, request.output, request.output_format, request.input_name(),
-                         reporter.sub(0.95, 1.0), overwrite=request.overwrite)
     return result.summary()
 
 

@@ -96,14 +96,19 @@ def _source_datasets(series: Series):
 
 def _check_grid(image: sitk.Image, datasets, series: Series) -> None:
     """Refuse results that are not on the series' grid, image by image (see the module's docstring)."""
+    why = _off_grid(image, datasets, series)
+    if why:
+        raise BadInputError(f"the results are not on the grid of DICOM series {series.uid} ({why}); export needs "
+                            "the series the detection ran on")
+
+
+def _off_grid(image: sitk.Image, datasets, series: Series) -> Optional[str]:
+    """How the first image that does not fit `image`'s grid differs from it; None when all fit."""
     size, spacing = image.GetSize(), image.GetSpacing()
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    why = None
     if size[2] != len(datasets):
-        why = f"{size[2]} slices against the series' {len(datasets)} images"
+        return f"{size[2]} slices against the series' {len(datasets)} images"
     for k, ds in enumerate(datasets):
-        if why:
-            break
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
             row_step, col_step = (float(v) for v in ds.PixelSpacing)
@@ -113,14 +118,12 @@ def _check_grid(image: sitk.Image, datasets, series: Series) -> None:
             raise BadInputError(f"DICOM series {series.uid}: image {k + 1} lacks its size, pixel spacing, "
                                 "orientation or position") from None
         if (cols, rows) != tuple(size[:2]) or not np.allclose((col_step, row_step), spacing[:2], atol=1e-4):
-            why = f"image {k + 1} is {cols} x {rows} pixels of {col_step:g} x {row_step:g} mm"
-        elif not np.allclose(orient, np.concatenate([direction[:, 0], direction[:, 1]]), atol=_DIRECTION_TOL):
-            why = f"image {k + 1} has another orientation"
-        elif not np.allclose(pos, image.TransformIndexToPhysicalPoint((0, 0, k)), atol=_POSITION_TOL_MM):
-            why = f"image {k + 1} lies elsewhere"
-    if why:
-        raise BadInputError(f"the results are not on the grid of DICOM series {series.uid} ({why}); export needs "
-                            "the series the detection ran on")
+            return f"image {k + 1} is {cols} x {rows} pixels of {col_step:g} x {row_step:g} mm"
+        if not np.allclose(orient, np.concatenate([direction[:, 0], direction[:, 1]]), atol=_DIRECTION_TOL):
+            return f"image {k + 1} has another orientation"
+        if not np.allclose(pos, image.TransformIndexToPhysicalPoint((0, 0, k)), atol=_POSITION_TOL_MM):
+            return f"image {k + 1} lies elsewhere"
+    return None
 
 
 def _algorithm(model_name: str):
