@@ -190,7 +190,7 @@ def export_dicom(findings: sitk.Image, lesions: Sequence[dict], anomaly_map: sit
     heat = sitk.GetArrayFromImage(anomaly_map).astype(np.float32)
     low, high = (float(v) for v in (display_range or (float(heat.min()), float(heat.max()))))
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label="ANOMALY", lut_explanation="anomaly score; higher is less like healthy brain"[:64],
+        lut_label="ANOMALY", lut_explanation="anomaly score; higher is less like healthy brain",
         unit=codes.UCUM.NoUnits, value_range=(float(heat.min()), float(heat.max())), slope=1.0, intercept=0.0)
     pm = hd.pm.ParametricMap(
         source_images=datasets, pixel_array=heat, series_instance_uid=hd.UID(), series_number=_MAP_SERIES,
@@ -198,7 +198,7 @@ def export_dicom(findings: sitk.Image, lesions: Sequence[dict], anomaly_map: sit
         real_world_value_mappings=[mapping], voi_lut_transformations=[hd.VOILUTTransformation(
             window_center=(low + high) / 2.0, window_width=max(high - low, 1e-6),
             window_explanation="threshold to display top",
-            # scores span less than 1 unit; only LINEAR_EXACT allows a window that narrow
+            # a score window can be under 1 wide, which only LINEAR_EXACT allows
             voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT)],
         series_description=f"BrainAnomaly anomaly map{name}"[:64],
         content_label="ANOMALYMAP", **common)
