@@ -126,7 +126,7 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
     # GDCM's writer leaves the process in the "C" locale (Python's default text encoding then becomes ASCII for
-    # the rest of the test session); the library never writes DICOM, so restore it here.
+    # the rest of the test session); the library writes DICOM only through pydicom, so restore it here.
     locale.setlocale(locale.LC_ALL, saved_locale)
     img = read_volume(folder)
     assert img.GetSize() == (48, 40, 36)

@@ -35,6 +35,8 @@ REQUIREMENTS: Tuple[str, ...] = (
     "tqdm>=4.60",
     "matplotlib>=3.7",  # writers.py renders overlay.png with it
     "pillow>=9",  # training reports store their figures as palette PNGs (matplotlib needs it too)
+    "pydicom>=3.0",  # reads the source series of a DICOM export
+    "highdicom>=0.28",  # writes the DICOM SEG and Parametric Map of 'Export to DICOM'
 )
 # Slicer's own builds: pinned to what is installed so that no dependency can make pip replace them.
 PROTECTED = ("numpy", "SimpleITK")

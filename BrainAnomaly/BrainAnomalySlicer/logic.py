@@ -261,6 +261,16 @@ def _finding_rule(state: dict, false_findings: float):
     return float(curve.threshold(findings.base_fpr)), rule
 
 
+def _findings(outputs: nodes.OutputNodes, state: dict, value: float, rule=None):
+    """(each finding's number, 0 elsewhere; the lesion table) of the heatmap in the scene at `value`: what the
+    label map, the segmentation and a DICOM export show."""
+    from BrainAnomalyLib.detection.postprocess import label_array
+
+    heat = nodes.node_array(outputs.heatmap)  # a view of the node's voxels: nothing copied
+    return label_array(heat, nodes.node_ijk_to_ras(outputs.heatmap), value, state["min_lesion_ml"], numbered=True,
+                       rule=rule)
+
+
 class DetectionLogic:
     """Detection on one MRML scene. `process_factory` makes the worker's process (default: a real child process);
     tests pass their own to stand in for the worker."""
@@ -403,11 +413,7 @@ class DetectionLogic:
         """Label map, segmentation and table at `value` (with a FindingRule: the findings it reports at that base
         threshold), straight from the heatmap node's voxels in memory. With `lesions` (the worker's table at this
         same operating point) the table is not recomputed."""
-        from BrainAnomalyLib.detection.postprocess import label_array
-
-        heat = nodes.node_array(outputs.heatmap)  # a view of the node's voxels: nothing copied
-        numbered, found = label_array(heat, nodes.node_ijk_to_ras(outputs.heatmap), value, state["min_lesion_ml"],
-                                      numbered=True, rule=rule)
+        numbered, found = _findings(outputs, state, value, rule)
         lesions = found if lesions is None else lesions
         geometry = nodes.node_geometry(outputs.heatmap)
         if outputs.labelmap is not None:
@@ -424,6 +430,39 @@ class DetectionLogic:
         return {"threshold": value, "fpr": fpr, "false_findings": false_findings,
                 "finding_threshold": rule.calibration.threshold(false_findings) if rule is not None else None,
                 "lesions": lesions}
+
+    def export_dicom(self, outputs: nodes.OutputNodes, source_folder, output_folder,
+                     per_lesion: Optional[bool] = None, overwrite: bool = False) -> List[Path]:
+        """The findings shown (the label map's, at the operating point in force) as a DICOM SEG, one segment per
+        finding numbered as in the table or one "Anomaly" segment (`per_lesion`; default: as the segmentation
+        shows them), and the anomaly map as a DICOM Parametric Map, both referencing the DICOM series in
+        `source_folder` the scan was loaded from (the folder's series with the most images, as detection reads
+        it). Written into `output_folder` (new or empty; an earlier export there only with `overwrite`), both
+        files or neither. Returns their paths; a DetectionError says why not (kind BadInputError: e.g. the
+        series is not the one the results lie on)."""
+        from BrainAnomalyLib.core.dicom import DICOM_OUTPUTS, export_dicom
+        from BrainAnomalyLib.core.errors import BrainAnomalyError
+        from BrainAnomalyLib.detection.writers import staged_output
+
+        state = self.state(outputs)
+        rule = None
+        if state.get("false_findings") is not None:
+            rule = _finding_rule(state, state["false_findings"])[1]
+        numbered, lesions = _findings(outputs, state, float(state["threshold"]), rule)
+        try:
+            heat = nodes.node_to_image(outputs.heatmap)  # world geometry: a moved volume no longer fits its series
+        except nodes.NodeError as exc:
+            raise DetectionError(str(exc), kind="BadInputError") from None
+        findings = sitk.GetImageFromArray(numbered)
+        findings.CopyInformation(heat)
+        per_lesion = state.get("per_lesion", False) if per_lesion is None else per_lesion
+        try:
+            with staged_output(output_folder, overwrite, extra=DICOM_OUTPUTS) as stage:
+                export_dicom(findings, lesions, heat, source_folder, stage, bool(per_lesion),
+                             (state.get("model") or {}).get("name", ""), state.get("window"))
+        except BrainAnomalyError as exc:
+            raise DetectionError(str(exc), kind=type(exc).__name__, exit_code=exc.exit_code) from None
+        return [Path(output_folder).absolute() / name for name in DICOM_OUTPUTS]
 
     def preview_threshold(self, outputs: nodes.OutputNodes, fpr: Optional[float] = None,
                           false_findings: Optional[float] = None) -> float:

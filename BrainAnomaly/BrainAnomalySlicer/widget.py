@@ -4,6 +4,7 @@ module is first opened, never at Slicer start-up; torch is never imported here (
 exist)."""
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -16,7 +17,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from slicer.util import VTKObservationMixin
 
 from . import nodes, panel
-from .logic import DetectionLogic, available_models, resources_root
+from .logic import DetectionError, DetectionLogic, available_models, resources_root
 
 TITLE = "Brain Anomaly"
 
@@ -109,6 +110,7 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self.ui.perLesionCheckBox.connect("toggled(bool)", self.onLesionOptionChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
         self._otherSelectors = {}  # a fusion model's other contrasts: modality -> (label, volume selector)
         self._refreshModels()
@@ -559,6 +561,36 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         row = self.ui.lesionTableView.sortFilterProxyModel().mapToSource(index).row()
         self.logic.jump_to_lesion(self._outputs, row)
 
+    def onExportDicom(self):
+        if self._state() is None or not self._ensureDependencies():  # highdicom comes with inference's packages
+            return
+        window = slicer.util.mainWindow()
+        source = qt.QFileDialog.getExistingDirectory(
+            window, "The DICOM series folder the scan was loaded from", self._dicomFolder())
+        if not source:
+            return
+        target = qt.QFileDialog.getExistingDirectory(
+            window, "A new or empty folder for the DICOM SEG and parametric map", "")
+        if not target:
+            return
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            paths = self.logic.export_dicom(self._outputs, source, target)
+        except DetectionError as exc:
+            slicer.util.errorDisplay(f"Nothing was exported:\n\n{exc}", windowTitle=TITLE)
+            return
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        self._log(f"Exported the findings ({paths[0].name}) and the anomaly map ({paths[1].name}) to {target}")
+
+    def _dicomFolder(self):
+        """Where the input's images are, when it was loaded through Slicer's DICOM database; else empty."""
+        node = self.ui.inputSelector.currentNode()
+        uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split() if node is not None else []
+        database = getattr(slicer, "dicomDatabase", None)
+        path = database.fileForInstance(uids[0]) if uids and database is not None else ""
+        return str(Path(path).parent) if path else ""
+
     # -- helpers --------------------------------------------------------------------------------------------------
     def _updateButtons(self, caller=None, event=None):
         running = self._run is not None
@@ -569,6 +601,7 @@ class BrainAnomalyWidgetBody(VTKObservationMixin):
         self.ui.detectButton.toolTip = ("Stop the detection (nothing is added to the scene)" if running else
                                         "Run the model on the input volume" if ready else
                                         "Select an input volume (and import a model if none is listed)")
+        self.ui.exportDicomButton.enabled = not running and self._outputs is not None
         for section in (self.ui.inputsCollapsibleButton, self.ui.preprocessingCollapsibleButton,
                         self.ui.outputsCollapsibleButton):
             section.enabled = not running

@@ -3,6 +3,7 @@ writer."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import re
@@ -13,6 +14,7 @@ from typing import Dict, Optional, Tuple
 from ..core.errors import BadInputError, BrainAnomalyError, Cancelled
 from ..core.manifest import normalise_modality
 from ..core.progress import CancelToken, Reporter
+from ..core.dicom import SEGMENTS
 from ..detection.request import DetectionRequest, add_options
 from .progress_bar import ProgressBar
 
@@ -31,17 +33,67 @@ def add_parser(sub) -> None:
                    help="output folder: new or empty (an earlier result there needs --overwrite; a folder holding "
                         "other files is refused); with --manifest, one subfolder per case and summary.csv, and "
                         "--overwrite replaces an earlier run's whole folder once the new run ends")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write the findings as a DICOM SEG and the anomaly map as a DICOM Parametric Map "
+                        "into DIR, referencing the input DICOM series (the input must be a DICOM series folder); "
+                        "with --manifest, one subfolder per case. DIR follows the output folder rule of -o")
+    p.add_argument("--dicom-segments", choices=SEGMENTS, default="findings",
+                   help="the SEG's segments: one per finding, numbered as in lesions.csv (default), or one "
+                        "'Anomaly' segment")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def detect_one(det, request: DetectionRequest, reporter: Reporter) -> dict:
-    """Detect on the request's input and write the outputs into its output folder; the summary written."""
-    from ..detection.writers import write_result
+@dataclasses.dataclass
+class DicomOut:
+    """Where `--dicom-out` writes a case's SEG and parametric map, and how."""
 
+    folder: Path
+    per_finding: bool = True
+    # --overwrite, kept apart from the case requests': a manifest's -o is replaced whole, its DIR case by case.
+    overwrite: bool = False
+
+
+def detect_one(det, request: DetectionRequest, reporter: Reporter, dicom: Optional[DicomOut] = None) -> dict:
+    """Detect on the request's input and write the outputs into its output folder (and with `dicom`, the DICOM
+    ones into theirs: all of them or none); the summary written."""
+    from ..detection.writers import dicom_output, write_result
+
+    source = dicom_source(request) if dicom is not None else None  # refused before anything is computed
     result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
-    write_result(result, scan, request.output, request.output_format, request.input_name(),
-                 reporter.sub(0.95, 1.0), overwrite=request.overwrite)
+    with dicom_output(result, source, dicom.folder, dicom.per_finding, dicom.overwrite) if dicom is not None \
+            else contextlib.nullcontext():
+        write_result(result, scan, request.output, request.output_format, request.input_name(),
+                     reporter.sub(0.95, 1.0), overwrite=request.overwrite)
     return result.summary()
+
+
+def dicom_source(request: DetectionRequest) -> Path:
+    """The DICOM series folder the result's grid is that of (a fusion's reference contrast), or a clear refusal."""
+    from ..detection.fusion import reference_contrast
+
+    given = request.input
+    if request.inputs:
+        reference = reference_contrast(request.inputs)
+        given = next(p for m, p in request.inputs.items() if normalise_modality(m) == reference)
+    if not given or not Path(given).is_dir():
+        raise BadInputError(f"--dicom-out needs the scan as a DICOM series folder (the SEG and the parametric map "
+                            f"reference its images); {given} is not a folder")
+    return Path(given)
+
+
+def _dicom_out(args, out: Path) -> Optional[DicomOut]:
+    """--dicom-out's folder, checked against -o and the output folder rule before anything is computed."""
+    from ..core.dicom import DICOM_OUTPUTS
+    from ..detection.writers import check_output
+
+    if not args.dicom_out:
+        return None
+    folder = Path(args.dicom_out).absolute()
+    main = out.absolute()
+    if folder == main or main in folder.parents or folder in main.parents:
+        raise BadInputError("--dicom-out must be a folder apart from -o (neither inside the other)")
+    check_output(folder, args.overwrite, extra=DICOM_OUTPUTS, cases=bool(args.manifest))
+    return DicomOut(folder, args.dicom_segments == "findings", bool(args.overwrite))
 
 
 def run(args, cancel: CancelToken) -> int:
@@ -54,6 +106,9 @@ def run(args, cancel: CancelToken) -> int:
     request = DetectionRequest.from_args(args)
     out = Path(args.output)
     check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
+    dicom = _dicom_out(args, out)
+    if dicom is not None and not args.manifest:
+        dicom_source(request)
     det = Detector.from_request(request)
     few = (det.model.meta.get("calibration") or {}).get("few_scans")
     if few:
@@ -61,14 +116,16 @@ def run(args, cancel: CancelToken) -> int:
     if not args.manifest:
         bar = ProgressBar(args.quiet, "detect")
         try:
-            s = detect_one(det, request, Reporter(bar, cancel))
+            s = detect_one(det, request, Reporter(bar, cancel), dicom)
         finally:
             bar.close()
         print_summary(s, out)
+        if dicom is not None:
+            print(f"DICOM SEG and parametric map in {dicom.folder}")
         return 0
     if det.model.kind == "fusion":
-        return _run_fused_manifest(det, request, args.manifest, out, args.quiet, cancel)
-    return _run_manifest(det, request, args.manifest, out, args.quiet, cancel)
+        return _run_fused_manifest(det, request, args.manifest, out, args.quiet, cancel, dicom)
+    return _run_manifest(det, request, args.manifest, out, args.quiet, cancel, dicom)
 
 
 _NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9]*)=(.+)$")
@@ -95,7 +152,7 @@ def parse_inputs(items) -> Tuple[Optional[str], Optional[Dict[str, str]]]:
 
 
 def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool,
-                        cancel: CancelToken) -> int:
+                        cancel: CancelToken, dicom: Optional[DicomOut] = None) -> int:
     """A fusion model on a manifest: each subject's rows of the model's contrasts are one case, written into
     OUT/<subject>/; rows of other contrasts are left out (and said so), a subject that fails is reported and the
     run goes on."""
@@ -118,7 +175,7 @@ def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, qui
                 try:
                     one = dataclasses.replace(request, input=None, inputs=given, output=str(root / subject),
                                               modality=None, overwrite=False)
-                    s = detect_one(det, one, rep)
+                    s = detect_one(det, one, rep, _case_dicom(dicom, subject))
                     rows.append([subject, s["modality"], "ok", s["n_lesions"], s["anomalous_volume_ml"],
                                  s["pred_score"], ""])
                 except Cancelled:
@@ -137,7 +194,8 @@ def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, qui
     return 2 if failures else 0
 
 
-def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken) -> int:
+def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken,
+                  dicom: Optional[DicomOut] = None) -> int:
     """Every row of the model's modality, each into OUT/<subject>_<modality>/; a failing case is reported and the
     run goes on. Replacing an earlier run (--overwrite), the new set is built aside and swapped in at the end."""
     from ..core.manifest import read_manifest, skipped_rows
@@ -165,7 +223,7 @@ def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bo
                 one = dataclasses.replace(request, input=str(case.image), output=str(root / case.key),
                                           modality=case.modality, overwrite=False)
                 try:
-                    s = detect_one(det, one, rep)
+                    s = detect_one(det, one, rep, _case_dicom(dicom, case.key))
                     rows.append([case.subject, case.modality, "ok", s["n_lesions"], s["anomalous_volume_ml"],
                                  s["pred_score"], ""])
                 except Cancelled:
@@ -182,6 +240,10 @@ def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bo
     for f in failures:
         print(f"failed: {f}", file=sys.stderr)
     return 2 if failures else 0
+
+
+def _case_dicom(dicom: Optional[DicomOut], key: str) -> Optional[DicomOut]:
+    return dataclasses.replace(dicom, folder=dicom.folder / key) if dicom is not None else None
 
 
 def _write_summary(path: Path, rows) -> None:

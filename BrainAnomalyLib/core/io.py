@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import read_series
 from .errors import BadInputError
 from .files import atomic_path
 
@@ -22,17 +24,21 @@ MAX_EXTENT_MM = 1000.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
 
 
-def read_volume(path: str | os.PathLike, fill_nan: bool = False) -> sitk.Image:
+def read_volume(path: str | os.PathLike, fill_nan: bool = False, notes: Optional[List[str]] = None) -> sitk.Image:
     """Read a NIfTI/NRRD/MHA/... file or a DICOM series folder as a validated 3D float32 image.
 
     NaN or infinite voxels are refused unless `fill_nan`, which sets them to the lowest finite value (background).
+    A folder of several DICOM series is read as the one core.dicom.find_series picks; which one is appended to
+    `notes` (the result's notes, which every front end shows).
     """
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"input not found: {p}")
     try:
         if p.is_dir():
-            image = _read_dicom_series(p)
+            image, note = read_series(p)
+            if note and notes is not None:
+                notes.append(note)
         else:
             image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -94,17 +100,6 @@ def _restore_nifti_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(image)
     return out
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise BadInputError(f"no DICOM series found in folder {folder}")
-    if len(series) > 1:
-        raise BadInputError(f"folder {folder} holds {len(series)} DICOM series; point to a folder with one")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
 
 
 def validate_volume(image: sitk.Image, name: str = "input", fill_nan: bool = False) -> sitk.Image:

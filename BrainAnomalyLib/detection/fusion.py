@@ -108,8 +108,10 @@ class FusionDetector(Detector):
         t = request.threshold
         self.threshold(t.value, t.fpr, t.false_findings)  # a bad threshold fails before the reading
         paths = self.inputs(request.inputs or {})
-        scans = {m: read_volume(p, fill_nan=request.fill_nan) for m, p in paths.items()}
+        read_notes: Dict[str, List[str]] = {m: [] for m in paths}
+        scans = {m: read_volume(p, fill_nan=request.fill_nan, notes=read_notes[m]) for m, p in paths.items()}
         result = self.run_contrasts(scans, t.value, t.fpr, reporter, t.false_findings)
+        result.notes[:0] = [f"{m}: {n}" for m, notes in read_notes.items() for n in notes]
         return result, scans[self.reference_modality(scans)]
 
     def run_contrasts(self, scans: Mapping[str, sitk.Image], threshold: Optional[float] = None,

@@ -210,8 +210,11 @@ class Detector:
         self.threshold(t.value, t.fpr, t.false_findings)  # a bad threshold fails before the reading
         if not request.input:
             raise BadInputError("the request names no input volume")
-        scan = read_volume(request.input, fill_nan=request.fill_nan)
-        return self.run(scan, request.modality, t.value, t.fpr, reporter, t.false_findings), scan
+        read_notes: List[str] = []
+        scan = read_volume(request.input, fill_nan=request.fill_nan, notes=read_notes)
+        result = self.run(scan, request.modality, t.value, t.fpr, reporter, t.false_findings)
+        result.notes[:0] = read_notes
+        return result, scan
 
     def run(self, native: sitk.Image, modality: Optional[str] = None, threshold: Optional[float] = None,
             fpr: Optional[float] = None, reporter: Optional[Reporter] = None,

@@ -163,6 +163,39 @@ def label_array(arr: np.ndarray, index_to_ras: np.ndarray, threshold: float, min
     return mask, lesions
 
 
+def number_findings(pred_mask: sitk.Image, lesions: List[dict]) -> sitk.Image:
+    """A 1 = anomaly label map with each finding's number from the lesion table instead (its `label`), as
+    `label_lesions(numbered=True)` makes it: the map's components (the table's findings, nothing else) matched to
+    the table's rows by voxel count and centroid. A map and a table that do not match are refused."""
+    arr = sitk.GetArrayViewFromImage(pred_mask) > 0
+    labels, box, counts, _ = components(arr, 1.0, 0.0)
+    n = counts.size - 1
+    centroids = np.zeros((n + 1, 3))
+    if n:
+        flat = np.flatnonzero(labels)
+        lab = labels.ravel()[flat]
+        coords = [c + b.start for c, b in zip(np.unravel_index(flat, labels.shape), box)]
+        centroids = np.stack([np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1)
+                              for c in coords[::-1]], axis=1) / np.maximum(counts, 1)[:, None]  # i, j, k
+    number = np.zeros(n + 1, np.uint16)
+    for les in lesions:
+        # The table's centroids are rounded to 0.01 voxel.
+        gap = np.linalg.norm(centroids - np.asarray(les["centroid_ijk"], np.float64), axis=1)
+        gap[(counts != les["voxels"]) | (number > 0)] = np.inf
+        gap[0] = np.inf
+        best = int(np.argmin(gap))
+        if not gap[best] < 0.05:
+            raise ValueError(f"finding {les['label']} of the lesion table is not in the label map")
+        number[best] = les["label"]
+    if np.count_nonzero(number) != n:
+        raise ValueError(f"the label map holds {n} findings, the lesion table {len(lesions)}")
+    out = np.zeros(arr.shape, np.uint8 if len(lesions) < 256 else np.uint16)
+    out[box] = number[labels]
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(pred_mask)
+    return image
+
+
 # The lesion table's one schema, for every front end (CSV header, result.json, Slicer's table node):
 # (column name, key in a lesion from `label_lesions`, index into that key's 3-vector or None).
 LESION_COLUMNS = (

@@ -27,7 +27,7 @@ from ..core.io import itk_reason, write_volume
 from ..core.progress import Reporter
 from ..core.result import Result
 from .overlay import overlay_montage
-from .postprocess import LESION_COLUMN_NAMES, lesion_row
+from .postprocess import LESION_COLUMN_NAMES, lesion_row, number_findings
 from .request import FORMATS
 
 VOLUMES = ("anomaly_map", "pred_mask", "brain_mask", "reconstruction")  # reconstruction: when the scorer has one
@@ -150,31 +150,68 @@ def write_outputs(result: Result, scan: sitk.Image, folder: Path, fmt: str = "ni
     reporter.check()
 
 
-def write_result(result: Result, scan: sitk.Image, outdir, fmt: str = "nifti", input_name: str = "",
-                 reporter: Optional[Reporter] = None, overwrite: bool = False) -> Path:
-    """Write every output into `outdir` under the output folder rule (`check_output`). A new folder, or one that
-    replaces an earlier result, is built beside it and swapped in; an empty folder (perhaps the user's own) is
-    filled from a staging folder inside it. Either way a cancel or an error before the end leaves nothing new."""
-    reporter = reporter or Reporter()
-    if fmt not in FORMATS:
-        raise BadInputError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+@contextmanager
+def staged_output(outdir, overwrite: bool = False, extra: Iterable[str] = ()) -> Iterator[Path]:
+    """A private folder to write a set of outputs into, whose files appear in `outdir` under the output folder rule
+    (`check_output`; `extra` as there) when the block ends normally, and none of them on an error or a cancel. A
+    new folder, or one that replaces an earlier result, is built beside it and swapped in; an empty folder
+    (perhaps the user's own) is filled from a staging folder inside it."""
     outdir = Path(outdir).absolute()
     try:
-        with output_root(outdir, overwrite) as root:
+        with output_root(outdir, overwrite, extra) as root:
             if root != outdir:
-                write_outputs(result, scan, root, fmt, input_name, reporter)
+                yield root
             else:
                 stage = Path(tempfile.mkdtemp(prefix=_STAGE, dir=outdir))
                 try:
-                    write_outputs(result, scan, stage, fmt, input_name, reporter)
+                    yield stage
                     for f in stage.iterdir():
                         os.replace(f, outdir / f.name)
                 finally:
                     shutil.rmtree(stage, ignore_errors=True)
     except OSError as exc:
         raise BadInputError(f"cannot write the outputs to {outdir}: {exc.strerror or exc}") from None
+
+
+def write_result(result: Result, scan: sitk.Image, outdir, fmt: str = "nifti", input_name: str = "",
+                 reporter: Optional[Reporter] = None, overwrite: bool = False) -> Path:
+    """Write every output into `outdir` through `staged_output`: a cancel or an error before the end leaves
+    nothing new."""
+    reporter = reporter or Reporter()
+    if fmt not in FORMATS:
+        raise BadInputError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    outdir = Path(outdir).absolute()
+    with staged_output(outdir, overwrite) as stage:
+        write_outputs(result, scan, stage, fmt, input_name, reporter)
     reporter("write outputs", 1.0)
     return outdir
+
+
+@contextmanager
+def dicom_output(result: Result, source, outdir, per_finding: bool = True, overwrite: bool = False
+                 ) -> Iterator[List[Path]]:
+    """The findings as a DICOM SEG and the anomaly map as a Parametric Map, referencing the DICOM series in the
+    folder `source` the detection ran on (core/dicom.export_dicom), written into `outdir` under the output folder
+    rule. They are made before the block and appear when it ends normally, so other outputs written inside it
+    appear with them or not at all. Yields their final paths."""
+    from ..core.dicom import DICOM_OUTPUTS, export_dicom
+
+    outdir = Path(outdir).absolute()
+    try:
+        findings = number_findings(result.pred_mask, result.lesions)
+    except ValueError as exc:
+        raise BadInputError(f"cannot export to DICOM: {exc}") from None
+    with staged_output(outdir, overwrite, extra=DICOM_OUTPUTS) as stage:
+        export_dicom(findings, result.lesions, result.anomaly_map, source, stage, per_finding,
+                     result.model.get("name", ""), result.display_range)
+        yield [outdir / name for name in DICOM_OUTPUTS]
+
+
+def write_dicom(result: Result, source, outdir, per_finding: bool = True, overwrite: bool = False) -> List[Path]:
+    """`dicom_output` alone: the SEG and parametric map of a result (e.g. one `read_result` read back)."""
+    with dicom_output(result, source, outdir, per_finding, overwrite) as paths:
+        pass
+    return paths
 
 
 def read_result(folder) -> Result:
