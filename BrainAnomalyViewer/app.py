@@ -240,7 +240,7 @@ class Viewer:
                           density="compact", hide_details=True, id="input-path")
             v3.VBtn("Load", click=self.load, block=True, classes="my-2", id="load", disabled=("running",))
             v3.VSelect(v_model=("model",), items=("models",), item_title="title", item_value="id", label="Model",
-                       density="compact", hide_details=True, id="model", disabled=("running",))
+                       density="compact", hide_details=True, classes="model-select", disabled=("running",))
             html.Div("{{ model_details }}", classes="text-caption my-1", style="white-space: pre-line",
                      id="model-details")
             with html.Div(classes="d-flex flex-wrap"):
@@ -256,7 +256,7 @@ class Viewer:
             with html.Div(v_show="has_outputs", id="outputs"):
                 html.Div("Threshold: {{ threshold_text }}", classes="text-body-2 mt-3", id="threshold-text")
                 v3.VSlider(v_model=("threshold_position",), min=("threshold_min",), max=("threshold_max",),
-                           step=0.01, density="compact", hide_details=True, id="threshold")
+                           step=0.01, density="compact", hide_details=True, classes="threshold-slider")
                 v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, label="Opacity", density="compact",
                            hide_details=True, id="opacity")
                 v3.VTextField(v_model=("min_lesion_ml",), type="number", step=0.05, min=0,

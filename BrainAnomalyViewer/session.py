@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from BrainAnomalySlicer import nodes, panel
-from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionOptions, DetectionRun, available_models
+from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionRun, available_models
 
 # The viewer's own output files: the module's nodes as they stand (threshold, minimum size chosen in the browser).
 SAVED_FILES = ("anomaly_map.nrrd", "pred_mask.nrrd", "lesions.csv")

@@ -89,7 +89,7 @@ def _wait_for_views(pg) -> None:
 
 
 def _load(pg, path) -> None:
-    pg.locator("#input-path input").fill(str(path))
+    pg.locator("#input-path").fill(str(path))
     pg.locator("#load").click()
     pg.locator("#message").filter(has_text="Loaded").wait_for()
 
@@ -112,10 +112,10 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     _wait_for_views(pg)
 
     # The model from the registry, with its description.
-    pg.locator("#model").click()
+    pg.locator(".model-select").click()
     pg.get_by_role("option", name=f"{MODEL} (T1)").click()
     expect(pg.locator("#model-details")).to_contain_text("intensity scorer for T1")
-    pg.locator("#bias-correction input").uncheck()  # the slowest step, and the demo case has no bias field
+    pg.locator("#bias-correction").uncheck()  # the slowest step, and the demo case has no bias field
 
     pg.locator("#detect").click()
     expect(pg.locator("#cancel")).to_be_visible()
@@ -135,7 +135,7 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     _screenshot(pg, tmp_path, "viewer_detect.png")
 
     # The slider, in false findings per healthy scan: near its top more findings are reported.
-    track = pg.locator("#threshold .v-slider-track").bounding_box()
+    track = pg.locator(".threshold-slider .v-slider-track").bounding_box()
     pg.mouse.click(track["x"] + track["width"] * 0.97, track["y"] + track["height"] / 2)
     expect(pg.locator("#threshold-text")).not_to_have_text(text_before)
     deadline = time.monotonic() + 30
@@ -165,7 +165,7 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
 
     # Save: the nodes as they stand, into a new folder.
     target = tmp_path / "saved"
-    pg.locator("#output-path input").fill(str(target))
+    pg.locator("#output-path").fill(str(target))
     pg.locator("#save").click()
     expect(pg.locator("#message")).to_contain_text("Saved to")
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(target / "pred_mask.nrrd")))
