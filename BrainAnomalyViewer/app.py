@@ -54,7 +54,6 @@ class Viewer:
         self.state.change("threshold_position")(self._on_threshold)
         self.state.change("opacity")(self._on_opacity)
         self.state.change("min_lesion_ml")(self._on_min_size)
-        self.state.change("model")(self._on_model)
 
     @property
     def state(self):
@@ -72,7 +71,6 @@ class Viewer:
         self.state.update({
             "trame__title": "BrainAnomaly viewer",
             "input_path": "", "input_name": "", "models": models, "model": chosen,
-            "model_details": self._details(models, chosen),
             "bias_correction": True, "skull_strip": True, "registration": True,
             "running": False, "progress": 0, "step": "",
             "has_outputs": False, "threshold_position": panel.false_findings_to_slider(None),
@@ -81,10 +79,6 @@ class Viewer:
             "lesions": [], "table_columns": [{"key": k, "title": t, "digits": d} for k, t, d in TABLE_COLUMNS],
             "selected_lesion": -1, "output_path": "", "message": "", "error": False,
         })
-
-    @staticmethod
-    def _details(models, model_id) -> str:
-        return next((m["details"] for m in models if m["id"] == model_id), "")
 
     def _say(self, message: str, error: bool = False) -> None:
         self.state.message, self.state.error = message, error
@@ -205,9 +199,6 @@ class Viewer:
     def _on_opacity(self, opacity, **_) -> None:
         self.session.set_opacity(float(opacity))
 
-    def _on_model(self, model, **_) -> None:
-        self.state.model_details = self._details(self.state.models, model)
-
     def jump(self, row: int) -> None:
         ras = self.session.jump_to_lesion(int(row))
         if ras is not None:
@@ -241,7 +232,7 @@ class Viewer:
             v3.VBtn("Load", click=self.load, block=True, classes="my-2", id="load", disabled=("running",))
             v3.VSelect(v_model=("model",), items=("models",), item_title="title", item_value="id", label="Model",
                        density="compact", hide_details=True, classes="model-select", disabled=("running",))
-            html.Div("{{ model_details }}", classes="text-caption my-1", style="white-space: pre-line",
+            html.Div("{{ (models.find(m => m.id === model) || {}).details }}", classes="text-caption my-1", style="white-space: pre-line",
                      id="model-details")
             with html.Div(classes="d-flex flex-wrap"):
                 for key, text in (("skull_strip", "Skull-strip"), ("bias_correction", "Bias correction"),
@@ -293,4 +284,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, input_path: Optional[str] =
     if input_path:
         viewer.open_scan(input_path)
     print(f"BrainAnomaly viewer on http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
-    viewer.start(host, port, open_browser=open_browser)
+    try:
+        viewer.start(host, port, open_browser=open_browser)
+    finally:
+        viewer.session.close()

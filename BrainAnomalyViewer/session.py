@@ -112,6 +112,14 @@ class ViewerSession:
         if self.running:
             self.run.cancel(wait=False)
 
+    def close(self) -> None:
+        """Stop a run still going (its whole process tree, waiting for it) and remove its temporary folder: the
+        viewer is shutting down."""
+        run, self.run = self.run, None
+        if run is not None:
+            run.cancel(wait=True)
+            run.cleanup()
+
     # -- the outputs in the scene --
     def state(self) -> Optional[dict]:
         return self.logic.state(self.outputs) if self.outputs is not None else None

@@ -30,10 +30,15 @@ def _free_port() -> int:
 def viewer():
     from BrainAnomalyViewer.app import Viewer
 
-    v = Viewer(server_name=f"viewer-test-{os.getpid()}")
-    port = _free_port()
-    threading.Thread(target=v.start, args=("127.0.0.1", port), kwargs={"thread": True}, daemon=True).start()
-    deadline = time.monotonic() + 120
+    port, built = _free_port(), []
+
+    def serve():
+        # Built in the thread that serves it: the views' OpenGL contexts belong to the thread that made them.
+        built.append(Viewer(server_name=f"viewer-test-{os.getpid()}"))
+        built[0].start("127.0.0.1", port, thread=True)
+
+    threading.Thread(target=serve, daemon=True).start()
+    deadline = time.monotonic() + 180
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -41,8 +46,8 @@ def viewer():
         except OSError:
             assert time.monotonic() < deadline, "the viewer did not start listening"
             time.sleep(0.2)
-    yield v, f"http://127.0.0.1:{port}/"
-    v.session.cancel()
+    yield built[0], f"http://127.0.0.1:{port}/"
+    built[0].session.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +178,15 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     assert len((target / "lesions.csv").read_text(encoding="utf-8").strip().splitlines()) == n_loose + 1
     pg.locator("#save").click()  # the folder is no longer empty: refused in one line, nothing changed
     expect(pg.locator("#message")).to_contain_text("not a new or empty folder")
+
+    # Minimum size: only findings at least that large stay, without a model run.
+    pg.locator("#min-size").fill("1")
+    deadline = time.monotonic() + 30
+    while v.session.state()["min_lesion_ml"] != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    big = v.session.lesion_rows()
+    assert all(r["volume_ml"] >= 1.0 for r in big) and len(big) < n_loose
+    expect(_rows(pg)).to_have_count(len(big))
 
     # Cancel: a fresh scan, a run stopped midway, and the scene as it was before the run.
     _load(pg, demo_file)
