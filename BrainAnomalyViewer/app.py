@@ -165,8 +165,18 @@ class Viewer:
             await asyncio.sleep(POLL_SECONDS)
 
     def _show_3d(self) -> None:
-        """The findings as surfaces in the 3D view (the slice views show them as outlines)."""
-        seg = self.session.outputs.segmentation if self.session.outputs else None
+        """The findings as surfaces in the 3D view, among the three slice planes (overlay included) in place of the
+        scan's volume rendering, which would hide them."""
+        outputs = self.session.outputs
+        if outputs is None:
+            return
+        vr = self.slicer.volume_rendering.get_vr_display_node(self.session.input_node)
+        if vr is not None:
+            vr.SetVisibility(False)
+        scene = self.slicer.scene
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            scene.GetNthNodeByClass(i, "vtkMRMLSliceNode").SetSliceVisible(True)
+        seg = outputs.segmentation
         if seg is not None and seg.GetSegmentation().GetNumberOfSegments():
             seg.CreateClosedSurfaceRepresentation()
 
@@ -218,7 +228,7 @@ class Viewer:
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
             layout.title.set_text("BrainAnomaly viewer")
             with layout.drawer as drawer:
-                drawer.width = 420
+                drawer.width = 470
                 self._panel()
             with layout.content:
                 with html.Div(style="height: calc(100vh - 64px); width: 100%; display: flex;"):
@@ -232,8 +242,8 @@ class Viewer:
             v3.VBtn("Load", click=self.load, block=True, classes="my-2", id="load", disabled=("running",))
             v3.VSelect(v_model=("model",), items=("models",), item_title="title", item_value="id", label="Model",
                        density="compact", hide_details=True, classes="model-select", disabled=("running",))
-            html.Div("{{ (models.find(m => m.id === model) || {}).details }}", classes="text-caption my-1", style="white-space: pre-line",
-                     id="model-details")
+            html.Div("{{ (models.find(m => m.id === model) || {}).details }}", classes="text-caption my-1",
+                     style="white-space: pre-line", id="model-details")
             with html.Div(classes="d-flex flex-wrap"):
                 for key, text in (("skull_strip", "Skull-strip"), ("bias_correction", "Bias correction"),
                                   ("registration", "Registration")):
