@@ -28,7 +28,7 @@ LAYOUT = "Quad View"  # trame-slicer's: coronal and sagittal | 3D and axial
 POLL_SECONDS = 0.2
 # Columns of the page's lesion table: (column of the module's table node, heading, decimals).
 TABLE_COLUMNS = (("label", "#", 0), ("volume_ml", "mL", 2), ("max_score", "peak", 2),
-                 ("healthy_rate", "healthy rate", 2), ("centroid_r", "R", 1), ("centroid_a", "A", 1),
+                 ("healthy_rate", "healthy rate", 3), ("centroid_r", "R", 1), ("centroid_a", "A", 1),
                  ("centroid_s", "S", 1))
 
 
