@@ -4,6 +4,7 @@ through the page (test_viewer_browser.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -47,3 +48,28 @@ def test_models_are_the_registry_single_contrast_ones(session):
     assert set(offered) == single and "fusion-t1-t2-flair" not in offered
     assert offered[default_model_name()]["default"]
     assert "intensity scorer for T1" in offered["intensity-t1"]["details"]
+
+
+def test_load_a_dicom_series_folder(session, tmp_path):
+    """A folder of DICOM slices loads as one volume (BrainAnomalyLib's series reader), with its spacing."""
+    from BrainAnomalySlicer.nodes import node_geometry as nodes_geometry
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    volume = np.arange(12 * 20 * 16, dtype=np.int16).reshape(12, 20, 16) % 500
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.42"
+    for k in range(volume.shape[0]):
+        image = sitk.GetImageFromArray(volume[k])
+        image.SetSpacing((4.0, 4.0))
+        for tag, value in (("0020|000e", series), ("0020|0013", str(k + 1)), ("0008|0060", "MR"),
+                           ("0020|0032", f"0\\0\\{6.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0018|0050", "6.0")):
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(image)
+    node = session.load(folder)
+    assert node.GetName() == "series"
+    assert node.GetImageData().GetDimensions() == (16, 20, 12)
+    assert np.allclose(np.linalg.norm(nodes_geometry(node)[:3, :3], axis=0), (4.0, 4.0, 6.0))
