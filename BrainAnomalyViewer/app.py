@@ -59,10 +59,6 @@ class Viewer:
     def state(self):
         return self.server.state
 
-    @property
-    def ctrl(self):
-        return self.server.controller
-
     # -- state --
     def _init_state(self, model: Optional[str]) -> None:
         models = self.session.models()
