@@ -12,7 +12,7 @@ from .. import __version__
 from ..core.errors import BrainAnomalyError, Cancelled
 from ..core.progress import CancelToken
 # In the order `brainanomaly --help` lists them; each is the module of that name here.
-COMMANDS = ("detect", "demo", "train", "evaluate", "models", "ensemble", "synth", "calibrate")
+COMMANDS = ("detect", "demo", "view", "train", "evaluate", "models", "ensemble", "synth", "calibrate")
 
 
 def _command(name: str):
