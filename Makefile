@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install browser clean
+.PHONY: demo test lint install system-tools clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,18 +12,22 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-install: $(BIN)/.installed browser
+install: $(BIN)/.installed system-tools
 
-# The browser viewer's end-to-end test (Testing/test_viewer_browser.py) drives the OS's Chromium through Playwright;
-# no browser is ever downloaded by Playwright. Where /usr/bin/chromium is missing, root (CI) apt-installs Debian's
-# `chromium`; anyone else is told the command, and that test fails until it is there.
+# Two OS programs the tests use, never downloaded by pip or Playwright: Debian's `chromium`, which the browser
+# viewer's end-to-end test drives (Testing/test_viewer_browser.py), and `dciodvfy` from `dicom3tools`, which
+# validates the DICOM export (Testing/test_dicom.py). Where one is missing, root (CI) apt-installs it; anyone else
+# is told the command (the browser test then fails; the validator test skips).
 CHROMIUM ?= /usr/bin/chromium
-browser:
-	@if [ ! -x $(CHROMIUM) ]; then \
+system-tools:
+	@missing=""; \
+	[ -x $(CHROMIUM) ] || missing="$$missing chromium"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "$(CHROMIUM) is missing: run 'sudo apt-get install chromium' for the viewer's browser test"; \
+			echo "missing:$$missing; install with: sudo apt-get install$$missing"; \
 		fi; \
 	fi
 
@@ -33,7 +37,7 @@ demo: $(BIN)/.installed
 # One pytest-xdist worker per core, at most 4 (each builds its own copy of the session fixtures; the largest test
 # process reached 3 GB); --dist loadfile keeps a file's tests, and so its module fixtures, on one worker.
 # Testing/conftest.py splits the cores' threads between the workers.
-test: $(BIN)/.installed browser
+test: $(BIN)/.installed system-tools
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile Testing
 
 # ruff (pyflakes + pycodestyle errors) and lint-imports (layers, no import cycles): both configured in pyproject.toml.
