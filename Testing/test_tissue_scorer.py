@@ -128,3 +128,44 @@ def test_extreme_reference_holds_flair_to_the_brightest_possible_tissue():
     np.testing.assert_array_equal(scorer.score(image, mask, Reporter()).anomaly_map, scores)
     with pytest.raises(ValueError, match="one-sided"):
         extreme_reference_score(image, mask, "two-sided", GRID)
+
+
+def test_thick_slices_widen_the_extreme_reference_only_across_them():
+    """A healthy FLAIR acquired in 8 mm slices and registered 6 mm off across them: held to the CSF level, the
+    tissue blurred into the ventricles' roofs scores as lesion; with the acquisition's slice extent the priors widen
+    along z and those false alarms go. Inputs no coarser than the grid score exactly as without it."""
+    from scipy import ndimage
+
+    from BrainAnomalyLib.scorers.tissue import extreme_reference_score
+
+    image, mask = healthy_template_scan("FLAIR", seed=5, grid=GRID)
+    fwhm_voxels = 8.0 / GRID.spacing[2]
+    thick = ndimage.shift(ndimage.gaussian_filter(image, [fwhm_voxels / 2.3548, 0, 0]), [3, 0, 0], order=1,
+                          mode="nearest")
+    plain = extreme_reference_score(thick, mask, "hyper", GRID)
+    np.testing.assert_array_equal(extreme_reference_score(thick, mask, "hyper", GRID, acquisition_mm=[2, 1, 1]),
+                                  plain)
+    widened = extreme_reference_score(thick, mask, "hyper", GRID, acquisition_mm=[8, 2, 2])
+    # Measured: 0.112 % of the brain above 1 IQR without, 0.008 % with.
+    assert float((plain[mask] > 1.0).mean()) > 4 * float((widened[mask] > 1.0).mean()) + 2e-4
+    scorer = scorer_class("tissue")({"direction": "hyper", "reference": "extreme"}, {})
+    scorer.acquisition_mm = [8, 2, 2]
+    np.testing.assert_array_equal(scorer.score(thick, mask, Reporter()).anomaly_map, widened)
+
+
+def test_voxel_extent_on_grid_follows_the_slices_through_the_registration():
+    """A 1 x 1 x 5 mm axial scan reaches 5 mm along the grid's z axis; scaled by the registration, by as much
+    more; turned by 90 degrees about x, the thick axis lies along the grid's y instead."""
+    import SimpleITK as sitk
+
+    from BrainAnomalyLib.preprocess.chain import voxel_extent_on_grid
+
+    scan = sitk.Image([20, 20, 8], sitk.sitkFloat32)
+    scan.SetSpacing([1.0, 1.0, 5.0])
+    identity = sitk.AffineTransform(3)
+    np.testing.assert_allclose(voxel_extent_on_grid(scan, identity, GRID), [5, 1, 1], atol=1e-6)
+    shrink = sitk.AffineTransform(3)
+    shrink.SetMatrix([0.5, 0, 0, 0, 0.5, 0, 0, 0, 0.5])  # template -> scan: the scan's brain is half the size
+    np.testing.assert_allclose(voxel_extent_on_grid(scan, shrink, GRID), [10, 2, 2], atol=1e-6)
+    scan.SetDirection([1, 0, 0, 0, 0, -1, 0, 1, 0])
+    np.testing.assert_allclose(voxel_extent_on_grid(scan, identity, GRID), [1, 5, 1], atol=1e-6)

@@ -8,10 +8,10 @@ freedom over the post-processing.
 
 Candidates: the reference (`nearest` tissue, prior blur 0 or 4 mm; `extreme`, blur and plausibility 0 mm / 0.05,
 0 mm / 0.2, 4 mm / 0.2; not for two-sided directions), brain-mask erosion 0 or 3 voxels, contralateral weight 0,
-0.25 or 0.5. `extreme` at 4 mm and 0.05 is left out: it makes grey matter possible across nearly all deep white
-matter (scorers/tissue.py). Grid maps: detection's own preprocessing (cached), scoring and post-processing
-functions; labels resampled onto the grid through the recorded registration. Grid AUPRC runs about 0.02 below
-`evaluate`'s on each scan's own grid.
+0.25 or 0.5, in-plane median width 1, 3 or 5 voxels. `extreme` at 4 mm and 0.05 is left out: it makes grey
+matter possible across nearly all deep white matter (scorers/tissue.py). Grid maps: detection's own
+preprocessing (cached), scoring and post-processing functions; labels resampled onto the grid through the recorded
+registration. Grid AUPRC runs about 0.02 below `evaluate`'s on each scan's own grid.
 """
 
 import argparse
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.core.manifest import normalise_modality, read_manifest  # noqa: E402
-from BrainAnomalyLib.core.template import Grid, midline_axis  # noqa: E402
+from BrainAnomalyLib.core.template import Grid, contralateral_difference  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
-                                                   filter_map, subtract_contralateral)
+                                                   filter_map)
 from BrainAnomalyLib.evaluation.metrics import average_precision  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig, standardise  # noqa: E402
 from BrainAnomalyLib.scorers.base import direction_for, signed  # noqa: E402
@@ -38,6 +38,9 @@ DEV = ROOT.parent / "shared" / "data" / "brats18_dev.csv"
 EXTREME = ((0.0, 0.05), (0.0, 0.2), (4.0, 0.2))
 EROSIONS = (0, 3)
 WEIGHTS = (0.0, 0.25, 0.5)
+# In-plane median filter widths (grid voxels, 2 mm): 5 (10 mm) erases lesions smaller than about 6 mm
+# (scripts/robustness_flair.py), so narrower ones are candidates too.
+MEDIANS = (1, 3, 5)
 
 
 def grid_case(case, grid: Grid):
@@ -80,7 +83,6 @@ def main() -> int:
     modality = normalise_modality(args.modality)
     direction = args.direction or direction_for(modality)
     grid = Grid()
-    axis = midline_axis(grid)
     cases = {c.subject: grid_case(c, grid) for c in read_manifest(args.manifest)
              if c.modality == modality and c.mask is not None}
     if len(cases) < 2:
@@ -89,17 +91,21 @@ def main() -> int:
     for subject, (image, mask, _) in cases.items():
         for scorer, raw in raw_maps(image, mask, direction, grid).items():
             for erosion in EROSIONS:
-                config = PostprocessConfig(erode_voxels=erosion)
                 for weight in WEIGHTS:
-                    filtered = filter_map(subtract_contralateral(raw.astype(np.float32), weight, axis), config)
-                    cleaned.setdefault((scorer, erosion, weight), {})[subject] = clip_to_mask(
-                        filtered, erode_mask(mask, config))
+                    contrasted = contralateral_difference(raw.astype(np.float32), weight, grid)
+                    for median in MEDIANS:
+                        config = PostprocessConfig(erode_voxels=erosion, median_size=median)
+                        cleaned.setdefault((scorer, erosion, weight, median), {})[subject] = clip_to_mask(
+                            filter_map(contrasted, config), erode_mask(mask, config))
         print(f"scored {subject}", flush=True)
     keys = list(cases)
     everyone = {setting: pooled(maps, cases, keys) for setting, maps in cleaned.items()}
     print(f"\n{modality} ({direction}), {len(keys)} cases, grid AUPRC pooled; best settings on all cases:")
     for setting in sorted(everyone, key=everyone.get, reverse=True)[:8]:
         print(f"  {everyone[setting]:.3f}  {setting}")
+    for median in MEDIANS:
+        best = max((s for s in everyone if s[3] == median and s[0][0] != "intensity"), key=everyone.get)
+        print(f"  median width {median}: best tissue setting {everyone[best]:.3f} {best}")
     families = (("tissue", lambda s: s[0][0] != "intensity"), ("intensity", lambda s: s[0][0] == "intensity"))
     for family, member in families:
         held = {}

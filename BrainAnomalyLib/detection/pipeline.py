@@ -107,9 +107,11 @@ class Detector:
                                 f"choose a {m} model (see 'brainanomaly models')")
         return m
 
-    def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
-        """Score a preprocessed grid volume and post-process the map."""
-        out, notes = self._score(image, mask, reporter or Reporter())
+    def score_grid(self, image: np.ndarray, mask: np.ndarray, reporter: Optional[Reporter] = None,
+                   acquisition_mm: Optional[Sequence[float]] = None) -> GridScores:
+        """Score a preprocessed grid volume and post-process the map; `acquisition_mm` is the input voxel's extent
+        along the grid axes (Preprocessed.acquisition_mm), None for the grid's own."""
+        out, notes = self._score(image, mask, reporter or Reporter(), acquisition_mm)
         return self.postprocess(out, mask, notes)
 
     def filtered(self, anomaly_map: np.ndarray) -> np.ndarray:
@@ -123,12 +125,14 @@ class Detector:
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
                           robust_stats(filtered[eroded]), list(notes))
 
-    def _score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
+    def _score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter,
+               acquisition_mm: Optional[Sequence[float]] = None):
         """The scorer's output, under the out-of-memory policy: only this step is retried (the preprocessed volume
         is kept), with half the batch each time down to one slice, then on the CPU. Returns (output, notes)."""
         first_device = self.device
         tried: List[Optional[int]] = []
         while True:
+            self.scorer.acquisition_mm = acquisition_mm  # a rebuilt scorer scores the same scan
             try:
                 out = self.scorer.score(image, mask, reporter)
                 break
@@ -182,7 +186,7 @@ class Detector:
             pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
-        scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95))
+        scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95), pre.acquisition_mm)
         seconds["score+postprocess"] = time.perf_counter() - t
         return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
 

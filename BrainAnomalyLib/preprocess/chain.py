@@ -52,6 +52,10 @@ class Preprocessed:
     raw_image: Optional[np.ndarray] = None  # the grid volume before standardisation
     contrast: Optional[dict] = None  # the recognised contrast (preprocess.contrast.ContrastEstimate.to_dict())
     notes: List[str] = field(default_factory=list)  # borderline findings the user should see
+    # How far one input voxel reaches along each grid axis (z, y, x; mm): thick slices blur tissue boundaries
+    # further than the grid's own sampling does (scorers/tissue.py widens its priors by the excess). None where
+    # unknown (volumes read back from the cache), taken as the grid's own spacing.
+    acquisition_mm: Optional[List[float]] = None
 
 
 def standardise(raw: np.ndarray, mask: np.ndarray, config: PreprocessConfig, grid: Grid) -> tuple[np.ndarray, dict]:
@@ -125,7 +129,17 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     native_mask = sitk.GetArrayFromImage(
         sitk.Resample(mask_img, native, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
     return Preprocessed(image, grid_mask, native_mask, transform, grid, rec.steps, raw_image=raw, contrast=contrast,
-                        notes=notes)
+                        notes=notes, acquisition_mm=voxel_extent_on_grid(work, transform, grid))
+
+
+def voxel_extent_on_grid(native: sitk.Image, transform: sitk.AffineTransform, grid: Grid) -> List[float]:
+    """The extent of one input voxel along each grid axis (z, y, x; mm): the voxel's edges, carried into template
+    space through the inverse of the registration's linear part and projected onto the grid's axes."""
+    edges = np.array(native.GetDirection()).reshape(3, 3) * np.array(native.GetSpacing())  # columns: i, j, k edges
+    in_template = np.linalg.solve(np.array(transform.GetMatrix()).reshape(3, 3), edges)
+    axes = np.array(grid.reference().GetDirection()).reshape(3, 3)  # columns: the grid's x, y, z axes
+    extent = np.abs(axes.T @ in_template).sum(axis=1)  # x, y, z
+    return [round(float(v), 4) for v in extent[::-1]]
 
 
 def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest: bool = False) -> sitk.Image:

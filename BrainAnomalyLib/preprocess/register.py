@@ -142,8 +142,13 @@ def register_affine(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Ima
 
 
 def _masked(image: sitk.Image, mask: np.ndarray) -> sitk.Image:
+    """The brain on a background of its own lowest value, lifted to 0 where that is negative: the centre-of-mass
+    start weighs voxels by intensity, so a z-scored scan's negative values would pull it anywhere (mutual
+    information does not care about the shift; scans with non-negative brains are passed as they were)."""
     arr = sitk.GetArrayFromImage(image)
-    out = sitk.GetImageFromArray(np.where(mask, arr, arr[mask].min()).astype(np.float32))
+    low = float(arr[mask].min())
+    arr = arr - min(low, 0.0)
+    out = sitk.GetImageFromArray(np.where(mask, arr, max(low, 0.0)).astype(np.float32))
     out.CopyInformation(image)
     return out
 

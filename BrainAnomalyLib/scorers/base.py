@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple, Type
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class Scorer:
         self.params = dict(params)
         self.tensors = tensors
         self.device = device
+        # The scan being scored's voxel extent along the grid axes (z, y, x; mm; Preprocessed.acquisition_mm),
+        # set by the detector per scan; None = the grid's own. Only scorers that model partial volume read it.
+        self.acquisition_mm: Optional[Sequence[float]] = None
 
     @classmethod
     def for_model(cls, model, params: dict, device: str = "cpu") -> "Scorer":

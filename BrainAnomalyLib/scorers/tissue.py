@@ -25,7 +25,7 @@ post-processing: 0.839 against 0.819 for the nearest reference).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -66,14 +66,14 @@ def _robust(values: np.ndarray) -> Tuple[float, float]:
     return med, MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
 
 
-def tissue_priors(mask: np.ndarray, grid: Grid = Grid(), blur_mm: float = PRIOR_BLUR_MM,
+def tissue_priors(mask: np.ndarray, grid: Grid = Grid(), blur_mm=PRIOR_BLUR_MM,
                   floor: float = PRIOR_FLOOR) -> Dict[str, np.ndarray]:
-    """The template's tissue probabilities on the grid, blurred by `blur_mm` (none by default) and floored,
-    normalised to sum to one inside `mask`."""
+    """The template's tissue probabilities on the grid, blurred by `blur_mm` (a Gaussian sigma, one for all axes
+    or one per axis z, y, x; none by default) and floored, normalised to sum to one inside `mask`."""
     t = tissue_on_grid(grid)
     if t["WM"].shape != mask.shape:
         raise ValueError(f"the tissue maps are on a {t['WM'].shape} grid but the scan is {mask.shape}")
-    sigma = [blur_mm / s for s in reversed(grid.spacing)]
+    sigma = [b / s for b, s in zip(np.broadcast_to(blur_mm, 3), reversed(grid.spacing))]
     wm, gm = np.clip(t["WM"], 0, 1), np.clip(t["GM"], 0, 1)
     raw = {"CSF": np.clip(1.0 - wm - gm, 0, 1), "GM": gm, "WM": wm}
     priors = {c: ndimage.gaussian_filter(p.astype(np.float32), sigma) + floor for c, p in raw.items()}
@@ -136,18 +136,32 @@ def tissue_score(image: np.ndarray, mask: np.ndarray, direction: str, grid: Grid
     return out
 
 
+def acquisition_blur(blur_mm: float, grid: Grid, acquisition_mm: Optional[Sequence[float]]) -> List[float]:
+    """The prior blur (Gaussian sigma, z, y, x; mm) for a scan whose voxels reach `acquisition_mm` along the grid
+    axes: `blur_mm` plus, per axis, whatever the input voxel reaches beyond the grid's spacing. A thick slice
+    averages tissue over its slab and registers less surely across it, so a voxel inside a ventricle's roof can
+    hold white matter's signal; held to the CSF level it was a false finding (robustness_flair.py, 5 mm slices).
+    Inputs no coarser than the grid (every scan on a 2 mm grid from 1-2 mm data) keep `blur_mm` exactly."""
+    if acquisition_mm is None:
+        return [float(blur_mm)] * 3
+    return [float(blur_mm) + max(0.0, float(a) - float(s)) if blur_mm else 0.0
+            for a, s in zip(acquisition_mm, reversed(grid.spacing))]
+
+
 def extreme_reference_score(image: np.ndarray, mask: np.ndarray, direction: str, grid: Grid = Grid(),
-                            blur_mm: float = EXTREME_BLUR_MM, plausible: float = EXTREME_PLAUSIBLE) -> np.ndarray:
+                            blur_mm: float = EXTREME_BLUR_MM, plausible: float = EXTREME_PLAUSIBLE,
+                            acquisition_mm: Optional[Sequence[float]] = None) -> np.ndarray:
     """The anomaly map against the most lesion-like tissue that may be at each voxel: on FLAIR (hyper) a voxel
     scores how far it is above the brightest tissue whose (blurred) prior reaches `plausible` there, in the brain's
     IQR. A lesion must outdo every tissue the template allows, not merely differ from the nearest; a CSF-only
-    place (the ventricles) is held to the CSF level, so bright periventricular tissue still scores."""
+    place (the ventricles) is held to the CSF level, so bright periventricular tissue still scores. The blur
+    widens along the axes where the input's voxels are coarser than the grid (acquisition_blur)."""
     if direction not in ("hyper", "hypo"):
         raise ValueError(f"the extreme tissue reference needs a one-sided direction, not {direction!r}")
     priors = tissue_priors(mask, grid)
     levels = tissue_levels(image, mask, priors)
     if blur_mm:
-        priors = tissue_priors(mask, grid, blur_mm)
+        priors = tissue_priors(mask, grid, acquisition_blur(blur_mm, grid, acquisition_mm))
     pick = np.maximum if direction == "hyper" else np.minimum
     reference = np.full(mask.shape, -np.inf if direction == "hyper" else np.inf, np.float32)
     for c, (level, _) in levels.items():
@@ -184,7 +198,7 @@ class TissueScorer(Scorer):
         if reference == "extreme":
             out = extreme_reference_score(image, mask, p["direction"], self.grid,
                                           float(p.get("prior_blur_mm", EXTREME_BLUR_MM)),
-                                          float(p.get("plausible", EXTREME_PLAUSIBLE)))
+                                          float(p.get("plausible", EXTREME_PLAUSIBLE)), self.acquisition_mm)
         elif reference == "nearest":
             out = tissue_score(image, mask, p["direction"], self.grid, float(p.get("prior_blur_mm", PRIOR_BLUR_MM)),
                                float(p.get("prior_floor", PRIOR_FLOOR)))
