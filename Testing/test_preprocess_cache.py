@@ -40,6 +40,7 @@ def test_a_cached_scan_comes_back_as_preprocessing_made_it(tmp_path, demo_case, 
     assert again.transform.GetParameters() == first.transform.GetParameters()
     assert again.transform.GetFixedParameters() == first.transform.GetFixedParameters()
     assert again.contrast == first.contrast and again.notes == first.notes
+    assert again.acquisition_mm == first.acquisition_mm and first.acquisition_mm is not None
 
     # Another scan of another size under the same key (a file rewritten in place) is not given the old mask.
     other = _coarse(demo_case[0], 4.0)

@@ -54,7 +54,7 @@ class Preprocessed:
     notes: List[str] = field(default_factory=list)  # borderline findings the user should see
     # How far one input voxel reaches along each grid axis (z, y, x; mm): thick slices blur tissue boundaries
     # further than the grid's own sampling does (scorers/tissue.py widens its priors by the excess). None where
-    # unknown (volumes read back from the cache), taken as the grid's own spacing.
+    # unknown, taken as the grid's own spacing.
     acquisition_mm: Optional[List[float]] = None
 
 

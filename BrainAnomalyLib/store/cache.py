@@ -23,7 +23,7 @@ from ..core.io import read_volume
 from ..core.errors import BadInputError
 from ..core.manifest import Case
 from ..core.files import atomic_path, folder_digest, sha256_file
-from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, standardise
+from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, standardise, voxel_extent_on_grid
 from ..preprocess.register import affine_from_dict
 from ..core.progress import Reporter
 from ..core.template import Grid
@@ -104,8 +104,12 @@ def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cach
         if {"register", "contrast", "sanity"} <= set(steps) and native_mask.shape == tuple(reversed(native.GetSize())):
             image = standardise(raw, mask, config, grid)[0]
             contrast = {k: v for k, v in steps["contrast"].items() if k not in ("step", "applied", "seconds")}
-            return Preprocessed(image, mask, native_mask, affine_from_dict(steps["register"]["transform"]), grid,
-                                record, raw_image=raw, contrast=contrast, notes=list(steps["sanity"].get("notes", [])))
+            transform = affine_from_dict(steps["register"]["transform"])
+            # The voxel extent follows from the scan's header and the registration, so a cached scan scores as a
+            # fresh one does (thick slices widen the tissue scorer's priors).
+            return Preprocessed(image, mask, native_mask, transform, grid, record, raw_image=raw, contrast=contrast,
+                                notes=list(steps["sanity"].get("notes", [])),
+                                acquisition_mm=voxel_extent_on_grid(native, transform, grid))
     plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
     pre = preprocess(native, plain, grid, use_gpu, reporter or Reporter())
     _write_grid_entry(grid_file, pre)
