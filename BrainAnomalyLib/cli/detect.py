@@ -3,21 +3,16 @@ writer."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ..core.errors import BadInputError, BrainAnomalyError, Cancelled
+from ..core.errors import BadInputError
 from ..core.manifest import normalise_modality
 from ..core.progress import CancelToken, Reporter
 from ..detection.request import DetectionRequest, add_options
 from .progress_bar import ProgressBar
-
-SUMMARY_COLUMNS = ("subject", "modality", "status", "n_lesions", "anomalous_volume_ml", "pred_score", "message")
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help="detect anomalies in a scan or a manifest of scans")
@@ -31,29 +26,34 @@ def add_parser(sub) -> None:
                    help="output folder: new or empty (an earlier result there needs --overwrite; a folder holding "
                         "other files is refused); with --manifest, one subfolder per case and summary.csv, and "
                         "--overwrite replaces an earlier run's whole folder once the new run ends")
+    p.add_argument("--workers", type=int, help="with --manifest: worker processes, each loading the model once "
+                   "(default: one per core, as many as the free memory holds; 1 runs the cases in this process)")
+    p.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                   help="with --manifest: run the cases on Dask distributed, on a local cluster of --workers "
+                        "processes, or on the scheduler at ADDRESS (e.g. tcp://host:8786, one dask-jobqueue started)")
+    p.add_argument("--resume", action="store_true", help="with --manifest: keep the cases that an earlier run into "
+                   "the same folder completed, run the others")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def detect_one(det, request: DetectionRequest, reporter: Reporter) -> dict:
-    """Detect on the request's input and write the outputs into its output folder; the summary written."""
-    from ..detection.writers import write_result
-
-    result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
-    write_result(result, scan, request.output, request.output_format, request.input_name(),
-                 reporter.sub(0.95, 1.0), overwrite=request.overwrite)
-    return result.summary()
 
 
 def run(args, cancel: CancelToken) -> int:
     from ..detection.pipeline import Detector
     from ..detection.writers import check_output
+    from .cohort import detect_one
 
     if bool(args.input) == bool(args.manifest):
         raise BadInputError("give either an input volume or --manifest CSV (not both)")
+    if not args.manifest and (args.workers or args.dask or args.resume):
+        raise BadInputError("--workers, --dask and --resume go with --manifest")
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError("--workers must be at least 1")
+    if args.resume and args.overwrite:
+        raise BadInputError("--resume keeps an earlier run's cases and --overwrite replaces them: give one")
     args.input, args.inputs = parse_inputs(args.input)
     request = DetectionRequest.from_args(args)
     out = Path(args.output)
-    check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
+    # before anything is loaded or computed
+    check_output(out, request.overwrite or args.resume, cases=bool(args.manifest))
     det = Detector.from_request(request)
     few = (det.model.meta.get("calibration") or {}).get("few_scans")
     if few:
@@ -66,9 +66,9 @@ def run(args, cancel: CancelToken) -> int:
             bar.close()
         print_summary(s, out)
         return 0
-    if det.model.kind == "fusion":
-        return _run_fused_manifest(det, request, args.manifest, out, args.quiet, cancel)
-    return _run_manifest(det, request, args.manifest, out, args.quiet, cancel)
+    from .cohort_run import run_manifest
+
+    return run_manifest(det, request, args, cancel)
 
 
 _NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9]*)=(.+)$")
@@ -92,104 +92,6 @@ def parse_inputs(items) -> Tuple[Optional[str], Optional[Dict[str, str]]]:
             raise BadInputError(f"{key} is given twice")
         inputs[key] = m.group(2)
     return None, inputs
-
-
-def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool,
-                        cancel: CancelToken) -> int:
-    """A fusion model on a manifest: each subject's rows of the model's contrasts are one case, written into
-    OUT/<subject>/; rows of other contrasts are left out (and said so), a subject that fails is reported and the
-    run goes on."""
-    from ..core.manifest import group_by_subject, read_manifest, skipped_rows
-    from ..detection.writers import SUMMARY, output_root
-
-    skipped: list = []
-    subjects = group_by_subject(read_manifest(manifest), det.modalities, skipped)
-    why = f"model {det.model.name} fuses {', '.join(det.modalities)}"
-    if skipped:
-        print(skipped_rows(skipped, sum(len(v) for v in subjects.values()) + len(skipped), why))
-    label = det.label(det.modalities)
-    rows, failures = [], []
-    with output_root(out, request.overwrite, cases=True) as root:
-        bar = ProgressBar(quiet, "cohort")
-        try:
-            for i, (subject, cases) in enumerate(subjects.items()):
-                rep = Reporter(bar, cancel).sub(i / len(subjects), (i + 1) / len(subjects))
-                given = {c.modality: str(c.image) for c in cases}
-                try:
-                    one = dataclasses.replace(request, input=None, inputs=given, output=str(root / subject),
-                                              modality=None, overwrite=False)
-                    s = detect_one(det, one, rep)
-                    rows.append([subject, s["modality"], "ok", s["n_lesions"], s["anomalous_volume_ml"],
-                                 s["pred_score"], ""])
-                except Cancelled:
-                    raise
-                except BrainAnomalyError as exc:
-                    failures.append(f"{subject}: {exc}")
-                    rows.append([subject, "+".join(given), "failed", "", "", "", str(exc)])
-        finally:
-            bar.close()
-            if rows:
-                _write_summary(root / SUMMARY, rows)
-    print(f"{len(subjects) - len(failures)} of {len(subjects)} subjects done ({label}); outputs in "
-          f"{out}/<subject>/, overview in {out / SUMMARY}")
-    for f in failures:
-        print(f"failed: {f}", file=sys.stderr)
-    return 2 if failures else 0
-
-
-def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken) -> int:
-    """Every row of the model's modality, each into OUT/<subject>_<modality>/; a failing case is reported and the
-    run goes on. Replacing an earlier run (--overwrite), the new set is built aside and swapped in at the end."""
-    from ..core.manifest import read_manifest, skipped_rows
-    from ..detection.writers import SUMMARY, output_root
-
-    modality = request.modality or det.model.modality
-    skipped = []
-    cases = read_manifest(manifest, modality, skipped)
-    keys = [c.key for c in cases]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise BadInputError(f"{manifest}: more than one row for {', '.join(twice)} (subject and modality name a "
-                            "case's output folder)")
-    why = (f"--modality {request.modality} was asked for" if request.modality
-           else f"this model is for {det.model.modality}")
-    if skipped:
-        print(skipped_rows(skipped, len(cases) + len(skipped), why))
-    rows = [[c.subject, c.modality, "skipped", "", "", "", f"modality {c.modality}, {why}"] for c in skipped]
-    failures = []
-    with output_root(out, request.overwrite, cases=True) as root:
-        bar = ProgressBar(quiet, "cohort")
-        try:
-            for i, case in enumerate(cases):
-                rep = Reporter(bar, cancel).sub(i / len(cases), (i + 1) / len(cases))
-                one = dataclasses.replace(request, input=str(case.image), output=str(root / case.key),
-                                          modality=case.modality, overwrite=False)
-                try:
-                    s = detect_one(det, one, rep)
-                    rows.append([case.subject, case.modality, "ok", s["n_lesions"], s["anomalous_volume_ml"],
-                                 s["pred_score"], ""])
-                except Cancelled:
-                    raise
-                except BrainAnomalyError as exc:
-                    failures.append(f"{case.key}: {exc}")
-                    rows.append([case.subject, case.modality, "failed", "", "", "", str(exc)])
-        finally:
-            bar.close()
-            if len(rows) > len(skipped):
-                _write_summary(root / SUMMARY, rows)
-    print(f"{len(cases) - len(failures)} of {len(cases)} {modality} scans done; outputs in "
-          f"{out}/<subject>_<modality>/, overview in {out / SUMMARY}")
-    for f in failures:
-        print(f"failed: {f}", file=sys.stderr)
-    return 2 if failures else 0
-
-
-def _write_summary(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(SUMMARY_COLUMNS)
-        w.writerows(rows)
 
 
 def print_summary(s: dict, out: Path) -> None:
