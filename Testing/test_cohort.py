@@ -1,6 +1,7 @@
 """`detect --manifest` on every engine: one process, a process pool, a 2-worker Dask local cluster. Tiny scans (the
 demo case at 3 mm) and an intensity model on a 4 mm grid keep each run to seconds."""
 
+import json
 import shutil
 
 import pytest
@@ -26,12 +27,15 @@ def cohort(tmp_path_factory):
     from BrainAnomalyLib.training.run import base_meta
 
     folder = tmp_path_factory.mktemp("cohort")
-    rows = ["subject,modality,image,mask"]
+    rows, labelled = ["subject,modality,image,mask"], ["subject,modality,image,mask"]
     for i, subject in enumerate(SUBJECTS):
-        scan, _ = make_demo_case(spacing=(3.0, 3.0, 3.0), seed=i, contrast=0.5 + 0.1 * i)
+        scan, truth = make_demo_case(spacing=(3.0, 3.0, 3.0), seed=i, contrast=0.5 + 0.1 * i)
         sitk.WriteImage(scan, str(folder / f"{subject}.nii.gz"))
+        sitk.WriteImage(truth, str(folder / f"{subject}_mask.nii.gz"))
         rows.append(f"{subject},T1,{subject}.nii.gz,")
+        labelled.append(f"{subject},T1,{subject}.nii.gz,{subject}_mask.nii.gz" if i else rows[-1])
     (folder / "cohort.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "labelled.csv").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     # N4 left on: with registration, the steps whose sums depended on the thread count (preprocess/itkrun.py)
     meta = base_meta("intensity", "small-intensity", "T1", "test model", Grid(size=(48, 56, 40),
                      spacing=(4.0, 4.0, 4.0)), PreprocessConfig(), PostprocessConfig(), {"direction": "hypo"})
@@ -108,3 +112,16 @@ def test_a_case_that_raises_is_run_once_more_then_reported(monkeypatch):
     assert rows["c0"]["status"] == "ok" and rows["c2"]["status"] == "ok"
     assert rows["c1"]["status"] == "failed" and rows["c1"]["exit_code"] == 1
     assert "MemoryError: still too big" in rows["c1"]["row"][-1]
+
+
+def test_evaluate_on_worker_processes_gives_the_numbers_of_one_process(cohort, tmp_path):
+    manifest, model = cohort
+    metrics = []
+    for workers in ("1", "2"):
+        out = tmp_path / workers
+        assert main(["evaluate", "--manifest", str(manifest.parent / "labelled.csv"), "--model", str(model),
+                     "--no-cache", "--workers", workers, "-o", str(out), "-q"]) == 0
+        m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["small-intensity"]
+        metrics.append({k: v for k, v in m.items() if k not in ("seconds_per_volume", "scoring_peak_mb")})
+    assert metrics[0]["n_lesion_scans"] == 2 and metrics[0]["n_healthy_scans"] == 1 and metrics[0]["froc"]
+    assert metrics[1] == metrics[0]

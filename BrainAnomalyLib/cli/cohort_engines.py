@@ -3,52 +3,21 @@ Dask cluster (a local one, or an existing scheduler, e.g. one that dask-jobqueue
 calls the same per-scan function (cohort.detect_case), hands each row back as its case finishes, and retries a case
 whose call raised once before reporting it as failed.
 
-Every worker process sets the same thread counts (`pin_threads`), and preprocessing fixes ITK's work units
-(preprocess/itkrun.WORK_UNITS), so a case's outputs are the same bytes whichever engine ran it."""
+Each worker gets its share of the cores (core/workers.pin_threads); preprocessing gives the same numbers whatever
+the thread count (preprocess/itkrun.py), so a case's outputs are the same bytes whichever engine ran it."""
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Callable, List, Optional, Tuple
 
 from ..core.errors import BadInputError, Cancelled
 from ..core.progress import Reporter
+from ..core.workers import pin_threads, spawn_pool, stop_pool
 from .cohort import CaseJob, detect_case, failed_row
 
-# What one detection worker holds at its peak (a 240x240x155 scan, a learned model, its maps), measured with
-# /usr/bin/time on the shipped default model: the memory side of the default worker count.
-WORKER_PEAK_GB = 2.5
 RETRIES = 1
 
 Done = Callable[[CaseJob, dict], None]
-
-
-def default_workers(n_jobs: int) -> int:
-    """Workers for `n_jobs` cases on this machine: one per core, as many as the available memory holds."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
-    except (ValueError, OSError, AttributeError):
-        available = WORKER_PEAK_GB * cores
-    return max(1, min(n_jobs, cores, int(available // WORKER_PEAK_GB)))
-
-
-def pin_threads(threads: int) -> None:
-    """The thread counts of a detection worker: torch's and ITK's pools (and BLAS's, through the environment, for
-    libraries not yet loaded)."""
-    import SimpleITK as sitk
-    import torch
-
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    torch.set_num_threads(threads)
-
-
-def _pool_worker_start(threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
-    pin_threads(threads)
 
 
 def run_sequential(jobs: List[CaseJob], done: Done, reporter: Reporter) -> None:
@@ -66,19 +35,16 @@ def run_sequential(jobs: List[CaseJob], done: Done, reporter: Reporter) -> None:
         done(job, row)
 
 
-def run_pool(jobs: List[CaseJob], done: Done, reporter: Reporter, workers: int, threads: int) -> None:
+def run_pool(jobs: List[CaseJob], done: Done, reporter: Reporter, workers: int) -> None:
     """A process pool on this machine; each process loads the model on its first case and keeps it."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    # spawn, not fork: torch's and ITK's thread pools in this process do not survive a fork
-    context = multiprocessing.get_context("spawn")
     tries = {job.key: 0 for job in jobs}
     todo, finished = list(jobs), 0
     while todo:
         # A worker that dies breaks the whole pool: every case still in it raises, counts a try and is run again
         # in a new pool.
-        pool = ProcessPoolExecutor(workers, context, initializer=_pool_worker_start, initargs=(threads,))
+        pool = spawn_pool(workers)
         try:
             running = {pool.submit(detect_case, job): job for job in todo}
             todo = []
@@ -99,9 +65,7 @@ def run_pool(jobs: List[CaseJob], done: Done, reporter: Reporter, workers: int, 
                     reporter(f"cohort: {finished} of {len(jobs)} done", finished / len(jobs))
                     done(job, row)
         except (Cancelled, KeyboardInterrupt):
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()  # a detection in a worker has no cancel token: stop it
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop_pool(pool)  # a detection in a worker has no cancel token
             raise
         pool.shutdown(wait=True)
 

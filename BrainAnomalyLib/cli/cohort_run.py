@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -15,13 +14,10 @@ from typing import Dict
 from ..core.errors import BadInputError
 from ..core.files import write_atomic
 from ..core.progress import CancelToken, Reporter
+from ..core.workers import default_workers, threads_per_worker
 from ..detection.request import DetectionRequest
 from .cohort import SUMMARY_COLUMNS, manifest_jobs, remember_detector
 from .progress_bar import ProgressBar
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_manifest(det, request: DetectionRequest, args, cancel: CancelToken) -> int:
@@ -34,8 +30,8 @@ def run_manifest(det, request: DetectionRequest, args, cancel: CancelToken) -> i
     with _cases_root(out, request.overwrite, args.resume, output_root) as root:
         jobs, skipped, what = manifest_jobs(det, request, args.manifest, root, args.resume)
         remember_detector(request, det)  # the sequential engine reuses the detector loaded to check the model
-        workers = args.workers or engines.default_workers(len(jobs))
-        threads = max(1, _cores() // workers)
+        workers = args.workers or default_workers(len(jobs))
+        threads = threads_per_worker(workers)
         order = {job.key: i for i, job in enumerate(jobs)}
         rows: Dict[str, dict] = {}
 
@@ -56,7 +52,7 @@ def run_manifest(det, request: DetectionRequest, args, cancel: CancelToken) -> i
                 engines.run_sequential(jobs, done, reporter)
             else:
                 where = f"on {workers} worker processes"
-                engines.run_pool(jobs, done, reporter, workers, threads)
+                engines.run_pool(jobs, done, reporter, workers)
         finally:
             bar.close()
             if skipped and not rows:
