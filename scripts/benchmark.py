@@ -8,7 +8,9 @@
       false-positive rate on healthy scans at the calibrated 1 % threshold.
 Prints one table (scorer x dataset x metrics x seconds per volume x scoring peak memory) and writes it, with the
 full metrics as JSON, to --out (default docs/benchmark/latest.md and .json) so runs can be compared across
-commits. Defaults run in under 30 minutes on 2 CPU cores.
+commits. Fusion models are benchmarked on brats18_dev alone, the one set with every contrast of each subject. The
+cases run on worker processes (--workers, default one per core), preprocessed scans come from the cache
+(store/cache.py; --no-cache preprocesses again): neither changes a number.
 
     python scripts/benchmark.py [--data ../shared/data] [--synth-subjects 4] [--out docs/benchmark/latest]
     python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm   # one model only
