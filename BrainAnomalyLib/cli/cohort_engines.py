@@ -8,6 +8,7 @@ the thread count (preprocess/itkrun.py), so a case's outputs are the same bytes 
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable, List, Optional, Tuple
 
 from ..core.errors import BadInputError, Cancelled
@@ -89,10 +90,12 @@ def run_dask(jobs: List[CaseJob], done: Done, reporter: Reporter, address: Optio
     except (OSError, TimeoutError) as exc:
         raise BadInputError(f"cannot reach the Dask scheduler {address or '(local)'}: {exc}") from None
     try:
-        client.run(pin_threads, threads)
+        if cluster is not None:  # an existing cluster's workers keep the threads their own configuration gave
+            client.run(pin_threads, threads)
         n_workers = len(client.scheduler_info().get("workers", {}))
-        # pure=False: a rerun of a case must run, not return a cached result
-        futures = {client.submit(detect_case, job, retries=RETRIES, pure=False, key=f"detect-{job.key}"): job
+        # Keys are the scheduler's, shared by everyone's runs on it: this run's own token keeps them apart.
+        run = uuid.uuid4().hex[:8]
+        futures = {client.submit(detect_case, job, retries=RETRIES, pure=False, key=f"detect-{job.key}-{run}"): job
                    for job in jobs}
         finished = 0
         try:
