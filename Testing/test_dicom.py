@@ -229,7 +229,7 @@ def test_manifest_dicom_out_writes_one_folder_per_case(tmp_path, demo_case, inte
 
 
 def test_dicom_source_of_a_fusion_is_its_reference_contrast(tmp_path):
-    from BrainAnomalyLib.cli.detect import dicom_source
+    from BrainAnomalyLib.cli.cohort import dicom_source
     from BrainAnomalyLib.detection.request import DetectionRequest
 
     (tmp_path / "t1").mkdir()

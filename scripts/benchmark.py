@@ -8,7 +8,9 @@
       false-positive rate on healthy scans at the calibrated 1 % threshold.
 Prints one table (scorer x dataset x metrics x seconds per volume x scoring peak memory) and writes it, with the
 full metrics as JSON, to --out (default docs/benchmark/latest.md and .json) so runs can be compared across
-commits. Defaults run in under 30 minutes on 2 CPU cores.
+commits. Fusion models are benchmarked on brats18_dev alone, the one set with every contrast of each subject. The
+cases run on worker processes (--workers, default one per core), preprocessed scans come from the cache
+(store/cache.py; --no-cache preprocesses again): neither changes a number.
 
     python scripts/benchmark.py [--data ../shared/data] [--synth-subjects 4] [--out docs/benchmark/latest]
     python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm   # one model only
@@ -20,12 +22,15 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.store.cache import default_cache_dir  # noqa: E402
+from BrainAnomalyLib.core.workers import default_workers  # noqa: E402
 from BrainAnomalyLib.evaluation.evaluate import evaluate_groups  # noqa: E402
 from BrainAnomalyLib.evaluation.report import COLUMNS, _fmt, _get, public  # noqa: E402
 from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
@@ -51,41 +56,59 @@ def progress(step: str, fraction: float, _last=[None]) -> None:
         _last[0] = step
 
 
-def scorers_for(modality: str, only=None) -> dict:
+def scorers_for(modality: str, only=None, fusion: bool = False) -> dict:
     """Shipped and user models of this modality, plus an intensity scorer when none is shipped for it; with `only`
-    (model ids, names or folders) just those of them that are of this modality."""
+    (model ids, names or folders) just those of them that are of this modality. `fusion`: the fusion models of
+    this reference contrast instead (they need the subject's other contrasts, which only brats18_dev has)."""
     models = {}
     if only:
         for name in only:
             m = resolve_model(name)
-            if m.modality == modality:
+            if m.modality == modality and (m.kind == "fusion") == fusion:
                 models[m.name] = m
-        return {name: Detector(m, device="cpu") for name, m in models.items()}
+        return {name: Detector.for_model(m, device="cpu") for name, m in models.items()}
     for entry in list_models():
         if entry.get("modality") == modality:
             m = resolve_model(entry["id"])
-            models[m.name] = m
-    if not any(m.kind == "intensity" for m in models.values()):
+            if (m.kind == "fusion") == fusion:
+                models[m.name] = m
+    if not fusion and not any(m.kind == "intensity" for m in models.values()):
         meta = base_meta("intensity", f"intensity-{modality.lower()} (uncalibrated)", modality,
                          "benchmark-only intensity scorer", Grid(), PreprocessConfig(), PostprocessConfig(),
                          {"direction": direction_for(modality)})
         meta["default_threshold"] = 2.0
         models[meta["name"]] = Model(Path("."), meta, {})
-    return {name: Detector(m, device="cpu") for name, m in models.items()}
+    return {name: Detector.for_model(m, device="cpu") for name, m in models.items()}
 
 
-def run_groups(cases, modality, group_of, label, only=None, cache=True):
-    detectors = scorers_for(modality, only)
+@dataclass
+class Task:
+    """One evaluate_groups run: its cases, each case's group (None: counted in every group), and what scores them."""
+
+    label: str
+    modality: str
+    cases: list
+    groups: Dict[str, Optional[str]]  # case key -> group
+    only: Optional[list] = None
+    cache: bool = True
+    fusion: bool = False
+    companions: Optional[dict] = None  # subject -> modality -> image, for fusion models
+
+
+def run_task(task: Task, workers: int) -> dict:
+    """{scorer: {group: metrics}} of one task, its cases on `workers` processes (evaluate_groups: same numbers)."""
+    detectors = scorers_for(task.modality, task.only, task.fusion)
     if not detectors:
-        log(f"{label}: none of the chosen models is for {modality}; skipped")
+        log(f"{task.label}: none of the chosen models is for {task.modality}; skipped")
         return {}
-    log(f"{label}: {len(cases)} scans x {len(detectors)} scorers ({', '.join(detectors)})")
+    log(f"{task.label}: {len(task.cases)} scans x {len(detectors)} scorers ({', '.join(detectors)})")
     skipped = []
     t = time.perf_counter()
-    out = evaluate_groups(cases, detectors, group_of, Reporter(progress), skipped, cache=cache)
+    out = evaluate_groups(task.cases, detectors, lambda c: task.groups[c.key], Reporter(progress), skipped,
+                          companions=task.companions, cache=task.cache, workers=workers)
     for s in skipped:
         log(f"  skipped {s}")
-    log(f"{label}: done in {time.perf_counter() - t:.0f} s")
+    log(f"{task.label}: done in {time.perf_counter() - t:.0f} s")
     return out
 
 
@@ -99,6 +122,8 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated model ids, names or folders to run instead of every shipped "
                     "and user model (e.g. a newly trained one beside an earlier run's table)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmark" / "latest"))
+    ap.add_argument("--workers", type=int, help="worker processes scoring whole cases (default: one per core, as "
+                    "many as the free memory holds); the numbers do not depend on it")
     ap.add_argument("--no-cache", action="store_true", help="preprocess every scan again (the timings then include "
                     "preprocessing; with the cache, a scan preprocessed in an earlier run is read back)")
     args = ap.parse_args()
@@ -123,14 +148,21 @@ def main() -> int:
 
     # (b) brats18_dev per modality; T1 with the held-out healthy scans (scan AUROC, healthy FPR).
     brats = read_manifest(data / "brats18_dev.csv")
+    companions = {}
+    for c in brats:
+        companions.setdefault(c.subject, {})[c.modality] = c.image
+    tasks, labels = [], []
     for modality in args.modalities.split(","):
         lesion_cases = [c for c in brats if c.modality == modality]
         cases = lesion_cases + (healthy if modality == "T1" else [])
-        res = run_groups(cases, modality, lambda c: "brats18_dev" if c.mask is not None else None,
-                         f"brats18_dev {modality}", only, not args.no_cache)
-        label = f"brats18_dev {modality}" + (f" + {len(healthy)} held-out healthy IXI" if modality == "T1" else "")
-        for name, by_group in res.items():
-            rows.append((name, label, by_group["brats18_dev"]))
+        groups = {c.key: "brats18_dev" if c.mask is not None else None for c in cases}
+        tasks.append(Task(f"brats18_dev {modality}", modality, cases, groups, only, not args.no_cache))
+        labels.append(f"brats18_dev {modality}" + (f" + {len(healthy)} held-out healthy IXI"
+                                                   if modality == "T1" else ""))
+        # fusion models of this reference contrast: on brats18_dev alone, the only set with every contrast
+        tasks.append(Task(f"brats18_dev {modality} (fusion)", modality, lesion_cases,
+                          {c.key: "brats18_dev" for c in lesion_cases}, only, not args.no_cache, True, companions))
+        labels.append(f"brats18_dev {modality}")
 
     # (a) synthetic anomalies in held-out IXI scans (cached between runs: same scans, kinds and seed)
     if not args.skip_synth:
@@ -142,17 +174,20 @@ def main() -> int:
                         reporter=Reporter(progress))
         synth = read_manifest(synth_dir / "synth.csv")
         artefacts = [c for c in read_manifest(synth_dir / "artefacts.csv")]
-        kind_of = {c.subject: c.subject.rsplit("_", 1)[-1] for c in synth + artefacts}
+        # the untouched scans (group None) are the healthy references for every kind
+        groups = {c.key: "synth " + c.subject.rsplit("_", 1)[-1] for c in synth}
+        groups.update({c.key: "synth artefacts" for c in artefacts})
+        groups.update({c.key: None for c in subjects})
+        tasks.append(Task("synthetic", "T1", synth + artefacts + subjects, groups, only, not args.no_cache))
+        labels.append(None)
 
-        def group(c):
-            if c in subjects:
-                return None  # the untouched scans: healthy references for every kind
-            return "synth " + ("artefacts" if c in artefacts else kind_of[c.subject])
-
-        res = run_groups(synth + artefacts + subjects, "T1", group, "synthetic", only, not args.no_cache)
+    workers = args.workers or default_workers(max(len(t.cases) for t in tasks))
+    log(f"{len(tasks)} evaluation runs, each on {workers} worker process(es)")
+    for label, task in zip(labels, tasks):
+        res = run_task(task, workers)
         for name, by_group in res.items():
             for g, metrics in sorted(by_group.items()):
-                rows.append((name, g, metrics))
+                rows.append((name, label or g, metrics))
 
     header = ["scorer", "dataset"] + [c for c, _, _ in COLUMNS] + ["scoring peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -160,10 +195,12 @@ def main() -> int:
         lines.append("| " + " | ".join([name, dataset] + [_fmt(_get(m, p), k) for _, p, k in COLUMNS]
                                        + [_fmt(m.get("scoring_peak_mb"), "n")]) + " |")
     total = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the largest process: this one, or the largest worker
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     text = (f"# Benchmark (commit {commit}, {time.strftime('%Y-%m-%d')})\n\n"
-            f"CPU, {total / 60:.1f} min in all, process peak memory {peak:.0f} MB. Synthetic: "
-            f"{args.synth_subjects} held-out IXI T1 scans; healthy FPR: {len(healthy)} held-out IXI T1 scans. "
+            f"CPU, {total / 60:.1f} min in all ({workers} worker processes), process peak memory {peak:.0f} MB. "
+            f"Synthetic: {args.synth_subjects} held-out IXI T1 scans; healthy FPR: {len(healthy)} held-out IXI T1 "
+            "scans. "
             "Voxel metrics pool brain voxels of the lesion scans on each scan's own grid; FPRs and Dice at the "
             "calibrated 1 % threshold (uncalibrated scorers: their default threshold); s / volume includes "
             "preprocessing; scoring peak MB is traced Python/numpy memory of the scoring and post-processing. "

@@ -3,22 +3,17 @@ writer."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
 import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ..core.errors import BadInputError, BrainAnomalyError, Cancelled
+from ..core.errors import BadInputError
 from ..core.manifest import normalise_modality
 from ..core.progress import CancelToken, Reporter
 from ..core.dicom import SEGMENTS
 from ..detection.request import DetectionRequest, add_options
 from .progress_bar import ProgressBar
-
-SUMMARY_COLUMNS = ("subject", "modality", "status", "n_lesions", "anomalous_volume_ml", "pred_score", "message")
 
 
 def add_parser(sub) -> None:
@@ -40,51 +35,22 @@ def add_parser(sub) -> None:
     p.add_argument("--dicom-segments", choices=SEGMENTS, default="findings",
                    help="the SEG's segments: one per finding, numbered as in lesions.csv (default), or one "
                         "'Anomaly' segment")
+    p.add_argument("--workers", type=int, help="with --manifest: worker processes, each loading the model once "
+                   "(default: one per core, as many as the free memory holds; 1 runs the cases in this process)")
+    p.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                   help="with --manifest: run the cases on Dask distributed, on a local cluster of --workers "
+                        "processes, or on the scheduler at ADDRESS (e.g. tcp://host:8786, one dask-jobqueue started)")
+    p.add_argument("--resume", action="store_true", help="with --manifest: keep the cases that an earlier run into "
+                   "the same folder completed, run the others")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-@dataclasses.dataclass
-class DicomOut:
-    """Where `--dicom-out` writes a case's SEG and parametric map, and how."""
-
-    folder: Path
-    per_finding: bool = True
-    # --overwrite, kept apart from the case requests': a manifest's -o is replaced whole, its DIR case by case.
-    overwrite: bool = False
-
-
-def detect_one(det, request: DetectionRequest, reporter: Reporter, dicom: Optional[DicomOut] = None) -> dict:
-    """Detect on the request's input and write the outputs into its output folder (and with `dicom`, the DICOM
-    ones into theirs: all of them or none); the summary written."""
-    from ..detection.writers import dicom_output, write_result
-
-    source = dicom_source(request) if dicom is not None else None  # refused before anything is computed
-    result, scan = det.run_request(request, reporter.sub(0.0, 0.95))
-    with dicom_output(result, source, dicom.folder, dicom.per_finding, dicom.overwrite) if dicom is not None \
-            else contextlib.nullcontext():
-        write_result(result, scan, request.output, request.output_format, request.input_name(),
-                     reporter.sub(0.95, 1.0), overwrite=request.overwrite)
-    return result.summary()
-
-
-def dicom_source(request: DetectionRequest) -> Path:
-    """The DICOM series folder the result's grid is that of (a fusion's reference contrast), or a clear refusal."""
-    from ..detection.fusion import reference_contrast
-
-    given = request.input
-    if request.inputs:
-        reference = reference_contrast(request.inputs)
-        given = next(p for m, p in request.inputs.items() if normalise_modality(m) == reference)
-    if not given or not Path(given).is_dir():
-        raise BadInputError(f"--dicom-out needs the scan as a DICOM series folder (the SEG and the parametric map "
-                            f"reference its images); {given} is not a folder")
-    return Path(given)
-
-
-def _dicom_out(args, out: Path) -> Optional[DicomOut]:
-    """--dicom-out's folder, checked against -o and the output folder rule before anything is computed."""
+def _dicom_out(args, out: Path):
+    """--dicom-out's folder (a cohort.DicomOut), checked against -o and the output folder rule before anything is
+    computed."""
     from ..core.dicom import DICOM_OUTPUTS
     from ..detection.writers import check_output
+    from .cohort import DicomOut
 
     if not args.dicom_out:
         return None
@@ -92,20 +58,28 @@ def _dicom_out(args, out: Path) -> Optional[DicomOut]:
     main = out.absolute()
     if folder == main or main in folder.parents or folder in main.parents:
         raise BadInputError("--dicom-out must be a folder apart from -o (neither inside the other)")
-    check_output(folder, args.overwrite, extra=DICOM_OUTPUTS, cases=bool(args.manifest))
+    check_output(folder, args.overwrite or args.resume, extra=DICOM_OUTPUTS, cases=bool(args.manifest))
     return DicomOut(folder, args.dicom_segments == "findings", bool(args.overwrite))
 
 
 def run(args, cancel: CancelToken) -> int:
     from ..detection.pipeline import Detector
     from ..detection.writers import check_output
+    from .cohort import detect_one, dicom_source
 
     if bool(args.input) == bool(args.manifest):
         raise BadInputError("give either an input volume or --manifest CSV (not both)")
+    if not args.manifest and (args.workers or args.dask or args.resume):
+        raise BadInputError("--workers, --dask and --resume go with --manifest")
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError("--workers must be at least 1")
+    if args.resume and args.overwrite:
+        raise BadInputError("--resume keeps an earlier run's cases and --overwrite replaces them: give one")
     args.input, args.inputs = parse_inputs(args.input)
     request = DetectionRequest.from_args(args)
     out = Path(args.output)
-    check_output(out, request.overwrite, cases=bool(args.manifest))  # before anything is loaded or computed
+    # before anything is loaded or computed
+    check_output(out, request.overwrite or args.resume, cases=bool(args.manifest))
     dicom = _dicom_out(args, out)
     if dicom is not None and not args.manifest:
         dicom_source(request)
@@ -123,9 +97,9 @@ def run(args, cancel: CancelToken) -> int:
         if dicom is not None:
             print(f"DICOM SEG and parametric map in {dicom.folder}")
         return 0
-    if det.model.kind == "fusion":
-        return _run_fused_manifest(det, request, args.manifest, out, args.quiet, cancel, dicom)
-    return _run_manifest(det, request, args.manifest, out, args.quiet, cancel, dicom)
+    from .cohort_run import run_manifest
+
+    return run_manifest(det, request, args, cancel, dicom)
 
 
 _NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9]*)=(.+)$")
@@ -149,109 +123,6 @@ def parse_inputs(items) -> Tuple[Optional[str], Optional[Dict[str, str]]]:
             raise BadInputError(f"{key} is given twice")
         inputs[key] = m.group(2)
     return None, inputs
-
-
-def _run_fused_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool,
-                        cancel: CancelToken, dicom: Optional[DicomOut] = None) -> int:
-    """A fusion model on a manifest: each subject's rows of the model's contrasts are one case, written into
-    OUT/<subject>/; rows of other contrasts are left out (and said so), a subject that fails is reported and the
-    run goes on."""
-    from ..core.manifest import group_by_subject, read_manifest, skipped_rows
-    from ..detection.writers import SUMMARY, output_root
-
-    skipped: list = []
-    subjects = group_by_subject(read_manifest(manifest), det.modalities, skipped)
-    why = f"model {det.model.name} fuses {', '.join(det.modalities)}"
-    if skipped:
-        print(skipped_rows(skipped, sum(len(v) for v in subjects.values()) + len(skipped), why))
-    label = det.label(det.modalities)
-    rows, failures = [], []
-    with output_root(out, request.overwrite, cases=True) as root:
-        bar = ProgressBar(quiet, "cohort")
-        try:
-            for i, (subject, cases) in enumerate(subjects.items()):
-                rep = Reporter(bar, cancel).sub(i / len(subjects), (i + 1) / len(subjects))
-                given = {c.modality: str(c.image) for c in cases}
-                try:
-                    one = dataclasses.replace(request, input=None, inputs=given, output=str(root / subject),
-                                              modality=None, overwrite=False)
-                    s = detect_one(det, one, rep, _case_dicom(dicom, subject))
-                    rows.append([subject, s["modality"], "ok", s["n_lesions"], s["anomalous_volume_ml"],
-                                 s["pred_score"], ""])
-                except Cancelled:
-                    raise
-                except BrainAnomalyError as exc:
-                    failures.append(f"{subject}: {exc}")
-                    rows.append([subject, "+".join(given), "failed", "", "", "", str(exc)])
-        finally:
-            bar.close()
-            if rows:
-                _write_summary(root / SUMMARY, rows)
-    print(f"{len(subjects) - len(failures)} of {len(subjects)} subjects done ({label}); outputs in "
-          f"{out}/<subject>/, overview in {out / SUMMARY}")
-    for f in failures:
-        print(f"failed: {f}", file=sys.stderr)
-    return 2 if failures else 0
-
-
-def _run_manifest(det, request: DetectionRequest, manifest, out: Path, quiet: bool, cancel: CancelToken,
-                  dicom: Optional[DicomOut] = None) -> int:
-    """Every row of the model's modality, each into OUT/<subject>_<modality>/; a failing case is reported and the
-    run goes on. Replacing an earlier run (--overwrite), the new set is built aside and swapped in at the end."""
-    from ..core.manifest import read_manifest, skipped_rows
-    from ..detection.writers import SUMMARY, output_root
-
-    modality = request.modality or det.model.modality
-    skipped = []
-    cases = read_manifest(manifest, modality, skipped)
-    keys = [c.key for c in cases]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise BadInputError(f"{manifest}: more than one row for {', '.join(twice)} (subject and modality name a "
-                            "case's output folder)")
-    why = (f"--modality {request.modality} was asked for" if request.modality
-           else f"this model is for {det.model.modality}")
-    if skipped:
-        print(skipped_rows(skipped, len(cases) + len(skipped), why))
-    rows = [[c.subject, c.modality, "skipped", "", "", "", f"modality {c.modality}, {why}"] for c in skipped]
-    failures = []
-    with output_root(out, request.overwrite, cases=True) as root:
-        bar = ProgressBar(quiet, "cohort")
-        try:
-            for i, case in enumerate(cases):
-                rep = Reporter(bar, cancel).sub(i / len(cases), (i + 1) / len(cases))
-                one = dataclasses.replace(request, input=str(case.image), output=str(root / case.key),
-                                          modality=case.modality, overwrite=False)
-                try:
-                    s = detect_one(det, one, rep, _case_dicom(dicom, case.key))
-                    rows.append([case.subject, case.modality, "ok", s["n_lesions"], s["anomalous_volume_ml"],
-                                 s["pred_score"], ""])
-                except Cancelled:
-                    raise
-                except BrainAnomalyError as exc:
-                    failures.append(f"{case.key}: {exc}")
-                    rows.append([case.subject, case.modality, "failed", "", "", "", str(exc)])
-        finally:
-            bar.close()
-            if len(rows) > len(skipped):
-                _write_summary(root / SUMMARY, rows)
-    print(f"{len(cases) - len(failures)} of {len(cases)} {modality} scans done; outputs in "
-          f"{out}/<subject>_<modality>/, overview in {out / SUMMARY}")
-    for f in failures:
-        print(f"failed: {f}", file=sys.stderr)
-    return 2 if failures else 0
-
-
-def _case_dicom(dicom: Optional[DicomOut], key: str) -> Optional[DicomOut]:
-    return dataclasses.replace(dicom, folder=dicom.folder / key) if dicom is not None else None
-
-
-def _write_summary(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(SUMMARY_COLUMNS)
-        w.writerows(rows)
 
 
 def print_summary(s: dict, out: Path) -> None:

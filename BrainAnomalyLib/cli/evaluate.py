@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     add_calibration_option(p)
     p.add_argument("--no-cache", action="store_true", help="preprocess every scan again instead of reusing the "
                    "preprocessing cache (~/.cache/brainanomaly/preprocessed, or $BRAINANOMALY_CACHE)")
+    p.add_argument("--workers", type=int, help="worker processes, each scoring whole cases with every model "
+                   "(default: one per core, as many as the free memory holds; 1: this process); same numbers")
     p.add_argument("-o", "--output", required=True, help="report folder")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -39,7 +41,10 @@ def run(args, cancel: CancelToken) -> int:
     from ..core.manifest import normalise_modality, read_manifest, skipped_rows
     from ..store.models import resolve_model
     from ..detection.pipeline import Detector
+    from ..core.workers import default_workers
 
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError("--workers must be at least 1")
     detectors, thresholds = {}, {}
     for name in args.model or [None]:
         model = resolve_model(name)
@@ -79,7 +84,7 @@ def run(args, cancel: CancelToken) -> int:
     skipped: List[str] = []
     try:
         results = evaluate(cases, detectors, Reporter(bar, cancel), skipped, thresholds, companions,
-                           cache=not args.no_cache)
+                           cache=not args.no_cache, workers=args.workers or default_workers(len(cases)))
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     finally:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -148,29 +148,35 @@ def _truth(case: Case, scan: sitk.Image) -> Optional[sitk.Image]:
 
 def evaluate(cases: Sequence[Case], detectors: Dict[str, Detector], reporter: Optional[Reporter] = None,
              skipped: Optional[List[str]] = None, thresholds: Optional[Dict[str, Threshold]] = None,
-             companions: Optional[Mapping[str, Mapping[str, Path]]] = None, cache: bool = False) -> Dict[str, dict]:
+             companions: Optional[Mapping[str, Mapping[str, Path]]] = None, cache: bool = False,
+             workers: int = 1) -> Dict[str, dict]:
     """Metrics per scorer name. Cases with a mask are lesion scans; cases without are healthy scans.
 
     Each scorer is thresholded at `thresholds[name]` (as chosen by Detector.threshold) or its default. A fusion
     model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image); the
     case's own scan is its reference, the one whose grid and mask the metrics use.
     """
-    grouped = evaluate_groups(cases, detectors, lambda case: "all", reporter, skipped, thresholds, companions, cache)
+    grouped = evaluate_groups(cases, detectors, _all, reporter, skipped, thresholds, companions, cache, workers)
     return {name: by_group["all"] for name, by_group in grouped.items()}
+
+
+def _all(case: Case) -> str:
+    return "all"
 
 
 def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group_of: Callable[[Case], Optional[str]],
                     reporter: Optional[Reporter] = None, skipped: Optional[List[str]] = None,
                     thresholds: Optional[Dict[str, Threshold]] = None,
                     companions: Optional[Mapping[str, Mapping[str, Path]]] = None,
-                    cache: bool = False) -> Dict[str, Dict[str, dict]]:
+                    cache: bool = False, workers: int = 1) -> Dict[str, Dict[str, dict]]:
     """Metrics per scorer and per group of cases ({scorer: {group: metrics}}), each scan preprocessed once, and
     with `cache` (store/cache.py) once across runs: the preprocessing cache gives back exactly what preprocessing
     gave, so a cached run scores the same (its seconds per volume then count the cache read, not preprocessing).
     A fusion model scores each case with the subject's other contrasts, `companions` (subject -> modality -> image).
 
     `group_of(case)` names a case's group; a case in group None counts in every group (healthy scans shared by
-    several lesion sets).
+    several lesion sets). With `workers` > 1 the cases run in that many worker processes (core/workers.py), with
+    the same numbers: each case's share is merged in the cases' order.
     """
     reporter = reporter or Reporter()
     if not detectors:
@@ -184,51 +190,133 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
     tallies = {(name, g): Tally(thresholds.get(name) or det.threshold())
                for name, det in detectors.items() for g in groups}
     skipped = [] if skipped is None else skipped
-    for i, case in enumerate(cases):
-        rep = reporter.sub(i / len(cases), (i + 1) / len(cases))
-        rep(f"evaluate {case.key}", 0.0)
-        try:
-            scan = read_volume(case.image)
-            truth_img = _truth(case, scan)
-            t = time.perf_counter()
-            if cache:
-                pre = cached_preprocessed(case.image, scan, first.preprocess_config, first.grid,
-                                          use_gpu=first.device.startswith("cuda"), reporter=rep.sub(0.0, 0.8))
-            else:
-                pre = preprocess(scan, first.preprocess_config, first.grid, first.device.startswith("cuda"),
-                                 rep.sub(0.0, 0.8))
-        except BadInputError as exc:
-            skipped.append(f"{case.key}: {exc}")
-            continue
-        pre_seconds = time.perf_counter() - t
-        brain = pre.native_mask
-        truth = None if truth_img is None else sitk.GetArrayFromImage(truth_img) > 0
-        group = group_of(case)
-        for name, det in detectors.items():
-            threshold = tallies[(name, groups[0])].threshold
-            tracemalloc.start()
-            t = time.perf_counter()
-            try:
-                analysis = _analyse(det, case, scan, pre, companions)
-            except BadInputError as exc:
-                skipped.append(f"{case.key} ({name}): {exc}")
-                tracemalloc.stop()
-                continue
-            result = det.to_result(scan, analysis, det.for_scan(threshold, analysis), det.model.modality,
-                                   with_reconstruction=False)
-            seconds = pre_seconds + time.perf_counter() - t
-            peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
-            tracemalloc.stop()
-            for g in ([group] if group is not None else groups):
-                tally = tallies[(name, g)]
-                tally.seconds.append(seconds)
-                tally.peak_mb = max(tally.peak_mb, peak)
-                _add_case(tally, case, scan, result, brain, truth, truth_img)
-        rep(f"evaluate {case.key}", 1.0)
+    chosen = {name: tallies[(name, groups[0])].threshold for name in detectors}
+
+    def merge(i: int, parts: Dict[tuple, Tally], lines: List[str]) -> None:
+        skipped.extend(lines)
+        for key, part in parts.items():
+            _merge(tallies[key], part)
+
+    if workers <= 1 or len(cases) <= 1:
+        for i, case in enumerate(cases):
+            merge(i, *_evaluate_case(detectors, case, group_of(case), groups, chosen, companions, cache,
+                                     reporter.sub(i / len(cases), (i + 1) / len(cases))))
+    else:
+        _evaluate_in_pool(detectors, cases, [group_of(c) for c in cases], groups, chosen, companions, cache,
+                          reporter, workers, merge)
     out: Dict[str, Dict[str, dict]] = {name: {} for name in detectors}
     for (name, g), tally in tallies.items():
         out[name][g] = summarise(tally, detectors[name])
     return out
+
+
+def _evaluate_case(detectors: Dict[str, Detector], case: Case, group: Optional[str], groups: List[str],
+                   chosen: Dict[str, Threshold], companions, cache: bool, rep: Reporter
+                   ) -> Tuple[Dict[tuple, Tally], List[str]]:
+    """One case through every scorer: what it adds to each (scorer, group) tally, and the lines of what was
+    skipped. The case's scan is preprocessed once for all the scorers."""
+    parts: Dict[tuple, Tally] = {}
+    lines: List[str] = []
+    first = next(iter(detectors.values()))
+    rep(f"evaluate {case.key}", 0.0)
+    try:
+        scan = read_volume(case.image)
+        truth_img = _truth(case, scan)
+        t = time.perf_counter()
+        if cache:
+            pre = cached_preprocessed(case.image, scan, first.preprocess_config, first.grid,
+                                      use_gpu=first.device.startswith("cuda"), reporter=rep.sub(0.0, 0.8))
+        else:
+            pre = preprocess(scan, first.preprocess_config, first.grid, first.device.startswith("cuda"),
+                             rep.sub(0.0, 0.8))
+    except BadInputError as exc:
+        return parts, [f"{case.key}: {exc}"]
+    pre_seconds = time.perf_counter() - t
+    brain = pre.native_mask
+    truth = None if truth_img is None else sitk.GetArrayFromImage(truth_img) > 0
+    for name, det in detectors.items():
+        tracemalloc.start()
+        t = time.perf_counter()
+        try:
+            analysis = _analyse(det, case, scan, pre, companions)
+        except BadInputError as exc:
+            lines.append(f"{case.key} ({name}): {exc}")
+            tracemalloc.stop()
+            continue
+        result = det.to_result(scan, analysis, det.for_scan(chosen[name], analysis), det.model.modality,
+                               with_reconstruction=False)
+        seconds = pre_seconds + time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.stop()
+        for g in ([group] if group is not None else groups):
+            tally = parts[(name, g)] = Tally(chosen[name])
+            tally.seconds.append(seconds)
+            tally.peak_mb = peak
+            _add_case(tally, case, scan, result, brain, truth, truth_img)
+    rep(f"evaluate {case.key}", 1.0)
+    return parts, lines
+
+
+def _merge(tally: Tally, part: Tally) -> None:
+    """Add one case's tally to the cohort's (cases merged in their order give the numbers of one sequential
+    pass)."""
+    for f in fields(Tally):
+        mine, theirs = getattr(tally, f.name), getattr(part, f.name)
+        if f.name in ("threshold", "best", "worst"):
+            continue
+        if f.name == "peak_mb":
+            tally.peak_mb = max(mine, theirs)
+        elif isinstance(mine, list):
+            mine.extend(theirs)
+        else:
+            setattr(tally, f.name, mine + theirs)
+    if part.best is not None and (tally.best is None or part.best.ap > tally.best.ap):
+        tally.best = part.best
+    if part.worst is not None and (tally.worst is None or part.worst.ap < tally.worst.ap):
+        tally.worst = part.worst
+
+
+# A pool worker's scorers, rebuilt once from the models (not sent with every case).
+_POOL_DETECTORS: Dict[str, Detector] = {}
+
+
+def _pool_setup(specs) -> None:
+    for name, (model, options) in specs.items():
+        _POOL_DETECTORS[name] = Detector.for_model(model, **options)
+
+
+def _pool_case(case, group, groups, chosen, companions, cache):
+    return _evaluate_case(_POOL_DETECTORS, case, group, groups, chosen, companions, cache, Reporter())
+
+
+def _evaluate_in_pool(detectors, cases, case_groups, groups, chosen, companions, cache, reporter: Reporter,
+                      workers: int, merge) -> None:
+    """The cases on `workers` processes, each holding every scorer; their tallies merged in the cases' order."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from ..core.workers import spawn_pool, stop_pool
+
+    specs = {name: (det.model, {"device": det.device, "preprocess_config": det.preprocess_config,
+                                "postprocess_config": det.postprocess_config, "calibration": det.calibration})
+             for name, det in detectors.items()}
+    pool = spawn_pool(min(workers, len(cases)), _pool_setup, (specs,))
+    try:
+        running = {pool.submit(_pool_case, case, g, groups, chosen, companions, cache): i
+                   for i, (case, g) in enumerate(zip(cases, case_groups))}
+        results, merged = {}, 0
+        while running:
+            ready, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            reporter.check()
+            for fut in ready:
+                results[running.pop(fut)] = fut.result()
+            while merged in results:  # merge in the cases' order as soon as the next one is in
+                merge(merged, *results.pop(merged))
+                merged += 1
+                reporter(f"evaluate: {merged} of {len(cases)} cases", merged / len(cases))
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):

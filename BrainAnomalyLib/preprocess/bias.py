@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core.progress import Reporter
-from .itkrun import execute_cancellable
+from .itkrun import N4_THREADS, execute_cancellable, itk_threads
 
 
 def n4_correct(image: sitk.Image, mask: np.ndarray, reporter: Reporter, target_spacing_mm: float = 6.0,
@@ -33,8 +33,9 @@ def n4_correct(image: sitk.Image, mask: np.ndarray, reporter: Reporter, target_s
         count[0] += 1
         reporter("bias-correct", min(count[0] / total, 1.0))
 
-    execute_cancellable(n4, reporter, "bias-correct", small, small_mask, on_iteration=tick)
-    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(positive))
+    with itk_threads(N4_THREADS):
+        execute_cancellable(n4, reporter, "bias-correct", small, small_mask, on_iteration=tick)
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(positive))
     corrected = np.where(mask, (arr + offset) / np.exp(log_field) - offset, arr).astype(np.float32)
     out = sitk.GetImageFromArray(corrected)
     out.CopyInformation(image)

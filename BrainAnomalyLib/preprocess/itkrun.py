@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import SimpleITK as sitk
 
 from ..core.progress import Reporter
+
+# The same scan must give the same bytes whatever the thread count (a worker process, a Dask worker, another machine).
+# Registration's Mattes metric adds its samples into shared histograms from every work unit, in whichever order the
+# threads come: one work unit makes it exact (its sums are a small share of the registration's time). N4's
+# B-spline fit splits its sums by the global thread count: it runs with a fixed one.
+WORK_UNITS = 1
+N4_THREADS = 2
+
+
+@contextmanager
+def itk_threads(n: int) -> Iterator[None]:
+    """ITK's global default thread count set to `n` for the block (what filters made inside a filter use)."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def execute_cancellable(obj, reporter: Reporter, step: str, *args, abort=None, on_iteration=None):

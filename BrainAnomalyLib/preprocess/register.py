@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from ..core.errors import BadInputError
 from ..core.progress import Reporter
-from .itkrun import execute_cancellable
+from .itkrun import WORK_UNITS, execute_cancellable
 
 SEED = 20240611
 
@@ -37,6 +37,7 @@ def _cube_rotations() -> list:
 def _method(fixed_mask: sitk.Image, iterations: int, seed: int, shrink=(4, 2, 1),
             smooth=(2, 1, 0)) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfWorkUnits(WORK_UNITS)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.2, seed)
