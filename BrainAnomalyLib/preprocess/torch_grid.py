@@ -81,10 +81,6 @@ def quantiles(values: torch.Tensor, q: Sequence[float]) -> list:
     return out
 
 
-# The methods whose statistics are plain quantiles of the brain; histogram standardisation stays on numpy.
-TORCH_METHODS = ("median-iqr", "percentile", "tissue-peaks")
-
-
 def normalise(array: torch.Tensor, mask: torch.Tensor, method: str,
               tissue: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
     """preprocess.normalise for TORCH_METHODS on the device: the same statistics (offset, scale), the same output
@@ -116,7 +112,41 @@ def normalise(array: torch.Tensor, mask: torch.Tensor, method: str,
         scale = max(abs(peaks["WM"] - peaks["GM"]), 1e-6 * max(abs(peaks["GM"]), 1.0))
         info.update(offset=offset, scale=scale, wm_peak=peaks["WM"], gm_peak=peaks["GM"])
     else:
-        raise ValueError(f"normalisation {method!r} has no torch version; it runs on numpy")
+        raise ValueError(f"normalisation {method!r} has no torch version (normalise.TORCH_METHODS); it runs on numpy")
     # float32 arithmetic with the statistics as Python floats, as numpy does it: the same values to the last bit.
     out = (array.to(torch.float32) - offset) / scale
     return torch.where(mask, out, out[mask].min()), info
+
+
+def normalise_array(array: np.ndarray, mask: np.ndarray, method: str, tissue: Optional[dict],
+                    device: str) -> tuple[np.ndarray, dict]:
+    """`normalise` of numpy arrays on `device`, the result back as numpy (the scorers take numpy)."""
+    out, info = normalise(torch.as_tensor(array, device=device), torch.as_tensor(mask, device=device), method,
+                          tissue)
+    return out.cpu().numpy(), info
+
+
+def onto_grid(stripped, mask: np.ndarray, transform, reference, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stripped scan (trilinear) and its brain mask (nearest) on the grid of `reference` through `transform`
+    (template -> scan), as numpy: the CPU path's two sitk.Resample calls."""
+    import SimpleITK as sitk
+
+    in_m, out_m, move = image_matrix(stripped), image_matrix(reference), affine_matrix(transform)
+    shape = tuple(int(s) for s in reversed(reference.GetSize()))
+    raw = resample(torch.as_tensor(sitk.GetArrayFromImage(stripped), device=device), in_m, out_m, shape, move)
+    grid_mask = resample(torch.as_tensor(mask.astype(np.uint8), device=device), in_m, out_m, shape, move,
+                         nearest=True)
+    return raw.cpu().numpy(), grid_mask.cpu().numpy() > 0
+
+
+def back_to_native(array: np.ndarray, reference, transform, native, nearest: bool, device: str):
+    """A grid array (on `reference`'s grid) onto the scan's own grid through the inverse of `transform`, as a
+    SimpleITK image like chain.to_native's."""
+    import SimpleITK as sitk
+
+    shape = tuple(int(s) for s in reversed(native.GetSize()))
+    out = resample(torch.as_tensor(np.ascontiguousarray(array, np.float32), device=device), image_matrix(reference),
+                   image_matrix(native), shape, np.linalg.inv(affine_matrix(transform)), nearest)
+    image = sitk.GetImageFromArray(out.cpu().numpy())
+    image.CopyInformation(native)
+    return image
