@@ -82,18 +82,29 @@ def register_affine_torch(moving, moving_mask: np.ndarray, fixed, fixed_mask: np
     Raises BadInputError when no alignment with the template brain is found."""
     import SimpleITK as sitk
 
+    def on(array, dtype=torch.float32):
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+    return register_arrays(on(sitk.GetArrayFromImage(moving)), image_matrix(moving), on(moving_mask, torch.bool),
+                           on(sitk.GetArrayFromImage(fixed)), image_matrix(fixed), on(fixed_mask, torch.bool))
+
+
+def register_arrays(moving: torch.Tensor, m_matrix: np.ndarray, moving_mask: torch.Tensor, fixed: torch.Tensor,
+                    f_matrix: np.ndarray, fixed_mask: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """register_affine_torch on tensors (k, j, i) and their index -> physical matrices, on their device (no
+    SimpleITK needed: scripts/gpu_detect_benchmark.py runs this where there is none)."""
     started = time.perf_counter()
-    m_arr = sitk.GetArrayViewFromImage(moving)
-    if not moving_mask.any():
+    device = moving.device
+    if not bool(moving_mask.any()):
         raise BadInputError("registration to the template brain failed: the brain mask is empty")
-    floor = float(m_arr[moving_mask].min())
-    m = torch.as_tensor(np.where(moving_mask, m_arr, floor).astype(np.float32), device=device) - floor
-    f_arr = sitk.GetArrayViewFromImage(fixed)
-    f = torch.as_tensor(np.where(fixed_mask, f_arr, f_arr[fixed_mask].min()).astype(np.float32), device=device)
+    m = moving.to(torch.float32)
+    m = torch.where(moving_mask, m, m[moving_mask].min())
+    m = m - m.min()
+    f = fixed.to(torch.float32)
+    f = torch.where(fixed_mask, f, f[fixed_mask].min())
     f = f - f.min()
-    m_matrix, f_matrix = image_matrix(moving), image_matrix(fixed)
     # The metric region: the template brain grown by two voxels, so the brain's edge itself is matched.
-    region = F.max_pool3d(torch.as_tensor(fixed_mask, dtype=torch.float32, device=device)[None, None], 5, 1, 2)[0, 0]
+    region = F.max_pool3d(fixed_mask.to(torch.float32)[None, None], 5, 1, 2)[0, 0]
 
     centre = _centre_of_mass(f, f_matrix)
     start = _centre_of_mass(m, m_matrix) - centre
@@ -127,7 +138,7 @@ def register_affine_torch(moving, moving_mask: np.ndarray, fixed, fixed_mask: np
     out = np.eye(4)
     out[:3, :3] = a
     out[:3, 3] = centre + t - a @ centre
-    return out, {"ncc_per_level": history, "steps": [s for _, _, s in LEVELS], "device": device,
+    return out, {"ncc_per_level": history, "steps": [s for _, _, s in LEVELS], "device": str(device),
                  "seconds": round(time.perf_counter() - started, 3)}
 
 
