@@ -107,11 +107,14 @@ def test_detection_on_the_torch_path_gives_the_same_findings(demo_case, template
     """The brats-like demo case (an oblique, moved head with one lesion) through detection on both paths: the
     registration is the same (seeded SimpleITK), everything around the scoring differs."""
     from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 
     scan, truth = demo_case
     results = []
     for torch_ops in (None, "cpu"):
-        detector = Detector(template_normative_model, device="cpu")
+        # N4 is the same code on both paths and the slowest step here: left out to keep the test short.
+        detector = Detector(template_normative_model, device="cpu",
+                            preprocess_config=PreprocessConfig(bias_correction=False))
         detector.torch_ops = torch_ops
         results.append(detector.run(scan, modality="T1", reporter=Reporter()))
     cpu, gpu_path = results
@@ -162,3 +165,16 @@ def test_torch_registration_recovers_a_known_affine():
     start.SetTranslation(truth.GetTranslation())
     c = on_grid(start)
     assert 2 * (a & c).sum() / (a.sum() + c.sum()) < 0.95
+
+
+def test_a_request_chooses_the_registration():
+    from BrainAnomalyLib.core.errors import BadInputError
+    from BrainAnomalyLib.detection.request import DetectionRequest
+
+    model_meta = {"preprocessing": {"registration": "affine"}}
+    chosen = DetectionRequest.from_dict({"input": "scan.nii.gz", "registration_method": "torch"})
+    assert chosen.preprocess_config(model_meta).registration == "torch"
+    kept = DetectionRequest.from_dict({"input": "scan.nii.gz"})
+    assert kept.preprocess_config(model_meta).registration == "affine"
+    with pytest.raises(BadInputError, match="unknown registration 'elastix'"):
+        DetectionRequest.from_dict({"input": "scan.nii.gz", "registration_method": "elastix"})
