@@ -1,8 +1,9 @@
 """Detection timed on a GPU, step by step, from a pack made here (scripts/gpu_detect_benchmark.sh drives it).
 
 `pack` (here, with SimpleITK): runs `detect` on the CPU for one scan (the default model) and stores what the GPU
-host cannot make without SimpleITK/nibabel: the scan's voxels and geometry, its brain mask, the template on the
-model grid, SimpleITK's registration and the CPU result (threshold, findings, step times).
+host cannot make without SimpleITK/nibabel: the stripped, N4-corrected voxels and their geometry, the brain mask,
+the template on the model grid, SimpleITK's registration and the CPU result (threshold, findings at that voxel
+threshold, step times).
 
 `run` (the GPU host: torch, numpy, scipy, MONAI; no SimpleITK): the detection steps that follow skull-stripping
 and N4, all on --device: the torch affine registration, resampling onto the model grid, standardisation, scoring,
@@ -35,7 +36,8 @@ def pack(args) -> int:
     from BrainAnomalyLib.core.io import read_volume
     from BrainAnomalyLib.core.template import brain_mask_on_grid, template_on_grid
     from BrainAnomalyLib.detection.pipeline import Detector
-    from BrainAnomalyLib.detection.postprocess import ijk_to_ras
+    from BrainAnomalyLib.detection.postprocess import ijk_to_ras, label_array
+    from BrainAnomalyLib.preprocess.bias import n4_correct
     from BrainAnomalyLib.preprocess.torch_grid import affine_matrix, image_matrix
     from BrainAnomalyLib.store.models import resolve_model
 
@@ -52,8 +54,15 @@ def pack(args) -> int:
     result = detector.to_result(scan, analysis, detector.for_scan(detector.threshold(), analysis), "T1")
     cpu_total = time.perf_counter() - started
     analysis_pre = analysis.pre
+    # The device starts from the stripped, N4-corrected scan (N4 stays on the CPU; its seconds are reported).
     arr = sitk.GetArrayFromImage(scan)
-    voxels = arr.astype(np.int16) if np.array_equal(arr, arr.astype(np.int16)) else arr.astype(np.float32)
+    stripped = sitk.GetImageFromArray(np.where(analysis_pre.native_mask, arr, 0).astype(np.float32))
+    stripped.CopyInformation(scan)
+    voxels = sitk.GetArrayFromImage(n4_correct(stripped, analysis_pre.native_mask, _reporter())[0])
+    # The device's findings are the voxel threshold's components (no lesion-level rule: that needs the whole
+    # Detector); the CPU result's, found the same way, are what they are compared with.
+    _, plain = label_array(sitk.GetArrayFromImage(result.anomaly_map), ijk_to_ras(scan), result.threshold["value"],
+                           result.min_lesion_ml)
     grid = detector.grid
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -65,7 +74,7 @@ def pack(args) -> int:
         meta=np.array(json.dumps({
             "model": model.name, "scan": str(path), "threshold": result.threshold["value"],
             "min_lesion_ml": result.min_lesion_ml, "cpu_total_s": round(cpu_total, 3), "cpu_timings": result.timings,
-            "cpu_findings": len(result.lesions), "cpu_finding_voxels": [les["voxels"] for les in result.lesions],
+            "cpu_findings": len(plain), "cpu_finding_voxels": [les["voxels"] for les in plain],
             "cpu_pred_score": result.pred_score})))
     print(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB; CPU detect {cpu_total:.1f} s, "
           f"{len(result.lesions)} findings")
@@ -103,7 +112,7 @@ def run(args) -> int:
     grid_shape = data["template"].shape
     template_mask = unpack("template_mask", grid_shape)
     scan_m, grid_m, ras = data["scan_matrix"], data["grid_matrix"], data["index_to_ras"]
-    stripped = np.where(native_mask, data["scan"], 0).astype(np.float32)
+    stripped = data["scan"].astype(np.float32)
 
     def sync():
         if device.startswith("cuda"):
