@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .normalise import MIN_TISSUE_VOXELS, TISSUE_PROBABILITY
+
 
 def index_to_physical(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
     out = np.eye(4)
@@ -85,8 +87,6 @@ def normalise(array: torch.Tensor, mask: torch.Tensor, method: str,
               tissue: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
     """preprocess.normalise for TORCH_METHODS on the device: the same statistics (offset, scale), the same output
     (float32, outside the brain set to the darkest brain value) and the same errors."""
-    from .normalise import MIN_TISSUE_VOXELS, TISSUE_PROBABILITY
-
     inside = array[mask]
     if inside.numel() == 0:
         raise ValueError("empty brain mask")

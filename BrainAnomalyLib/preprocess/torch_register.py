@@ -11,8 +11,6 @@ not try the 24 right-angle starts of the SimpleITK method: a scan lying 90 degre
 from __future__ import annotations
 
 import time
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,7 @@ def _pooled(volume: torch.Tensor, matrix: np.ndarray, factor: int) -> tuple[torc
     return pooled, matrix @ shift
 
 
-def _points(shape: Sequence[int], matrix: np.ndarray, where: torch.Tensor) -> torch.Tensor:
+def _points(matrix: np.ndarray, where: torch.Tensor) -> torch.Tensor:
     """Physical points (n, 3) of the voxels `where` of a (k, j, i) volume."""
     kji = torch.nonzero(where).to(torch.float32)
     ijk1 = torch.cat([kji.flip(1), torch.ones(len(kji), 1, device=where.device)], dim=1)
@@ -69,7 +67,7 @@ def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _centre_of_mass(volume: torch.Tensor, matrix: np.ndarray) -> np.ndarray:
     where = volume > 0
-    points = _points(volume.shape, matrix, where)
+    points = _points(matrix, where)
     w = volume[where].to(torch.float64)
     return (points.to(torch.float64) * w[:, None]).sum(0).cpu().numpy() / max(float(w.sum()), 1e-12)
 
@@ -119,7 +117,7 @@ def register_arrays(moving: torch.Tensor, m_matrix: np.ndarray, moving_mask: tor
         fv, fv_matrix = _pooled(f, f_matrix, f_factor)
         rv, _ = _pooled(region, f_matrix, f_factor)
         inside = rv > 0
-        points = _points(fv.shape, fv_matrix, inside) - c
+        points = _points(fv_matrix, inside) - c
         target = fv[inside]
         sample = _sampler(mv, mv_matrix)
         opt = torch.optim.Adam([d_matrix, d_shift], lr=LEARNING_RATE)
