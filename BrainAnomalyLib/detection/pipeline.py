@@ -55,6 +55,11 @@ class GridAnalysis(GridScores):
 
 
 class Detector:
+    # Where the grid resampling, standardisation, map cleaning and back-projection run in torch instead of
+    # SimpleITK/numpy/scipy: None is the scoring device when it is CUDA, the CPU path otherwise (a test sets "cpu"
+    # to run the torch ops on the CPU).
+    torch_ops: Optional[str] = None
+
     def __init__(self, model: Model, device: str = "auto", preprocess_config: Optional[PreprocessConfig] = None,
                  postprocess_config: Optional[PostprocessConfig] = None, scorer_params: Optional[dict] = None,
                  calibration: str = "adaptive"):
@@ -119,7 +124,17 @@ class Detector:
         contrasted = contralateral_difference(anomaly_map, self.postprocess_config.contralateral, self.grid)
         return filter_map(contrasted, self.postprocess_config)
 
+    def torch_device(self) -> Optional[str]:
+        """The device of the torch pre- and post-processing, None for the CPU path (see `torch_ops`)."""
+        return self.torch_ops or (self.device if self.device.startswith("cuda") else None)
+
     def postprocess(self, out: ScoreOutput, mask: np.ndarray, notes: Sequence[str] = ()) -> GridScores:
+        if self.torch_device() is not None:
+            from .torch_postprocess import postprocess
+
+            contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
+            clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device())
+            return GridScores(out.anomaly_map, clean, eroded, out.reconstruction, stats, list(notes))
         filtered = self.filtered(out.anomaly_map)
         eroded = erode_mask(mask, self.postprocess_config)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
@@ -193,7 +208,8 @@ class Detector:
     def preprocess_scan(self, native: sitk.Image, reporter: Reporter) -> Preprocessed:
         """The model's preprocessing of a scan, running out of memory reported as such."""
         try:
-            return preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"), reporter)
+            return preprocess(native, self.preprocess_config, self.grid, self.device.startswith("cuda"), reporter,
+                              self.torch_device())
         except BrainAnomalyError:
             raise
         except Exception as exc:
@@ -269,7 +285,7 @@ class Detector:
         t = time.perf_counter()
         reporter("back-project", 0.0)
         native_mask = array_to_image(pre.native_mask.astype(np.uint8), native)
-        heat = to_native(analysis.clean_map, pre, native)
+        heat = to_native(analysis.clean_map, pre, native, torch_device=self.torch_device())
         heat = sitk.Mask(heat, native_mask)
         recon = None
         if with_reconstruction and analysis.reconstruction is not None:
@@ -279,7 +295,7 @@ class Detector:
             s_lo, s_hi = np.percentile(pre.image[pre.mask], [1, 99])
             n_lo, n_hi = np.percentile(sitk.GetArrayViewFromImage(native)[pre.native_mask], [1, 99])
             gain = (n_hi - n_lo) / max(s_hi - s_lo, 1e-6)
-            recon = to_native(analysis.reconstruction, pre, native)
+            recon = to_native(analysis.reconstruction, pre, native, torch_device=self.torch_device())
             recon = sitk.Mask(recon * float(gain) + float(n_lo - s_lo * gain), native_mask)
         scan_curve = self.scan_curve(analysis)
         curve = scan_curve.to_dict() if scan_curve is not None else None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from ..calibration.findings import FindingRule
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 @dataclass
@@ -102,6 +104,8 @@ def label_lesions(anomaly_map: sitk.Image, threshold: float, min_lesion_ml: floa
                   rule: Optional[FindingRule] = None) -> Tuple[sitk.Image, List[dict]]:
     """Threshold a map on its own grid into a label map (1 = anomaly; with `numbered`, each lesion's number in
     the table) and a lesion table (see label_array)."""
+    import SimpleITK as sitk  # only here and in number_findings: the arrays' part runs on a host without it
+
     mask, lesions = label_array(sitk.GetArrayViewFromImage(anomaly_map), ijk_to_ras(anomaly_map), threshold,
                                 min_lesion_ml, numbered, rule)
     out = sitk.GetImageFromArray(mask)
@@ -167,6 +171,8 @@ def number_findings(pred_mask: sitk.Image, lesions: List[dict]) -> sitk.Image:
     """A 1 = anomaly label map with each finding's number from the lesion table instead (its `label`), as
     `label_lesions(numbered=True)` makes it: the map's components (the table's findings, nothing else) matched to
     the table's rows by voxel count and centroid. A map and a table that do not match are refused."""
+    import SimpleITK as sitk
+
     arr = sitk.GetArrayViewFromImage(pred_mask) > 0
     labels, box, counts, _ = components(arr, 1.0, 0.0)
     n = counts.size - 1

@@ -30,6 +30,10 @@ class ThresholdSpec:
     calibration: str = "adaptive"
 
 
+# Registration methods a request may choose (preprocess.chain): SimpleITK's, or the torch one for the GPU.
+REGISTRATIONS = ("affine", "torch")
+
+
 @dataclass
 class PreprocessOptions:
     """Changes to the model's own preprocessing; None keeps the model's."""
@@ -37,13 +41,14 @@ class PreprocessOptions:
     skull_strip: Optional[str] = None
     bias_correction: bool = True
     registration: bool = True
+    registration_method: Optional[str] = None  # affine | torch; None keeps the model's
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "PreprocessOptions":
         """From the options `add_preprocess_options` declared (detect, the worker, train)."""
         a = vars(args)
         return cls(skull_strip=a.get("skull_strip"), bias_correction=not a.get("no_bias_correction"),
-                   registration=not a.get("no_register"))
+                   registration=not a.get("no_register"), registration_method=a.get("registration"))
 
     def apply(self, base: dict):
         """`base` (a model's or a training run's preprocessing settings) with these changes."""
@@ -54,6 +59,8 @@ class PreprocessOptions:
             pre.skull_strip = self.skull_strip
         if not self.bias_correction:
             pre.bias_correction = False
+        if self.registration_method:
+            pre.registration = self.registration_method
         if not self.registration:
             pre.registration = "none"
         return pre
@@ -170,6 +177,9 @@ class DetectionRequest:
                 raise BadInputError(str(exc)) from None
         if t.calibration not in CALIBRATIONS:
             raise BadInputError(f"unknown calibration {t.calibration!r}; choose from {', '.join(CALIBRATIONS)}")
+        if self.preprocessing.registration_method not in (None, *REGISTRATIONS):
+            raise BadInputError(f"unknown registration {self.preprocessing.registration_method!r}; choose from "
+                                f"{', '.join(REGISTRATIONS)}")
         if self.preprocessing.skull_strip not in (None, *SKULL_STRIP):
             raise BadInputError(f"unknown skull-strip method {self.preprocessing.skull_strip!r}; choose from "
                                 f"{', '.join(SKULL_STRIP)}")
@@ -278,3 +288,6 @@ def add_preprocess_options(p: argparse.ArgumentParser) -> None:
                    help="auto (default) strips unless the scan is already skull-stripped")
     p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
     p.add_argument("--no-register", action="store_true", help="the scan is already in the template space")
+    p.add_argument("--registration", choices=list(REGISTRATIONS), default=None,
+                   help="affine: SimpleITK (the default); torch: the torch affine registration, on the GPU with "
+                        "--device cuda (scripts/compare_registration.py measures how close it comes)")

@@ -14,7 +14,7 @@ from ..core.progress import Reporter
 from ..core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from .bias import n4_correct
 from .contrast import estimate_contrast
-from .normalise import normalise
+from .normalise import TORCH_METHODS, normalise
 from .register import affine_to_dict, register_affine
 from .sanity import assess_scan
 from .skullstrip import brain_mask
@@ -24,7 +24,7 @@ from .skullstrip import brain_mask
 class PreprocessConfig:
     skull_strip: str = "auto"  # auto | deepbet | none
     bias_correction: bool = True
-    registration: str = "affine"  # affine | none (scan already in template space)
+    registration: str = "affine"  # affine (SimpleITK) | torch (preprocess.torch_register) | none (in template space)
     normalisation: str = "median-iqr"
     # The histogram method's standard scale, learned from the training cohort (stored with the model).
     normalisation_reference: Optional[List[float]] = None
@@ -58,10 +58,16 @@ class Preprocessed:
     acquisition_mm: Optional[List[float]] = None
 
 
-def standardise(raw: np.ndarray, mask: np.ndarray, config: PreprocessConfig, grid: Grid) -> tuple[np.ndarray, dict]:
-    """Apply the configured intensity standardisation to a grid volume (see preprocess.normalise)."""
+def standardise(raw: np.ndarray, mask: np.ndarray, config: PreprocessConfig, grid: Grid,
+                torch_device: Optional[str] = None) -> tuple[np.ndarray, dict]:
+    """Apply the configured intensity standardisation to a grid volume (see preprocess.normalise); on
+    `torch_device` (the CUDA path) where torch_grid has the method."""
     tissue = tissue_on_grid(grid) if config.normalisation == "tissue-peaks" else None
     try:
+        if torch_device is not None and config.normalisation in TORCH_METHODS:
+            from . import torch_grid  # torch only on the CUDA path
+
+            return torch_grid.normalise_array(raw, mask, config.normalisation, tissue, torch_device)
         return normalise(raw, mask, config.normalisation, config.normalisation_reference, tissue)
     except ValueError as exc:
         raise BadInputError(f"intensity standardisation failed: {exc}") from None
@@ -77,7 +83,9 @@ class _Recorder:
 
 
 def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu: bool,
-               reporter: Reporter) -> Preprocessed:
+               reporter: Reporter, torch_device: Optional[str] = None) -> Preprocessed:
+    """The chain on a scan; with `torch_device` (the CUDA path) the resampling onto the grid and the
+    standardisation run in torch there (preprocess.torch_grid), everything else as on the CPU."""
     rec = _Recorder()
     t = time.perf_counter()
     # Orientation changes only the voxel order, never physical positions, so mapping back is exact.
@@ -98,6 +106,12 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     if config.registration == "affine":
         transform, info = register_affine(stripped, mask, fixed, brain_mask_on_grid(grid), reporter.sub(0.5, 0.95))
         rec.add("register", True, t, method="affine, Mattes MI", transform=affine_to_dict(transform), **info)
+    elif config.registration == "torch":
+        from .torch_register import as_sitk_affine, register_affine_torch
+
+        matrix, info = register_affine_torch(stripped, mask, fixed, brain_mask_on_grid(grid), torch_device or "cpu")
+        transform = as_sitk_affine(matrix)
+        rec.add("register", True, t, method="affine, torch NCC", transform=affine_to_dict(transform), **info)
     elif config.registration == "none":
         transform = sitk.AffineTransform(3)
         rec.add("register", False, t, transform=affine_to_dict(transform))
@@ -106,15 +120,20 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
 
     t = time.perf_counter()
     ref = grid.reference()
-    on_grid = sitk.Resample(stripped, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask_img = _mask_image(mask, work)
-    grid_mask = sitk.GetArrayFromImage(
-        sitk.Resample(mask_img, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
-    rec.add("resample", True, t, grid=grid.to_dict())
+    if torch_device is not None:
+        from . import torch_grid
+
+        raw, grid_mask = torch_grid.onto_grid(stripped, mask, transform, ref, torch_device)
+    else:
+        on_grid = sitk.Resample(stripped, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        grid_mask = sitk.GetArrayFromImage(
+            sitk.Resample(mask_img, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
+        raw = sitk.GetArrayFromImage(on_grid)
+    rec.add("resample", True, t, grid=grid.to_dict(), device=torch_device or "cpu")
     reporter("resample", 0.97)
 
     t = time.perf_counter()
-    raw = sitk.GetArrayFromImage(on_grid)
     measures, notes = assess_scan(raw, grid_mask, grid, brain_ml)
     rec.add("sanity", True, t, **measures, notes=notes)
     t = time.perf_counter()
@@ -122,7 +141,7 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     rec.add("contrast", True, t, **contrast)
 
     t = time.perf_counter()
-    image, info = standardise(raw, grid_mask, config, grid)
+    image, info = standardise(raw, grid_mask, config, grid, torch_device)
     rec.add("normalise", True, t, **info)
     reporter("normalise", 1.0)
 
@@ -142,8 +161,14 @@ def voxel_extent_on_grid(native: sitk.Image, transform: sitk.AffineTransform, gr
     return [round(float(v), 4) for v in extent[::-1]]
 
 
-def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest: bool = False) -> sitk.Image:
-    """Resample a model-grid array onto the input's own grid through the inverse of the registration."""
+def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest: bool = False,
+              torch_device: Optional[str] = None) -> sitk.Image:
+    """Resample a model-grid array onto the input's own grid through the inverse of the registration (in torch
+    on `torch_device`, the CUDA path)."""
+    if torch_device is not None:
+        from . import torch_grid
+
+        return torch_grid.back_to_native(array, pre.grid.reference(), pre.transform, native, nearest, torch_device)
     src = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
     src.CopyInformation(pre.grid.reference())
     inverse = pre.transform.GetInverse()

@@ -17,6 +17,9 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 
 METHODS = ("median-iqr", "percentile", "tissue-peaks", "histogram")
+# The methods whose statistics are plain quantiles of the brain, which preprocess.torch_grid computes on the GPU;
+# the histogram method's piecewise map stays on numpy.
+TORCH_METHODS = ("median-iqr", "percentile", "tissue-peaks")
 LANDMARKS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
 # Voxels counted as one tissue: template probability at least this, inside the scan's brain mask.
 TISSUE_PROBABILITY = {"WM": 0.9, "GM": 0.6}
