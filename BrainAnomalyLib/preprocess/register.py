@@ -19,6 +19,11 @@ SEED = 20240611
 ROTATED_START_GAIN = 0.05
 COARSE_CANDIDATES = 3
 COARSE_ITERATIONS = 60
+# Share of the (dilated) template brain sampled by the metric per pyramid level (shrink 4, 2, 1). The finest level
+# has 8 times the points of the one before and took most of the time while it only polishes (on a BraTS T1 its
+# metric was flat after 10 of its 31 iterations); a quarter of the points there moved the result by 0.02 mm (mean
+# over the template brain) and cut the registration by a third.
+SAMPLING = (0.2, 0.2, 0.05)
 
 
 def _cube_rotations() -> list:
@@ -35,11 +40,11 @@ def _cube_rotations() -> list:
 
 
 def _method(fixed_mask: sitk.Image, iterations: int, seed: int, shrink=(4, 2, 1),
-            smooth=(2, 1, 0)) -> sitk.ImageRegistrationMethod:
+            smooth=(2, 1, 0), sampling=SAMPLING) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2, seed)
+    reg.SetMetricSamplingPercentagePerLevel(list(sampling), seed)
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
@@ -81,7 +86,7 @@ def _starts(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, seed:
     fixed_small, moving_small = _coarsest(fixed), _coarsest(moving)
     coarse = []
     for k, t in enumerate(candidates):
-        reg = _method(fixed_mask, 1, seed, shrink=(1,), smooth=(0,))
+        reg = _method(fixed_mask, 1, seed, shrink=(1,), smooth=(0,), sampling=SAMPLING[:1])
         reg.SetInitialTransform(t, inPlace=False)
         try:
             coarse.append((reg.MetricEvaluate(fixed_small, moving_small), k))
@@ -94,7 +99,7 @@ def _starts(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, seed:
     shortlist = {0} | set(ranked[:COARSE_CANDIDATES])
     refined = {}
     for k in sorted(shortlist):
-        reg = _method(fixed_mask, COARSE_ITERATIONS, seed, shrink=(1,), smooth=(0,))
+        reg = _method(fixed_mask, COARSE_ITERATIONS, seed, shrink=(1,), smooth=(0,), sampling=SAMPLING[:1])
         reg.SetInitialTransform(candidates[k], inPlace=False)
         try:
             reg.Execute(fixed_small, moving_small)
