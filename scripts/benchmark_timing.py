@@ -10,7 +10,7 @@ through deepbet (the template is already stripped, which would otherwise skip th
 With --against REV the real `brainanomaly detect` command is timed instead, for this checkout and for REV (checked
 out into a temporary git worktree), runs of the two alternating so both see the same machine load: per step (from
 each run's result.json), the command's whole wall time including interpreter start-up and imports, and each run's
-peak resident memory.
+peak resident memory; also its CPU seconds (all threads), steadier than wall time when other work loads the machine.
 
     python scripts/benchmark_timing.py --against main --input scan.nii.gz --skull-strip auto --repeats 3
 """
@@ -77,6 +77,8 @@ def timed_detect(tree: Path, scan: Path, out: Path, model, skull_strip: str) -> 
     step = {k: sum(timings.get(n, 0.0) for n in names) for k, names in STEPS.items()}
     step["start-up, read, write"] = wall - sum(step.values())
     step["wall"] = wall
+    # CPU seconds of all the command's threads: on a loaded machine a steadier measure of the work than wall time
+    step["cpu"] = usage.ru_utime + usage.ru_stime
     step["peak_rss_mb"] = usage.ru_maxrss / 1024.0
     return step
 
