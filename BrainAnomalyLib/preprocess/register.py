@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,10 +38,6 @@ def _cube_rotations() -> list:
 def _method(fixed_mask: sitk.Image, iterations: int, seed: int, shrink=(4, 2, 1),
             smooth=(2, 1, 0)) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
-    # One thread: with two, the optimiser's path (and so the grid volume) differed between runs of the same scan;
-    # with one, repeated runs gave identical transforms. On the grid-resolution working copy of a BraTS T1 it took
-    # 5.9 CPU s against 5.4 with two threads (a loaded machine); on an idle one this step's wall time can double.
-    reg.SetNumberOfThreads(1)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.2, seed)
@@ -114,11 +111,31 @@ def _starts(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, seed:
              "start_metrics": {str(k): round(float(v), 5) for k, v in sorted(refined.items())}})
 
 
+@contextmanager
+def _one_thread():
+    """ITK's default thread count set to one meanwhile. With two threads the optimiser's path (and so the grid
+    volume) differed between runs of the same scan; the metric's threader follows only this global default, not
+    the method's own SetNumberOfThreads. On the working copy of a BraTS T1 one thread took 5.9 CPU s against 5.4
+    with two (a loaded machine); on an idle one this step's wall time can double."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def register_affine(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Image, fixed_mask: np.ndarray,
                     reporter: Reporter, iterations: int = 200, seed: int = SEED) -> tuple[sitk.AffineTransform, dict]:
     """Return the affine transform that maps template (fixed) points onto scan (moving) points.
 
     Raises BadInputError when no alignment with the template brain can be found."""
+    with _one_thread():
+        return _register(moving, moving_mask, fixed, fixed_mask, reporter, iterations, seed)
+
+
+def _register(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Image, fixed_mask: np.ndarray,
+              reporter: Reporter, iterations: int, seed: int) -> tuple[sitk.AffineTransform, dict]:
     moving_masked = _masked(moving, moving_mask)
     fixed_masked = _masked(fixed, fixed_mask)
     fixed_mask_img = sitk.GetImageFromArray(fixed_mask.astype(np.uint8))
