@@ -471,3 +471,15 @@ def test_cae_with_a_spatial_code():
     again = build_net(net.arch)
     again.load_state_dict(net.state_dict())
     assert torch.equal(again.reconstruct(x), net.reconstruct(x))
+
+
+def test_score_maps_computes_only_the_parts_asked_for():
+    net = ready(build_net(tiny_arch("dpa", 1)))
+    x, _ = brain_batch(2, 1)
+    recon = net.reconstruct(x)
+    everything = net.score_maps(x, recon)
+    for parts in (["signed"], ["perceptual", "signed"], ["ssim"], ["l1", "perceptual"]):
+        some = net.score_maps(x, recon, parts=parts)
+        assert set(some) == set(parts)
+        for k in parts:
+            assert torch.equal(some[k], everything[k]), k

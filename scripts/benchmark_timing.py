@@ -6,12 +6,22 @@ synthetic lesion, so the benchmark runs anywhere; --input times a file of your o
 through deepbet (the template is already stripped, which would otherwise skip the step).
 
     python scripts/benchmark_timing.py [--input scan.nii.gz] [--model normative-t1-ixi] [--repeats 3]
+
+With --against REV the real `brainanomaly detect` command is timed instead, for this checkout and for REV (checked
+out into a temporary git worktree), runs of the two alternating so both see the same machine load: per step (from
+each run's result.json), the command's whole wall time including interpreter start-up and imports, and each run's
+peak resident memory; also its CPU seconds (all threads), steadier than wall time when other work loads the machine.
+
+    python scripts/benchmark_timing.py --against main --input scan.nii.gz --skull-strip auto --repeats 3
 """
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +51,68 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# result.json timing keys of each step of the table; "start-up, read, write" is what the command's wall time has
+# beyond them (interpreter start-up, imports, model loading, reading the scan, writing the outputs).
+STEPS = {"orient": ["preprocess.orient"], "skull-strip": ["preprocess.skull-strip"],
+         "bias-correct": ["preprocess.bias-correct"], "register": ["preprocess.register"],
+         "resample+normalise": ["preprocess.resample", "preprocess.sanity", "preprocess.contrast",
+                                "preprocess.normalise"],
+         "score+postprocess": ["score+postprocess"], "back-project": ["back_project"]}
+
+
+def timed_detect(tree: Path, scan: Path, out: Path, model, skull_strip: str) -> dict:
+    """Run `brainanomaly detect` from the checkout at `tree`; its step seconds, wall time and peak RSS (MB)."""
+    cmd = [sys.executable, "-m", "BrainAnomalyLib.cli.main", "detect", str(scan), "-o", str(out), "--device", "cpu",
+           "-q", "--skull-strip", skull_strip] + (["--model", model] if model else [])
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"detect failed in {tree}: {err.strip().splitlines()[-1] if err.strip() else status}")
+    timings = json.loads((out / "result.json").read_text())["timings"]
+    step = {k: sum(timings.get(n, 0.0) for n in names) for k, names in STEPS.items()}
+    step["start-up, read, write"] = wall - sum(step.values())
+    step["wall"] = wall
+    # CPU seconds of all the command's threads: on a loaded machine a steadier measure of the work than wall time
+    step["cpu"] = usage.ru_utime + usage.ru_stime
+    step["peak_rss_mb"] = usage.ru_maxrss / 1024.0
+    return step
+
+
+def against(rev: str, scan: Path, model, skull_strip: str, repeats: int, tmp: Path) -> dict:
+    """Median per-step table of this checkout and of `rev`, measured interleaved."""
+    here = Path(__file__).resolve().parent.parent
+    old = tmp / "old"
+    subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(old), rev], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = {"old": [], "new": []}
+    try:
+        for i in range(repeats + 1):  # the first pair warms the file cache; it is not counted
+            for name, tree in (("old", old), ("new", here)) if i % 2 == 0 else (("new", here), ("old", old)):
+                out = tmp / f"{name}{i}"
+                step = timed_detect(tree, scan, out, model, skull_strip)
+                shutil.rmtree(out)
+                if i > 0:
+                    runs[name].append(step)
+                print(f"run {i} {name}: {step['wall']:.1f} s, {step['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    finally:
+        subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(old)], check=False)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    print(f"\n`brainanomaly detect` on {scan.name}, skull-strip {skull_strip}, {rev} (old) against this checkout "
+          f"(new), median of {repeats} interleaved runs each (+1 warm-up pair)\n")
+    print("| step | old s | new s | new/old |")
+    print("|---|---|---|---|")
+    for k in med["old"]:
+        o, n = med["old"][k], med["new"][k]
+        unit = "MB" if k == "peak_rss_mb" else ""
+        print(f"| {k}{' (' + unit + ')' if unit else ''} | {o:.2f} | {n:.2f} | {n / o if o else float('nan'):.2f} |")
+    return {"rev": rev, "median": med, "runs": runs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", help="volume to time (default: a BraTS-sized synthetic case)")
@@ -48,12 +120,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skull-strip", default="deepbet", choices=["auto", "deepbet", "none"])
     ap.add_argument("--json", help="write the timings here")
+    ap.add_argument("--against", metavar="REV", help="time the detect command of this checkout against git REV's")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
     path = Path(args.input) if args.input else tmp / "brats_sized.nii.gz"
     if not args.input:
         sitk.WriteImage(brats_sized_case(), str(path))
+    if args.against:
+        table = against(args.against, path.resolve(), args.model, args.skull_strip, args.repeats, tmp)
+        if args.json:
+            Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     model = resolve_model(args.model)
     pre = PreprocessConfig.from_dict(model.meta.get("preprocessing", {}))
     pre.skull_strip = args.skull_strip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +49,12 @@ class Grid:
 
 
 def _template_file(which: str) -> Path:
-    import nilearn.datasets
-
-    path = Path(nilearn.datasets.__file__).parent / "data" / _FILES[which]
+    # Found without importing nilearn.datasets, which pulls in scikit-learn, pandas and scipy.stats (seconds of
+    # start-up for three file names).
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nilearn is not installed; install nilearn>=0.10 (it carries the MNI template)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / _FILES[which]
     if not path.is_file():
         raise FileNotFoundError(f"nilearn does not carry {_FILES[which]}; install nilearn>=0.10")
     return path

@@ -155,13 +155,14 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = SSIM_SIGMA,
 
 
 def residual_maps(x: torch.Tensor, recon: torch.Tensor, ssim_sigma: float = SSIM_SIGMA,
-                  ssim_range: float = SSIM_DATA_RANGE) -> Dict[str, torch.Tensor]:
+                  ssim_range: float = SSIM_DATA_RANGE, parts: Optional[Sequence[str]] = None
+                  ) -> Dict[str, torch.Tensor]:
+    """The pixel maps named in `parts` (all of them by default); SSIM's five blurs cost more than the network's
+    decoder on the CPU, so a score that does not use it does not compute it."""
     d = x - recon
-    return {
-        "signed": d.mean(dim=1, keepdim=True),
-        "l1": d.abs().mean(dim=1, keepdim=True),
-        "ssim": 1.0 - ssim_map(x, recon, ssim_sigma, ssim_range),
-    }
+    make = {"signed": lambda: d.mean(dim=1, keepdim=True), "l1": lambda: d.abs().mean(dim=1, keepdim=True),
+            "ssim": lambda: 1.0 - ssim_map(x, recon, ssim_sigma, ssim_range)}
+    return {k: f() for k, f in make.items() if parts is None or k in parts}
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -268,21 +269,23 @@ class SliceNet(nn.Module):
     @torch.no_grad()
     def score_maps(self, x: torch.Tensor, recon: torch.Tensor, feature_net: Optional[nn.Module] = None,
                    channel: Optional[int] = None, ssim_sigma: float = SSIM_SIGMA,
-                   ssim_range: float = SSIM_DATA_RANGE) -> Dict[str, torch.Tensor]:
+                   ssim_range: float = SSIM_DATA_RANGE, parts: Optional[Sequence[str]] = None
+                   ) -> Dict[str, torch.Tensor]:
         """Per-pixel maps (B, 1, H, W): "signed" = mean over channels of x - recon (positive: brighter than the
         pseudo-healthy image), "l1" = mean |x - recon|, "ssim" = 1 - local SSIM; with a `feature_net` (anything with
         `.features`) also "perceptual" (always from all channels). `channel` = use that channel only (e.g. the
-        centre slice of a 2.5D input) instead of the channel mean."""
+        centre slice of a 2.5D input) instead of the channel mean. `parts` = compute only the maps of these names
+        (default all)."""
         if recon.shape != x.shape:
             raise ValueError(f"recon shape {tuple(recon.shape)} differs from x shape {tuple(x.shape)}")
         if channel is None:
-            maps = residual_maps(x, recon, ssim_sigma, ssim_range)
+            maps = residual_maps(x, recon, ssim_sigma, ssim_range, parts)
         else:
             if not -x.shape[1] <= channel < x.shape[1]:
                 raise ValueError(f"channel {channel} out of range for {x.shape[1]} channels")
             c = channel % x.shape[1]
-            maps = residual_maps(x.narrow(1, c, 1), recon.narrow(1, c, 1), ssim_sigma, ssim_range)
-        if feature_net is not None:
+            maps = residual_maps(x.narrow(1, c, 1), recon.narrow(1, c, 1), ssim_sigma, ssim_range, parts)
+        if feature_net is not None and (parts is None or "perceptual" in parts):
             maps["perceptual"] = perceptual_map(feature_net, x, recon)
         return maps
 

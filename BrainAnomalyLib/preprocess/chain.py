@@ -12,12 +12,19 @@ import SimpleITK as sitk
 from ..core.errors import BadInputError
 from ..core.progress import Reporter
 from ..core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
-from .bias import n4_correct
+from .bias import BiasField, fit_n4
 from .contrast import estimate_contrast
 from .normalise import TORCH_METHODS, normalise
 from .register import affine_to_dict, register_affine
 from .sanity import assess_scan
 from .skullstrip import brain_mask
+from .working_scale import working_copy
+
+
+# The version of what this chain computes from a scan for given settings; preprocessing caches are keyed on it, so
+# raise it with every change that moves the output (2: N4 and registration on the grid-resolution working copy, the
+# field applied on the grid; 3, 4: the registration single-threaded, through ITK's global default).
+CHAIN_VERSION = 4
 
 
 @dataclass
@@ -98,18 +105,21 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     rec.add("skull-strip", info["method"] == "deepbet", t, mode=config.skull_strip, **info)
     brain_ml = info["brain_ml"]
     stripped = _apply_mask(work, mask)
-
-    stripped = _bias_correct(stripped, mask, config, rec, reporter.sub(0.3, 0.5))
+    small, small_mask = working_copy(stripped, mask, min(grid.spacing))
+    field = _bias_field(small, small_mask, config, rec, reporter.sub(0.3, 0.5))
+    moving = field.apply(small) if field is not None else small
 
     t = time.perf_counter()
     fixed = template_on_grid(grid)
     if config.registration == "affine":
-        transform, info = register_affine(stripped, mask, fixed, brain_mask_on_grid(grid), reporter.sub(0.5, 0.95))
+        transform, info = register_affine(moving, small_mask, fixed, brain_mask_on_grid(grid),
+                                          reporter.sub(0.5, 0.95))
         rec.add("register", True, t, method="affine, Mattes MI", transform=affine_to_dict(transform), **info)
     elif config.registration == "torch":
         from .torch_register import as_sitk_affine, register_affine_torch
 
-        matrix, info = register_affine_torch(stripped, mask, fixed, brain_mask_on_grid(grid), torch_device or "cpu")
+        matrix, info = register_affine_torch(moving, small_mask, fixed, brain_mask_on_grid(grid),
+                                             torch_device or "cpu")
         transform = as_sitk_affine(matrix)
         rec.add("register", True, t, method="affine, torch NCC", transform=affine_to_dict(transform), **info)
     elif config.registration == "none":
@@ -125,11 +135,11 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
         from . import torch_grid
 
         raw, grid_mask = torch_grid.onto_grid(stripped, mask, transform, ref, torch_device)
+        raw = _bias_corrected_on_grid(raw, field, ref, transform)
     else:
-        on_grid = sitk.Resample(stripped, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        raw = _on_grid(stripped, field, ref, transform)
         grid_mask = sitk.GetArrayFromImage(
             sitk.Resample(mask_img, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
-        raw = sitk.GetArrayFromImage(on_grid)
     rec.add("resample", True, t, grid=grid.to_dict(), device=torch_device or "cpu")
     reporter("resample", 0.97)
 
@@ -176,16 +186,35 @@ def to_native(array: np.ndarray, pre: Preprocessed, native: sitk.Image, nearest:
     return sitk.Resample(src, native, inverse, interp, 0.0, sitk.sitkFloat32)
 
 
-def _bias_correct(stripped: sitk.Image, mask: np.ndarray, config: PreprocessConfig, rec: _Recorder,
-                  reporter: Reporter) -> sitk.Image:
-    """N4 when the configuration asks for it, recorded either way."""
+def _bias_field(image: sitk.Image, mask: np.ndarray, config: PreprocessConfig, rec: _Recorder,
+                reporter: Reporter) -> Optional[BiasField]:
+    """The N4 field of the working copy when the configuration asks for it (None otherwise), recorded either way."""
     t = time.perf_counter()
     if not config.bias_correction:
         rec.add("bias-correct", False, t)
-        return stripped
-    stripped, info = n4_correct(stripped, mask, reporter)
+        return None
+    field, info = fit_n4(image, mask, reporter)
     rec.add("bias-correct", True, t, method="N4", **info)
-    return stripped
+    return field
+
+
+def _on_grid(stripped: sitk.Image, field: Optional[BiasField], ref: sitk.Image, transform: sitk.Transform
+             ) -> np.ndarray:
+    """The scan on the model grid, bias-corrected: one interpolation of the input's own voxels, with the smooth
+    field (fitted on the working copy) sampled at the same grid points, instead of a corrected full-resolution copy
+    that is then resampled."""
+    raw = sitk.GetArrayFromImage(sitk.Resample(stripped, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    return _bias_corrected_on_grid(raw, field, ref, transform)
+
+
+def _bias_corrected_on_grid(raw: np.ndarray, field: Optional[BiasField], ref: sitk.Image,
+                            transform: sitk.Transform) -> np.ndarray:
+    """`raw` (the scan on the grid of `ref`) corrected by the field sampled at the same grid points."""
+    if field is None:
+        return raw
+    log_field = sitk.GetArrayFromImage(sitk.Resample(field.log_field, ref, transform, sitk.sitkLinear, 0.0,
+                                                     sitk.sitkFloat32))
+    return field.corrected(raw, log_field)
 
 
 def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -224,11 +253,11 @@ def preprocess_companion(native: sitk.Image, reference: Preprocessed, reference_
     rec.add("brain-mask", True, t, method="the reference scan's, through physical space", shared_brain=round(
         float(shared), 4))
     stripped = _apply_mask(native, mask)
-    stripped = _bias_correct(stripped, mask, config, rec, reporter.sub(0.0, 0.8))
+    small, small_mask = working_copy(stripped, mask, min(reference.grid.spacing))
+    field = _bias_field(small, small_mask, config, rec, reporter.sub(0.0, 0.8))
     t = time.perf_counter()
     # The reference transform maps template points to physical points, which both scans share.
-    raw = sitk.GetArrayFromImage(sitk.Resample(stripped, reference.grid.reference(), reference.transform,
-                                               sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    raw = _on_grid(stripped, field, reference.grid.reference(), reference.transform)
     rec.add("resample", True, t, grid=reference.grid.to_dict(), transform="the reference scan's")
     t = time.perf_counter()
     contrast = estimate_contrast(raw, reference.mask, reference.grid).to_dict()

@@ -12,8 +12,12 @@ from ..core.progress import Reporter
 # The same scan must give the same bytes whatever the thread count (a worker process, a Dask worker, another machine).
 # Registration's Mattes metric adds its samples into shared histograms from every work unit, in whichever order the
 # threads come: one work unit makes it exact (its sums are a small share of the registration's time). N4's
-# B-spline fit splits its sums by the global thread count: it runs with a fixed one.
+# B-spline fit splits its sums by the global thread count: it runs with a fixed one. The registration's metric
+# threader also follows only the global default (not the method's SetNumberOfThreads): with two threads the
+# optimiser's path differed between runs of the same scan, so registration runs with one (on the working copy of a
+# BraTS T1: 5.9 CPU s against 5.4 with two, on a loaded machine).
 WORK_UNITS = 1
+REGISTRATION_THREADS = 1
 N4_THREADS = 2
 
 

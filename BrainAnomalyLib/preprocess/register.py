@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from ..core.errors import BadInputError
 from ..core.progress import Reporter
-from .itkrun import WORK_UNITS, execute_cancellable
+from .itkrun import REGISTRATION_THREADS, WORK_UNITS, execute_cancellable, itk_threads
 
 SEED = 20240611
 
@@ -116,6 +116,12 @@ def register_affine(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Ima
     """Return the affine transform that maps template (fixed) points onto scan (moving) points.
 
     Raises BadInputError when no alignment with the template brain can be found."""
+    with itk_threads(REGISTRATION_THREADS):
+        return _register(moving, moving_mask, fixed, fixed_mask, reporter, iterations, seed)
+
+
+def _register(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Image, fixed_mask: np.ndarray,
+              reporter: Reporter, iterations: int, seed: int) -> tuple[sitk.AffineTransform, dict]:
     moving_masked = _masked(moving, moving_mask)
     fixed_masked = _masked(fixed, fixed_mask)
     fixed_mask_img = sitk.GetImageFromArray(fixed_mask.astype(np.uint8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,24 +37,36 @@ def _background(arr: np.ndarray) -> np.ndarray:
     return np.abs(arr - bg) <= BACKGROUND_TOLERANCE * span
 
 
-def foreground_mask(image: sitk.Image) -> np.ndarray:
+def foreground_mask(image: sitk.Image, background: Optional[np.ndarray] = None) -> np.ndarray:
     """Non-background voxels (z,y,x bool): those away from the background value, holes filled, largest
-    component."""
-    mask = ~_background(sitk.GetArrayViewFromImage(image))
+    component. `background` is _background's answer for the image when the caller has it already."""
+    mask = ~(_background(sitk.GetArrayViewFromImage(image)) if background is None else background)
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = labels == sizes.argmax()
-    return ndimage.binary_fill_holes(mask)
+    return fill_holes(mask)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """ndimage.binary_fill_holes(mask), in one labelling pass: the outside is the non-mask voxels face-connected
+    to the volume's border, and everything else is kept. binary_fill_holes grows the outside in from the border one
+    voxel per iteration, which on a 1 mm volume took seconds."""
+    labels, n = ndimage.label(~mask)
+    outside = np.zeros(n + 1, bool)
+    outside[np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()])] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[labels]
 
 
 def voxel_ml(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing())) / 1000.0
 
 
-def looks_skull_stripped(image: sitk.Image) -> bool:
-    background = _background(sitk.GetArrayViewFromImage(image))
+def looks_skull_stripped(image: sitk.Image, background: Optional[np.ndarray] = None) -> bool:
+    if background is None:
+        background = _background(sitk.GetArrayViewFromImage(image))
     volume = float(background.size - np.count_nonzero(background)) * voxel_ml(image)
     return float(background.mean()) >= STRIPPED_BACKGROUND_FRACTION and volume <= STRIPPED_MAX_ML
 
@@ -87,9 +100,10 @@ def brain_mask(image: sitk.Image, mode: str, use_gpu: bool, reporter: Reporter) 
     """Brain mask by `mode`: 'auto' (strip unless already stripped), 'deepbet', or 'none' (scan is a brain)."""
     if mode not in ("auto", "deepbet", "none"):
         raise ValueError(f"unknown skull-strip mode {mode!r}")
-    already = looks_skull_stripped(image)
+    background = _background(sitk.GetArrayViewFromImage(image))
+    already = looks_skull_stripped(image, background)
     if mode == "none" or (mode == "auto" and already):
-        mask, how = foreground_mask(image), "already stripped: foreground of the scan"
+        mask, how = foreground_mask(image, background), "already stripped: foreground of the scan"
     else:
         mask, how = deepbet_mask(image, use_gpu, reporter), "deepbet"
     volume = float(mask.sum()) * voxel_ml(image)

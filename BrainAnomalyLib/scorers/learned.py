@@ -82,7 +82,7 @@ class LearnedScorer(Scorer):
         recons = []
         centre = context  # the centre channel is the slice itself
         reporter("score", 0.0)
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, x.shape[0], batch):
                 reporter.check()
                 xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch])).to(self.device)
@@ -90,7 +90,7 @@ class LearnedScorer(Scorer):
                     xb = xb.to(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                     recon = net.reconstruct(xb)
-                    out = net.score_maps(xb, recon)
+                    out = net.score_maps(xb, recon, parts=self.parts)
                 for part in self.parts:
                     if part not in out:
                         raise ValueError(f"the {self.params['arch'].get('type')} network has no {part!r} score "

@@ -23,7 +23,8 @@ from ..core.io import read_volume
 from ..core.errors import BadInputError
 from ..core.manifest import Case
 from ..core.files import atomic_path, folder_digest, sha256_file
-from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, standardise, voxel_extent_on_grid
+from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, preprocess, standardise,
+                                voxel_extent_on_grid)
 from ..preprocess.register import affine_from_dict
 from ..core.progress import Reporter
 from ..core.template import Grid
@@ -45,8 +46,8 @@ def cache_key(path: Path, config: PreprocessConfig, grid: Grid) -> str:
         content = sha256_file(path)
     else:
         raise BadInputError(f"input not found: {path}")
-    settings = json.dumps({"v": CACHE_VERSION, "pre": config.geometry_dict(), "grid": grid.to_dict()},
-                          sort_keys=True)
+    settings = json.dumps({"v": CACHE_VERSION, "chain": CHAIN_VERSION, "pre": config.geometry_dict(),
+                           "grid": grid.to_dict()}, sort_keys=True)
     return hashlib.sha256((content + settings).encode()).hexdigest()[:32]
 
 
