@@ -1,7 +1,7 @@
 """What the viewer does to its MRML scene, without any web framework: load a scan, run a detection in the module's
 worker process (progress, cancel), move the operating point, opacity and minimum size, list and jump to lesions,
-save the outputs. Every change to nodes goes through the Slicer module's own logic and node code, so the browser
-shows exactly what the module would make.
+save the outputs, export them to DICOM and load a DICOM SEG back as a label map. Every change to nodes goes
+through the Slicer module's own logic and node code, so the browser shows exactly what the module would make.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class ViewerSession:
         self.scene = scene
         self.logic = DetectionLogic(scene, python, process_factory)
         self.input_node = None
+        # The DICOM series folder the scan was read from: what DICOM export references and a SEG must segment.
+        self.dicom_folder: Optional[Path] = None
+        self.loaded_segmentations: List[object] = []
         self.outputs: Optional[nodes.OutputNodes] = None
         self.run: Optional[DetectionRun] = None
         self.opacity = 0.6
@@ -45,6 +48,7 @@ class ViewerSession:
             nodes.update_node_from_image(node, image)
             _grey_display(node)
         self.input_node = node
+        self.dicom_folder = path.absolute() if path.is_dir() else None
         return node
 
     def clear(self) -> None:
@@ -52,8 +56,11 @@ class ViewerSession:
         if self.input_node is not None:
             for node in self.logic.outputs_for(self.input_node).nodes().values():
                 nodes.remove_node(self.scene, node)
+            for node in self.loaded_segmentations:
+                nodes.remove_node(self.scene, node)
             nodes.remove_node(self.scene, self.input_node)
         self.input_node, self.outputs, self.lesions = None, None, []
+        self.dicom_folder, self.loaded_segmentations = None, []
 
     # -- models --
     @staticmethod
@@ -194,6 +201,55 @@ class ViewerSession:
             sitk.WriteImage(nodes.node_to_image(self.outputs.labelmap), str(stage / SAVED_FILES[1]), True)
             write_lesions_csv(self.lesions, stage / SAVED_FILES[2])
         return folder
+
+    # -- DICOM --
+    def _dicom_source(self, action: str) -> Path:
+        from BrainAnomalyLib.core.errors import BadInputError
+
+        if self.input_node is None:
+            raise BadInputError(f"load a scan from its DICOM folder first: {action} needs it")
+        if self.dicom_folder is None:
+            raise BadInputError(f"the loaded scan is a volume file, not a DICOM series folder: {action} needs the "
+                                "scan loaded from its DICOM folder")
+        return self.dicom_folder
+
+    def export_dicom(self, folder, per_lesion: Optional[bool] = None) -> List[Path]:
+        """The findings shown as a DICOM SEG and the anomaly map as a DICOM Parametric Map, referencing the DICOM
+        series the scan was loaded from (the module's export, into a new or empty folder). Returns their paths."""
+        from BrainAnomalyLib.core.errors import BadInputError
+
+        if self.outputs is None:
+            raise BadInputError("nothing to export yet: run a detection first")
+        source = self._dicom_source("DICOM export")
+        if not str(folder).strip():
+            raise BadInputError("give a new or empty folder to export the DICOM files into")
+        folder = Path(str(folder).strip()).expanduser()
+        return self.logic.export_dicom(self.outputs, source, folder, per_lesion=per_lesion)
+
+    def load_segmentation(self, path) -> object:
+        """A DICOM SEG of the loaded series as a label map node on the scan's grid, each voxel its segment's
+        number (a SEG exported here: the finding's number in the lesion table), shown over the scan."""
+        import SimpleITK as sitk
+
+        from BrainAnomalyLib.core.dicom import read_segmentation
+        from BrainAnomalyLib.core.errors import BadInputError
+
+        source = self._dicom_source("loading a DICOM SEG")
+        path = Path(str(path).strip()).expanduser()
+        if not path.is_file():
+            raise BadInputError(f"DICOM SEG file not found: {path}")
+        try:
+            grid = nodes.node_to_image(self.input_node)
+        except nodes.NodeError as exc:
+            raise BadInputError(str(exc)) from None
+        labels = read_segmentation(path, source, grid)
+        with nodes.transaction(self.scene) as tx:
+            node = tx.add("vtkMRMLLabelMapVolumeNode", path.name.split(".")[0] or "segmentation")
+            nodes.update_labelmap(self.scene, node, sitk.GetArrayFromImage(labels),
+                                  nodes.node_geometry(self.input_node))
+        self.loaded_segmentations.append(node)
+        nodes.show_label_layer(self.scene, node)
+        return node
 
     def output_node_names(self) -> List[str]:
         """Every node in the scene that the module's code made (role attribute), whatever its input."""

@@ -90,3 +90,18 @@ def findings_on(scan: sitk.Image):
     numbered, lesions = label_lesions(image, 1.0, 0.0, numbered=True)
     assert len(lesions) == 3
     return image, numbered, lesions
+
+
+def write_worker_outputs(scan: sitk.Image, folder) -> list:
+    """A worker-style output folder (anomaly map and result.json at threshold 1.0) with `findings_on(scan)`'s
+    heatmap, as DetectionLogic.load_outputs reads it after a run; returns the lesion table."""
+    import json
+
+    heat, _, lesions = findings_on(scan)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    sitk.WriteImage(heat, str(folder / "anomaly_map.nrrd"))
+    summary = {"threshold": {"value": 1.0, "fpr": None, "source": "user value"}, "lesions": lesions,
+               "min_lesion_ml": 0.0, "display_range": [1.0, 5.0], "peak_score": 5.5, "model": {"name": "m"}}
+    (folder / "result.json").write_text(json.dumps(summary), encoding="utf-8")
+    return lesions

@@ -3,12 +3,9 @@ label map and segmentation in the scene show, at the operating point in force, o
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 
 pytest.importorskip("slicer", reason="the slicer-core wheel is part of requirements.txt")
 
@@ -17,7 +14,7 @@ from BrainAnomalyLib.core.dicom import MAP_NAME, SEG_NAME, find_series  # noqa: 
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalySlicer import nodes  # noqa: E402
 from BrainAnomalySlicer.logic import DetectionError, DetectionLogic, DetectionOptions  # noqa: E402
-from dicom_series import findings_on, oblique_volume, write_series  # noqa: E402
+from dicom_series import oblique_volume, write_series, write_worker_outputs  # noqa: E402
 
 
 def _loaded(scene, tmp_path, per_lesion=True):
@@ -26,13 +23,8 @@ def _loaded(scene, tmp_path, per_lesion=True):
     series = tmp_path / "series"
     write_series(oblique_volume(), series)
     scan = read_volume(series)
-    heat, _, lesions = findings_on(scan)
     worker = tmp_path / "worker"
-    worker.mkdir()
-    sitk.WriteImage(heat, str(worker / "anomaly_map.nrrd"))
-    summary = {"threshold": {"value": 1.0, "fpr": None, "source": "user value"}, "lesions": lesions,
-               "min_lesion_ml": 0.0, "display_range": [1.0, 5.0], "peak_score": 5.5, "model": {"name": "m"}}
-    (worker / "result.json").write_text(json.dumps(summary), encoding="utf-8")
+    lesions = write_worker_outputs(scan, worker)
     node = mrml_node(scene, scan)
     outputs = DetectionLogic(scene).load_outputs(node, worker, DetectionOptions(per_lesion_segments=per_lesion))
     return series, outputs, lesions

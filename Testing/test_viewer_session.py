@@ -73,3 +73,97 @@ def test_load_a_dicom_series_folder(session, tmp_path):
     assert node.GetName() == "series"
     assert node.GetImageData().GetDimensions() == (16, 20, 12)
     assert np.allclose(np.linalg.norm(nodes_geometry(node)[:3, :3], axis=0), (4.0, 4.0, 6.0))
+
+
+def _dicom_session_with_findings(session, tmp_path):
+    """The session with an oblique DICOM series loaded and a detection's outputs on it (a worker-style folder
+    read by the module's logic, as `poll` does after a run): (series folder, lesion table)."""
+    from BrainAnomalySlicer.logic import DetectionOptions
+    from dicom_series import oblique_volume, write_series, write_worker_outputs
+
+    series = tmp_path / "series"
+    write_series(oblique_volume(), series)
+    node = session.load(series)
+    lesions = write_worker_outputs(nodes_image(node), tmp_path / "worker")
+    session.outputs = session.logic.load_outputs(node, tmp_path / "worker",
+                                                 DetectionOptions(per_lesion_segments=True))
+    session.lesions = lesions
+    return series, lesions
+
+
+def nodes_image(node):
+    from BrainAnomalySlicer.nodes import node_to_image
+
+    return node_to_image(node)
+
+
+def test_export_to_dicom_and_load_the_seg_back_as_the_findings(session, tmp_path):
+    """Export writes the SEG and the Parametric Map of the series the scan came from; the SEG loaded back is a
+    label map on the scan's grid equal to the findings label map voxel for voxel, each finding its number."""
+    from BrainAnomalyLib.core.dicom import MAP_NAME, SEG_NAME
+    from BrainAnomalySlicer.nodes import node_array, node_geometry
+
+    _, lesions = _dicom_session_with_findings(session, tmp_path)
+    # A slice view's composite node, as the page's views have (a bare scene has none).
+    composite = session.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    paths = session.export_dicom(tmp_path / "dicom")
+    assert [p.name for p in paths] == [SEG_NAME, MAP_NAME] and all(p.is_file() for p in paths)
+
+    node = session.load_segmentation(paths[0])
+    assert node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetName() == "findings_seg"
+    assert np.allclose(node_geometry(node), node_geometry(session.input_node))
+    loaded, shown = node_array(node), node_array(session.outputs.labelmap)
+    assert loaded.shape == shown.shape and np.array_equal(loaded > 0, shown > 0)
+    assert sorted(set(np.unique(loaded).tolist()) - {0}) == [les["label"] for les in lesions]
+    for les in lesions:
+        assert int((loaded == les["label"]).sum()) == les["voxels"]
+    assert composite.GetLabelVolumeID() == node.GetID()
+
+    # After a re-threshold the export and the SEG read back follow the label map in force.
+    session.logic.apply_threshold(session.outputs, value=2.6)
+    again = session.load_segmentation(session.export_dicom(tmp_path / "dicom2")[0])
+    assert np.array_equal(node_array(again) > 0, node_array(session.outputs.labelmap) > 0)
+    assert 0 < int((node_array(again) > 0).sum()) < int((loaded > 0).sum())
+
+    # A new scan takes the loaded SEGs out of the scene with it.
+    session.clear()
+    assert session.scene.GetNodeByID(node.GetID()) is None and session.dicom_folder is None
+
+
+def test_dicom_refusals_are_one_line_and_add_nothing(session, demo_case, tmp_path):
+    from BrainAnomalySlicer.logic import DetectionError
+    from dicom_series import oblique_volume, write_series
+
+    _, _ = _dicom_session_with_findings(session, tmp_path)
+    seg = session.export_dicom(tmp_path / "dicom")[0]
+    # A SEG of another series is refused, naming both.
+    other = tmp_path / "other"
+    write_series(oblique_volume(size=(64, 72, 20)), other)
+    session.load(other)
+    before = _ids(session.scene)
+    with pytest.raises(BadInputError, match="not the loaded series") as info:
+        session.load_segmentation(seg)
+    assert "\n" not in str(info.value) and _ids(session.scene) == before
+    for bad, why in ((tmp_path / "missing.dcm", "not found"), (next(other.iterdir()), "DICOM Segmentation")):
+        with pytest.raises(BadInputError, match=why):
+            session.load_segmentation(bad)
+    assert _ids(session.scene) == before
+    with pytest.raises(BadInputError, match="run a detection first"):
+        session.export_dicom(tmp_path / "never")
+
+    # A scan from a volume file has no DICOM series to export against or to segment.
+    scan = tmp_path / "scan.nrrd"
+    sitk.WriteImage(demo_case[0], str(scan))
+    session.load(scan)
+    with pytest.raises(BadInputError, match="not a DICOM series folder") as info:
+        session.load_segmentation(seg)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "never").exists()
+    # Export into a folder holding other files is the module's refusal, as a one-line DetectionError.
+    _dicom_session_with_findings(session, tmp_path / "again")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    with pytest.raises(DetectionError) as info:
+        session.export_dicom(tmp_path / "busy")
+    assert info.value.kind == "BadInputError" and "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["x.txt"]

@@ -301,6 +301,12 @@ def show_in_slice_views(scene, background, foreground, opacity: float) -> None:
         composite.SetForegroundOpacity(float(opacity))
 
 
+def show_label_layer(scene, labelmap) -> None:
+    """`labelmap` as the label layer of every slice view, over whatever background and foreground they show."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetLabelVolumeID(labelmap.GetID())
+
+
 def set_opacity(scene, opacity: float, heatmap=None) -> None:
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")

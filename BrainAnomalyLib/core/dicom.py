@@ -1,6 +1,7 @@
 """DICOM in and out, in one place: which series of a folder is read (and the note saying so when the folder holds
 several), and the findings and anomaly map written back as a DICOM Segmentation and a Parametric Map (highdicom)
-that reference that series' images, so a PACS or a DICOM viewer shows them over the scan they came from.
+that reference that series' images, so a PACS or a DICOM viewer shows them over the scan they came from; and such
+a SEG read back as a label image on the series' grid.
 
 Export is refused unless the results lie on the source series' own grid, image by image (same rows, columns,
 pixel spacing, orientation, and each image's position that of the matching slice): a SEG frame then covers
@@ -94,12 +95,12 @@ def _source_datasets(series: Series):
     return datasets
 
 
-def _check_grid(image: sitk.Image, datasets, series: Series) -> None:
-    """Refuse results that are not on the series' grid, image by image (see the module's docstring)."""
+def _check_grid(image: sitk.Image, datasets, series: Series, what: str = "the results are",
+                need: str = "export needs the series the detection ran on") -> None:
+    """Refuse an image that is not on the series' grid, image by image (see the module's docstring)."""
     why = _off_grid(image, datasets, series)
     if why:
-        raise BadInputError(f"the results are not on the grid of DICOM series {series.uid} ({why}); export needs "
-                            "the series the detection ran on")
+        raise BadInputError(f"{what} not on the grid of DICOM series {series.uid} ({why}); {need}")
 
 
 def _off_grid(image: sitk.Image, datasets, series: Series) -> Optional[str]:
@@ -212,3 +213,37 @@ def export_dicom(findings: sitk.Image, lesions: Sequence[dict], anomaly_map: sit
     for dataset, path in zip((seg, pm), paths):
         dataset.save_as(os.fspath(path), enforce_file_format=True)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------- SEG in
+def read_segmentation(path, source, grid: sitk.Image) -> sitk.Image:
+    """The DICOM SEG at `path` as a label image on `grid` (the scan read from the series `find_series` picks in
+    `source`): each voxel its segment's number, 0 elsewhere, so a SEG this module exported gives back the findings
+    as numbered. Refused (BadInputError) when it is no SEG, references another series, has overlapping segments,
+    or `grid` is not that series' own grid."""
+    import highdicom as hd
+    import pydicom
+
+    path = Path(path)
+    series, _ = find_series(source)
+    datasets = _source_datasets(series)
+    _check_grid(grid, datasets, series, "the loaded scan is", "reload it from its DICOM folder")
+    try:
+        seg = hd.seg.segread(os.fspath(path))
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"cannot read {path} as a DICOM Segmentation: {reason}") from None
+    referenced = {item.SeriesInstanceUID for item in getattr(seg, "ReferencedSeriesSequence", [])}
+    if series.uid not in referenced:
+        raise BadInputError(f"{path.name} segments DICOM series {', '.join(sorted(referenced)) or '(none named)'}, "
+                            f"not the loaded series {series.uid}; load the series it was made on")
+    try:
+        pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True,
+                                                   relabel=False, assert_missing_frames_are_empty=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # e.g. overlapping segments, which one label map cannot hold
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"cannot place {path.name} on the loaded series: {reason}") from None
+    labels = sitk.GetImageFromArray(np.ascontiguousarray(pixels, dtype=np.uint16))
+    labels.CopyInformation(grid)
+    return labels
