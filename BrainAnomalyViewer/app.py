@@ -1,6 +1,7 @@
 """The viewer's page: trame-slicer's three slice views and 3D view of one MRML scene beside a panel (load, model,
 detect with progress and cancel, threshold in the lesion-level operating point's units, opacity, minimum size,
-lesion table, save). The panel only calls ViewerSession; the views render the scene server-side and stream images.
+lesion table, save, export to DICOM, load a DICOM SEG). The panel only calls ViewerSession; the views render the
+scene server-side and stream images.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Viewer:
             "threshold_min": panel.FINDINGS_SLIDER_MIN, "threshold_max": panel.FINDINGS_SLIDER_MAX,
             "threshold_text": "", "opacity": self.session.opacity, "min_lesion_ml": 0.05,
             "lesions": [], "table_columns": [{"key": k, "title": t, "digits": d} for k, t, d in TABLE_COLUMNS],
-            "selected_lesion": -1, "output_path": "", "message": "", "error": False,
+            "selected_lesion": -1, "output_path": "", "dicom_path": "", "seg_path": "", "message": "",
+            "error": False,
         })
 
     def _say(self, message: str, error: bool = False) -> None:
@@ -219,6 +221,22 @@ class Viewer:
             return
         self._say(f"Saved to {folder}")
 
+    def export_dicom(self) -> None:
+        try:
+            paths = self.session.export_dicom(self.state.dicom_path)
+        except (BrainAnomalyError, DetectionError, OSError) as exc:
+            self._fail(exc)
+            return
+        self._say(f"Exported {', '.join(p.name for p in paths)} to {paths[0].parent}")
+
+    def load_segmentation(self) -> None:
+        try:
+            node = self.session.load_segmentation(self.state.seg_path)
+        except (BrainAnomalyError, DetectionError, OSError) as exc:
+            self._fail(exc)
+            return
+        self._say(f"Loaded DICOM SEG {node.GetName()} as a label map")
+
     # -- page --
     def _build_ui(self) -> None:
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
@@ -236,6 +254,10 @@ class Viewer:
             v3.VTextField(v_model=("input_path",), label="Volume file or DICOM folder (on this computer)",
                           density="compact", hide_details=True, id="input-path")
             v3.VBtn("Load", click=self.load, block=True, classes="my-2", id="load", disabled=("running",))
+            v3.VTextField(v_model=("seg_path",), label="DICOM SEG file of the loaded series", density="compact",
+                          hide_details=True, id="seg-path")
+            v3.VBtn("Load DICOM SEG", click=self.load_segmentation, block=True, classes="my-2", id="load-seg",
+                    disabled=("running || !input_name",))
             v3.VSelect(v_model=("model",), items=("models",), item_title="title", item_value="id", label="Model",
                        density="compact", hide_details=True, classes="model-select", disabled=("running",))
             html.Div("{{ (models.find(m => m.id === model) || {}).details }}", classes="text-caption my-1",
@@ -272,6 +294,10 @@ class Viewer:
                 v3.VTextField(v_model=("output_path",), label="Save into (new or empty folder)",
                               density="compact", hide_details=True, id="output-path")
                 v3.VBtn("Save outputs", click=self.save, block=True, classes="my-2", id="save",
+                        disabled=("running",))
+                v3.VTextField(v_model=("dicom_path",), label="Export DICOM SEG and map into (new or empty folder)",
+                              density="compact", hide_details=True, id="dicom-path")
+                v3.VBtn("Export to DICOM", click=self.export_dicom, block=True, classes="my-2", id="export-dicom",
                         disabled=("running",))
             html.Div("{{ message }}", classes=("error ? 'text-error mt-2' : 'text-medium-emphasis mt-2'",),
                      id="message")

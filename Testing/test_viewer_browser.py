@@ -191,6 +191,11 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     assert len((target / "lesions.csv").read_text(encoding="utf-8").strip().splitlines()) == n_loose + 1
     pg.locator("#save").click()  # the folder is no longer empty: refused in one line, nothing changed
     expect(pg.locator("#message")).to_contain_text("not a new or empty folder")
+    # DICOM export needs the scan from its DICOM folder (the export itself: test_viewer_session.py).
+    pg.locator("#dicom-path").fill(str(tmp_path / "dicom"))
+    pg.locator("#export-dicom").click()
+    expect(pg.locator("#message")).to_contain_text("not a DICOM series folder")
+    assert not (tmp_path / "dicom").exists()
 
     # Minimum size: only findings at least that large stay, without a model run.
     pg.locator("#min-size").fill("1")
