@@ -235,7 +235,7 @@ class Viewer:
         except (BrainAnomalyError, DetectionError, OSError) as exc:
             self._fail(exc)
             return
-        self._say(f"Loaded DICOM SEG {node.GetName()} as a label map")
+        self._say(f"DICOM SEG {node.GetName()} shown as a label map")
 
     # -- page --
     def _build_ui(self) -> None:
@@ -254,7 +254,7 @@ class Viewer:
             v3.VTextField(v_model=("input_path",), label="Volume file or DICOM folder (on this computer)",
                           density="compact", hide_details=True, id="input-path")
             v3.VBtn("Load", click=self.load, block=True, classes="my-2", id="load", disabled=("running",))
-            v3.VTextField(v_model=("seg_path",), label="DICOM SEG file of the loaded series", density="compact",
+            v3.VTextField(v_model=("seg_path",), label="DICOM SEG file of the open series", density="compact",
                           hide_details=True, id="seg-path")
             v3.VBtn("Load DICOM SEG", click=self.load_segmentation, block=True, classes="my-2", id="load-seg",
                     disabled=("running || !input_name",))

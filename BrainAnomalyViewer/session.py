@@ -209,8 +209,8 @@ class ViewerSession:
         if self.input_node is None:
             raise BadInputError(f"load a scan from its DICOM folder first: {action} needs it")
         if self.dicom_folder is None:
-            raise BadInputError(f"the loaded scan is a volume file, not a DICOM series folder: {action} needs the "
-                                "scan loaded from its DICOM folder")
+            raise BadInputError(f"the scan is from a volume file, not a DICOM series folder: {action} needs the "
+                                "scan read from its DICOM folder")
         return self.dicom_folder
 
     def export_dicom(self, folder, per_lesion: Optional[bool] = None) -> List[Path]:
@@ -227,7 +227,7 @@ class ViewerSession:
         return self.logic.export_dicom(self.outputs, source, folder, per_lesion=per_lesion)
 
     def load_segmentation(self, path) -> object:
-        """A DICOM SEG of the loaded series as a label map node on the scan's grid, each voxel its segment's
+        """A DICOM SEG of the open series as a label map node on the scan's grid, each voxel its segment's
         number (a SEG exported here: the finding's number in the lesion table), shown over the scan."""
         import SimpleITK as sitk
 

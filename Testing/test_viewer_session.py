@@ -141,7 +141,7 @@ def test_dicom_refusals_are_one_line_and_add_nothing(session, demo_case, tmp_pat
     write_series(oblique_volume(size=(64, 72, 20)), other)
     session.load(other)
     before = _ids(session.scene)
-    with pytest.raises(BadInputError, match="not the loaded series") as info:
+    with pytest.raises(BadInputError, match="not the open series") as info:
         session.load_segmentation(seg)
     assert "\n" not in str(info.value) and _ids(session.scene) == before
     for bad, why in ((tmp_path / "missing.dcm", "not found"), (next(other.iterdir()), "DICOM Segmentation")):

@@ -227,7 +227,7 @@ def read_segmentation(path, source, grid: sitk.Image) -> sitk.Image:
     path = Path(path)
     series, _ = find_series(source)
     datasets = _source_datasets(series)
-    _check_grid(grid, datasets, series, "the loaded scan is", "reload it from its DICOM folder")
+    _check_grid(grid, datasets, series, "the scan is", "open it again from its DICOM folder")
     try:
         seg = hd.seg.segread(os.fspath(path))
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError) as exc:
@@ -236,14 +236,14 @@ def read_segmentation(path, source, grid: sitk.Image) -> sitk.Image:
     referenced = {item.SeriesInstanceUID for item in getattr(seg, "ReferencedSeriesSequence", [])}
     if series.uid not in referenced:
         raise BadInputError(f"{path.name} segments DICOM series {', '.join(sorted(referenced)) or '(none named)'}, "
-                            f"not the loaded series {series.uid}; load the series it was made on")
+                            f"not the open series {series.uid}; open the series it was made on")
     try:
         pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True,
                                                    relabel=False, assert_missing_frames_are_empty=True)
     except (RuntimeError, ValueError, KeyError) as exc:
         # e.g. overlapping segments, which one label map cannot hold
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(f"cannot place {path.name} on the loaded series: {reason}") from None
+        raise BadInputError(f"cannot place {path.name} on the open series: {reason}") from None
     labels = sitk.GetImageFromArray(np.ascontiguousarray(pixels, dtype=np.uint16))
     labels.CopyInformation(grid)
     return labels
