@@ -134,7 +134,9 @@ def test_manifest_rows_of_one_subject_are_fused(session, fusion_folder, tmp_path
     summary = json.loads((tmp_path / "out" / "s1" / "result.json").read_text())
     assert summary["modality"] == "T2+FLAIR"
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    assert rows[1].startswith("s1,T2+FLAIR,ok") and rows[2].startswith("s2,FLAIR,failed")
+    # The row left out is listed too, as for a one-contrast model.
+    assert rows[1].startswith("s1,T1,skipped")
+    assert rows[2].startswith("s1,T2+FLAIR,ok") and rows[3].startswith("s2,FLAIR,failed")
 
 
 def test_evaluate_scores_a_fusion_model_on_each_subjects_rows(session, fusion_folder, tmp_path, capsys):
