@@ -23,8 +23,9 @@ from .working_scale import working_copy
 
 # The version of what this chain computes from a scan for given settings; preprocessing caches are keyed on it, so
 # raise it with every change that moves the output (2: N4 and registration on the grid-resolution working copy, the
-# field applied on the grid; 3, 4: the registration single-threaded, through ITK's global default).
-CHAIN_VERSION = 4
+# field applied on the grid; 3, 4: the registration single-threaded, through ITK's global default; 5: N4's
+# iteration caps back at (50, 50, 30) after version 4's halved ones).
+CHAIN_VERSION = 5
 
 
 @dataclass
