@@ -19,6 +19,7 @@ ROOT=$PWD
 PY=${PY:-python3}
 PACK=${PACK:-build/gpu/detect_pack.npz}
 WHEELS=build/gpu/wheels
+source scripts/gpu_host.sh
 
 case "${1:-}" in
 pack)
@@ -29,12 +30,7 @@ run)
     OUT=${OUT:-$ROOT/build/gpu/out}
     mkdir -p "$OUT"
     [ -f "$PACK" ] || { echo "no pack at $PACK: run 'bash scripts/gpu_detect_benchmark.sh pack' here first" >&2; exit 2; }
-    if ! "$PY" -c 'import monai' 2>/dev/null; then
-        ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "MONAI missing and no wheels in $WHEELS" >&2; exit 2; }
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            "$WHEELS"/*.whl
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    use_carried_wheels "$WHEELS"
     { [ "${DEVICE:-auto}" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; } \
         2>&1 | tee "$OUT/gpu_detect_benchmark.log"
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" scripts/gpu_detect_benchmark.py run --pack "$PACK" \

@@ -26,6 +26,7 @@ PACK=${PACK:-build/gpu/training_pack.npz}
 WHEELS=build/gpu/wheels
 DATA=${DATA:-../shared/data}
 source scripts/model_recipes.sh
+source scripts/gpu_host.sh
 
 ba() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m BrainAnomalyLib.cli "$@"; }
 
@@ -56,12 +57,7 @@ train)
     OUT=${OUT:-$ROOT/build/gpu/out}
     mkdir -p "$OUT"
     [ -f "$PACK" ] || { echo "no training pack at $PACK: run scripts/pack_training_cache.py first" >&2; exit 2; }
-    if ! "$PY" -c 'import monai' 2>/dev/null; then
-        ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "MONAI missing and no wheels in $WHEELS" >&2; exit 2; }
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            "$WHEELS"/*.whl
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    use_carried_wheels "$WHEELS"
     DEVICE=${DEVICE:-auto}
     if [ "$DEVICE" = auto ]; then
         DEVICE=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
