@@ -18,7 +18,6 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-python3}
 PACK=${PACK:-build/gpu/detect_pack.npz}
-WHEELS=build/gpu/wheels
 source scripts/gpu_host.sh
 
 case "${1:-}" in

@@ -23,7 +23,6 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-python3}
 PACK=${PACK:-build/gpu/training_pack.npz}
-WHEELS=build/gpu/wheels
 DATA=${DATA:-../shared/data}
 source scripts/model_recipes.sh
 source scripts/gpu_host.sh
