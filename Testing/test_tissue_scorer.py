@@ -130,6 +130,31 @@ def test_extreme_reference_holds_flair_to_the_brightest_possible_tissue():
         extreme_reference_score(image, mask, "two-sided", GRID)
 
 
+def test_extreme_reference_allows_any_tissue_beyond_the_template_brain():
+    """A brain bigger than the template's after the affine fit (or a looser strip): its mask reaches 4 mm past the
+    template's brain, where the priors' CSF only means "not GM or WM". Cortex there is no lesion; a signal above
+    every tissue still is."""
+    from scipy import ndimage
+
+    from BrainAnomalyLib.core.template import brain_mask_on_grid
+    from BrainAnomalyLib.scorers.tissue import extreme_reference_score
+
+    image, mask = healthy_template_scan("FLAIR", seed=5, grid=GRID)
+    t = tissue_on_grid(GRID)
+    gm_level = float(np.median(image[mask & (t["GM"] > 0.6)]))
+    wm_level = float(np.median(image[mask & (t["WM"] > 0.9)]))
+    rim = ndimage.binary_dilation(mask, iterations=2) & ~brain_mask_on_grid(GRID)
+    assert rim.sum() > 1000
+    grown, image = mask | rim, image.copy()
+    image[rim] = gm_level
+    scores = extreme_reference_score(image, grown, "hyper", GRID)
+    assert float(np.percentile(scores[rim], 99)) < 0.2
+    image[rim] = gm_level + 1.5 * abs(gm_level - wm_level)
+    # Measured 1.24. Before, the rim (CSF prior 1) seeded the CSF level itself and scored 0 however bright.
+    assert float(np.percentile(extreme_reference_score(image, grown, "hyper", GRID)[rim], 1)) > 0.2
+    assert float(np.percentile(extreme_reference_score(image, grown, "hyper", GRID, blur_mm=0.0)[rim], 1)) > 0.2
+
+
 def test_thick_slices_widen_the_extreme_reference_only_across_them():
     """A healthy FLAIR acquired in 8 mm slices and registered 6 mm off across them: held to the CSF level, the
     tissue blurred into the ventricles' roofs scores as lesion; with the acquisition's slice extent the priors widen

@@ -44,6 +44,10 @@ SETTINGS = {
     "T1CE": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 3, "contralateral": 0.5}},
 }
 
+# A contrast's model version moves when its scoring does: FLAIR 1.1.0 takes the tissue levels from inside the
+# template's brain and lets any tissue be beyond it (scorers/tissue.py, extreme_reference_score).
+VERSIONS = {"FLAIR": "1.1.0"}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,6 +67,7 @@ def main() -> int:
                      "(scan-adaptive); calibrate on your own healthy scans where you have them",
                      grid, PreprocessConfig(), PostprocessConfig(**chosen.get("postprocess", {})),
                      {"direction": direction_for(modality), **chosen.get("params", {})})
+    meta["version"] = VERSIONS.get(modality, meta["version"])
     meta["training_data"] = {"manifest": f"none (no training; calibrated on {N_SCANS} synthetic template scans)"}
     save_model(args.output, meta)
     volumes = ((f"synthetic-{modality.lower()}-{seed}", *healthy_template_scan(modality, seed, grid))

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from ..core.template import Grid, tissue_on_grid
+from ..core.template import Grid, brain_mask_on_grid, tissue_on_grid
 from .base import ScoreOutput, Scorer, register, signed
 
 CLASSES = ("CSF", "GM", "WM")
@@ -158,10 +158,14 @@ def extreme_reference_score(image: np.ndarray, mask: np.ndarray, direction: str,
     widens along the axes where the input's voxels are coarser than the grid (acquisition_blur)."""
     if direction not in ("hyper", "hypo"):
         raise ValueError(f"the extreme tissue reference needs a one-sided direction, not {direction!r}")
-    priors = tissue_priors(mask, grid)
-    levels = tissue_levels(image, mask, priors)
-    if blur_mm:
-        priors = tissue_priors(mask, grid, acquisition_blur(blur_mm, grid, acquisition_mm))
+    # Beyond the template's brain the priors' CSF is only "not GM or WM": the template knows nothing there, yet the
+    # scan's brain mask reaches it wherever this brain is bigger than the affine fit or its strip looser. Cortex
+    # there seeded the CSF level and, held to that level, was a false finding of several mL at the brain's edge
+    # (robustness_flair.py: MNI-space and thick-slice versions). So the levels come from inside the template's
+    # brain, and beyond it any tissue may be.
+    known = brain_mask_on_grid(grid)
+    levels = tissue_levels(image, mask & known, tissue_priors(mask & known, grid))
+    priors = tissue_priors(mask, grid, acquisition_blur(blur_mm, grid, acquisition_mm))
     pick = np.maximum if direction == "hyper" else np.minimum
     reference = np.full(mask.shape, -np.inf if direction == "hyper" else np.inf, np.float32)
     for c, (level, _) in levels.items():
@@ -169,6 +173,7 @@ def extreme_reference_score(image: np.ndarray, mask: np.ndarray, direction: str,
         reference = np.where(allowed, pick(reference, level), reference)
     # With three tissues summing to one some tissue always reaches 1/3; the WM level covers plausible > 1/3.
     reference = np.where(np.isfinite(reference), reference, levels["WM"][0])
+    reference = np.where(known, reference, pick.reduce([lv for lv, _ in levels.values()]))
     inside = image[mask]
     q25, q75 = np.percentile(inside, [25, 75])
     out = np.zeros(mask.shape, np.float32)
