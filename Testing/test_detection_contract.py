@@ -35,13 +35,9 @@ WORKER = [sys.executable, "-c", "import sys, oom_scorer; from BrainAnomalyLib.wo
 
 
 @pytest.fixture(scope="module")
-def case_file(tmp_path_factory):
-    """The oblique, moved demo scan at 3 mm: what is tested here is the same at any resolution, and registering it
-    takes a third of the time of the 1-1.5 mm demo scan's."""
-    from BrainAnomalyLib.synth.demo import make_demo_case
-
+def case_file(tmp_path_factory, coarse_demo_case):
     folder = tmp_path_factory.mktemp("case")
-    sitk.WriteImage(make_demo_case(spacing=(3.0, 3.0, 3.0))[0], str(folder / "case.nii.gz"))
+    sitk.WriteImage(coarse_demo_case[0], str(folder / "case.nii.gz"))
     return folder / "case.nii.gz"
 
 
