@@ -213,10 +213,16 @@ def coarse_demo_case():
 
 @pytest.fixture(scope="session")
 def demo_result(demo_case, template_normative_model):
+    """The template normative model's detection on the demo scan, registered back to the template, N4 off (the
+    template-made scan has no bias field; test_cli runs N4 in a detection)."""
+    from dataclasses import replace
+
     from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 
     scan, _ = demo_case
-    return Detector(template_normative_model, device="cpu").run(scan, modality="T1")
+    pre = replace(PreprocessConfig.from_dict(template_normative_model.meta["preprocessing"]), bias_correction=False)
+    return Detector(template_normative_model, device="cpu", preprocess_config=pre).run(scan, modality="T1")
 
 
 def new_scene():
