@@ -62,7 +62,21 @@ def one_torch_thread():
 
 def template_cohort(n: int = 6, seed: int = 0):
     """Healthy-looking grid volumes: the template with per-scan blur, smooth intensity fields, contrast and noise
-    (the variation a normative model meets between registered scans)."""
+    (the variation a normative model meets between registered scans). Each seed's scans are made once per test
+    process (the cubic intensity field takes about a second a scan) and handed out as copies."""
+    scans, made = _TEMPLATE_SCANS.setdefault(seed, (_template_scans(seed), []))
+    while len(made) < n:
+        made.append(next(scans))
+    for image, mask in made[:n]:
+        yield image.copy(), mask.copy()
+
+
+# seed -> (the seed's endless scan generator, the scans it has made so far); template_cohort(n, seed) is always
+# the generator's first n scans.
+_TEMPLATE_SCANS: dict = {}
+
+
+def _template_scans(seed: int):
     from scipy import ndimage
 
     from BrainAnomalyLib.preprocess.normalise import normalise
@@ -73,7 +87,7 @@ def template_cohort(n: int = 6, seed: int = 0):
     mask = brain_mask_on_grid(grid)
     rng = np.random.default_rng(seed)
     z = np.linspace(-1, 1, base.shape[0])[:, None, None]
-    for _ in range(n):
+    while True:
         field = ndimage.zoom(rng.normal(1.0, 0.06, (4, 5, 4)), np.array(base.shape) / (4, 5, 4), order=3)
         vol = ndimage.gaussian_filter(base, rng.uniform(0.3, 1.2)) * field * rng.uniform(0.8, 1.2)
         vol = vol * (1 + 0.03 * rng.standard_normal() * z) + 15.0 * rng.standard_normal(base.shape)
@@ -150,6 +164,24 @@ def template_normative_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calibrated_template_model(tmp_path_factory):
+    """The template normative model calibrated as `calibrate` does it (training.run.calibrate_volumes) on five
+    template-made healthy volumes: voxel thresholds, the scan-adaptive reference and the finding calibration, the
+    records the shipped default carries, for tests of what the front ends do with a calibrated result (a detection
+    in seconds where the default's takes most of a minute)."""
+    from BrainAnomalyLib.core.progress import Reporter
+    from BrainAnomalyLib.store.models import load_model, save_model
+    from BrainAnomalyLib.training.run import calibrate_volumes
+
+    folder = tmp_path_factory.mktemp("models")
+    fitted = build_template_normative_model(folder / "uncalibrated")
+    meta = dict(fitted.meta, name="calibrated-normative")
+    meta["calibration"] = calibrate_volumes(fitted, ((f"h{i}", image, mask) for i, (image, mask) in
+                                                     enumerate(template_cohort(5, seed=2))), Reporter())
+    return load_model(save_model(folder / "calibrated-normative", meta, fitted.tensors))
+
+
+@pytest.fixture(scope="session")
 def intensity_model(tmp_path_factory):
     from BrainAnomalyLib.store.models import load_model, save_model
     from BrainAnomalyLib.detection.postprocess import PostprocessConfig
@@ -171,11 +203,26 @@ def demo_case():
 
 
 @pytest.fixture(scope="session")
+def coarse_demo_case():
+    """The oblique, moved demo case at 3 mm, for tests of what detection writes and refuses (the same at any
+    resolution): registering it takes a third of the time of the 1-1.5 mm demo scan's."""
+    from BrainAnomalyLib.synth.demo import make_demo_case
+
+    return make_demo_case(spacing=(3.0, 3.0, 3.0))
+
+
+@pytest.fixture(scope="session")
 def demo_result(demo_case, template_normative_model):
+    """The template normative model's detection on the demo scan, registered back to the template, N4 off (the
+    template-made scan has no bias field; test_cli runs N4 in a detection)."""
+    from dataclasses import replace
+
     from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 
     scan, _ = demo_case
-    return Detector(template_normative_model, device="cpu").run(scan, modality="T1")
+    pre = replace(PreprocessConfig.from_dict(template_normative_model.meta["preprocessing"]), bias_correction=False)
+    return Detector(template_normative_model, device="cpu", preprocess_config=pre).run(scan, modality="T1")
 
 
 def new_scene():
@@ -195,14 +242,15 @@ def mrml_scene():
 
 
 @pytest.fixture(scope="session")
-def worker_output(tmp_path_factory, demo_case):
-    """The inference worker run once, as the module runs it, on the oblique demo scan with the shipped default
-    model; tests load copies of its output folder."""
+def worker_output(tmp_path_factory, demo_case, calibrated_template_model):
+    """The inference worker run once, as the module runs it, on the oblique demo scan (registered back to the
+    template; N4 off, the module's option, as the outputs are what is tested) with the calibrated template model;
+    tests load copies of its output folder. The shipped default's own run is the demo test's."""
     folder = tmp_path_factory.mktemp("worker")
     scan, truth = demo_case
     sitk.WriteImage(scan, str(folder / "scan.nrrd"))
     sitk.WriteImage(truth, str(folder / "truth.nrrd"))
-    _run_worker(folder)
+    _run_worker(folder, "--model", str(calibrated_template_model.path), "--no-bias-correction")
     return folder
 
 

@@ -19,18 +19,25 @@ from BrainAnomalyLib.detection.writers import output_names
 
 @pytest.fixture(scope="module")
 def demo_file(tmp_path_factory, demo_case):
+    """The demo scan, whose preprocessing takes long enough to be interrupted."""
     folder = tmp_path_factory.mktemp("demo")
     sitk.WriteImage(demo_case[0], str(folder / "case.nii.gz"))
-    sitk.WriteImage(demo_case[1], str(folder / "truth.nii.gz"))
     return folder / "case.nii.gz"
 
 
-def test_detect_writes_every_output_on_the_input_grid(tmp_path, demo_file, template_normative_model, capsys):
+@pytest.fixture(scope="module")
+def coarse_file(tmp_path_factory, coarse_demo_case):
+    folder = tmp_path_factory.mktemp("coarse")
+    sitk.WriteImage(coarse_demo_case[0], str(folder / "case.nii.gz"))
+    return folder / "case.nii.gz"
+
+
+def test_detect_writes_every_output_on_the_input_grid(tmp_path, coarse_file, template_normative_model, capsys):
     out = tmp_path / "out"
-    code = main(["detect", str(demo_file), "--model", str(template_normative_model.path), "-o", str(out), "-q"])
+    code = main(["detect", str(coarse_file), "--model", str(template_normative_model.path), "-o", str(out), "-q"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(output_names("nifti"))  # no staging leftovers
-    scan = sitk.ReadImage(str(demo_file))
+    scan = sitk.ReadImage(str(coarse_file))
     for name in ("anomaly_map.nii.gz", "pred_mask.nii.gz", "brain_mask.nii.gz"):
         assert same_geometry(sitk.ReadImage(str(out / name)), scan, tol=1e-4)
     summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
@@ -43,9 +50,9 @@ def test_detect_writes_every_output_on_the_input_grid(tmp_path, demo_file, templ
     assert "1 lesion" in capsys.readouterr().out or summary["n_lesions"] > 1
 
 
-def test_threshold_option_overrides_calibration(tmp_path, demo_file, template_normative_model):
+def test_threshold_option_overrides_calibration(tmp_path, coarse_file, template_normative_model):
     out = tmp_path / "out"
-    assert main(["detect", str(demo_file), "--model", str(template_normative_model.path), "--threshold", "1e6",
+    assert main(["detect", str(coarse_file), "--model", str(template_normative_model.path), "--threshold", "1e6",
                  "--no-bias-correction", "-o", str(out), "-q"]) == 0
     summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert summary["threshold"] == {"value": 1e6, "fpr": None, "source": "user value"}
@@ -54,10 +61,10 @@ def test_threshold_option_overrides_calibration(tmp_path, demo_file, template_no
     assert summary["preprocessing"][2]["applied"] is False
 
 
-def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, demo_file, intensity_model, capsys):
+def test_manifest_runs_a_cohort_and_reports_failures(tmp_path, coarse_file, intensity_model, capsys):
     const = sitk.GetImageFromArray(np.ones((64, 64, 64), np.float32))
     sitk.WriteImage(const, str(tmp_path / "const.nii.gz"))
-    shutil.copy(demo_file, tmp_path / "good.nii.gz")
+    shutil.copy(coarse_file, tmp_path / "good.nii.gz")
     (tmp_path / "cohort.csv").write_text("subject,modality,image,mask\n"
                                          "s1,T1,good.nii.gz,\ns2,T1,const.nii.gz,\n")
     out = tmp_path / "out"

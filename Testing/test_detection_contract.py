@@ -35,9 +35,9 @@ WORKER = [sys.executable, "-c", "import sys, oom_scorer; from BrainAnomalyLib.wo
 
 
 @pytest.fixture(scope="module")
-def case_file(tmp_path_factory, demo_case):
+def case_file(tmp_path_factory, coarse_demo_case):
     folder = tmp_path_factory.mktemp("case")
-    sitk.WriteImage(demo_case[0], str(folder / "case.nii.gz"))
+    sitk.WriteImage(coarse_demo_case[0], str(folder / "case.nii.gz"))
     return folder / "case.nii.gz"
 
 

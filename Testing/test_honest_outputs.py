@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def scan_file(tmp_path_factory, demo_case):
+def scan_file(tmp_path_factory, coarse_demo_case):
     path = tmp_path_factory.mktemp("scan") / "case.nii.gz"
-    sitk.WriteImage(demo_case[0], str(path))
+    sitk.WriteImage(coarse_demo_case[0], str(path))
     return path
 
 

@@ -28,7 +28,7 @@ def _run(*args, timeout=600):
                           cwd=str(ROOT), timeout=timeout)
 
 
-def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
+def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case, calibrated_template_model):
     scan, truth = demo_case
     sitk.WriteImage(scan, str(tmp_path / "demo.nii.gz"))
     (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
@@ -36,8 +36,10 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     manifest.write_text("subject,modality,image,mask\ndemo,T1,demo.nii.gz,\nbroken,T1,broken.nii.gz,\n"
                         "flair,FLAIR,demo.nii.gz,\n")
     out = tmp_path / "out"
-    # at a number of false findings per healthy scan other than the default 0.5 (passed through to each case)
-    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--false-findings", "5")
+    # at a number of false findings per healthy scan other than the default 0.5 (passed through to each case); a
+    # calibrated template model, as what is tested is the batch, not the default model (N4 off: its option)
+    model = ("--model", calibrated_template_model.path, "--no-bias-correction")
+    proc = _run("--manifest", manifest, "-o", out, "--device", "cpu", "--false-findings", "5", *model)
     assert proc.returncode == 1, proc.stderr  # one case failed
     assert "1 of 2 cases done" in proc.stdout and "failed: broken" in proc.stderr
     assert "skipped 1 of 3 rows: modality FLAIR, this batch is for T1" in proc.stdout
@@ -45,7 +47,7 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case):
     assert [(r["subject"], r["status"]) for r in rows] == [("flair", "skipped"), ("demo", "ok"), ("broken", "failed")]
     assert "broken.nii.gz" in rows[2]["message"]
     assert sorted(p.name for p in out.iterdir()) == ["demo", "summary.csv"]  # nothing half-written for "broken"
-    again = _run("--manifest", manifest, "-o", out, "--device", "cpu")  # an earlier run: refused before any work
+    again = _run("--manifest", manifest, "-o", out, "--device", "cpu", *model)  # an earlier run: refused first
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "--overwrite" in again.stderr
     case = out / "demo"
     assert sorted(p.name for p in case.iterdir()) == sorted(output_names("nrrd"))  # what detect writes

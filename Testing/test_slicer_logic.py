@@ -332,12 +332,14 @@ def test_device_query_reads_the_workers_answer():
     assert "error" in query.poll()
 
 
-def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene, worker_output, tmp_path):
+def test_findings_slider_relabels_by_healthy_rate_without_a_model_run(mrml_scene, worker_output, tmp_path,
+                                                                       calibrated_template_model):
     from BrainAnomalyLib.calibration import CalibrationCurve, FindingCalibration
 
     summary = json.loads((worker_output / "out" / "result.json").read_text(encoding="utf-8"))
-    # the shipped default works at its lesion-level operating point (23 healthy calibration scans)
-    assert summary["threshold"]["false_findings"] == 0.5 and summary["finding_calibration"]["n_scans"] == 23
+    # a calibrated model works at its lesion-level operating point, the finding calibration of its healthy scans
+    assert summary["threshold"]["false_findings"] == 0.5
+    assert summary["finding_calibration"] == calibrated_template_model.meta["calibration"]["findings"]
     scan_node = _input_node(mrml_scene, sitk.ReadImage(str(worker_output / "scan.nrrd")))
     logic = DetectionLogic(mrml_scene)
     logic.start = lambda *args, **kwargs: pytest.fail("re-thresholding started a model run")
