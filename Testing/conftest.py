@@ -48,6 +48,21 @@ def needs_shared_data(manifest: str):
                               reason=f"../shared/data/{manifest} is not present")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_preprocessing_cache(tmp_path_factory):
+    """Tests preprocess into a cache of their own: a user's ~/.cache/brainanomaly is neither written nor read, so a
+    test never passes on scans an earlier run left there (and CI on a fresh host takes the time measured here)."""
+    import os
+
+    before = os.environ.get("BRAINANOMALY_CACHE")
+    os.environ["BRAINANOMALY_CACHE"] = str(tmp_path_factory.mktemp("preprocessing-cache"))
+    yield
+    if before is None:
+        os.environ.pop("BRAINANOMALY_CACHE", None)
+    else:
+        os.environ["BRAINANOMALY_CACHE"] = before
+
+
 @pytest.fixture
 def one_torch_thread():
     """For tests of tiny nets: one thread is faster than two contending ones (and far faster on a busy machine).
