@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.io import same_geometry
 from ..core.progress import Reporter
 from .itkrun import N4_THREADS, execute_cancellable, itk_threads
 
@@ -32,9 +33,13 @@ class BiasField:
                         0.0).astype(np.float32)
 
     def apply(self, image: sitk.Image) -> sitk.Image:
-        """The image the field was fitted on, corrected."""
+        """`image` corrected: the image the field was fitted on, or another grid of the same scan (the field,
+        smooth, is interpolated onto it)."""
+        log_field = self.log_field
+        if not same_geometry(image, log_field):
+            log_field = sitk.Resample(log_field, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         out = sitk.GetImageFromArray(self.corrected(sitk.GetArrayViewFromImage(image),
-                                                    sitk.GetArrayViewFromImage(self.log_field)))
+                                                    sitk.GetArrayViewFromImage(log_field)))
         out.CopyInformation(image)
         return out
 
