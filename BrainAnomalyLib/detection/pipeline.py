@@ -25,6 +25,7 @@ from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput, scorer_class
+from ..scorers.reuse import identify, score_once
 from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
 
@@ -98,7 +99,7 @@ class Detector:
 
     def _build_scorer(self, params: dict, device: str):
         try:
-            return scorer_class(self.model.kind).for_model(self.model, params, device)
+            return identify(scorer_class(self.model.kind).for_model(self.model, params, device), self.model)
         except (ValueError, KeyError) as exc:
             raise ModelError(f"model {self.model.name} cannot be used: {_message(exc)}") from None
 
@@ -149,7 +150,7 @@ class Detector:
         while True:
             self.scorer.acquisition_mm = acquisition_mm  # a rebuilt scorer scores the same scan
             try:
-                out = self.scorer.score(image, mask, reporter)
+                out = score_once(self.scorer, image, mask, reporter)
                 break
             except BrainAnomalyError:
                 raise
