@@ -60,6 +60,10 @@ class Scorer:
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Load what scoring will need (a network and its libraries) before the first scan; scorers that need
+        nothing beyond their tensors do nothing."""
+
     def batch_size(self) -> Optional[int]:
         """Slices per forward pass, for scorers whose memory use grows with it (the out-of-memory policy halves
         it); None for scorers that do not batch."""

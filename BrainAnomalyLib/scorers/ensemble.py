@@ -63,6 +63,10 @@ class EnsembleScorer(Scorer):
         sizes = [b for b in (m.batch_size() for m in self.members) if b is not None]
         return max(sizes) if sizes else None
 
+    def prepare(self) -> None:
+        for member in self.members:
+            member.prepare()
+
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         total = np.zeros(image.shape, np.float64)
         recon = None

@@ -67,6 +67,9 @@ class LearnedScorer(Scorer):
             self._net = net
         return self._net
 
+    def prepare(self) -> None:
+        self.net()
+
     def raw_maps(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
         """({score: map}, reconstruction) on the grid: the network's maps of this model's score parts before any
         voxel-wise standardisation or direction (the signed map is observed - reconstructed)."""
