@@ -26,8 +26,8 @@ from ..preprocess.chain import preprocess
 from ..store.cache import cached_preprocessed
 from ..scorers.reuse import shared_scores
 from ..core.progress import Reporter
-from .metrics import (HIT_RULE, average_precision, best_dice, detection_summary, finding_match, froc, pr_curve,
-                      roc_auc, sweep_thresholds)
+from .metrics import (HIT_RULE, average_precision, detection_summary, finding_match, froc, roc_auc,
+                      sweep_thresholds, voxel_curve_metrics)
 
 # The FROC sweep: thresholds above which these fractions of the pooled brain voxels lie, plus the cohort threshold.
 # Thirteen labellings per scan: about 7.5 s for a BraTS-sized scan (2 M brain voxels) on a shared 2-core CPU.
@@ -422,11 +422,11 @@ def summarise(t: Tally, det: Detector) -> dict:
                  "n_lesion_scans": t.n_lesion_scans, "n_healthy_scans": len(t.healthy_case_fpr)}
     if t.scores:
         scores, labels = np.concatenate(t.scores), np.concatenate(t.labels)
-        bd, bt = best_dice(scores, labels)
+        v = voxel_curve_metrics(scores, labels)
         unit = _unit(det.model.meta, scores)
-        recall, precision = pr_curve(scores, labels)
-        out["voxel"] = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels),
-                        "best_dice_upper_bound": bd, "best_dice_threshold": bt,
+        recall, precision = v["pr_curve"]
+        out["voxel"] = {"auprc": v["auprc"], "auroc": v["auroc"],
+                        "best_dice_upper_bound": v["best_dice"], "best_dice_threshold": v["best_dice_threshold"],
                         "dice_at_threshold": 2 * t.inter / max(t.pred_sum + t.truth_sum, 1),
                         "mean_case_dice": float(np.mean([r["dice"] for r in t.per_case if "dice" in r])),
                         "mood_ap": average_precision(unit, labels),

@@ -43,6 +43,8 @@ class Scorer:
     # Scores measured against the scan's own intensity distribution already carry their own scan adaptation;
     # moving the threshold again would only let a lesion's share of the brain inflate the spread estimate.
     scan_relative: bool = False
+    # Diffusion scorers run a network many times per slice: minutes per scan on a CPU where the others take seconds.
+    diffusion: bool = False
 
     def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
         self.params = dict(params)
