@@ -84,8 +84,6 @@ def run(args, cancel: CancelToken) -> int:
     if dicom is not None and not args.manifest:
         dicom_source(request)
     det = Detector.from_request(request)
-    if not args.manifest:
-        det.prepare_in_background()
     few = (det.model.meta.get("calibration") or {}).get("few_scans")
     if few:
         print(f"note: model {det.model.name}: {few['note']}", file=sys.stderr)

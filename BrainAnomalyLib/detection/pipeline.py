@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -84,25 +83,9 @@ class Detector:
             except ValueError as exc:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
-        self._preparing: Optional[threading.Thread] = None
-
-    def prepare_in_background(self) -> None:
-        """Load the scorer's networks, and with them torch and MONAI (seconds of imports), on a thread while the
-        scan is read and preprocessed: SimpleITK's filters release the GIL, so the two overlap."""
-        self._preparing = threading.Thread(target=self._prepare_quietly, name="prepare-scorer", daemon=True)
-        self._preparing.start()
-
-    def _prepare_quietly(self) -> None:
-        try:
-            self.scorer.prepare()
-        except Exception:  # noqa: BLE001 - the scoring step prepares again and reports the failure itself
-            pass
 
     def prepare(self) -> None:
-        """The scorer's networks loaded (waiting for prepare_in_background's thread when there is one)."""
-        if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
+        """The scorer's networks loaded, and with them torch and MONAI (seconds of imports on a first scan)."""
         try:
             self.scorer.prepare()
         except BrainAnomalyError:
@@ -229,7 +212,7 @@ class Detector:
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         self.prepare()
-        # kept apart from scoring: on a scan of its own this is mostly the imports of torch and MONAI
+        # kept apart from scoring: on a first scan this is mostly the imports of torch and MONAI
         seconds["load_networks"] = time.perf_counter() - t
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95), pre.acquisition_mm)
