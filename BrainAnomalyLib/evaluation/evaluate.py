@@ -235,6 +235,8 @@ def _evaluate_case(detectors: Dict[str, Detector], case: Case, group: Optional[s
     pre_seconds = time.perf_counter() - t
     brain = pre.native_mask
     truth = None if truth_img is None else sitk.GetArrayFromImage(truth_img) > 0
+    # the ground truth's components, once per case, not per scorer
+    truth_parts = None if truth is None else truth_components(truth)
     with shared_scores() as shared:  # an ensemble's members scored on their own too are scored once
         for name, det in detectors.items():
             tracemalloc.start()
@@ -252,11 +254,13 @@ def _evaluate_case(detectors: Dict[str, Detector], case: Case, group: Optional[s
             seconds = pre_seconds + time.perf_counter() - t + shared.reused_seconds - reused
             peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
             tracemalloc.stop()
+            tally = Tally(chosen[name])
+            tally.seconds.append(seconds)
+            tally.peak_mb = peak
+            _add_case(tally, case, scan, result, brain, truth, truth_img, truth_parts)
+            # a case counted in every group (shared healthy scans) adds the same share to each
             for g in ([group] if group is not None else groups):
-                tally = parts[(name, g)] = Tally(chosen[name])
-                tally.seconds.append(seconds)
-                tally.peak_mb = peak
-                _add_case(tally, case, scan, result, brain, truth, truth_img)
+                parts[(name, g)] = tally if group is not None else _copy(tally)
     rep(f"evaluate {case.key}", 1.0)
     return parts, lines
 
@@ -337,7 +341,14 @@ def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):
     return det.analyse_contrasts(scans, pre=pre)
 
 
-def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -> None:
+def _copy(tally: Tally) -> Tally:
+    """A tally of its own with the same contents (the arrays it holds are shared, never changed)."""
+    out = Tally(tally.threshold)
+    _merge(out, tally)
+    return out
+
+
+def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img, truth_parts) -> None:
     heat = sitk.GetArrayFromImage(result.anomaly_map)
     pred = sitk.GetArrayFromImage(result.pred_mask) > 0
     above = (heat > result.threshold["value"]) & brain  # this scan's threshold (scan-adaptive or cohort)
@@ -360,7 +371,7 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -
         tally.per_case.append(row)
         return
     t_in = truth & brain
-    t_lab, t_sizes = truth_components(truth)
+    t_lab, t_sizes = truth_parts
     match = finding_match(found, t_lab)
     tally.matches.append(match)
     tally.n_lesion_scans += 1
