@@ -157,3 +157,22 @@ def test_importing_an_ensemble_needs_its_members(installed, tmp_path):
     (installed / "two-sided" / "model.json").write_text("{}", encoding="utf-8")
     with pytest.raises(ModelError, match="cannot import .*member 'two-sided'"):
         import_model(folder, overwrite=True)
+
+
+def test_within_one_scan_a_member_scored_on_its_own_is_not_scored_again_by_the_ensemble(installed, tmp_path):
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.scorers.reuse import shared_scores
+
+    ensemble = Detector(load_model(_build(tmp_path, "--rule", "rms", "--contralateral", "0.5")), device="cpu")
+    member = Detector(load_model(installed / "hypo"), device="cpu")
+    image, mask = next(template_cohort(1, seed=9))
+    alone = [d.score_grid(image, mask) for d in (member, ensemble)]
+    with shared_scores() as shared:
+        together = [d.score_grid(image, mask) for d in (member, ensemble)]
+        # 'hypo' was handed back to the ensemble; 'two-sided' was scored once, by it
+        assert len(shared.outputs) == 2 and shared.reused_seconds > 0
+    for a, b in zip(alone, together):
+        assert np.array_equal(a.clean_map, b.clean_map) and np.array_equal(a.raw_map, b.raw_map)
+    with pytest.raises(ValueError):
+        together[0].raw_map[0, 0, 0] = 1.0  # a shared map is read-only
+    assert alone[0].raw_map.flags.writeable  # outside the scope nothing is shared or frozen

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, dice
+from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, dice, pr_curve, roc_auc
 
 
 def test_average_precision_hand_computed():
@@ -222,3 +222,16 @@ def test_sweep_thresholds_and_froc_lists():
     assert curve["false_findings_per_lesion_scan"] == [0.0, 0.0]
     with pytest.raises(ValueError):
         froc([2.0, 1.0], [per_scan[0][:1]], [False])
+
+
+def test_the_one_sort_summary_equals_each_metric_on_its_own():
+    from BrainAnomalyLib.evaluation.metrics import voxel_curve_metrics
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=20000), 2)  # many ties
+    labels = rng.random(scores.size) < 0.05 + 0.3 * (scores > 1)
+    v = voxel_curve_metrics(scores, labels)
+    assert v["auprc"] == average_precision(scores, labels) and v["auroc"] == roc_auc(scores, labels)
+    assert (v["best_dice"], v["best_dice_threshold"]) == best_dice(scores, labels)
+    assert all(np.array_equal(a, b) for a, b in zip(v["pr_curve"], pr_curve(scores, labels)))
+    assert 0.0 < v["auprc"] < 1.0 and v["auroc"] > 0.6

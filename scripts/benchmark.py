@@ -10,10 +10,11 @@ Prints one table (scorer x dataset x metrics x seconds per volume x scoring peak
 full metrics as JSON, to --out (default docs/benchmark/latest.md and .json) so runs can be compared across
 commits. Fusion models are benchmarked on brats18_dev alone, the one set with every contrast of each subject. The
 cases run on worker processes (--workers, default one per core), preprocessed scans come from the cache
-(store/cache.py; --no-cache preprocesses again): neither changes a number.
+(store/cache.py; --no-cache preprocesses again): neither changes a number. Diffusion models (minutes per scan on a
+CPU) are left out unless named with --models or asked for with --with-diffusion: they have tables of their own.
 
     python scripts/benchmark.py [--data ../shared/data] [--synth-subjects 4] [--out docs/benchmark/latest]
-    python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm   # one model only
+    python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm-t1-ixi   # one model only
 """
 
 import argparse
@@ -40,7 +41,7 @@ from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
-from BrainAnomalyLib.scorers import direction_for  # noqa: E402
+from BrainAnomalyLib.scorers import direction_for, scorer_class  # noqa: E402
 from BrainAnomalyLib.synth import ARTEFACT_KINDS, LESION_KINDS, make_cohort  # noqa: E402
 from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.training.run import base_meta, split_subjects  # noqa: E402
@@ -56,10 +57,11 @@ def progress(step: str, fraction: float, _last=[None]) -> None:
         _last[0] = step
 
 
-def scorers_for(modality: str, only=None, fusion: bool = False) -> dict:
+def scorers_for(modality: str, only=None, fusion: bool = False, diffusion: bool = False) -> dict:
     """Shipped and user models of this modality, plus an intensity scorer when none is shipped for it; with `only`
     (model ids, names or folders) just those of them that are of this modality. `fusion`: the fusion models of
-    this reference contrast instead (they need the subject's other contrasts, which only brats18_dev has)."""
+    this reference contrast instead (they need the subject's other contrasts, which only brats18_dev has).
+    Diffusion models only with `diffusion` or when named in `only`."""
     models = {}
     if only:
         for name in only:
@@ -70,7 +72,7 @@ def scorers_for(modality: str, only=None, fusion: bool = False) -> dict:
     for entry in list_models():
         if entry.get("modality") == modality:
             m = resolve_model(entry["id"])
-            if (m.kind == "fusion") == fusion:
+            if (m.kind == "fusion") == fusion and (diffusion or not scorer_class(m.kind).diffusion):
                 models[m.name] = m
     if not fusion and not any(m.kind == "intensity" for m in models.values()):
         meta = base_meta("intensity", f"intensity-{modality.lower()} (uncalibrated)", modality,
@@ -93,11 +95,12 @@ class Task:
     cache: bool = True
     fusion: bool = False
     companions: Optional[dict] = None  # subject -> modality -> image, for fusion models
+    diffusion: bool = False
 
 
 def run_task(task: Task, workers: int) -> dict:
     """{scorer: {group: metrics}} of one task, its cases on `workers` processes (evaluate_groups: same numbers)."""
-    detectors = scorers_for(task.modality, task.only, task.fusion)
+    detectors = scorers_for(task.modality, task.only, task.fusion, task.diffusion)
     if not detectors:
         log(f"{task.label}: none of the chosen models is for {task.modality}; skipped")
         return {}
@@ -121,6 +124,9 @@ def main() -> int:
     ap.add_argument("--skip-synth", action="store_true")
     ap.add_argument("--models", help="comma-separated model ids, names or folders to run instead of every shipped "
                     "and user model (e.g. a newly trained one beside an earlier run's table)")
+    ap.add_argument("--with-diffusion", action="store_true", help="also the diffusion models (minutes per scan on "
+                    "a CPU, where the others take seconds: they have tables of their own, e.g. --models ldm-t1-ixi "
+                    "--out docs/benchmark/ldm-t1-ixi)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmark" / "latest"))
     ap.add_argument("--workers", type=int, help="worker processes scoring whole cases (default: one per core, as "
                     "many as the free memory holds); the numbers do not depend on it")
@@ -156,7 +162,8 @@ def main() -> int:
         lesion_cases = [c for c in brats if c.modality == modality]
         cases = lesion_cases + (healthy if modality == "T1" else [])
         groups = {c.key: "brats18_dev" if c.mask is not None else None for c in cases}
-        tasks.append(Task(f"brats18_dev {modality}", modality, cases, groups, only, not args.no_cache))
+        tasks.append(Task(f"brats18_dev {modality}", modality, cases, groups, only, not args.no_cache,
+                          diffusion=args.with_diffusion))
         labels.append(f"brats18_dev {modality}" + (f" + {len(healthy)} held-out healthy IXI"
                                                    if modality == "T1" else ""))
         # fusion models of this reference contrast: on brats18_dev alone, the only set with every contrast
@@ -178,7 +185,8 @@ def main() -> int:
         groups = {c.key: "synth " + c.subject.rsplit("_", 1)[-1] for c in synth}
         groups.update({c.key: "synth artefacts" for c in artefacts})
         groups.update({c.key: None for c in subjects})
-        tasks.append(Task("synthetic", "T1", synth + artefacts + subjects, groups, only, not args.no_cache))
+        tasks.append(Task("synthetic", "T1", synth + artefacts + subjects, groups, only, not args.no_cache,
+                          diffusion=args.with_diffusion))
         labels.append(None)
 
     workers = args.workers or default_workers(max(len(t.cases) for t in tasks))

@@ -57,7 +57,8 @@ STEPS = {"orient": ["preprocess.orient"], "skull-strip": ["preprocess.skull-stri
          "bias-correct": ["preprocess.bias-correct"], "register": ["preprocess.register"],
          "resample+normalise": ["preprocess.resample", "preprocess.sanity", "preprocess.contrast",
                                 "preprocess.normalise"],
-         "score+postprocess": ["score+postprocess"], "back-project": ["back_project"]}
+         "load networks": ["load_networks"], "score+postprocess": ["score+postprocess"],
+         "back-project": ["back_project"]}
 
 
 def timed_detect(tree: Path, scan: Path, out: Path, model, skull_strip: str) -> dict:
@@ -150,7 +151,8 @@ def main() -> int:
         step = {"read": read_s, "orient": tm["preprocess.orient"], "strip": tm["preprocess.skull-strip"],
                 "bias-correct": tm["preprocess.bias-correct"], "register": tm["preprocess.register"],
                 "resample+normalise": tm["preprocess.resample"] + tm["preprocess.normalise"],
-                "score+postprocess": tm["score+postprocess"], "back-project": tm["back_project"],
+                "load networks": tm["load_networks"], "score+postprocess": tm["score+postprocess"],
+                "back-project": tm["back_project"],
                 "write outputs": write_s}
         step["total"] = sum(step.values())
         if i > 0:

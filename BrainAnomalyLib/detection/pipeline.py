@@ -25,6 +25,7 @@ from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput, scorer_class
+from ..scorers.reuse import identify, score_once
 from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
 
@@ -83,6 +84,15 @@ class Detector:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
 
+    def prepare(self) -> None:
+        """The scorer's networks loaded, and with them torch and MONAI (seconds of imports on a first scan)."""
+        try:
+            self.scorer.prepare()
+        except BrainAnomalyError:
+            raise
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"model {self.model.name} cannot be used: {_message(exc)}") from None
+
     @staticmethod
     def for_model(model: Model, **options) -> "Detector":
         """The detector of `model`'s kind (a fusion of contrasts has its own, detection/fusion.py; the others this
@@ -98,7 +108,7 @@ class Detector:
 
     def _build_scorer(self, params: dict, device: str):
         try:
-            return scorer_class(self.model.kind).for_model(self.model, params, device)
+            return identify(scorer_class(self.model.kind).for_model(self.model, params, device), self.model)
         except (ValueError, KeyError) as exc:
             raise ModelError(f"model {self.model.name} cannot be used: {_message(exc)}") from None
 
@@ -149,7 +159,7 @@ class Detector:
         while True:
             self.scorer.acquisition_mm = acquisition_mm  # a rebuilt scorer scores the same scan
             try:
-                out = self.scorer.score(image, mask, reporter)
+                out = score_once(self.scorer, image, mask, reporter)
                 break
             except BrainAnomalyError:
                 raise
@@ -200,6 +210,10 @@ class Detector:
             # contrast check (preprocess.contrast): refuses a scan of another contrast before it is scored
             pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
+        t = time.perf_counter()
+        self.prepare()
+        # kept apart from scoring: on a first scan this is mostly the imports of torch and MONAI
+        seconds["load_networks"] = time.perf_counter() - t
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95), pre.acquisition_mm)
         seconds["score+postprocess"] = time.perf_counter() - t

@@ -24,9 +24,10 @@ from ..detection.pipeline import Detector
 from ..detection.postprocess import CONNECTIVITY, findings
 from ..preprocess.chain import preprocess
 from ..store.cache import cached_preprocessed
+from ..scorers.reuse import shared_scores
 from ..core.progress import Reporter
-from .metrics import (HIT_RULE, average_precision, best_dice, detection_summary, finding_match, froc, pr_curve,
-                      roc_auc, sweep_thresholds)
+from .metrics import (HIT_RULE, average_precision, detection_summary, finding_match, froc, roc_auc,
+                      sweep_thresholds, voxel_curve_metrics)
 
 # The FROC sweep: thresholds above which these fractions of the pooled brain voxels lie, plus the cohort threshold.
 # Thirteen labellings per scan: about 7.5 s for a BraTS-sized scan (2 M brain voxels) on a shared 2-core CPU.
@@ -234,25 +235,32 @@ def _evaluate_case(detectors: Dict[str, Detector], case: Case, group: Optional[s
     pre_seconds = time.perf_counter() - t
     brain = pre.native_mask
     truth = None if truth_img is None else sitk.GetArrayFromImage(truth_img) > 0
-    for name, det in detectors.items():
-        tracemalloc.start()
-        t = time.perf_counter()
-        try:
-            analysis = _analyse(det, case, scan, pre, companions)
-        except BadInputError as exc:
-            lines.append(f"{case.key} ({name}): {exc}")
+    # the ground truth's components, once per case, not per scorer
+    truth_parts = None if truth is None else truth_components(truth)
+    with shared_scores() as shared:  # an ensemble's members scored on their own too are scored once
+        for name, det in detectors.items():
+            tracemalloc.start()
+            t = time.perf_counter()
+            reused = shared.reused_seconds
+            try:
+                analysis = _analyse(det, case, scan, pre, companions)
+            except BadInputError as exc:
+                lines.append(f"{case.key} ({name}): {exc}")
+                tracemalloc.stop()
+                continue
+            result = det.to_result(scan, analysis, det.for_scan(chosen[name], analysis), det.model.modality,
+                                   with_reconstruction=False)
+            # what the scorer would have spent on the maps it was handed counts as its own
+            seconds = pre_seconds + time.perf_counter() - t + shared.reused_seconds - reused
+            peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
             tracemalloc.stop()
-            continue
-        result = det.to_result(scan, analysis, det.for_scan(chosen[name], analysis), det.model.modality,
-                               with_reconstruction=False)
-        seconds = pre_seconds + time.perf_counter() - t
-        peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
-        tracemalloc.stop()
-        for g in ([group] if group is not None else groups):
-            tally = parts[(name, g)] = Tally(chosen[name])
+            tally = Tally(chosen[name])
             tally.seconds.append(seconds)
             tally.peak_mb = peak
-            _add_case(tally, case, scan, result, brain, truth, truth_img)
+            _add_case(tally, case, scan, result, brain, truth, truth_img, truth_parts)
+            # a case counted in every group (shared healthy scans) adds the same share to each
+            for g in ([group] if group is not None else groups):
+                parts[(name, g)] = tally if group is not None else _copy(tally)
     rep(f"evaluate {case.key}", 1.0)
     return parts, lines
 
@@ -333,7 +341,14 @@ def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):
     return det.analyse_contrasts(scans, pre=pre)
 
 
-def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -> None:
+def _copy(tally: Tally) -> Tally:
+    """A tally of its own with the same contents (the arrays it holds are shared, never changed)."""
+    out = Tally(tally.threshold)
+    _merge(out, tally)
+    return out
+
+
+def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img, truth_parts) -> None:
     heat = sitk.GetArrayFromImage(result.anomaly_map)
     pred = sitk.GetArrayFromImage(result.pred_mask) > 0
     above = (heat > result.threshold["value"]) & brain  # this scan's threshold (scan-adaptive or cohort)
@@ -356,7 +371,7 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img) -
         tally.per_case.append(row)
         return
     t_in = truth & brain
-    t_lab, t_sizes = truth_components(truth)
+    t_lab, t_sizes = truth_parts
     match = finding_match(found, t_lab)
     tally.matches.append(match)
     tally.n_lesion_scans += 1
@@ -418,11 +433,11 @@ def summarise(t: Tally, det: Detector) -> dict:
                  "n_lesion_scans": t.n_lesion_scans, "n_healthy_scans": len(t.healthy_case_fpr)}
     if t.scores:
         scores, labels = np.concatenate(t.scores), np.concatenate(t.labels)
-        bd, bt = best_dice(scores, labels)
+        v = voxel_curve_metrics(scores, labels)
         unit = _unit(det.model.meta, scores)
-        recall, precision = pr_curve(scores, labels)
-        out["voxel"] = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels),
-                        "best_dice_upper_bound": bd, "best_dice_threshold": bt,
+        recall, precision = v["pr_curve"]
+        out["voxel"] = {"auprc": v["auprc"], "auroc": v["auroc"],
+                        "best_dice_upper_bound": v["best_dice"], "best_dice_threshold": v["best_dice_threshold"],
                         "dice_at_threshold": 2 * t.inter / max(t.pred_sum + t.truth_sum, 1),
                         "mean_case_dice": float(np.mean([r["dice"] for r in t.per_case if "dice" in r])),
                         "mood_ap": average_precision(unit, labels),

@@ -22,7 +22,10 @@ def _curve(scores: np.ndarray, labels: np.ndarray):
 
 def average_precision(scores, labels) -> float:
     """Area under the precision-recall curve as a step sum (sklearn's average_precision_score); 0 if no positives."""
-    tps, fps, _ = _curve(scores, labels)
+    return _average_precision(*_curve(scores, labels))
+
+
+def _average_precision(tps, fps, _thresholds) -> float:
     positives = tps[-1] if tps.size else 0
     if positives == 0:
         return 0.0
@@ -33,7 +36,10 @@ def average_precision(scores, labels) -> float:
 
 def best_dice(scores, labels) -> tuple[float, float]:
     """Upper bound on Dice over all thresholds, and the threshold that reaches it ((0, inf) with no positives)."""
-    tps, fps, thresholds = _curve(scores, labels)
+    return _best_dice(*_curve(scores, labels))
+
+
+def _best_dice(tps, fps, thresholds) -> tuple[float, float]:
     positives = tps[-1] if tps.size else 0
     if positives == 0:
         return 0.0, float("inf")
@@ -50,7 +56,10 @@ def dice(pred, truth) -> float:
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve (ties count half); NaN when only one class is present."""
-    tps, fps, _ = _curve(scores, labels)
+    return _roc_auc(*_curve(scores, labels))
+
+
+def _roc_auc(tps, fps, _thresholds) -> float:
     if not tps.size or tps[-1] == 0 or fps[-1] == 0:
         return float("nan")
     tpr = np.r_[0.0, tps / tps[-1]]
@@ -60,12 +69,24 @@ def roc_auc(scores, labels) -> float:
 
 def pr_curve(scores, labels, max_points: int = 400):
     """(recall, precision) along thresholds, thinned to at most `max_points` for plotting."""
-    tps, fps, _ = _curve(scores, labels)
+    return _pr_curve(*_curve(scores, labels), max_points=max_points)
+
+
+def _pr_curve(tps, fps, _thresholds, max_points: int = 400):
     if not tps.size or tps[-1] == 0:
         return np.array([0.0]), np.array([0.0])
     recall, precision = tps / tps[-1], tps / (tps + fps)
     keep = np.unique(np.linspace(0, recall.size - 1, min(max_points, recall.size)).round().astype(int))
     return recall[keep], precision[keep]
+
+
+def voxel_curve_metrics(scores, labels) -> dict:
+    """average_precision, roc_auc, best_dice and pr_curve of one pooled set from one sort of the scores (a cohort's
+    pooled brain voxels are tens of millions: the sort is most of an evaluation's summary)."""
+    c = _curve(scores, labels)
+    bd, bt = _best_dice(*c)
+    return {"auprc": _average_precision(*c), "auroc": _roc_auc(*c), "best_dice": bd, "best_dice_threshold": bt,
+            "pr_curve": _pr_curve(*c)}
 
 
 HIT_RULE = "a finding hits a ground-truth object when they share at least one voxel"

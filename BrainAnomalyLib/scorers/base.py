@@ -43,6 +43,8 @@ class Scorer:
     # Scores measured against the scan's own intensity distribution already carry their own scan adaptation;
     # moving the threshold again would only let a lesion's share of the brain inflate the spread estimate.
     scan_relative: bool = False
+    # Diffusion scorers run a network many times per slice: minutes per scan on a CPU where the others take seconds.
+    diffusion: bool = False
 
     def __init__(self, params: dict, tensors: Dict[str, np.ndarray], device: str = "cpu") -> None:
         self.params = dict(params)
@@ -59,6 +61,10 @@ class Scorer:
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Load what scoring will need (a network and its libraries) before the first scan; scorers that need
+        nothing beyond their tensors do nothing."""
 
     def batch_size(self) -> Optional[int]:
         """Slices per forward pass, for scorers whose memory use grows with it (the out-of-memory policy halves

@@ -23,6 +23,7 @@ import numpy as np
 from ..core.progress import Reporter
 from ..core.template import Grid, contralateral_difference
 from .base import ScoreOutput, Scorer, register, scorer_class
+from .reuse import identify, score_once
 
 RULES = ("mean", "rms")
 
@@ -54,7 +55,7 @@ class EnsembleScorer(Scorer):
 
         # Settings given to the ensemble (e.g. a batch size after GPU out-of-memory) reach every member.
         shared = {k: v for k, v in params.items() if k in ("batch_size",)}
-        members = [scorer_class(m.kind).for_model(m, dict(m.meta.get("params", {}), **shared), device)
+        members = [identify(scorer_class(m.kind).for_model(m, dict(m.meta.get("params", {}), **shared), device), m)
                    for m in model.members]
         return cls(params, model.tensors, device, members, Grid.from_dict(model.meta["grid"]))
 
@@ -62,13 +63,18 @@ class EnsembleScorer(Scorer):
         sizes = [b for b in (m.batch_size() for m in self.members) if b is not None]
         return max(sizes) if sizes else None
 
+    def prepare(self) -> None:
+        for member in self.members:
+            member.prepare()
+
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
         total = np.zeros(image.shape, np.float64)
         recon = None
         weights = self.params.get("weights") or [1.0] * len(self.members)
         n = len(self.members)
         for i, (scorer, member, w) in enumerate(zip(self.members, self.params["members"], weights)):
-            out = scorer.score(image, mask, reporter.sub(i / n, (i + 1) / n))
+            scorer.acquisition_mm = self.acquisition_mm  # the scan's, as a member scored on its own would get
+            out = score_once(scorer, image, mask, reporter.sub(i / n, (i + 1) / n))
             member_map = contralateral_difference(out.anomaly_map, float(self.params.get("contralateral") or 0.0),
                                                   self.grid)
             if self.rule == "mean":

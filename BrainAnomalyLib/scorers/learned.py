@@ -67,6 +67,9 @@ class LearnedScorer(Scorer):
             self._net = net
         return self._net
 
+    def prepare(self) -> None:
+        self.net()
+
     def raw_maps(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter):
         """({score: map}, reconstruction) on the grid: the network's maps of this model's score parts before any
         voxel-wise standardisation or direction (the signed map is observed - reconstructed)."""
@@ -151,8 +154,9 @@ class LearnedScorer(Scorer):
         return fit_learned(cls.kind, samples, params, reporter, validation, options or {})
 
 
-def _register(kind: str, doc: str):
-    cls = type(f"{kind.title().replace('_', '')}Scorer", (LearnedScorer,), {"kind": kind, "__doc__": doc})
+def _register(kind: str, doc: str, diffusion: bool = False):
+    cls = type(f"{kind.title().replace('_', '')}Scorer", (LearnedScorer,),
+               {"kind": kind, "__doc__": doc, "diffusion": diffusion})
     register(cls)
     return cls
 
@@ -166,13 +170,13 @@ DaeScorer = _register("dae", "Denoising autoencoder with coarse noise, one-pass 
 DpaScorer = _register("dpa", "Deep perceptual autoencoder scored in a self-trained feature space "
                              "(Shvetsova et al. 2020).")
 DdpmScorer = _register("ddpm", "Diffusion model, partial noising (Gaussian or simplex) and DDIM denoising, ensembled "
-                               "over noise levels (AnoDDPM, Wyatt et al. 2022).")
+                               "over noise levels (AnoDDPM, Wyatt et al. 2022).", diffusion=True)
 PddpmScorer = _register("pddpm", "Patched diffusion model: each patch noised and denoised with clean context, "
-                                 "stitched (pDDPM, Behrendt et al. 2023).")
+                                 "stitched (pDDPM, Behrendt et al. 2023).", diffusion=True)
 CddpmScorer = _register("cddpm", "Diffusion model conditioned on an encoding of the input slice (cDDPM, Behrendt et "
-                                 "al. 2023).")
+                                 "al. 2023).", diffusion=True)
 LdmScorer = _register("ldm", "Latent diffusion on VQ-VAE codes: changed latents resampled, decoded, pixel residual "
-                             "(Pinaya et al. 2022); the fast diffusion scorer.")
+                             "(Pinaya et al. 2022); the fast diffusion scorer.", diffusion=True)
 
 
 def fit_residual_norm(kind: str, params: dict, tensors: Dict[str, np.ndarray], volumes, reporter: Reporter,
