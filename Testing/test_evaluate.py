@@ -30,12 +30,24 @@ def cohort(tmp_path_factory):
     return folder
 
 
+def _without_n4(model, folder):
+    """A copy of `model` whose preprocessing skips N4: the template-made scans have no bias field, and what these
+    tests check is evaluation, not N4 (test_cli runs it in a detection)."""
+    import shutil
+
+    copy = shutil.copytree(model.path, folder / model.path.name)
+    meta = json.loads((copy / "model.json").read_text(encoding="utf-8"))
+    meta["preprocessing"] = dict(meta["preprocessing"], bias_correction=False)
+    (copy / "model.json").write_text(json.dumps(meta), encoding="utf-8")
+    return copy
+
+
 def test_evaluate_compares_models_and_writes_the_report(cohort, tmp_path, template_normative_model,
                                                         intensity_model, capsys):
     out = tmp_path / "report"
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--healthy", str(cohort / "healthy.csv"),
-                 "--model", str(template_normative_model.path), "--model", str(intensity_model.path),
-                 "--device", "cpu", "-o", str(out), "-q"])
+                 "--model", str(_without_n4(template_normative_model, tmp_path)),
+                 "--model", str(_without_n4(intensity_model, tmp_path)), "--device", "cpu", "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     norm, inten = metrics["template-normative"], metrics["test-intensity"]
@@ -184,7 +196,8 @@ def test_evaluate_froc_reproduces_the_operating_point(cohort, tmp_path, template
     must give exactly what the detect path's label maps gave."""
     out = tmp_path / "report"
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--healthy", str(cohort / "healthy.csv"),
-                 "--model", str(template_normative_model.path), "--calibration", "cohort", "--device", "cpu",
+                 "--model", str(_without_n4(template_normative_model, tmp_path)), "--calibration", "cohort",
+                 "--device", "cpu",
                  "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["template-normative"]
