@@ -28,8 +28,8 @@ def _run(*args, timeout=600):
                           cwd=str(ROOT), timeout=timeout)
 
 
-def test_batch_writes_every_output_and_reports_failures(tmp_path, demo_case, calibrated_template_model):
-    scan, truth = demo_case
+def test_batch_writes_every_output_and_reports_failures(tmp_path, coarse_demo_case, calibrated_template_model):
+    scan, truth = coarse_demo_case
     sitk.WriteImage(scan, str(tmp_path / "demo.nii.gz"))
     (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
     manifest = tmp_path / "cases.csv"
