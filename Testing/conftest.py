@@ -278,17 +278,3 @@ def _run_worker(folder: Path, *args: str) -> None:
                            "--output-dir", str(folder / "out"), "--device", "cpu", *args], capture_output=True,
                           text=True, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-# The longest files start first: the two xdist workers take whole files (--dist loadfile) in collection order, and
-# the browser end-to-end test, last by name, otherwise ran alone at the end of the suite.
-_LONGEST_FIRST = ("test_viewer_browser.py", "test_cohort.py", "test_shared_data.py", "test_rescore_model.py",
-                  "test_demo.py", "test_evaluate.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file and among the others is kept
