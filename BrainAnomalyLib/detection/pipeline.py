@@ -24,8 +24,8 @@ from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_na
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
-from ..scorers import ScoreOutput, scorer_class
-from ..scorers.reuse import identify, score_once
+from ..scorers import ScoreOutput
+from ..scorers.reuse import score_once, scorer_for_model
 from ..core.template import Grid, contralateral_difference, midline_axis
 from .request import CALIBRATIONS, DetectionRequest
 
@@ -108,7 +108,7 @@ class Detector:
 
     def _build_scorer(self, params: dict, device: str):
         try:
-            return identify(scorer_class(self.model.kind).for_model(self.model, params, device), self.model)
+            return scorer_for_model(self.model, params, device)
         except (ValueError, KeyError) as exc:
             raise ModelError(f"model {self.model.name} cannot be used: {_message(exc)}") from None
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..core.progress import Reporter
 from ..core.template import Grid, contralateral_difference
-from .base import ScoreOutput, Scorer, register, scorer_class
-from .reuse import identify, score_once
+from .base import ScoreOutput, Scorer, register
+from .reuse import score_once, scorer_for_model
 
 RULES = ("mean", "rms")
 
@@ -55,8 +55,7 @@ class EnsembleScorer(Scorer):
 
         # Settings given to the ensemble (e.g. a batch size after GPU out-of-memory) reach every member.
         shared = {k: v for k, v in params.items() if k in ("batch_size",)}
-        members = [identify(scorer_class(m.kind).for_model(m, dict(m.meta.get("params", {}), **shared), device), m)
-                   for m in model.members]
+        members = [scorer_for_model(m, dict(m.meta.get("params", {}), **shared), device) for m in model.members]
         return cls(params, model.tensors, device, members, Grid.from_dict(model.meta["grid"]))
 
     def batch_size(self) -> Optional[int]:

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 
 from ..core.progress import Reporter
-from .base import ScoreOutput, Scorer
+from .base import ScoreOutput, Scorer, scorer_class
 
 
 @dataclass
@@ -49,6 +49,12 @@ def identify(scorer: Scorer, model) -> Scorer:
     scorer.identity = (model.kind, json.dumps(files, sort_keys=True),
                        json.dumps(scorer.params, sort_keys=True, default=str)) if files else None
     return scorer
+
+
+def scorer_for_model(model, params: dict, device: str) -> Scorer:
+    """The scorer of `model` with `params` on `device`, identified for reuse: a model scored alone and as an
+    ensemble member must carry the same identity, so both are built here."""
+    return identify(scorer_class(model.kind).for_model(model, params, device), model)
 
 
 def score_once(scorer: Scorer, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
