@@ -6,7 +6,8 @@ registration and fused into one map, calibrated on synthetic healthy sessions ma
         --member T1=dpa-t1-ixi:1:0.75 --member T2=tissue-t2:0.5:0.5 --member FLAIR=tissue-flair:1:0.25
 
 Each --member is MODALITY=model-id[:weight[:contralateral]]: the member's weight in the fused mean and the share of
-its map's mirror image subtracted before its median filter (PostprocessConfig.contralateral). --optional names
+its map's mirror image subtracted before its median filter (PostprocessConfig.contralateral; left out, the member's
+own, e.g. tissue-t2's 0.5; 0 turns it off). --optional names
 contrasts a session may lack. The first member is the model's modality, the contrast a manifest is evaluated on
 (T1, when a member, must come first: it is registered first when given).
 
@@ -46,7 +47,7 @@ def parse_member(text: str):
     if not modality or not parts[0]:
         raise SystemExit(f"--member {text!r}: expected MODALITY=model-id[:weight[:contralateral]]")
     weight = float(parts[1]) if len(parts) > 1 else 1.0
-    contralateral = float(parts[2]) if len(parts) > 2 else 0.0
+    contralateral = float(parts[2]) if len(parts) > 2 else None
     return normalise_modality(modality), parts[0], weight, contralateral
 
 
@@ -61,7 +62,7 @@ def main() -> int:
     members = [parse_member(m) for m in args.member]
     models = [(m, resolve_model(i)) for m, i, _, _ in members]
     params = build_fusion(models, weights=[w for _, _, w, _ in members],
-                          postprocess=[{"contralateral": c} if c else None for _, _, _, c in members],
+                          postprocess=[None if c is None else {"contralateral": c} for _, _, _, c in members],
                           optional=args.optional)
     grid = Grid()
     modalities = [m for m, _, _, _ in members]
