@@ -13,11 +13,10 @@ contrasts a session may lack. The first member is the model's modality, the cont
 
 No healthy multi-contrast cohort is at hand, so, as for the tissue models (scripts/make_tissue_model.py), the
 thresholds come from N_SCANS synthetic healthy sessions: for each, every contrast rendered from the template's
-tissue maps with one shared misregistration shift, bias field and noise draw
-(synth.appearance.healthy_template_scan; T1CE rendered as T1, as a healthy brain enhances only in vessels and
-dura), scored and post-processed as detection does, through the code of `brainanomaly calibrate`. The fused score
-is relative to each scan (each member's map in its own robust units), so what the synthetic sessions fix is the
-shape of the healthy tail of the fused map.
+tissue maps with one shared misregistration shift, bias field and noise draw (synth.appearance.healthy_template_scan;
+a healthy T1CE has T1's tissue signals there), scored and post-processed as detection does, through the code of
+`brainanomaly calibrate`. The fused score is relative to each scan (each member's map in its own robust units), so
+what the synthetic sessions fix is the shape of the healthy tail of the fused map.
 """
 
 import argparse
@@ -38,7 +37,6 @@ from BrainAnomalyLib.synth.appearance import healthy_template_scan  # noqa: E402
 from BrainAnomalyLib.training.run import base_meta, calibrate_volumes  # noqa: E402
 
 N_SCANS = 12
-RENDERED_AS = {"T1CE": "T1"}  # contrasts without tissue signals of their own
 
 
 def parse_member(text: str):
@@ -79,7 +77,7 @@ def main() -> int:
         for seed in range(N_SCANS):
             images = {}
             for m in modalities:
-                images[m], mask = healthy_template_scan(RENDERED_AS.get(m, m), seed, grid)
+                images[m], mask = healthy_template_scan(m, seed, grid)
             yield f"synthetic-session-{seed}", images, mask
 
     meta["calibration"] = calibrate_volumes(load_model(args.output), sessions(), Reporter())
