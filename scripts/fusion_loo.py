@@ -2,9 +2,11 @@
 """Leave-one-case-out choice and measurement of a fusion model's tuned settings on a small labelled set.
 
     python scripts/fusion_loo.py --manifest ../shared/data/brats18_dev.csv --cache build/fusion-loo -o loo.json
+        [--without-t1ce]
 
-The settings tuned are those of the fusion-t1-t1ce-t2-flair card: each contrast's member model (a scorer choice
-for T2 and FLAIR), the T1, T1CE and T2 weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract
+The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce those of
+fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for T2 and FLAIR), the T1, T1CE and T2
+weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract
 their contralateral mirror (at the weight measured for it; T1CE's always at its own). A member whose weight is 0
 is left out of the fused mean, so the grid holds the three-contrast fusions too. For every case held out, the
 setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps: each contrast on the T1
@@ -52,13 +54,17 @@ ERODE = {i: int(resolve_model(i).meta.get("postprocess", {}).get("erode_voxels",
          for ids in CHOICES.values() for i in ids}
 
 
-def settings():
-    for t1w, cew, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, T1CE_WEIGHTS, WEIGHTS, CHOICES["T2"],
-                                                                 CHOICES["FLAIR"], (0, 1), (0, 1), (0, 1)):
+def settings(with_t1ce: bool = True):
+    """The candidate settings; without T1CE, those of a three-contrast fusion (no T1CE member at all)."""
+    for t1w, cew, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, T1CE_WEIGHTS if with_t1ce else (None,),
+                                                                 WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
+                                                                 (0, 1), (0, 1), (0, 1)):
         if (t1w == 0 and m1) or (t2w == 0 and (m2 or t2m != CHOICES["T2"][0])):
             continue  # an unused member's options change nothing
-        yield {"T1": ("dpa-t1-ixi", t1w, MIRROR["T1"] * m1), "T1CE": ("tissue-t1ce", cew, MIRROR["T1CE"]),
-               "T2": (t2m, t2w, MIRROR["T2"] * m2), "FLAIR": (flm, 1.0, MIRROR["FLAIR"] * m3)}
+        setting = {"T1": ("dpa-t1-ixi", t1w, MIRROR["T1"] * m1)}
+        if with_t1ce:
+            setting["T1CE"] = ("tissue-t1ce", cew, MIRROR["T1CE"])
+        yield dict(setting, T2=(t2m, t2w, MIRROR["T2"] * m2), FLAIR=(flm, 1.0, MIRROR["FLAIR"] * m3))
 
 
 def grid_maps(subject, cases, cache: Path, detectors) -> dict:
@@ -137,7 +143,7 @@ def fusion_model(setting: dict) -> Model:
 def native(detector: FusionDetector, cases) -> tuple:
     """The held-out case detected as `evaluate` detects it: heat and truth at the brain voxels of its T1 grid."""
     rows = {c.modality: c for c in cases}
-    scans = {m: read_volume(rows[m].image) for m in CHOICES}
+    scans = {m: read_volume(rows[m].image) for m in detector.modalities}
     pre = reference_preprocessing(rows["T1"], scans["T1"], detector)
     analysis = detector.analyse_contrasts(scans, pre=pre)
     result = detector.to_result(scans["T1"], analysis, detector.threshold(), detector.label(scans),
@@ -172,13 +178,15 @@ def main() -> int:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
     ap.add_argument("-o", "--output", required=True, type=Path)
+    ap.add_argument("--without-t1ce", action="store_true", help="the three-contrast fusions only (T1, T2, FLAIR)")
     args = ap.parse_args()
     subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
     detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
     data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
     names = sorted(data)
-    all_settings = list(settings())
-    done = args.cache / "grid_scores.json"  # the grid stage, kept so a failed native stage need not redo it
+    all_settings = list(settings(not args.without_t1ce))
+    # the grid stage, kept so a failed native stage need not redo it
+    done = args.cache / ("grid_scores-without-t1ce.json" if args.without_t1ce else "grid_scores.json")
     kept = json.loads(done.read_text()) if done.is_file() else {}
     if kept.get("settings") == json.loads(json.dumps(all_settings)) and kept.get("subjects") == names:
         scores = kept["scores"]
