@@ -6,15 +6,14 @@
 
 The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce those of
 fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for T2 and FLAIR), the T1, T1CE and T2
-weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract
-their contralateral mirror (at the weight measured for it; T1CE's always at its own). A member whose weight is 0
-is left out of the fused mean, so the grid holds the three-contrast fusions too. For every case held out, the
-setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps: each contrast on the T1
-scan's registration, as detection brings them, cached in --cache); then the held-out case is detected with its
-pick on its own grid, exactly as `evaluate` does, and the held-out maps of all cases are pooled into AUPRC and best
-Dice over the brain voxels. The setting best on all cases (the one a model would ship with) is reported too, with
-its in-sample grid AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a fusion's members are single
-models (store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
+weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their contralateral mirror (at the
+weight measured for it; T1CE's always at its own). A member whose weight is 0 is left out of the fused mean. For
+every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps:
+each contrast on the T1 scan's registration, as detection brings them, cached in --cache); then the held-out case
+is detected with its pick on its own grid, exactly as `evaluate` does, and the held-out maps of all cases are
+pooled into AUPRC and best Dice over the brain voxels. The setting best on all cases (the one a model would ship
+with) is reported too, with its in-sample grid AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a
+fusion's members are single models (store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
 """
 
 import argparse
