@@ -169,3 +169,28 @@ def test_calibrate_takes_each_subjects_healthy_rows_as_one_session(fusion_folder
     assert calibration["n_scans"] == 2 and sorted(calibration["subjects"]) == ["h5", "h6"]
     t = calibration["thresholds"]
     assert 0 < t["0.05"] < t["0.01"] < t["0.001"]
+
+
+def test_a_members_contralateral_weight_of_0_turns_its_own_off_and_none_keeps_it(tmp_path):
+    """tissue-t2 subtracts half its mirror image on its own; a fusion that says 0 for it must get 0, and the
+    fusion scripts (make_fusion_model.py, fusion_loo.py) write the 0 rather than leave it out."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_fusion_model.py"
+    spec = importlib.util.spec_from_file_location("make_fusion_model", script)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    assert make.parse_member("T2=tissue-t2:0.5:0") == ("T2", "tissue-t2", 0.5, 0.0)
+    assert make.parse_member("flair=tissue-flair") == ("FLAIR", "tissue-flair", 1.0, None)
+
+    t2, flair = resolve_model("tissue-t2"), resolve_model("tissue-flair")
+    assert t2.meta["postprocess"]["contralateral"] == 0.5 and flair.meta["postprocess"]["contralateral"] == 0.25
+    params = build_fusion([("T2", t2), ("FLAIR", flair)], weights=[1.0, 1.0],
+                          postprocess=[{"contralateral": 0.0}, None])
+    meta = base_meta("fusion", "t2-off", "T2", "T2 and FLAIR fused", Grid(), PreprocessConfig(),
+                     PostprocessConfig(median_size=1), params)
+    meta["inputs"] = ["T2", "FLAIR"]
+    det = Detector.for_model(load_model(save_model(tmp_path / "t2-off", meta)), device="cpu")
+    assert det.members["T2"].postprocess_config.contralateral == 0.0
+    assert det.members["FLAIR"].postprocess_config.contralateral == 0.25

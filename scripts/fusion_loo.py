@@ -2,14 +2,18 @@
 """Leave-one-case-out choice and measurement of a fusion model's tuned settings on a small labelled set.
 
     python scripts/fusion_loo.py --manifest ../shared/data/brats18_dev.csv --cache build/fusion-loo -o loo.json
+        [--without-t1ce]
 
-The settings tuned are those of the fusion-brats-dev card: each contrast's member model (a scorer choice for T2
-and FLAIR), the T1 and T2 weights beside FLAIR's 1, and whether each member subtracts its contralateral mirror
-(at the weight measured for it). For every case held out, the setting with the best pooled AUPRC over the other
-cases' grid maps is picked (grid maps: each contrast on the T1 scan's registration, as detection brings them,
-cached in --cache); then the held-out case is detected with its pick on its own grid, exactly as `evaluate`
-does, and the held-out maps of all cases are pooled into AUPRC and best Dice over the brain voxels. The setting
-best on all cases (the one a model would ship with) is reported too, with its in-sample grid AUPRC.
+The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce those of
+fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for T2 and FLAIR), the T1, T1CE and T2
+weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their contralateral mirror (at the
+weight measured for it; T1CE's always at its own). A member whose weight is 0 is left out of the fused mean. For
+every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps:
+each contrast on the T1 scan's registration, as detection brings them, cached in --cache); then the held-out case
+is detected with its pick on its own grid, exactly as `evaluate` does, and the held-out maps of all cases are
+pooled into AUPRC and best Dice over the brain voxels. The setting best on all cases (the one a model would ship
+with) is reported too, with its in-sample grid AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a
+fusion's members are single models (store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
 """
 
 import argparse
@@ -33,35 +37,49 @@ from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
 from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import preprocess_companion  # noqa: E402
+from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.ensembles import build_fusion  # noqa: E402
 from BrainAnomalyLib.store.models import Model, resolve_model  # noqa: E402
 
 # Candidate members per contrast and the contralateral weight each was measured with (grid AUPRC, brats18_dev).
-CHOICES = {"T1": ["dpa-t1-ixi"], "T2": ["tissue-t2", "intensity-t2"], "FLAIR": ["tissue-flair", "intensity-flair"]}
-MIRROR = {"T1": 0.75, "T2": 0.5, "FLAIR": 0.25}
+# The order is the fusion's member order (T1, the reference contrast, first).
+CHOICES = {"T1": ["dpa-t1-ixi"], "T1CE": ["tissue-t1ce"], "T2": ["tissue-t2", "intensity-t2"],
+           "FLAIR": ["tissue-flair", "intensity-flair"]}
+MIRROR = {"T1": 0.75, "T1CE": 0.5, "T2": 0.5, "FLAIR": 0.25}
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+T1CE_WEIGHTS = (0.0, 0.25, 0.5)  # T1CE alone scores 0.37 (tissue-t1ce): a minor member at most
+# Each member's robust scale is taken over its own eroded brain (detection.fusion.FusionDetector.score_grid).
+ERODE = {i: int(resolve_model(i).meta.get("postprocess", {}).get("erode_voxels", 3))
+         for ids in CHOICES.values() for i in ids}
 
 
-def settings():
-    for t1w, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
-                                                            (0, 1), (0, 1), (0, 1)):
+def settings(with_t1ce: bool = True):
+    """The candidate settings; without T1CE, those of a three-contrast fusion (no T1CE member at all)."""
+    for t1w, cew, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, T1CE_WEIGHTS if with_t1ce else (None,),
+                                                                 WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
+                                                                 (0, 1), (0, 1), (0, 1)):
         if (t1w == 0 and m1) or (t2w == 0 and (m2 or t2m != CHOICES["T2"][0])):
             continue  # an unused member's options change nothing
-        yield {"T1": ("dpa-t1-ixi", t1w, MIRROR["T1"] * m1), "T2": (t2m, t2w, MIRROR["T2"] * m2),
-               "FLAIR": (flm, 1.0, MIRROR["FLAIR"] * m3)}
+        setting = {"T1": ("dpa-t1-ixi", t1w, MIRROR["T1"] * m1)}
+        if with_t1ce:
+            setting["T1CE"] = ("tissue-t1ce", cew, MIRROR["T1CE"])
+        yield dict(setting, T2=(t2m, t2w, MIRROR["T2"] * m2), FLAIR=(flm, 1.0, MIRROR["FLAIR"] * m3))
 
 
 def grid_maps(subject, cases, cache: Path, detectors) -> dict:
     """Each candidate member's raw grid map of one subject, every contrast on the T1 registration (cached)."""
     path = cache / f"{subject}.npz"
+    wanted = {f"{m}|{i}" for m, ids in CHOICES.items() for i in ids}
     if path.is_file():
-        return dict(np.load(path))
+        out = dict(np.load(path))
+        if wanted <= set(out):
+            return out
     rows = {c.modality: c for c in cases}
     scans = {m: read_volume(rows[m].image) for m in CHOICES}
     ref = detectors["dpa-t1-ixi"]
-    pre = ref.preprocess_scan(scans["T1"], Reporter())
+    pre = reference_preprocessing(rows["T1"], scans["T1"], ref)
     images = {"T1": pre.image}
-    for m in ("T2", "FLAIR"):
+    for m in [m for m in CHOICES if m != "T1"]:
         images[m] = preprocess_companion(scans[m], pre, scans["T1"], ref.preprocess_config, Reporter()).image
     truth = sitk.ReadImage(str(rows["T1"].mask))
     out = {"mask": pre.mask, "label": sitk.GetArrayFromImage(sitk.Resample(
@@ -72,6 +90,11 @@ def grid_maps(subject, cases, cache: Path, detectors) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **out)
     return out
+
+
+def reference_preprocessing(row, scan, detector):
+    """The T1 scan's preprocessing as `evaluate` gets it (store.cache: the scan is registered once across runs)."""
+    return cached_preprocessed(row.image, scan, detector.preprocess_config, detector.grid)
 
 
 def fused_grid(d: dict, setting: dict, cache: dict) -> np.ndarray:
@@ -87,7 +110,7 @@ def fused_grid(d: dict, setting: dict, cache: dict) -> np.ndarray:
             raw = d[f"{m}|{model_id}"]
             raw = raw - np.float32(mirror) * np.flip(raw, 2) if mirror else raw
             f = ndimage.median_filter(raw, size=(1, 5, 5))
-            v = f[eroded]
+            v = f[ndimage.binary_erosion(d["mask"], iterations=ERODE[model_id]) if ERODE[model_id] else d["mask"]]
             med = np.median(v)
             cache[key] = ((f - med) / (1.4826 * np.median(np.abs(v - med))))[d["mask"]]
         total, weight = total + w * cache[key], weight + w
@@ -106,8 +129,9 @@ def _ap_ranked(ranked: np.ndarray, y: np.ndarray) -> float:
 def fusion_model(setting: dict) -> Model:
     """The fusion of `setting` as an in-memory model (what make_fusion_model.py would write, uncalibrated)."""
     members = [(m, resolve_model(i)) for m, (i, _, _) in setting.items()]
+    # The contralateral weight is written even when 0: a member's own (e.g. tissue-t2's 0.5) would apply otherwise.
     params = build_fusion(members, weights=[w for _, w, _ in setting.values()],
-                          postprocess=[{"contralateral": c} if c else None for _, _, c in setting.values()])
+                          postprocess=[{"contralateral": c} for _, _, c in setting.values()])
     template = members[0][1]
     meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
                 postprocess=PostprocessConfig(median_size=1).to_dict(), inputs=list(setting))
@@ -118,9 +142,10 @@ def fusion_model(setting: dict) -> Model:
 def native(detector: FusionDetector, cases) -> tuple:
     """The held-out case detected as `evaluate` detects it: heat and truth at the brain voxels of its T1 grid."""
     rows = {c.modality: c for c in cases}
-    scans = {m: read_volume(rows[m].image) for m in ("T1", "T2", "FLAIR")}
-    analysis = detector.analyse_contrasts(scans)
-    result = detector.to_result(scans["T1"], analysis, detector.threshold(), "T1+T2+FLAIR",
+    scans = {m: read_volume(rows[m].image) for m in detector.modalities}
+    pre = reference_preprocessing(rows["T1"], scans["T1"], detector)
+    analysis = detector.analyse_contrasts(scans, pre=pre)
+    result = detector.to_result(scans["T1"], analysis, detector.threshold(), detector.label(scans),
                                 with_reconstruction=False)
     brain = analysis.pre.native_mask
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(rows["T1"].mask))) > 0
@@ -152,18 +177,21 @@ def main() -> int:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
     ap.add_argument("-o", "--output", required=True, type=Path)
+    ap.add_argument("--without-t1ce", action="store_true", help="the three-contrast fusions only (T1, T2, FLAIR)")
     args = ap.parse_args()
     subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
     detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
     data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
     names = sorted(data)
-    all_settings = list(settings())
-    done = args.cache / "grid_scores.json"  # the grid stage, kept so a failed native stage need not redo it
-    if done.is_file():
-        scores = json.loads(done.read_text())
+    all_settings = list(settings(not args.without_t1ce))
+    # the grid stage, kept so a failed native stage need not redo it
+    done = args.cache / ("grid_scores-without-t1ce.json" if args.without_t1ce else "grid_scores.json")
+    kept = json.loads(done.read_text()) if done.is_file() else {}
+    if kept.get("settings") == json.loads(json.dumps(all_settings)) and kept.get("subjects") == names:
+        scores = kept["scores"]
     else:
         scores = grid_scores(data, names, all_settings)
-        done.write_text(json.dumps(scores))
+        done.write_text(json.dumps({"settings": all_settings, "subjects": names, "scores": scores}))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
     report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],
               "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}

@@ -6,17 +6,17 @@ registration and fused into one map, calibrated on synthetic healthy sessions ma
         --member T1=dpa-t1-ixi:1:0.75 --member T2=tissue-t2:0.5:0.5 --member FLAIR=tissue-flair:1:0.25
 
 Each --member is MODALITY=model-id[:weight[:contralateral]]: the member's weight in the fused mean and the share of
-its map's mirror image subtracted before its median filter (PostprocessConfig.contralateral). --optional names
+its map's mirror image subtracted before its median filter (PostprocessConfig.contralateral; left out, the member's
+own, e.g. tissue-t2's 0.5; 0 turns it off). --optional names
 contrasts a session may lack. The first member is the model's modality, the contrast a manifest is evaluated on
 (T1, when a member, must come first: it is registered first when given).
 
 No healthy multi-contrast cohort is at hand, so, as for the tissue models (scripts/make_tissue_model.py), the
 thresholds come from N_SCANS synthetic healthy sessions: for each, every contrast rendered from the template's
-tissue maps with one shared misregistration shift, bias field and noise draw
-(synth.appearance.healthy_template_scan; T1CE rendered as T1, as a healthy brain enhances only in vessels and
-dura), scored and post-processed as detection does, through the code of `brainanomaly calibrate`. The fused score
-is relative to each scan (each member's map in its own robust units), so what the synthetic sessions fix is the
-shape of the healthy tail of the fused map.
+tissue maps with one shared misregistration shift, bias field and noise draw (synth.appearance.healthy_template_scan;
+a healthy T1CE has T1's tissue signals there), scored and post-processed as detection does, through the code of
+`brainanomaly calibrate`. The fused score is relative to each scan (each member's map in its own robust units), so
+what the synthetic sessions fix is the shape of the healthy tail of the fused map.
 """
 
 import argparse
@@ -37,7 +37,6 @@ from BrainAnomalyLib.synth.appearance import healthy_template_scan  # noqa: E402
 from BrainAnomalyLib.training.run import base_meta, calibrate_volumes  # noqa: E402
 
 N_SCANS = 12
-RENDERED_AS = {"T1CE": "T1"}  # contrasts without tissue signals of their own
 
 
 def parse_member(text: str):
@@ -46,7 +45,7 @@ def parse_member(text: str):
     if not modality or not parts[0]:
         raise SystemExit(f"--member {text!r}: expected MODALITY=model-id[:weight[:contralateral]]")
     weight = float(parts[1]) if len(parts) > 1 else 1.0
-    contralateral = float(parts[2]) if len(parts) > 2 else 0.0
+    contralateral = float(parts[2]) if len(parts) > 2 else None
     return normalise_modality(modality), parts[0], weight, contralateral
 
 
@@ -61,7 +60,7 @@ def main() -> int:
     members = [parse_member(m) for m in args.member]
     models = [(m, resolve_model(i)) for m, i, _, _ in members]
     params = build_fusion(models, weights=[w for _, _, w, _ in members],
-                          postprocess=[{"contralateral": c} if c else None for _, _, _, c in members],
+                          postprocess=[None if c is None else {"contralateral": c} for _, _, _, c in members],
                           optional=args.optional)
     grid = Grid()
     modalities = [m for m, _, _, _ in members]
@@ -78,7 +77,7 @@ def main() -> int:
         for seed in range(N_SCANS):
             images = {}
             for m in modalities:
-                images[m], mask = healthy_template_scan(RENDERED_AS.get(m, m), seed, grid)
+                images[m], mask = healthy_template_scan(m, seed, grid)
             yield f"synthetic-session-{seed}", images, mask
 
     meta["calibration"] = calibrate_volumes(load_model(args.output), sessions(), Reporter())
