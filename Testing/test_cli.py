@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -106,10 +105,18 @@ def test_ctrl_c_cancels_with_exit_130_and_no_outputs(tmp_path, demo_file, templa
     proc = subprocess.Popen([sys.executable, "-m", "BrainAnomalyLib.cli.main", "detect", str(demo_file), "--model",
                              str(template_normative_model.path), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(6.0)  # well inside preprocessing (N4 and registration take longer than this)
-    assert proc.poll() is None, "detection finished before it could be cancelled"
+    # Interrupted once the progress log says N4 has begun: well inside preprocessing (N4 and registration take
+    # seconds more), whatever the machine's load, without a fixed wait.
+    seen = []
+    while not seen or not seen[-1].rstrip().endswith("] bias-correct"):
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+    assert proc.poll() is None, "detection finished before it could be cancelled: " + "".join(seen)[-2000:]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
     assert proc.returncode == 130, err
     assert "cancelled" in err
     assert not out.exists() or not any(out.iterdir())
