@@ -245,18 +245,29 @@ def coarse_demo_case():
     return make_demo_case(spacing=(2.5, 3.0, 3.5))
 
 
-@pytest.fixture(scope="session")
-def demo_result(demo_case, template_normative_model):
-    """The template normative model's detection on the demo scan, registered back to the template, N4 off (the
-    template-made scan has no bias field; test_cli runs N4 in a detection)."""
+def _detect_without_n4(scan, model):
+    """`model`'s detection on `scan`, registered back to the template, N4 off (the template-made demo scans have no
+    bias field; test_cli runs N4 in a detection)."""
     from dataclasses import replace
 
     from BrainAnomalyLib.detection.pipeline import Detector
     from BrainAnomalyLib.preprocess.chain import PreprocessConfig
 
-    scan, _ = demo_case
-    pre = replace(PreprocessConfig.from_dict(template_normative_model.meta["preprocessing"]), bias_correction=False)
-    return Detector(template_normative_model, device="cpu", preprocess_config=pre).run(scan, modality="T1")
+    pre = replace(PreprocessConfig.from_dict(model.meta["preprocessing"]), bias_correction=False)
+    return Detector(model, device="cpu", preprocess_config=pre).run(scan, modality="T1")
+
+
+@pytest.fixture(scope="session")
+def demo_result(demo_case, template_normative_model):
+    """The template normative model's detection on the demo scan (test_geometry: where its voxels land)."""
+    return _detect_without_n4(demo_case[0], template_normative_model)
+
+
+@pytest.fixture(scope="session")
+def coarse_demo_result(coarse_demo_case, template_normative_model):
+    """The same detection on the coarse demo scan, for tests of what is written with a result (the same at any
+    resolution), in a fraction of the time."""
+    return _detect_without_n4(coarse_demo_case[0], template_normative_model)
 
 
 def new_scene():
