@@ -30,7 +30,8 @@ def test_rescoring_keeps_the_weights_and_fits_statistics_and_thresholds_again(tm
     csv = _cohort(tmp_path)
     cache = str(tmp_path / "cache")
     arch = {"channels": [8, 8], "attention_levels": [False, False], "norm_groups": 4, "head_channels": 8,
-            "train_steps": 20, "t_stars": [8], "ddim_steps": 1, "noise": "gaussian"}
+            "train_steps": 20, "t_stars": [8], "ddim_steps": 1, "noise": "gaussian",
+            "size": list(small_grid().size[1::-1])}
     # Trained as `train` does it, on the 4 mm grid: what is tested is what the script does with a trained model,
     # whose every scoring pass (statistics and calibration, each twice) is then on an eighth of the voxels.
     trained = train("ddpm", csv, "T1", tmp_path / "ddpm", Reporter(), cache_dir=Path(cache),

@@ -269,7 +269,8 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
     MIN_CALIBRATION_SCANS of them, checked before training, unless `allow_few_scans`). `options` carries the
     settings of learned scorers (see scorers/learned_fit.py). `grid`: the model's grid (default the 2 mm template
     grid; a coarser one trains and scores in a fraction of the time, as tests of what is done with a trained model
-    need). Under torchrun every rank trains and rank 0 alone writes the model (the others return None)."""
+    need; a learned net's slice size, options["arch"]["size"], must then be the grid's). Under torchrun every rank
+    trains and rank 0 alone writes the model (the others return None)."""
     split = training_cases(manifest, modality, max_train, allow_few_scans)
     splits, train_cases, lesion_cases, other_rows = split.splits, split.train, split.lesion_rows, split.other_rows
     grid, pre, post = grid or Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
