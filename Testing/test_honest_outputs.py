@@ -171,7 +171,7 @@ def test_manifest_names_skipped_rows_and_overwrite_drops_stale_cases(tmp_path, s
                                         "old,T1,good.nii.gz,\nf1,FLAIR,good.nii.gz,\n"
                                         "m1,T1,missing1.nii.gz,\nm2,T1,missing2.nii.gz,\n")
     out = tmp_path / "out"
-    # In this process: what is tested is the cohort's folder, not the engine (a pool's failures: test_cli), and a
+    # In this process: what is tested is the cohort's folder, not the engine (a pool's failures: test_dicom), and a
     # pool of worker processes spends seconds importing in each.
     base = ["--model", str(intensity_model.path), "--no-bias-correction", "--workers", "1", "-o", str(out), "-q"]
     assert main(["detect", "--manifest", str(tmp_path / "first.csv"), *base]) == 2  # the missing scans fail
