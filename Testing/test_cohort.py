@@ -1,5 +1,6 @@
 """`detect --manifest` on every engine: one process, a process pool, a 2-worker Dask local cluster. Tiny scans (the
-demo case at 3 mm) and an intensity model on a 4 mm grid keep each run to seconds."""
+demo case at 4 mm, the model grid's spacing: preprocessed, N4 included, in half the CPU time of the 3 mm case) and an
+intensity model on a 4 mm grid keep each run to seconds."""
 
 import json
 import shutil
@@ -29,7 +30,7 @@ def cohort(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cohort")
     rows, labelled = ["subject,modality,image,mask"], ["subject,modality,image,mask"]
     for i, subject in enumerate(SUBJECTS):
-        scan, truth = make_demo_case(spacing=(3.0, 3.0, 3.0), seed=i, contrast=0.5 + 0.1 * i)
+        scan, truth = make_demo_case(spacing=(4.0, 4.0, 4.0), seed=i, contrast=0.5 + 0.1 * i)
         sitk.WriteImage(scan, str(folder / f"{subject}.nii.gz"))
         sitk.WriteImage(truth, str(folder / f"{subject}_mask.nii.gz"))
         rows.append(f"{subject},T1,{subject}.nii.gz,")

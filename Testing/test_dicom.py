@@ -166,14 +166,17 @@ def test_exported_files_pass_the_dciodvfy_validator(series, tmp_path):
         assert not errors, report
 
 
-def test_detect_dicom_out_writes_the_findings_of_the_label_map(tmp_path, demo_case, intensity_model, capsys):
-    """The CLI end to end on the oblique demo scan as a DICOM series, beside a localizer series."""
+def test_detect_dicom_out_writes_the_findings_of_the_label_map(tmp_path, coarse_demo_case, intensity_model,
+                                                               capsys):
+    """The CLI end to end on the oblique demo scan (its coarse, anisotropic version: a tenth of the voxels and
+    under half the images to write, read and export) as a DICOM series, beside a localizer series."""
     import json
 
     from BrainAnomalyLib.cli.main import main
 
     source = tmp_path / "session"
-    write_series(demo_case[0], source, number=5, description="T1 demo")
+    scan = coarse_demo_case[0]
+    write_series(scan, source, number=5, description="T1 demo")
     write_series(oblique_volume(size=(64, 72, 3), spacing=(1.1, 0.9, 30.0), seed=1), source, number=1,
                  description="localizer")
     out, dicom = tmp_path / "out", tmp_path / "dicom"
@@ -182,7 +185,8 @@ def test_detect_dicom_out_writes_the_findings_of_the_label_map(tmp_path, demo_ca
                  "--no-register", "--skull-strip", "none", "-o", str(out), "--dicom-out", str(dicom), "-q"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "note: folder" in printed and "holds 2 DICOM series; read series 5 'T1 demo' (145 images" in printed
+    assert scan.GetSize()[2] == 63
+    assert "note: folder" in printed and "holds 2 DICOM series; read series 5 'T1 demo' (63 images" in printed
     summary = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert any("holds 2 DICOM series" in n for n in summary["notes"])
     assert summary["n_lesions"] >= 1
@@ -211,11 +215,11 @@ def test_dicom_out_needs_a_dicom_series_and_writes_nothing_without_one(tmp_path,
     assert code == 2 and "apart from -o" in capsys.readouterr().err
 
 
-def test_manifest_dicom_out_writes_one_folder_per_case(tmp_path, demo_case, intensity_model, capsys):
+def test_manifest_dicom_out_writes_one_folder_per_case(tmp_path, coarse_demo_case, intensity_model, capsys):
     from BrainAnomalyLib.cli.main import main
 
-    write_series(demo_case[0], tmp_path / "s1")
-    sitk.WriteImage(demo_case[0], str(tmp_path / "s2.nii.gz"))
+    write_series(coarse_demo_case[0], tmp_path / "s1")
+    sitk.WriteImage(coarse_demo_case[0], str(tmp_path / "s2.nii.gz"))
     (tmp_path / "cohort.csv").write_text("subject,modality,image,mask\ns1,T1,s1,\ns2,T1,s2.nii.gz,\n",
                                          encoding="utf-8")
     out, dicom = tmp_path / "out", tmp_path / "dicom"

@@ -30,6 +30,11 @@ def cohort(tmp_path_factory):
     return folder
 
 
+# In the test process: a pool of worker processes (the default on a machine of several cores) spends seconds
+# importing in each; that worker processes give the numbers of one process is test_cohort's test.
+ONE_PROCESS = ("--workers", "1")
+
+
 def _without_n4(model, folder):
     """A copy of `model` whose preprocessing skips N4: the template-made scans have no bias field, and what these
     tests check is evaluation, not N4 (test_cli runs it in a detection)."""
@@ -47,7 +52,8 @@ def test_evaluate_compares_models_and_writes_the_report(cohort, tmp_path, templa
     out = tmp_path / "report"
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--healthy", str(cohort / "healthy.csv"),
                  "--model", str(_without_n4(template_normative_model, tmp_path)),
-                 "--model", str(_without_n4(intensity_model, tmp_path)), "--device", "cpu", "-o", str(out), "-q"])
+                 "--model", str(_without_n4(intensity_model, tmp_path)), "--device", "cpu", *ONE_PROCESS,
+                 "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     norm, inten = metrics["template-normative"], metrics["test-intensity"]
@@ -197,8 +203,7 @@ def test_evaluate_froc_reproduces_the_operating_point(cohort, tmp_path, template
     out = tmp_path / "report"
     code = main(["evaluate", "--manifest", str(cohort / "lesions.csv"), "--healthy", str(cohort / "healthy.csv"),
                  "--model", str(_without_n4(template_normative_model, tmp_path)), "--calibration", "cohort",
-                 "--device", "cpu",
-                 "-o", str(out), "-q"])
+                 "--device", "cpu", *ONE_PROCESS, "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["template-normative"]
     curve = m["froc"]

@@ -42,12 +42,12 @@ def _snapshot(folder: Path) -> dict:
 
 
 def test_earlier_result_is_refused_then_replaced_whole_with_overwrite(tmp_path, scan_file, intensity_model,
-                                                                      demo_case, demo_result, capsys):
+                                                                      coarse_demo_case, coarse_demo_result, capsys):
     out = tmp_path / "out"
     base = ["detect", str(scan_file), "--model", str(intensity_model.path), "--no-bias-correction", "-q"]
     # An earlier result of another model, one with a reconstruction, in the other format, plus a reconstruction in
     # this format: none of it may outlive a new run.
-    write_result(demo_result, demo_case[0], out, "nrrd", "case.nii.gz")
+    write_result(coarse_demo_result, coarse_demo_case[0], out, "nrrd", "case.nii.gz")
     shutil.copy(out / "anomaly_map.nrrd", out / "reconstruction.nii.gz")
     before = _snapshot(out)
     capsys.readouterr()
@@ -75,16 +75,17 @@ def test_other_files_are_never_deleted_even_with_overwrite(tmp_path, scan_file, 
     assert (out / "my notes.txt").read_text() == "mine"
 
 
-def test_writer_refuses_an_earlier_result_without_overwrite(tmp_path, demo_case, demo_result):
+def test_writer_refuses_an_earlier_result_without_overwrite(tmp_path, coarse_demo_case, coarse_demo_result):
     """The one writer applies the rule itself, for any front end that skipped the early check."""
     from BrainAnomalyLib.core.errors import BadInputError
     from BrainAnomalyLib.detection.writers import write_result
 
-    out = write_result(demo_result, demo_case[0], tmp_path / "out", "nrrd")
+    scan, result = coarse_demo_case[0], coarse_demo_result
+    out = write_result(result, scan, tmp_path / "out", "nrrd")
     with pytest.raises(BadInputError, match="earlier result"):
-        write_result(demo_result, demo_case[0], out, "nifti")
-    write_result(demo_result, demo_case[0], out, "nifti", overwrite=True)
-    names = output_names("nifti", demo_result.reconstruction is not None)
+        write_result(result, scan, out, "nifti")
+    write_result(result, scan, out, "nifti", overwrite=True)
+    names = output_names("nifti", result.reconstruction is not None)
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
 
 
@@ -170,7 +171,9 @@ def test_manifest_names_skipped_rows_and_overwrite_drops_stale_cases(tmp_path, s
                                         "old,T1,good.nii.gz,\nf1,FLAIR,good.nii.gz,\n"
                                         "m1,T1,missing1.nii.gz,\nm2,T1,missing2.nii.gz,\n")
     out = tmp_path / "out"
-    base = ["--model", str(intensity_model.path), "--no-bias-correction", "-o", str(out), "-q"]
+    # In this process: what is tested is the cohort's folder, not the engine (a pool's failures: test_dicom), and a
+    # pool of worker processes spends seconds importing in each.
+    base = ["--model", str(intensity_model.path), "--no-bias-correction", "--workers", "1", "-o", str(out), "-q"]
     assert main(["detect", "--manifest", str(tmp_path / "first.csv"), *base]) == 2  # the missing scans fail
     captured = capsys.readouterr()
     assert "skipped 1 of 4 rows: modality FLAIR, this model is for T1" in captured.out

@@ -24,6 +24,7 @@ from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.training.run import base_meta, train  # noqa: E402
 from test_diffusion import SIZE, brain_batch, ready, tiny  # noqa: E402
 from test_training import _cohort  # noqa: E402
+from conftest import small_grid  # noqa: E402
 
 FEATURES = {"channels": [4, 8], "feature_layers": [0, 1], "norm_groups": 2}
 
@@ -261,13 +262,16 @@ GRID_LDM = {"channels": [8, 16], "attention_levels": [False, True], "norm_groups
 @pytest.mark.parametrize("kind,arch,encoder_found", [("ddpm", GRID_DDPM, True), ("ldm", GRID_LDM, False)])
 def test_training_reports_realism_or_says_why_not(kind, arch, encoder_found, tmp_path, capsys):
     csv = _cohort(tmp_path, n=6)
-    encoder = str(encoder_folder(tmp_path / "enc", (112, 96))[0]) if encoder_found else "no-such-encoder"
+    # On the 4 mm grid: the report is what is tested, not the grid (training, calibration and sampling on an
+    # eighth of the voxels).
+    grid = small_grid()
+    encoder = str(encoder_folder(tmp_path / "enc", grid.size[1::-1])[0]) if encoder_found else "no-such-encoder"
     options = {"epochs": 1, "steps_per_epoch": 1, "val_batches": 1, "batch_size": 4, "device": "cpu",
-               "residual_norm": "none", "arch": arch, "realism_samples": 3, "realism_steps": 2,
-               "realism_encoder": encoder}
+               "residual_norm": "none", "arch": dict(arch, size=list(grid.size[1::-1])), "realism_samples": 3,
+               "realism_steps": 2, "realism_encoder": encoder}
     pre = PreprocessConfig(skull_strip="none", bias_correction=False, registration="none")
     folder = train(kind, csv, "T1", tmp_path / "model", Reporter(), cache_dir=tmp_path / "cache", pre=pre,
-                   options=options, allow_few_scans=True)
+                   options=options, allow_few_scans=True, grid=grid)
     realism = json.loads((folder / "training" / "realism.json").read_text())
     assert (folder / "model.json").is_file() and (folder / "training" / "net" / "training.json").is_file()
     if encoder_found:

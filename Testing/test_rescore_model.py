@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from BrainAnomalyLib.cli.main import main as cli_main
 from BrainAnomalyLib.store.models import load_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rescore_model.py"
@@ -21,19 +20,26 @@ def _script():
 
 
 def test_rescoring_keeps_the_weights_and_fits_statistics_and_thresholds_again(tmp_path, capsys):
+    from conftest import small_grid
     from test_training import _cohort
+
+    from BrainAnomalyLib.core.progress import Reporter
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
+    from BrainAnomalyLib.training.run import train
 
     csv = _cohort(tmp_path)
     cache = str(tmp_path / "cache")
-    trained = tmp_path / "ddpm"
     arch = {"channels": [8, 8], "attention_levels": [False, False], "norm_groups": 4, "head_channels": 8,
-            "train_steps": 20, "t_stars": [8], "ddim_steps": 1, "noise": "gaussian"}
-    code = cli_main(["train", "--model", "ddpm", "--manifest", str(csv), "--modality", "T1", "-o", str(trained),
-                     "--skull-strip", "none", "--no-bias-correction", "--no-register", "--cache-dir", cache,
-                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu",
-                     "--arch", json.dumps(arch), "--realism-samples", "0", "--max-train", "2",
-                     "--allow-few-scans", "-q"])
-    assert code == 0, capsys.readouterr().err
+            "train_steps": 20, "t_stars": [8], "ddim_steps": 1, "noise": "gaussian",
+            "size": list(small_grid().size[1::-1])}
+    # Trained as `train` does it, on the 4 mm grid: what is tested is what the script does with a trained model,
+    # whose every scoring pass (statistics and calibration, each twice) is then on an eighth of the voxels.
+    trained = train("ddpm", csv, "T1", tmp_path / "ddpm", Reporter(), cache_dir=Path(cache),
+                    pre=PreprocessConfig(skull_strip="none", bias_correction=False, registration="none"),
+                    max_train=2, allow_few_scans=True, grid=small_grid(),
+                    options={"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "device": "cpu", "arch": arch,
+                             "realism_samples": 0})
+    assert load_model(trained).meta["grid"] == small_grid().to_dict()
     script = _script()
     out = tmp_path / "ddpm-one-level"
     assert script.main(["--model", str(trained), "--manifest", str(csv), "--cache-dir", cache, "--score", "l1",

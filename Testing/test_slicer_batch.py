@@ -77,17 +77,25 @@ def test_batch_writes_every_output_and_reports_failures(tmp_path, coarse_demo_ca
     assert float(t.GetValueByName(0, "max_score").ToString()) == result["lesions"][0]["max_score"]
 
 
-def test_batch_argument_and_model_errors(tmp_path):
-    proc = _run("--manifest", tmp_path / "m.csv", "-o", tmp_path / "o", "--fpr", "0.01", "--false-findings", "5")
-    assert proc.returncode == 2 and "not allowed with" in proc.stderr
-    proc = _run("--model", "x")
-    assert proc.returncode == 2 and "--manifest" in proc.stderr
+def test_batch_argument_and_model_errors(tmp_path, capsys):
+    """The script's main() in this process: its exit codes are what the program exits with (the test above runs it
+    as a program), without a Python start-up per refusal."""
+    script = _script_module()
+
+    def run(*args):
+        code = script.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    code, err = run("--manifest", tmp_path / "m.csv", "-o", tmp_path / "o", "--fpr", "0.01", "--false-findings", "5")
+    assert code == 2 and "not allowed with" in err
+    code, err = run("--model", "x")
+    assert code == 2 and "--manifest" in err
     manifest = tmp_path / "m.csv"
     manifest.write_text("subject,modality,image,mask\na,T1,a.nii.gz,\n")
-    proc = _run("--manifest", manifest, "-o", tmp_path / "o", "--model", "no-such-model")
-    assert proc.returncode == 3 and "no model named 'no-such-model'" in proc.stderr
-    proc = _run("--manifest", manifest, "-o", tmp_path / "o", "--modality", "FLAIR")
-    assert proc.returncode == 2 and "no rows with modality FLAIR" in proc.stderr
+    code, err = run("--manifest", manifest, "-o", tmp_path / "o", "--model", "no-such-model")
+    assert code == 3 and "no model named 'no-such-model'" in err
+    code, err = run("--manifest", manifest, "-o", tmp_path / "o", "--modality", "FLAIR")
+    assert code == 2 and "no rows with modality FLAIR" in err
 
 
 def _script_module():

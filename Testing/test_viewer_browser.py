@@ -76,9 +76,11 @@ def demo_file(tmp_path_factory, demo_case):
 def _screenshot(pg, tmp_path: Path, name: str) -> None:
     from PIL import Image
 
+    keep = os.environ.get("BRAINANOMALY_VIEWER_SCREENSHOTS")
+    if keep:
+        time.sleep(3)  # the overlay's frames reach the page: only a kept picture needs them, nothing checks pixels
     path = tmp_path / name
     pg.screenshot(path=str(path))
-    keep = os.environ.get("BRAINANOMALY_VIEWER_SCREENSHOTS")
     if keep:
         image = Image.open(path).convert("RGB")
         image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
@@ -155,7 +157,6 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     assert n >= 1 and _rows(pg).count() == n
     expect(pg.locator("#threshold-text")).to_contain_text("false finding")
     labels_before = _labels(v)
-    time.sleep(3)  # the overlay's frames reach the page
     _screenshot(pg, tmp_path, "viewer_detect.png")
 
     # The slider, in false findings per healthy scan: at its bottom fewer findings are reported, at its top more.
@@ -178,7 +179,6 @@ def test_viewer_end_to_end(viewer, page, demo_file, tmp_path):
     for node in slices:
         m = node.GetSliceToRAS()
         assert np.allclose([m.GetElement(r, 3) for r in range(3)], ras, atol=0.5), node.GetName()
-    time.sleep(3)
     _screenshot(pg, tmp_path, "viewer_lesion.png")
 
     # Save: the nodes as they stand, into a new folder.

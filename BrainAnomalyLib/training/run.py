@@ -264,14 +264,16 @@ def train(kind: str, manifest: Path, modality: str, out: Path, reporter: Reporte
           direction: str = "auto", cache_dir: Optional[Path] = None,
           pre: Optional[PreprocessConfig] = None, post: Optional[PostprocessConfig] = None,
           max_train: Optional[int] = None, options: Optional[dict] = None,
-          allow_few_scans: bool = False) -> Optional[Path]:
+          allow_few_scans: bool = False, grid: Optional[Grid] = None) -> Optional[Path]:
     """Train a scorer on the healthy rows of a manifest, then calibrate it on held-out healthy scans (at least
     MIN_CALIBRATION_SCANS of them, checked before training, unless `allow_few_scans`). `options` carries the
-    settings of learned scorers (see scorers/learned_fit.py). Under torchrun every rank trains and rank 0 alone
-    writes the model (the others return None)."""
+    settings of learned scorers (see scorers/learned_fit.py). `grid`: the model's grid (default the 2 mm template
+    grid; a coarser one trains and scores in a fraction of the time, as tests of what is done with a trained model
+    need; a learned net's slice size, options["arch"]["size"], must then be the grid's). Under torchrun every rank
+    trains and rank 0 alone writes the model (the others return None)."""
     split = training_cases(manifest, modality, max_train, allow_few_scans)
     splits, train_cases, lesion_cases, other_rows = split.splits, split.train, split.lesion_rows, split.other_rows
-    grid, pre, post = Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
+    grid, pre, post = grid or Grid(), pre or PreprocessConfig(), post or PostprocessConfig()
     params = {"direction": direction_for(modality) if direction == "auto" else direction}
     cls = scorer_class(kind)
     t = time.perf_counter()
