@@ -85,21 +85,35 @@ class EnsembleScorer(Scorer):
 
 
 def combine(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> np.ndarray:
-    """The ensemble's map from its members' raw maps (in the order of params["members"]); kept apart from the
-    scoring so a search over weights and rules (scripts/ensemble_settings_loo.py) scores each member once."""
+    """The ensemble's map from its members' raw maps (in the order of params["members"])."""
+    return fuse(member_parts(member_maps, mask, params, grid), mask, params)
+
+
+def member_parts(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> list:
+    """Each member's map mirrored and put on the rule's scale, before weights and power: kept apart so a search over
+    those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
     rule = params.get("rule") or "mean"
-    power = float(params.get("power") or 2.0)
-    weights = params.get("weights") or [1.0] * len(member_maps)
-    total = np.zeros(mask.shape, np.float64)
-    for raw, member, w in zip(member_maps, params["members"], weights):
+    parts = []
+    for raw, member in zip(member_maps, params["members"]):
         member_map = contralateral_difference(raw, float(params.get("contralateral") or 0.0), grid)
         if rule == "mean":
             scale = member["scale"]
-            total += w * (member_map - scale["median"]) / scale["mad"]
+            parts.append((member_map - scale["median"]) / scale["mad"])
         else:
-            total += w * np.maximum(_scan_z(member_map, mask), 0.0) ** power
+            parts.append(np.maximum(_scan_z(member_map, mask), 0.0))
+    return parts
+
+
+def fuse(parts: Sequence[np.ndarray], mask: np.ndarray, params: dict) -> np.ndarray:
+    """The weighted mean (rule mean) or weighted power mean (rule rms) of the members' parts."""
+    rms = (params.get("rule") or "mean") == "rms"
+    power = float(params.get("power") or 2.0)
+    weights = params.get("weights") or [1.0] * len(parts)
+    total = np.zeros(mask.shape, np.float64)
+    for part, w in zip(parts, weights):
+        total += w * (part ** power if rms else part)
     total /= float(sum(weights))
-    if rule == "rms":
+    if rms:
         total = np.sqrt(total) if power == 2.0 else total ** (1.0 / power)
     return np.where(mask, total, 0.0).astype(np.float32)
 
