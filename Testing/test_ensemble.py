@@ -66,8 +66,9 @@ def test_ensemble_averages_members_on_their_healthy_scale(installed, tmp_path):
 @pytest.mark.parametrize("power", [2.0, 3.0])
 def test_rms_rule_mirrors_each_member_then_takes_the_power_mean_of_scan_scaled_maps(installed, tmp_path, power):
     folder = _build(tmp_path, "--weight", "1", "--weight", "3", "--rule", "rms", "--contralateral", "0.5",
-                    "--power", str(power))
+                    "--power", str(power), "--version", "3.0.0")
     model = load_model(folder)
+    assert model.meta["version"] == "3.0.0"
     assert model.meta["params"]["rule"] == "rms" and model.meta["params"]["contralateral"] == 0.5
     # p = 2 is the default and is not written, so ensembles built before the setting existed score as they did
     assert model.meta["params"].get("power") == (None if power == 2.0 else power)

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                    help="share of each member's mirror-image map (across the template midline) taken off it before "
                         "the maps meet, 0-1 (default: the first member's post-processing setting)")
     p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("--version", default="1.0.0", help="model version to record (default 1.0.0)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
 
 
@@ -49,7 +50,7 @@ def run(args, cancel: CancelToken) -> int:
     meta = {k: first[k] for k in ("template", "grid", "preprocessing", "postprocess") if k in first}
     # The members' maps are mirrored one by one (params), never the fused map again.
     meta["postprocess"] = dict(meta.get("postprocess") or {}, contralateral=0.0)
-    meta.update(name=name, kind="ensemble", version="1.0.0", modality=models[0].modality,
+    meta.update(name=name, kind="ensemble", version=args.version, modality=models[0].modality,
                 description="ensemble of " + ", ".join(m["id"] for m in params["members"]), params=params)
     folder = save_model(Path(args.output), meta)
     print(f"ensemble written to {folder}; calibrate it on healthy scans: brainanomaly calibrate --model {folder} "
