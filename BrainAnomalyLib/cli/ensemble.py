@@ -20,10 +20,14 @@ def add_parser(sub) -> None:
                    help="mean (default): maps on their healthy cohorts' scale, weighted mean; rms: maps on the scan's "
                         "own scale, weighted root mean square of their positive parts, so a lesion one member alone "
                         "sees keeps most of its score")
+    p.add_argument("--power", type=float, default=2.0,
+                   help="rms rule only: p of the weighted power mean of the members' positive parts (default 2, the "
+                        "root mean square); a larger p leaves a voxel more to the member that scores it highest")
     p.add_argument("--contralateral", type=float,
                    help="share of each member's mirror-image map (across the template midline) taken off it before "
                         "the maps meet, 0-1 (default: the first member's post-processing setting)")
     p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("--version", default="1.0.0", help="model version to record (default 1.0.0)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
 
 
@@ -38,7 +42,7 @@ def run(args, cancel: CancelToken) -> int:
         contralateral = args.contralateral
         if contralateral is None:
             contralateral = float((models[0].meta.get("postprocess") or {}).get("contralateral") or 0.0)
-        params = build_ensemble(models, args.weight or (), args.rule, contralateral)
+        params = build_ensemble(models, args.weight or (), args.rule, contralateral, args.power)
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     first = models[0].meta
@@ -46,7 +50,7 @@ def run(args, cancel: CancelToken) -> int:
     meta = {k: first[k] for k in ("template", "grid", "preprocessing", "postprocess") if k in first}
     # The members' maps are mirrored one by one (params), never the fused map again.
     meta["postprocess"] = dict(meta.get("postprocess") or {}, contralateral=0.0)
-    meta.update(name=name, kind="ensemble", version="1.0.0", modality=models[0].modality,
+    meta.update(name=name, kind="ensemble", version=args.version, modality=models[0].modality,
                 description="ensemble of " + ", ".join(m["id"] for m in params["members"]), params=params)
     folder = save_model(Path(args.output), meta)
     print(f"ensemble written to {folder}; calibrate it on healthy scans: brainanomaly calibrate --model {folder} "

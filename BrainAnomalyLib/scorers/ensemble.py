@@ -12,6 +12,8 @@ Two rules put the members' maps together:
         dpa + cae + 0.5 x normative, mirrored: mean 0.46 / 0.08 / 0.52 / 0.38 against rms 0.46 / 0.53 / 0.61 / 0.34.
 With `contralateral` set, each member's map first has that share of its mirror image taken off
 (core.template.contralateral_difference); the rms rule is not linear, so this happens before the members meet.
+`power` (rms only, default 2) is the p of the weighted power mean of the positive parts: a larger p lets the
+member that sees a voxel most decide it more, p -> 1 lets members that agree add up.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class EnsembleScorer(Scorer):
                              "scorers; load it with models.load_model")
         if self.rule not in RULES:
             raise ValueError(f"unknown ensemble rule {self.rule!r}; choose from {', '.join(RULES)}")
+        if not float(self.params.get("power") or 2.0) >= 1.0:
+            raise ValueError(f"ensemble power {self.params['power']} is below 1")
         if self.params.get("contralateral") and grid is None:
             raise ValueError("an ensemble with a contralateral weight needs its grid")
         self.members = list(members)
@@ -67,26 +71,50 @@ class EnsembleScorer(Scorer):
             member.prepare()
 
     def score(self, image: np.ndarray, mask: np.ndarray, reporter: Reporter) -> ScoreOutput:
-        total = np.zeros(image.shape, np.float64)
+        maps = []
         recon = None
-        weights = self.params.get("weights") or [1.0] * len(self.members)
         n = len(self.members)
-        for i, (scorer, member, w) in enumerate(zip(self.members, self.params["members"], weights)):
+        for i, scorer in enumerate(self.members):
             scorer.acquisition_mm = self.acquisition_mm  # the scan's, as a member scored on its own would get
             out = score_once(scorer, image, mask, reporter.sub(i / n, (i + 1) / n))
-            member_map = contralateral_difference(out.anomaly_map, float(self.params.get("contralateral") or 0.0),
-                                                  self.grid)
-            if self.rule == "mean":
-                scale = member["scale"]
-                total += w * (member_map - scale["median"]) / scale["mad"]
-            else:
-                total += w * np.maximum(_scan_z(member_map, mask), 0.0) ** 2
+            maps.append(out.anomaly_map)
             if recon is None and out.reconstruction is not None:
                 recon = out.reconstruction
-        total /= float(sum(weights))
-        if self.rule == "rms":
-            total = np.sqrt(total)
-        return ScoreOutput(np.where(mask, total, 0.0).astype(np.float32), reconstruction=recon)
+        return ScoreOutput(combine(maps, mask, self.params, self.grid), reconstruction=recon)
+
+
+def combine(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> np.ndarray:
+    """The ensemble's map from its members' raw maps (in the order of params["members"])."""
+    return fuse(member_parts(member_maps, mask, params, grid), mask, params)
+
+
+def member_parts(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> list:
+    """Each member's map mirrored and put on the rule's scale, before weights and power: kept apart so a search over
+    those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
+    rule = params.get("rule") or "mean"
+    parts = []
+    for raw, member in zip(member_maps, params["members"]):
+        member_map = contralateral_difference(raw, float(params.get("contralateral") or 0.0), grid)
+        if rule == "mean":
+            scale = member["scale"]
+            parts.append((member_map - scale["median"]) / scale["mad"])
+        else:
+            parts.append(np.maximum(_scan_z(member_map, mask), 0.0))
+    return parts
+
+
+def fuse(parts: Sequence[np.ndarray], mask: np.ndarray, params: dict) -> np.ndarray:
+    """The weighted mean (rule mean) or weighted power mean (rule rms) of the members' parts."""
+    rms = (params.get("rule") or "mean") == "rms"
+    power = float(params.get("power") or 2.0)
+    weights = params.get("weights") or [1.0] * len(parts)
+    total = np.zeros(mask.shape, np.float64)
+    for part, w in zip(parts, weights):
+        total += w * (part ** power if rms else part)
+    total /= float(sum(weights))
+    if rms:
+        total = np.sqrt(total) if power == 2.0 else total ** (1.0 / power)
+    return np.where(mask, total, 0.0).astype(np.float32)
 
 
 def _scan_z(member_map: np.ndarray, mask: np.ndarray) -> np.ndarray:

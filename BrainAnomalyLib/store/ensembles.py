@@ -11,13 +11,17 @@ from .models import COMPOSITE_KINDS, installed_id, user_models_dir
 
 
 def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = "mean",
-                   contralateral: float = 0.0) -> dict:
+                   contralateral: float = 0.0, power: float = 2.0) -> dict:
     """The params of an ensemble of calibrated, installed models of one modality and grid (scorers/ensemble.py
-    says what `rule` and `contralateral` do)."""
+    says what `rule`, `contralateral` and `power` do)."""
     from ..scorers.ensemble import RULES
 
     if rule not in RULES:
         raise ValueError(f"unknown ensemble rule {rule!r}; choose from {', '.join(RULES)}")
+    if power != 2.0 and rule != "rms":
+        raise ValueError("a power other than 2 is a setting of the rms rule")
+    if not power >= 1.0:
+        raise ValueError(f"power {power} is below 1")
     if not 0.0 <= contralateral < 1.0:
         raise ValueError(f"contralateral weight {contralateral} is outside [0, 1)")
     if len(models) < 2:
@@ -49,6 +53,8 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
     out = {"members": members, "weights": [float(w) for w in weights] or None}
     if rule != "mean":
         out["rule"] = rule
+    if power != 2.0:  # absent means 2, so an ensemble built before the setting existed scores as it did
+        out["power"] = float(power)
     if contralateral:
         out["contralateral"] = float(contralateral)
     return out
