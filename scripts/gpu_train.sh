@@ -114,7 +114,7 @@ finish)
         ba calibrate --model "build/gpu/models/$NAME" --manifest "$DATA/ixi_t1_2mm.csv" --split calibration -q
         if [ "${3:-}" = register ]; then
             recipe "${NAME%%-*}"
-            ARGS=(--card "docs/model_cards/$NAME.md")
+            ARGS=(--card "Resources/Models/$NAME/MODEL_CARD.md")
             [ "$HALF" = 1 ] && ARGS+=(--half)
             PYTHONPATH="$ROOT" "$PY" scripts/register_model.py "build/gpu/models/$NAME" "${ARGS[@]}"
         fi

@@ -28,7 +28,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("folder", type=Path)
     ap.add_argument("--default", action="store_true", help="make it the default model")
-    ap.add_argument("--card", help="model card markdown file to copy in as MODEL_CARD.md")
+    ap.add_argument("--card", help="model card markdown file to copy in as MODEL_CARD.md (the shipped cards live in "
+                         "their model folders: Resources/Models/NAME/MODEL_CARD.md)")
     ap.add_argument("--half", action="store_true",
                     help="store the float32 tensors as float16 (read back as float32): half the size; check the "
                          "model's scores before and after")
@@ -46,7 +47,7 @@ def main() -> int:
             shutil.copytree(args.folder, stage, dirs_exist_ok=True)
             if args.card:
                 shutil.copy(args.card, stage / "MODEL_CARD.md")
-    elif args.card:
+    elif args.card and Path(args.card).resolve() != (dest / "MODEL_CARD.md").resolve():
         shutil.copy(args.card, dest / "MODEL_CARD.md")
     if args.half:
         store_half(dest)

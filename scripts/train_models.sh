@@ -16,8 +16,8 @@ $BA train --model normative --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --na
 $BA train --model intensity --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name intensity-t1 \
     -o "$OUT/intensity-t1"
 
-$PY scripts/register_model.py "$OUT/normative-t1-ixi" --card docs/model_cards/normative-t1-ixi.md
-$PY scripts/register_model.py "$OUT/intensity-t1" --card docs/model_cards/intensity-t1.md
+$PY scripts/register_model.py "$OUT/normative-t1-ixi" --card Resources/Models/normative-t1-ixi/MODEL_CARD.md
+$PY scripts/register_model.py "$OUT/intensity-t1" --card Resources/Models/intensity-t1/MODEL_CARD.md
 
 # Learned T1 models (CPU settings used for the shipped ones; on a GPU raise --max-train/--max-minutes). Training
 # ends by measuring the network's maps on the healthy training scans (voxel-wise standardisation) and calibrating.
@@ -28,17 +28,17 @@ $BA train --model dae --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name dae
     --max-train 70 --epochs 40 --max-minutes 42 --steps-per-epoch 80 --batch-size 32 --device cpu "${RECIPE[@]}"
 # --half: weights and statistics stored as float16, half the size; brats18_dev T1 AUPRC moved by at most 0.0001
 # (DAE, CAE, DPA and the ensemble; see the cards). Measure again before shipping a retrained model this way.
-$PY scripts/register_model.py "$OUT/dae-t1-ixi" --half --card docs/model_cards/dae-t1-ixi.md
+$PY scripts/register_model.py "$OUT/dae-t1-ixi" --half --card Resources/Models/dae-t1-ixi/MODEL_CARD.md
 
 # The arch and score of each model are in scripts/model_recipes.sh (shared with scripts/gpu_train.sh).
 recipe cae
 $BA train --model cae --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name cae-t1-ixi -o "$OUT/cae-t1-ixi" \
     --max-train 70 --epochs 13 --max-minutes 60 --steps-per-epoch 80 --batch-size 32 --device cpu "${RECIPE[@]}"
-$PY scripts/register_model.py "$OUT/cae-t1-ixi" --half --card docs/model_cards/cae-t1-ixi.md
+$PY scripts/register_model.py "$OUT/cae-t1-ixi" --half --card Resources/Models/cae-t1-ixi/MODEL_CARD.md
 recipe dpa
 $BA train --model dpa --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name dpa-t1-ixi -o "$OUT/dpa-t1-ixi" \
     --max-train 70 --epochs 5 --max-minutes 60 --steps-per-epoch 80 --batch-size 32 --device cpu "${RECIPE[@]}"
-$PY scripts/register_model.py "$OUT/dpa-t1-ixi" --half --card docs/model_cards/dpa-t1-ixi.md
+$PY scripts/register_model.py "$OUT/dpa-t1-ixi" --half --card Resources/Models/dpa-t1-ixi/MODEL_CARD.md
 
 # Latent diffusion (Pinaya et al. 2022), the fast diffusion scorer: a VQ-VAE, then a DDPM on its latents, 30 minutes
 # each on 2 CPU cores (15 + 35 epochs for the shipped one; on a GPU give it far longer: it is undertrained, see its
@@ -46,22 +46,22 @@ $PY scripts/register_model.py "$OUT/dpa-t1-ixi" --half --card docs/model_cards/d
 recipe ldm
 $BA train --model ldm --manifest "$DATA/ixi_t1_2mm.csv" --modality T1 --name ldm-t1-ixi -o "$OUT/ldm-t1-ixi" \
     --max-train 70 --epochs 60 --max-minutes 30 --steps-per-epoch 80 --batch-size 32 --device cpu "${RECIPE[@]}"
-$PY scripts/register_model.py "$OUT/ldm-t1-ixi" --card docs/model_cards/ldm-t1-ixi.md
+$PY scripts/register_model.py "$OUT/ldm-t1-ixi" --card Resources/Models/ldm-t1-ixi/MODEL_CARD.md
 
 # The default: normative + DPA, calibrated on the members' calibration split. The learned models alone flag the
 # template look of the bundled demo scan; the normative model damps it (see the ensemble's card).
 $BA ensemble --model normative-t1-ixi --model dpa-t1-ixi --name ensemble-t1-ixi -o "$OUT/ensemble-t1-ixi"
 $BA calibrate --model "$OUT/ensemble-t1-ixi" --manifest "$DATA/ixi_t1_2mm.csv" --split calibration -q
-$PY scripts/register_model.py "$OUT/ensemble-t1-ixi" --default --card docs/model_cards/ensemble-t1-ixi.md
+$PY scripts/register_model.py "$OUT/ensemble-t1-ixi" --default --card Resources/Models/ensemble-t1-ixi/MODEL_CARD.md
 
 # FLAIR and T2: no healthy cohort of those contrasts here, so the intensity scorer ships uncalibrated.
 for M in flair t2; do
     $PY scripts/make_intensity_model.py --modality "$M" -o "$OUT/intensity-$M"
-    $PY scripts/register_model.py "$OUT/intensity-$M" --card "docs/model_cards/intensity-$M.md"
+    $PY scripts/register_model.py "$OUT/intensity-$M" --card "Resources/Models/intensity-$M/MODEL_CARD.md"
     # Tissue-aware and calibrated without a cohort: on synthetic healthy scans from the template's tissue maps.
     $PY scripts/make_tissue_model.py --modality "$M" -o "$OUT/tissue-$M"
-    $PY scripts/register_model.py "$OUT/tissue-$M" --card "docs/model_cards/tissue-$M.md"
+    $PY scripts/register_model.py "$OUT/tissue-$M" --card "Resources/Models/tissue-$M/MODEL_CARD.md"
 done
 # T1CE: the tissue scorer measured better on brats18_dev T1CE than the T1 models fed T1CE (see its card).
 $PY scripts/make_tissue_model.py --modality t1ce -o "$OUT/tissue-t1ce"
-$PY scripts/register_model.py "$OUT/tissue-t1ce" --card docs/model_cards/tissue-t1ce.md
+$PY scripts/register_model.py "$OUT/tissue-t1ce" --card Resources/Models/tissue-t1ce/MODEL_CARD.md
