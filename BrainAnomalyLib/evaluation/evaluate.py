@@ -379,7 +379,7 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img, t
         return
     t_in = truth & brain
     t_lab, t_sizes = truth_parts
-    match = finding_match(found, t_lab)
+    match = finding_match(found, t_lab, t_sizes)  # the sizes counted once per case, not per scorer
     tally.matches.append(match)
     tally.n_lesion_scans += 1
     values = heat[brain].astype(np.float32)
