@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -207,8 +208,12 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
         _evaluate_in_pool(detectors, cases, [group_of(c) for c in cases], groups, chosen, companions, cache,
                           reporter, workers, merge)
     out: Dict[str, Dict[str, dict]] = {name: {} for name in detectors}
-    for (name, g), tally in tallies.items():
-        out[name][g] = summarise(tally, detectors[name])
+    keys = list(tallies)
+    # Each (scorer, group) is summarised on its own, and the sorts and labellings that take the time release the
+    # GIL: on `workers` threads they use the cores the cases just left.
+    with ThreadPoolExecutor(max(1, min(workers, len(keys)))) as threads:
+        for (name, g), summary in zip(keys, threads.map(lambda k: summarise(tallies[k], detectors[k[0]]), keys)):
+            out[name][g] = summary
     return out
 
 
