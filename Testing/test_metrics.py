@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, dice, pr_curve, roc_auc
+from BrainAnomalyLib.evaluation.metrics import (average_precision, best_dice, descending_order, dice, pr_curve, roc_auc,
+                                                voxel_curve_metrics)
 
 
 def test_average_precision_hand_computed():
@@ -235,3 +236,23 @@ def test_the_one_sort_summary_equals_each_metric_on_its_own():
     assert (v["best_dice"], v["best_dice_threshold"]) == best_dice(scores, labels)
     assert all(np.array_equal(a, b) for a, b in zip(v["pr_curve"], pr_curve(scores, labels)))
     assert 0.0 < v["auprc"] < 1.0 and v["auroc"] > 0.6
+
+
+def test_a_known_order_gives_the_same_curves_and_a_wrong_one_is_not_taken():
+    rng = np.random.default_rng(3)
+    # three scans' maps, each sorted highest first on its own (as evaluation keeps them), with ties
+    runs = [np.round(rng.standard_normal(n), 1) for n in (500, 80, 1200)]
+    labels = [rng.random(r.size) < 0.2 for r in runs]
+    order = [descending_order(r) for r in runs]
+    scores = np.concatenate([r[o] for r, o in zip(runs, order)])
+    y = np.concatenate([lab[o] for lab, o in zip(labels, order)])
+    plain = voxel_curve_metrics(np.concatenate(runs), np.concatenate(labels))
+    given = voxel_curve_metrics(scores, y, descending_order(scores))
+    assert {k: v for k, v in plain.items() if k != "pr_curve"} == {k: v for k, v in given.items() if k != "pr_curve"}
+    for a, b in zip(plain["pr_curve"], given["pr_curve"]):
+        np.testing.assert_array_equal(a, b)
+    # an increasing function of the scores ranks them the same: their order serves
+    unit = 1 - np.exp(-np.clip(scores, 0, None))
+    assert average_precision(unit, y, descending_order(scores)) == average_precision(unit, y)
+    # an order that does not sort the scores is checked and replaced
+    assert average_precision(scores, y, np.arange(scores.size)) == average_precision(scores, y)

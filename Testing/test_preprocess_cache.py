@@ -8,9 +8,10 @@ import pytest
 import SimpleITK as sitk
 
 from BrainAnomalyLib.core.template import Grid
-from BrainAnomalyLib.preprocess.chain import PreprocessConfig, standardise
+from BrainAnomalyLib.core.progress import Reporter
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess_companion, standardise
 from BrainAnomalyLib.store import cache as cache_module
-from BrainAnomalyLib.store.cache import cached_preprocessed
+from BrainAnomalyLib.store.cache import cached_companion, cached_preprocessed
 
 
 def _coarse(scan: sitk.Image, mm: float = 3.0) -> sitk.Image:
@@ -46,3 +47,35 @@ def test_a_cached_scan_comes_back_as_preprocessing_made_it(tmp_path, demo_case, 
     other = _coarse(demo_case[0], 4.0)
     with pytest.raises(AssertionError, match="preprocessed again"):
         cached_preprocessed(path, other, config, grid, tmp_path / "cache")
+
+
+def test_a_cached_companion_comes_back_as_preprocess_companion_made_it(tmp_path, demo_case, monkeypatch):
+    scan = _coarse(demo_case[0])
+    # another contrast of the same session: same space, other intensities
+    companion = sitk.Cast(sitk.InvertIntensity(sitk.Cast(scan, sitk.sitkFloat32), 1000.0) * sitk.Cast(scan > 0,
+                          sitk.sitkFloat32), sitk.sitkFloat32)
+    ref_path, comp_path = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"
+    sitk.WriteImage(scan, str(ref_path))
+    sitk.WriteImage(companion, str(comp_path))
+    config, grid = PreprocessConfig(), Grid()
+    reference = cached_preprocessed(ref_path, scan, config, grid, tmp_path / "cache")
+    fresh = preprocess_companion(companion, reference, scan, config, Reporter())
+    first = cached_companion(comp_path, companion, reference, scan, ref_path, config, config, None, tmp_path / "cache")
+    np.testing.assert_array_equal(first.image, fresh.image)
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("the cached companion was preprocessed again")
+
+    monkeypatch.setattr(cache_module, "preprocess_companion", no_preprocessing)
+    again = cached_companion(comp_path, companion, reference, scan, ref_path, config, config, None,
+                             tmp_path / "cache")
+    for got in (first, again):
+        np.testing.assert_array_equal(got.image, fresh.image)
+        np.testing.assert_array_equal(got.raw_image, fresh.raw_image)
+        np.testing.assert_array_equal(got.native_mask, fresh.native_mask)
+        assert got.mask is reference.mask and got.transform is reference.transform
+        assert got.contrast == fresh.contrast and [s["step"] for s in got.record] == [s["step"] for s in fresh.record]
+    # another reference scan is another pair: preprocessed again
+    sitk.WriteImage(_coarse(demo_case[0], 3.5), str(ref_path))
+    with pytest.raises(AssertionError, match="preprocessed again"):
+        cached_companion(comp_path, companion, reference, scan, ref_path, config, config, None, tmp_path / "cache")

@@ -10,8 +10,10 @@ Prints one table (scorer x dataset x metrics x seconds per volume x scoring peak
 full metrics as JSON, to --out (default docs/benchmark/latest.md and .json) so runs can be compared across
 commits. Fusion models are benchmarked on brats18_dev alone, the one set with every contrast of each subject. The
 cases run on worker processes (--workers, default one per core), preprocessed scans come from the cache
-(store/cache.py; --no-cache preprocesses again): neither changes a number. Diffusion models (minutes per scan on a
-CPU) are left out unless named with --models or asked for with --with-diffusion: they have tables of their own.
+(store/cache.py, a fusion model's other contrasts included, so a run after the first preprocesses nothing; the
+synthetic scans are made once per --synth-subjects; --no-cache preprocesses again): neither changes a number.
+Diffusion models (minutes per scan on a CPU) are left out unless named with --models or asked for with
+--with-diffusion: they have tables of their own. The last line printed is the run's total wall time.
 
     python scripts/benchmark.py [--data ../shared/data] [--synth-subjects 4] [--out docs/benchmark/latest]
     python scripts/benchmark.py --modalities T1 --models ldm-t1-ixi --out docs/benchmark/ldm-t1-ixi   # one model only
@@ -222,7 +224,7 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(
         [{"scorer": n, "dataset": d, **{k: v for k, v in public(m).items() if k not in ("per_case", "pr_curve")}}
          for n, d, m in rows], indent=2, default=float) + "\n")
-    log(f"written {out.with_suffix('.md')} and .json in {total / 60:.1f} min")
+    log(f"written {out.with_suffix('.md')} and .json; total wall time {total / 60:.1f} min ({total:.0f} s)")
     return 0
 
 

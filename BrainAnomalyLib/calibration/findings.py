@@ -19,7 +19,7 @@ ranked and get a rate below 1 / number of scans rather than a flat 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -139,21 +139,7 @@ class FindingCalibration:
     @cached_property
     def _upper(self) -> Tuple[np.ndarray, np.ndarray]:
         """(log-score grid, log of the conservative rate there, non-increasing)."""
-        all_scores = self.scores
-        if all_scores.size == 0:
-            return np.zeros(1), np.full(1, -np.inf)
-        lo = np.log(max(float(all_scores.min()), _FLOOR)) - 1.0
-        hi = np.log(max(float(all_scores.max()), _FLOOR)) + 6.0
-        grid = np.linspace(lo, hi, GRID_POINTS)
-        rng = np.random.default_rng(SEED)
-        arrays = [np.asarray(s, np.float64) for s in self.per_scan]
-        rates = np.empty((BOOTSTRAP, grid.size))
-        for b in range(BOOTSTRAP):
-            pick = rng.integers(0, len(arrays), len(arrays))
-            rates[b] = PointRate(np.concatenate([arrays[i] for i in pick]), len(arrays))(grid)
-        upper = np.maximum.accumulate(np.quantile(rates, CONFIDENCE, axis=0)[::-1])[::-1]  # never rises
-        with np.errstate(divide="ignore"):
-            return grid, np.log(upper)
+        return _conservative_rate(self.per_scan)
 
     def rate(self, scores) -> np.ndarray:
         """Findings per healthy scan scoring at least `scores` (conservative, see the class; float64, the shape of
@@ -210,3 +196,27 @@ class FindingRule:
         if self.false_findings is None or rates is None:
             return True
         return np.asarray(rates) <= self.false_findings
+
+
+@lru_cache(maxsize=64)
+def _conservative_rate(per_scan: Tuple[Tuple[float, ...], ...]) -> Tuple[np.ndarray, np.ndarray]:
+    """FindingCalibration._upper, kept per calibration: the bootstrap takes a fifth of a second, and a model's
+    calibration is read again for every scan it scores (the same seed gives the same arrays; they are read-only)."""
+    all_scores = np.asarray([v for s in per_scan for v in s], np.float64)
+    if all_scores.size == 0:
+        return np.zeros(1), np.full(1, -np.inf)
+    lo = np.log(max(float(all_scores.min()), _FLOOR)) - 1.0
+    hi = np.log(max(float(all_scores.max()), _FLOOR)) + 6.0
+    grid = np.linspace(lo, hi, GRID_POINTS)
+    rng = np.random.default_rng(SEED)
+    arrays = [np.asarray(s, np.float64) for s in per_scan]
+    rates = np.empty((BOOTSTRAP, grid.size))
+    for b in range(BOOTSTRAP):
+        pick = rng.integers(0, len(arrays), len(arrays))
+        rates[b] = PointRate(np.concatenate([arrays[i] for i in pick]), len(arrays))(grid)
+    upper = np.maximum.accumulate(np.quantile(rates, CONFIDENCE, axis=0)[::-1])[::-1]  # never rises
+    with np.errstate(divide="ignore"):
+        log_upper = np.log(upper)
+    for array in (grid, log_upper):
+        array.setflags(write=False)
+    return grid, log_upper

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.errors import BadInputError
 from ..core.progress import CancelToken, Reporter
-from ..synth.generate import KINDS
+from ..synth.kinds import KINDS
 from .progress_bar import ProgressBar
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -131,13 +131,13 @@ class FusionDetector(Detector):
         return result
 
     def analyse_contrasts(self, scans: Mapping[str, sitk.Image], reporter: Optional[Reporter] = None,
-                          pre: Optional[Preprocessed] = None) -> GridAnalysis:
+                          pre: Optional[Preprocessed] = None, companion: Optional[Callable] = None) -> GridAnalysis:
         """Preprocess the reference contrast (unless `pre`, its preprocessing, is given), bring the others onto
         its grid, score each with its member and fuse. The analysis's `pre` is the reference's, its record
-        extended by the other contrasts' steps."""
+        extended by the other contrasts' steps. `companion`: see grid_volumes."""
         reporter = reporter or Reporter()
         t = time.perf_counter()
-        pre, images = self.grid_volumes(scans, reporter.sub(0.0, 0.7), pre)
+        pre, images = self.grid_volumes(scans, reporter.sub(0.0, 0.7), pre, companion)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
         scores = self.score_grid(images, pre.mask, reporter.sub(0.7, 0.95))
@@ -145,9 +145,12 @@ class FusionDetector(Detector):
         return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
 
     def grid_volumes(self, scans: Mapping[str, sitk.Image], reporter: Optional[Reporter] = None,
-                     pre: Optional[Preprocessed] = None) -> Tuple[Preprocessed, Dict[str, np.ndarray]]:
+                     pre: Optional[Preprocessed] = None, companion: Optional[Callable] = None
+                     ) -> Tuple[Preprocessed, Dict[str, np.ndarray]]:
         """Every contrast on the model grid through one registration: the reference's preprocessing (its record
-        extended by the other contrasts' steps) and each contrast's standardised grid volume."""
+        extended by the other contrasts' steps) and each contrast's standardised grid volume. `companion`
+        (modality, scan, reference preprocessing, reference scan, config, reporter) stands in for
+        preprocess_companion with the same arguments after the modality (evaluation: store.cache.cached_companion)."""
         reporter = reporter or Reporter()
         scans = self.inputs(scans)
         ref = self.reference_modality(scans)
@@ -158,8 +161,9 @@ class FusionDetector(Detector):
         others = [m for m in scans if m != ref]
         images = {ref: self._standardised(ref, pre)}
         for i, m in enumerate(others):
-            comp = preprocess_companion(scans[m], pre, scans[ref], self.members[m].preprocess_config,
-                                        reporter.sub(0.6 + 0.4 * i / len(others), 0.6 + 0.4 * (i + 1) / len(others)))
+            args = (scans[m], pre, scans[ref], self.members[m].preprocess_config,
+                    reporter.sub(0.6 + 0.4 * i / len(others), 0.6 + 0.4 * (i + 1) / len(others)))
+            comp = companion(m, *args) if companion is not None else preprocess_companion(*args)
             pre.record += [dict(s, contrast_of=m) for s in comp.record]
             images[m] = comp.image
             pre.notes += check_contrast(comp.contrast, m, m, model_name=self.members[m].model.name)

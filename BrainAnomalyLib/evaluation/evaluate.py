@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -23,11 +24,11 @@ from ..detection.fusion import FusionDetector
 from ..detection.pipeline import Detector
 from ..detection.postprocess import CONNECTIVITY, findings
 from ..preprocess.chain import preprocess
-from ..store.cache import cached_preprocessed
+from ..store.cache import cached_companion, cached_preprocessed
 from ..scorers.reuse import shared_scores
 from ..core.progress import Reporter
-from .metrics import (HIT_RULE, average_precision, detection_summary, finding_match, froc, roc_auc,
-                      sweep_thresholds, voxel_curve_metrics)
+from .metrics import (HIT_RULE, average_precision, descending_order, detection_summary, finding_match, froc,
+                      roc_auc, sweep_thresholds, voxel_curve_metrics)
 
 # The FROC sweep: thresholds above which these fractions of the pooled brain voxels lie, plus the cohort threshold.
 # Thirteen labellings per scan: about 7.5 s for a BraTS-sized scan (2 M brain voxels) on a shared 2-core CPU.
@@ -51,7 +52,7 @@ class Shown:
 class ScanMap:
     """One scan's anomaly map as the FROC sweep needs it, cropped to the brain's bounding box."""
 
-    values: np.ndarray  # the map at the brain voxels, in C order (a lesion scan's is the array in Tally.scores)
+    values: np.ndarray  # the map at the brain voxels, in C order
     brain: np.ndarray  # np.packbits of the brain mask in the crop
     shape: tuple  # the crop's shape
     voxel_ml: float
@@ -111,6 +112,7 @@ class Tally:
     """Everything one scorer accumulates over a cohort."""
 
     threshold: Threshold
+    # each lesion scan's brain voxels, highest score first (the cohort's sort then merges sorted runs), and labels
     scores: List[np.ndarray] = field(default_factory=list)
     labels: List[np.ndarray] = field(default_factory=list)
     inter: int = 0
@@ -206,8 +208,12 @@ def evaluate_groups(cases: Sequence[Case], detectors: Dict[str, Detector], group
         _evaluate_in_pool(detectors, cases, [group_of(c) for c in cases], groups, chosen, companions, cache,
                           reporter, workers, merge)
     out: Dict[str, Dict[str, dict]] = {name: {} for name in detectors}
-    for (name, g), tally in tallies.items():
-        out[name][g] = summarise(tally, detectors[name])
+    keys = list(tallies)
+    # Each (scorer, group) is summarised on its own, and the sorts and labellings that take the time release the
+    # GIL: on `workers` threads they use the cores the cases just left.
+    with ThreadPoolExecutor(max(1, min(workers, len(keys)))) as threads:
+        for (name, g), summary in zip(keys, threads.map(lambda k: summarise(tallies[k], detectors[k[0]]), keys)):
+            out[name][g] = summary
     return out
 
 
@@ -243,7 +249,7 @@ def _evaluate_case(detectors: Dict[str, Detector], case: Case, group: Optional[s
             t = time.perf_counter()
             reused = shared.reused_seconds
             try:
-                analysis = _analyse(det, case, scan, pre, companions)
+                analysis = _analyse(det, case, scan, pre, companions, cache)
             except BadInputError as exc:
                 lines.append(f"{case.key} ({name}): {exc}")
                 tracemalloc.stop()
@@ -327,9 +333,10 @@ def _evaluate_in_pool(detectors, cases, case_groups, groups, chosen, companions,
     pool.shutdown(wait=True)
 
 
-def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):
+def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions, cache: bool = False):
     """The detector's grid analysis of a case: the scan alone, or with the subject's other contrasts for a fusion
-    model (the case's own preprocessing reused when its contrast is the fusion's reference)."""
+    model (the case's own preprocessing reused when its contrast is the fusion's reference; with `cache`, the other
+    contrasts' too, from the preprocessing cache)."""
     if not isinstance(det, FusionDetector):
         return det.analyse(scan, pre=pre)
     given = {m: p for m, p in ((companions or {}).get(case.subject) or {}).items()
@@ -338,7 +345,12 @@ def _analyse(det: Detector, case: Case, scan: sitk.Image, pre, companions):
     if det.reference_modality(det.inputs(scans)) != case.modality:
         raise BadInputError(f"the fusion's reference contrast is {det.reference_modality(scans)}, not "
                             f"{case.modality}; evaluate its rows")
-    return det.analyse_contrasts(scans, pre=pre)
+    companion = None
+    if cache:
+        def companion(m, native, ref_pre, ref_native, config, reporter):
+            return cached_companion(given[m], native, ref_pre, ref_native, case.image, det.preprocess_config, config,
+                                    reporter)
+    return det.analyse_contrasts(scans, pre=pre, companion=companion)
 
 
 def _copy(tally: Tally) -> Tally:
@@ -372,13 +384,14 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img, t
         return
     t_in = truth & brain
     t_lab, t_sizes = truth_parts
-    match = finding_match(found, t_lab)
+    match = finding_match(found, t_lab, t_sizes)  # the sizes counted once per case, not per scorer
     tally.matches.append(match)
     tally.n_lesion_scans += 1
     values = heat[brain].astype(np.float32)
-    tally.scores.append(values)
+    order = descending_order(values)  # one sort per scan for its AP and, merged, the cohort's curves
+    tally.scores.append(values[order])
     tally.maps.append(scan_map(heat, brain, t_lab, t_sizes, voxel_ml, result.min_lesion_ml, values))
-    tally.labels.append(truth[brain])
+    tally.labels.append(truth[brain][order])
     tally.inter += int((pred & truth).sum())
     tally.pred_sum += int(pred.sum())
     tally.truth_sum += int(truth.sum())
@@ -390,7 +403,7 @@ def _add_case(tally: Tally, case: Case, scan, result, brain, truth, truth_img, t
     normal = brain & ~truth
     tally.nonlesion_flagged += int((above & normal).sum())
     tally.nonlesion_voxels += int(normal.sum())
-    ap = average_precision(heat[brain], t_in[brain]) if t_in.any() else float("nan")
+    ap = average_precision(heat[brain], t_in[brain], order) if t_in.any() else float("nan")
     dice = 2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)
     row.update(ap=round(ap, 4), dice=round(float(dice), 4), lesion_ml=round(float(truth.sum()) * np.prod(
         scan.GetSpacing()) / 1000, 2), nonlesion_fpr=round(float((above & normal).sum() / max(normal.sum(), 1)), 5),
@@ -433,14 +446,15 @@ def summarise(t: Tally, det: Detector) -> dict:
                  "n_lesion_scans": t.n_lesion_scans, "n_healthy_scans": len(t.healthy_case_fpr)}
     if t.scores:
         scores, labels = np.concatenate(t.scores), np.concatenate(t.labels)
-        v = voxel_curve_metrics(scores, labels)
+        order = descending_order(scores)
+        v = voxel_curve_metrics(scores, labels, order)
         unit = _unit(det.model.meta, scores)
         recall, precision = v["pr_curve"]
         out["voxel"] = {"auprc": v["auprc"], "auroc": v["auroc"],
                         "best_dice_upper_bound": v["best_dice"], "best_dice_threshold": v["best_dice_threshold"],
                         "dice_at_threshold": 2 * t.inter / max(t.pred_sum + t.truth_sum, 1),
                         "mean_case_dice": float(np.mean([r["dice"] for r in t.per_case if "dice" in r])),
-                        "mood_ap": average_precision(unit, labels),
+                        "mood_ap": average_precision(unit, labels, order),  # unit rises with the scores
                         "prevalence": float(labels.mean())}
         out["pr_curve"] = {"recall": recall.round(5).tolist(), "precision": precision.round(5).tolist()}
         out["lesion"] = {"true_lesions": t.true_lesions, "found": t.found,

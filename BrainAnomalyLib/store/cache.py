@@ -23,8 +23,8 @@ from ..core.io import read_volume
 from ..core.errors import BadInputError
 from ..core.manifest import Case
 from ..core.files import atomic_path, folder_digest, sha256_file
-from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, preprocess, standardise,
-                                voxel_extent_on_grid)
+from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, preprocess, preprocess_companion,
+                                standardise, voxel_extent_on_grid)
 from ..preprocess.register import affine_from_dict
 from ..core.progress import Reporter
 from ..core.template import Grid
@@ -117,6 +117,35 @@ def cached_preprocessed(path, native, config: PreprocessConfig, grid: Grid, cach
     with atomic_path(native_file) as tmp:
         np.savez_compressed(tmp, mask=pre.native_mask.astype(np.uint8))
     pre.image = standardise(pre.raw_image, pre.mask, config, grid)[0]
+    return pre
+
+
+def cached_companion(path, native, reference: Preprocessed, reference_native, reference_path,
+                     reference_config: PreprocessConfig, config: PreprocessConfig, reporter: Optional[Reporter] = None,
+                     cache_dir: Optional[Path] = None) -> Preprocessed:
+    """What `preprocess_companion` returns for the scan at `path` (already read as `native`) beside the reference
+    scan at `reference_path` (read as `reference_native`, preprocessed with `reference_config` as `reference`),
+    from the cache when this pair has
+    been through it: the companion's N4 fit is most of a fusion model's time on a cached reference.
+
+    Keyed by both scans' content and settings, as the reference's own entry is, so it holds exactly what
+    preprocess_companion gives (its grid volume before standardisation, its brain mask, contrast and record)."""
+    path = Path(path)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    grid = reference.grid
+    pair = cache_key(Path(reference_path), reference_config, grid) + cache_key(path, config, grid)
+    target = cache_dir / f"{hashlib.sha256(('companion' + pair).encode()).hexdigest()[:32]}.companion.npz"
+    if target.is_file():
+        with np.load(target) as data:
+            raw, native_mask = data["image"], data["mask"].astype(bool)
+            record, contrast = json.loads(str(data["record"])), json.loads(str(data["contrast"]))
+        return Preprocessed(standardise(raw, reference.mask, config, grid)[0], reference.mask, native_mask,
+                            reference.transform, grid, record, raw_image=raw, contrast=contrast)
+    pre = preprocess_companion(native, reference, reference_native, config, reporter or Reporter())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        np.savez_compressed(tmp, image=pre.raw_image, mask=pre.native_mask.astype(np.uint8),
+                            record=np.array(json.dumps(pre.record)), contrast=np.array(json.dumps(pre.contrast)))
     return pre
 
 

@@ -12,7 +12,6 @@ from scipy import fft
 from .noise import fractal_noise
 from .tissue import Geometry
 
-ARTEFACT_KINDS = ["artefact-bias", "artefact-ghosting", "artefact-motion"]
 ROUNDOFF = 1e-5
 
 

@@ -12,12 +12,9 @@ from scipy import ndimage
 
 from ..core.manifest import normalise_modality
 from . import artefacts, lesions
+from .kinds import ARTEFACT_KINDS, KINDS
 from .appearance import rule_modality, tissue_stats
 from .tissue import TissueMaps, lps_to_ras
-
-LESION_KINDS = list(lesions.LESION_KINDS)
-ARTEFACT_KINDS = list(artefacts.ARTEFACT_KINDS)
-KINDS = LESION_KINDS + ARTEFACT_KINDS
 
 
 @dataclass

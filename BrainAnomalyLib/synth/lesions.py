@@ -8,7 +8,7 @@ Work is confined to a box around each lesion so 1 mm scans stay cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -380,4 +380,3 @@ def stroke(array: np.ndarray, tissue: TissueMaps, stats: TissueStats, modality: 
     return LesionEdit(out, mask, record)
 
 
-LESION_KINDS: List[str] = ["blob-hyper", "blob-hypo", "blob-iso", "tumour", "ms", "stroke"]
