@@ -30,6 +30,14 @@ from .reuse import score_once, scorer_for_model
 RULES = ("mean", "rms")
 
 
+def check_rule(rule: str, power: float = 2.0) -> None:
+    """Refuse (ValueError) a rule or power the ensemble cannot score with: one check for building and loading."""
+    if rule not in RULES:
+        raise ValueError(f"unknown ensemble rule {rule!r}; choose from {', '.join(RULES)}")
+    if not power >= 1.0:
+        raise ValueError(f"ensemble power {power} is below 1")
+
+
 @register
 class EnsembleScorer(Scorer):
     kind = "ensemble"
@@ -41,10 +49,7 @@ class EnsembleScorer(Scorer):
         if len(members) != len(self.params["members"]):
             raise ValueError(f"the ensemble names {len(self.params['members'])} members but got {len(members)} "
                              "scorers; load it with models.load_model")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown ensemble rule {self.rule!r}; choose from {', '.join(RULES)}")
-        if not float(self.params.get("power") or 2.0) >= 1.0:
-            raise ValueError(f"ensemble power {self.params['power']} is below 1")
+        check_rule(self.rule, float(self.params.get("power") or 2.0))
         if self.params.get("contralateral") and grid is None:
             raise ValueError("an ensemble with a contralateral weight needs its grid")
         self.members = list(members)

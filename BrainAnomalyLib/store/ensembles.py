@@ -14,14 +14,11 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
                    contralateral: float = 0.0, power: float = 2.0) -> dict:
     """The params of an ensemble of calibrated, installed models of one modality and grid (scorers/ensemble.py
     says what `rule`, `contralateral` and `power` do)."""
-    from ..scorers.ensemble import RULES
+    from ..scorers.ensemble import check_rule
 
-    if rule not in RULES:
-        raise ValueError(f"unknown ensemble rule {rule!r}; choose from {', '.join(RULES)}")
+    check_rule(rule, power)
     if power != 2.0 and rule != "rms":
         raise ValueError("a power other than 2 is a setting of the rms rule")
-    if not power >= 1.0:
-        raise ValueError(f"power {power} is below 1")
     if not 0.0 <= contralateral < 1.0:
         raise ValueError(f"contralateral weight {contralateral} is outside [0, 1)")
     if len(models) < 2:
