@@ -16,9 +16,10 @@ def test_two_threads_give_the_transform_of_one(monkeypatch):
     # The template's brain, moved and slightly rotated, as the scan to align.
     shift = sitk.Euler3DTransform((0.0, 17.0, 5.0), 0.06, -0.04, 0.08, (4.0, -3.0, 6.0))
     moving = sitk.Resample(fixed, fixed, shift, sitk.sitkLinear, 0.0)
-    moving_mask = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(sitk.GetImageFromArray(mask.astype(np.uint8)),
-                                                                  sitk.sitkUInt8), fixed, shift,
-                                                       sitk.sitkNearestNeighbor, 0)).astype(bool)
+    mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_img.CopyInformation(fixed)  # the template's geometry, so the mask moves with the brain it outlines
+    moving_mask = sitk.GetArrayFromImage(sitk.Resample(mask_img, fixed, shift, sitk.sitkNearestNeighbor,
+                                                       0)).astype(bool)
     params = []
     for threads in (1, 2, 2):
         monkeypatch.setattr(register, "REGISTRATION_THREADS", threads)
