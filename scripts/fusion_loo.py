@@ -20,11 +20,11 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,11 +32,14 @@ sys.path.insert(0, str(ROOT))
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import group_by_subject, read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.template import contralateral_difference  # noqa: E402
 from BrainAnomalyLib.detection.fusion import FusionDetector  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
-from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
+                                                    filter_map, robust_stats)
+from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, descending_order  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import preprocess_companion  # noqa: E402
+from BrainAnomalyLib.scorers.fusion import FusionScorer  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.ensembles import build_fusion  # noqa: E402
 from BrainAnomalyLib.store.models import Model, resolve_model  # noqa: E402
@@ -48,9 +51,7 @@ CHOICES = {"T1": ["dpa-t1-ixi"], "T1CE": ["tissue-t1ce"], "T2": ["tissue-t2", "i
 MIRROR = {"T1": 0.75, "T1CE": 0.5, "T2": 0.5, "FLAIR": 0.25}
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 T1CE_WEIGHTS = (0.0, 0.25, 0.5)  # T1CE alone scores 0.37 (tissue-t1ce): a minor member at most
-# Each member's robust scale is taken over its own eroded brain (detection.fusion.FusionDetector.score_grid).
-ERODE = {i: int(resolve_model(i).meta.get("postprocess", {}).get("erode_voxels", 3))
-         for ids in CHOICES.values() for i in ids}
+FUSED_POST = PostprocessConfig(median_size=1)  # the fusion's own post-processing (its members filter their maps)
 
 
 def settings(with_t1ce: bool = True):
@@ -97,33 +98,30 @@ def reference_preprocessing(row, scan, detector):
     return cached_preprocessed(row.image, scan, detector.preprocess_config, detector.grid)
 
 
-def fused_grid(d: dict, setting: dict, cache: dict) -> np.ndarray:
-    """The fused, cleaned grid map of one subject as detection makes it (members' contralateral subtraction and
-    median filter, per-scan robust scale, weighted mean, erosion and clipping), at the brain voxels."""
-    total, weight = 0.0, 0.0
-    eroded = ndimage.binary_erosion(d["mask"], iterations=3)
+def member_map(d: dict, model_id: str, modality: str, mirror: float, detector: Detector) -> tuple:
+    """One member's map as detection post-processes it before fusing (detection.fusion.FusionDetector.score_grid:
+    the member's own filtering with the setting's contralateral weight) and its robust statistics on this scan."""
+    post = replace(detector.postprocess_config, contralateral=mirror)
+    filtered = filter_map(contralateral_difference(d[f"{modality}|{model_id}"], mirror, detector.grid), post)
+    return filtered, robust_stats(filtered[erode_mask(d["mask"], post)])
+
+
+def fused_grid(d: dict, setting: dict, cache: dict, detectors) -> np.ndarray:
+    """The fused, cleaned grid map of one subject as detection makes it (each member's map as `member_map`, the
+    fusion scorer's own fuse, the fusion's post-processing), at the brain voxels. `cache` keeps the members'
+    maps: a setting's weights do not change them."""
+    maps, stats = {}, {}
     for m, (model_id, w, mirror) in setting.items():
         if w == 0:
             continue
         key = (id(d), m, model_id, mirror)
         if key not in cache:
-            raw = d[f"{m}|{model_id}"]
-            raw = raw - np.float32(mirror) * np.flip(raw, 2) if mirror else raw
-            f = ndimage.median_filter(raw, size=(1, 5, 5))
-            v = f[ndimage.binary_erosion(d["mask"], iterations=ERODE[model_id]) if ERODE[model_id] else d["mask"]]
-            med = np.median(v)
-            cache[key] = ((f - med) / (1.4826 * np.median(np.abs(v - med))))[d["mask"]]
-        total, weight = total + w * cache[key], weight + w
-    return np.where(eroded[d["mask"]], np.maximum(total / weight, 0), 0)
-
-
-def _ap_ranked(ranked: np.ndarray, y: np.ndarray) -> float:
-    """Average precision of scores already sorted in descending order (ties count as one threshold, as
-    evaluation.metrics.average_precision counts them)."""
-    tp = np.cumsum(y)
-    last = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
-    tp, seen = tp[last], last + 1
-    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * tp / seen)) if tp[-1] else 0.0
+            cache[key] = member_map(d, model_id, m, mirror, detectors[model_id])
+        maps[m], stats[m] = cache[key]
+    scorer = FusionScorer({"members": [{"modality": m} for m in setting],
+                           "weights": [w for _, w, _ in setting.values()]}, {})
+    fused = filter_map(scorer.fuse(maps, stats), FUSED_POST)
+    return clip_to_mask(fused, erode_mask(d["mask"], FUSED_POST))[d["mask"]]
 
 
 def fusion_model(setting: dict) -> Model:
@@ -134,7 +132,7 @@ def fusion_model(setting: dict) -> Model:
                           postprocess=[{"contralateral": c} for _, _, c in setting.values()])
     template = members[0][1]
     meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
-                postprocess=PostprocessConfig(median_size=1).to_dict(), inputs=list(setting))
+                postprocess=FUSED_POST.to_dict(), inputs=list(setting))
     meta.pop("calibration", None)
     return Model(Path("."), meta, members=[m for _, m in members])
 
@@ -152,20 +150,20 @@ def native(detector: FusionDetector, cases) -> tuple:
     return sitk.GetArrayFromImage(result.anomaly_map)[brain], truth[brain]
 
 
-def grid_scores(data: dict, names, all_settings) -> list:
+def grid_scores(data: dict, names, all_settings, detectors) -> list:
     """Per setting, the pooled grid AUPRC over all subjects ("all") and over all but each one (by subject)."""
     cache: dict = {}
     scores = []
     labels = np.concatenate([data[s]["label"][data[s]["mask"]] for s in names])
     groups = np.concatenate([np.full(int(data[s]["mask"].sum()), i) for i, s in enumerate(names)])
     for n, setting in enumerate(all_settings):
-        pooled = np.concatenate([fused_grid(data[s], setting, cache) for s in names])
-        order = np.argsort(-pooled, kind="stable")  # one sort serves all folds
+        pooled = np.concatenate([fused_grid(data[s], setting, cache, detectors) for s in names])
+        order = descending_order(pooled)  # one sort serves all folds: a fold's subset of it stays sorted
         ranked, y, g = pooled[order], labels[order], groups[order]
-        row = {"all": _ap_ranked(ranked, y)}
+        row = {"all": average_precision(ranked, y, np.arange(ranked.size))}
         for i, held in enumerate(names):
             keep = g != i
-            row[held] = _ap_ranked(ranked[keep], y[keep])
+            row[held] = average_precision(ranked[keep], y[keep], np.arange(int(keep.sum())))
         scores.append(row)
         if (n + 1) % 20 == 0:
             print(f"setting {n + 1}/{len(all_settings)}", file=sys.stderr, flush=True)
@@ -190,7 +188,7 @@ def main() -> int:
     if kept.get("settings") == json.loads(json.dumps(all_settings)) and kept.get("subjects") == names:
         scores = kept["scores"]
     else:
-        scores = grid_scores(data, names, all_settings)
+        scores = grid_scores(data, names, all_settings, detectors)
         done.write_text(json.dumps({"settings": all_settings, "subjects": names, "scores": scores}))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
     report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],

@@ -56,10 +56,15 @@ class FusionScorer(Scorer):
             m = member["modality"]
             if m not in maps or w == 0:
                 continue
-            scale = stats[m] if self.scan_relative else member["scale"]
-            z = (maps[m] - np.float32(scale["median"])) / np.float32(max(scale["mad"], 1e-6))
+            z = common_scale(maps[m], stats[m] if self.scan_relative else member["scale"])
             total = w * z if total is None else total + w * z
             weight += w
         if total is None:
             raise ValueError("none of the fusion's weighted contrasts was given")
         return (total / np.float32(weight)).astype(np.float32)
+
+
+def common_scale(member_map: np.ndarray, scale: Mapping[str, float]) -> np.ndarray:
+    """A member's post-processed map in robust units of `scale` (its median and MAD on this scan, or its healthy
+    cohort's): what the fusion averages. Also used by scripts/fusion_loo.py, which caches it per member."""
+    return (member_map - np.float32(scale["median"])) / np.float32(max(scale["mad"], 1e-6))
