@@ -6,6 +6,7 @@ scans with one bright lesion."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,26 +51,46 @@ def subjects():
     return detectors, out
 
 
-def test_fused_grid_is_what_the_fusion_detector_makes(loo, subjects):
+def _setting(rule="mean", t2=0.5, t2_mirror=0.5, flair_mirror=0.0):
+    return {"rule": rule, "members": {"T2": ("tissue-t2", t2, t2_mirror),
+                                      "FLAIR": ("tissue-flair", 1.0, flair_mirror)}}
+
+
+@pytest.mark.parametrize("rule", ["mean", "rms"])
+def test_fused_grid_is_what_the_fusion_detector_makes(loo, subjects, rule):
     detectors, data = subjects
     images, d = data["s3"]
-    setting = {"T2": ("tissue-t2", 0.5, 0.5), "FLAIR": ("tissue-flair", 1.0, 0.0)}
-    det = FusionDetector(loo.fusion_model(setting), device="cpu")
-    native = det.score_grid(images, d["mask"]).clean_map[d["mask"]]
-    grid = loo.fused_grid(d, setting, {}, detectors)
-    assert np.array_equal(grid, native)
+
+    def native(setting):
+        det = FusionDetector(loo.fusion_model(setting), device="cpu")
+        return det.score_grid(images, d["mask"]).clean_map[d["mask"]]
+
+    grid = loo.fused_grid(d, _setting(rule), {}, detectors)
+    assert np.array_equal(grid, native(_setting(rule)))
     # a weight of 0 leaves the member out, as detection's fuse does
-    alone = loo.fused_grid(d, dict(setting, T2=("tissue-t2", 0.0, 0.0)), {}, detectors)
+    alone = loo.fused_grid(d, _setting(rule, t2=0.0, t2_mirror=0.0), {}, detectors)
     assert not np.allclose(alone, grid)
-    flair = FusionDetector(loo.fusion_model(dict(setting, T2=("tissue-t2", 0.0, 0.0))), device="cpu")
-    assert np.array_equal(alone, flair.score_grid(images, d["mask"]).clean_map[d["mask"]])
+    assert np.array_equal(alone, native(_setting(rule, t2=0.0, t2_mirror=0.0)))
+
+
+def test_the_shipped_members_grid_searches_positive_weights_of_fixed_members(loo):
+    four = list(loo.settings(True, "shipped-members", ("mean", "rms")))
+    three = list(loo.settings(False, "shipped-members", ("mean",)))
+    assert len(four) == 2 * 3 * 2 * 3 and len(three) == 3 * 3
+    for s in four + three:
+        assert {m: i for m, (i, _, _) in s["members"].items()} == {
+            m: i for m, i in loo.SHIPPED_MEMBERS.items() if m in s["members"]}
+        assert all(w > 0 for _, w, _ in s["members"].values())
+        assert s["members"]["T2"][2] == 0.5 and s["members"]["FLAIR"][2] == 0.25  # the members' own
+    assert "T1CE" not in three[0]["members"]
+    assert len({json.dumps(s, sort_keys=True) for s in four}) == len(four)
 
 
 def test_each_folds_grid_auprc_is_the_auprc_of_the_other_subjects(loo, subjects):
     detectors, data = subjects
     maps = {s: d for s, (_, d) in data.items()}
     names = sorted(maps)
-    settings = [{"T2": ("tissue-t2", w, 0.5), "FLAIR": ("tissue-flair", 1.0, 0.25)} for w in (0.25, 1.0)]
+    settings = [_setting(t2=w, flair_mirror=0.25) for w in (0.25, 1.0)]
     rows = loo.grid_scores(maps, names, settings, detectors)
     for setting, row in zip(settings, rows):
         heat = {s: loo.fused_grid(maps[s], setting, {}, detectors) for s in names}

@@ -51,11 +51,26 @@ CHOICES = {"T1": ["dpa-t1-ixi"], "T1CE": ["tissue-t1ce"], "T2": ["tissue-t2", "i
 MIRROR = {"T1": 0.75, "T1CE": 0.5, "T2": 0.5, "FLAIR": 0.25}
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 T1CE_WEIGHTS = (0.0, 0.25, 0.5)  # T1CE alone scores 0.37 (tissue-t1ce): a minor member at most
+# The grids searched. "full": every contrast's scorer (tissue or intensity for T2 and FLAIR), each member's
+# contralateral subtraction on or off and its weight (0 drops the contrast). "shipped-members": the members fixed
+# beforehand, each contrast's shipped model best alone on brats18_dev (docs/benchmark/default-run.md: tissue-t2
+# 0.644 over intensity-t2 0.527, tissue-flair 0.867 over intensity-flair 0.815) post-processed as it ships (its own
+# contralateral weight), and only the weights beside FLAIR's 1 searched, none 0: a contrast given to a fusion of it
+# takes part. Fewer choices to fit to four cases, and no fold can drop a contrast the others happen not to need.
+GRIDS = ("full", "shipped-members")
+SHIPPED_MEMBERS = {"T1": "dpa-t1-ixi", "T1CE": "tissue-t1ce", "T2": "tissue-t2", "FLAIR": "tissue-flair"}
 FUSED_POST = PostprocessConfig(median_size=1)  # the fusion's own post-processing (its members filter their maps)
 
 
-def settings(with_t1ce: bool = True):
-    """The candidate settings; without T1CE, those of a three-contrast fusion (no T1CE member at all)."""
+def settings(with_t1ce: bool = True, grid: str = "full", rules=("mean",)):
+    """The candidate settings, each {"rule": ..., "members": {contrast: (model id, weight, contralateral)}};
+    without T1CE, those of a three-contrast fusion (no T1CE member at all). See GRIDS."""
+    for rule in rules:
+        for members in (_full if grid == "full" else _shipped_members)(with_t1ce):
+            yield {"rule": rule, "members": members}
+
+
+def _full(with_t1ce: bool):
     for t1w, cew, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, T1CE_WEIGHTS if with_t1ce else (None,),
                                                                  WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
                                                                  (0, 1), (0, 1), (0, 1)):
@@ -65,6 +80,18 @@ def settings(with_t1ce: bool = True):
         if with_t1ce:
             setting["T1CE"] = ("tissue-t1ce", cew, MIRROR["T1CE"])
         yield dict(setting, T2=(t2m, t2w, MIRROR["T2"] * m2), FLAIR=(flm, 1.0, MIRROR["FLAIR"] * m3))
+
+
+def _shipped_members(with_t1ce: bool):
+    members = {m: (i, own_contralateral(i)) for m, i in SHIPPED_MEMBERS.items() if with_t1ce or m != "T1CE"}
+    chosen = [m for m in members if m != "FLAIR"]
+    for weights in itertools.product(*(T1CE_WEIGHTS[1:] if m == "T1CE" else WEIGHTS[1:] for m in chosen)):
+        w = dict(zip(chosen, weights), FLAIR=1.0)
+        yield {m: (i, w[m], c) for m, (i, c) in members.items()}
+
+
+def own_contralateral(model_id: str) -> float:
+    return float(resolve_model(model_id).meta.get("postprocess", {}).get("contralateral") or 0.0)
 
 
 def grid_maps(subject, cases, cache: Path, detectors) -> dict:
@@ -111,28 +138,30 @@ def fused_grid(d: dict, setting: dict, cache: dict, detectors) -> np.ndarray:
     fusion scorer's own fuse, the fusion's post-processing), at the brain voxels. `cache` keeps the members'
     maps: a setting's weights do not change them."""
     maps, stats = {}, {}
-    for m, (model_id, w, mirror) in setting.items():
+    for m, (model_id, w, mirror) in setting["members"].items():
         if w == 0:
             continue
         key = (id(d), m, model_id, mirror)
         if key not in cache:
             cache[key] = member_map(d, model_id, m, mirror, detectors[model_id])
         maps[m], stats[m] = cache[key]
-    scorer = FusionScorer({"members": [{"modality": m} for m in setting],
-                           "weights": [w for _, w, _ in setting.values()]}, {})
+    members = setting["members"]
+    scorer = FusionScorer({"members": [{"modality": m} for m in members], "rule": setting["rule"],
+                           "weights": [w for _, w, _ in members.values()]}, {})
     fused = filter_map(scorer.fuse(maps, stats), FUSED_POST)
     return clip_to_mask(fused, erode_mask(d["mask"], FUSED_POST))[d["mask"]]
 
 
 def fusion_model(setting: dict) -> Model:
     """The fusion of `setting` as an in-memory model (what make_fusion_model.py would write, uncalibrated)."""
-    members = [(m, resolve_model(i)) for m, (i, _, _) in setting.items()]
+    chosen = setting["members"]
+    members = [(m, resolve_model(i)) for m, (i, _, _) in chosen.items()]
     # The contralateral weight is written even when 0: a member's own (e.g. tissue-t2's 0.5) would apply otherwise.
-    params = build_fusion(members, weights=[w for _, w, _ in setting.values()],
-                          postprocess=[{"contralateral": c} for _, _, c in setting.values()])
+    params = build_fusion(members, weights=[w for _, w, _ in chosen.values()],
+                          postprocess=[{"contralateral": c} for _, _, c in chosen.values()], rule=setting["rule"])
     template = members[0][1]
     meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
-                postprocess=FUSED_POST.to_dict(), inputs=list(setting))
+                postprocess=FUSED_POST.to_dict(), inputs=list(chosen))
     meta.pop("calibration", None)
     return Model(Path("."), meta, members=[m for _, m in members])
 
@@ -176,14 +205,17 @@ def main() -> int:
     ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
     ap.add_argument("-o", "--output", required=True, type=Path)
     ap.add_argument("--without-t1ce", action="store_true", help="the three-contrast fusions only (T1, T2, FLAIR)")
+    ap.add_argument("--grid", choices=GRIDS, default="full", help="the settings searched (see GRIDS)")
+    ap.add_argument("--rules", default="mean", help="the fusion rules searched, comma-separated (mean, rms)")
     args = ap.parse_args()
     subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
     detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
     data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
     names = sorted(data)
-    all_settings = list(settings(not args.without_t1ce))
+    rules = args.rules.split(",")
+    all_settings = list(settings(not args.without_t1ce, args.grid, rules))
     # the grid stage, kept so a failed native stage need not redo it
-    done = args.cache / ("grid_scores-without-t1ce.json" if args.without_t1ce else "grid_scores.json")
+    done = args.cache / f"grid_scores-{args.grid}-{'-'.join(rules)}{'-without-t1ce' if args.without_t1ce else ''}.json"
     kept = json.loads(done.read_text()) if done.is_file() else {}
     if kept.get("settings") == json.loads(json.dumps(all_settings)) and kept.get("subjects") == names:
         scores = kept["scores"]
@@ -191,7 +223,7 @@ def main() -> int:
         scores = grid_scores(data, names, all_settings, detectors)
         done.write_text(json.dumps({"settings": all_settings, "subjects": names, "scores": scores}))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
-    report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],
+    report = {"grid": args.grid, "rules": rules, "n_settings": len(all_settings), "best_on_all": all_settings[best],
               "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}
     heat, truth = [], []
     for held in names:
