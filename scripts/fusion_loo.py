@@ -2,18 +2,21 @@
 """Leave-one-case-out choice and measurement of a fusion model's tuned settings on a small labelled set.
 
     python scripts/fusion_loo.py --manifest ../shared/data/brats18_dev.csv --cache build/fusion-loo -o loo.json
-        [--without-t1ce]
+        [--without-t1ce] [--grid full|shipped-members] [--rules mean,rms]
 
-The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce those of
-fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for T2 and FLAIR), the T1, T1CE and T2
-weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their contralateral mirror (at the
-weight measured for it; T1CE's always at its own). A member whose weight is 0 is left out of the fused mean. For
-every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps:
-each contrast on the T1 scan's registration, as detection brings them, cached in --cache); then the held-out case
-is detected with its pick on its own grid, exactly as `evaluate` does, and the held-out maps of all cases are
-pooled into AUPRC and best Dice over the brain voxels. The setting best on all cases (the one a model would ship
-with) is reported too, with its in-sample grid AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a
-fusion's members are single models (store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
+The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce a three-contrast
+one without T1CE). With --grid full (fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for
+T2 and FLAIR), the T1, T1CE and T2 weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their
+contralateral mirror (at the weight measured for it; T1CE's always at its own); a member whose weight is 0 is left
+out. With --grid shipped-members (fusion-t1-t1ce-t2-flair's card) the members are fixed and only positive weights
+searched (see GRIDS). --rules: the fusion rules searched (scorers/fusion.py), each setting's rule one more choice.
+For every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid
+maps: each contrast on the T1 scan's registration, as detection brings them, cached in --cache, and fused by
+detection's own post-processing and fuse); then the held-out case is detected with its pick on its own grid,
+exactly as `evaluate` does, and the held-out maps of all cases are pooled into AUPRC and best Dice over the brain
+voxels. The setting best on all cases (the one a model would ship with) is reported too, with its in-sample grid
+AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a fusion's members are single models
+(store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
 """
 
 import argparse
