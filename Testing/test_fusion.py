@@ -194,3 +194,22 @@ def test_a_members_contralateral_weight_of_0_turns_its_own_off_and_none_keeps_it
     det = Detector.for_model(load_model(save_model(tmp_path / "t2-off", meta)), device="cpu")
     assert det.members["T2"].postprocess_config.contralateral == 0.0
     assert det.members["FLAIR"].postprocess_config.contralateral == 0.25
+
+
+def test_the_rms_rule_is_the_weighted_power_mean_of_the_positive_scan_scaled_parts(fusion_folder, tmp_path):
+    t2, flair = resolve_model("tissue-t2"), resolve_model("tissue-flair")
+    params = build_fusion([("T2", t2), ("FLAIR", flair)], weights=[1.0, 3.0], rule="rms", power=2.0)
+    assert (params["rule"], params["power"]) == ("rms", 2.0)
+    assert "rule" not in build_fusion([("T2", t2), ("FLAIR", flair)])  # a mean fusion's params as before
+    with pytest.raises(ValueError, match="rule"):
+        build_fusion([("T2", t2), ("FLAIR", flair)], rule="max")
+    meta = dict(load_model(fusion_folder).meta, params=params)
+    det = Detector.for_model(load_model(save_model(tmp_path / "rms", meta)), device="cpu")
+    a = np.array([3.0, -1.0, 1.0], np.float32).reshape(3, 1, 1)
+    b = np.array([1.0, 2.0, -1.0], np.float32).reshape(3, 1, 1)
+    stats = {"T2": {"median": 1.0, "mad": 2.0}, "FLAIR": {"median": 0.0, "mad": 0.5}}
+    # z: T2 (1, -1, 0), FLAIR (2, 4, -2); the negative parts count as 0
+    expected = np.sqrt((np.array([1.0, 0.0, 0.0]) ** 2 + 3.0 * np.array([2.0, 4.0, 0.0]) ** 2) / 4.0)
+    assert np.allclose(det.scorer.fuse({"T2": a, "FLAIR": b}, stats).ravel(), expected)
+    mean = Detector.for_model(load_model(fusion_folder), device="cpu").scorer.fuse({"T2": a, "FLAIR": b}, stats)
+    assert np.allclose(mean.ravel(), (np.array([1.0, -1.0, 0.0]) + 3.0 * np.array([2.0, 4.0, -2.0])) / 4.0)

@@ -2,29 +2,32 @@
 """Leave-one-case-out choice and measurement of a fusion model's tuned settings on a small labelled set.
 
     python scripts/fusion_loo.py --manifest ../shared/data/brats18_dev.csv --cache build/fusion-loo -o loo.json
-        [--without-t1ce]
+        [--without-t1ce] [--grid full|shipped-members] [--rules mean,rms]
 
-The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce those of
-fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for T2 and FLAIR), the T1, T1CE and T2
-weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their contralateral mirror (at the
-weight measured for it; T1CE's always at its own). A member whose weight is 0 is left out of the fused mean. For
-every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid maps:
-each contrast on the T1 scan's registration, as detection brings them, cached in --cache); then the held-out case
-is detected with its pick on its own grid, exactly as `evaluate` does, and the held-out maps of all cases are
-pooled into AUPRC and best Dice over the brain voxels. The setting best on all cases (the one a model would ship
-with) is reported too, with its in-sample grid AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a
-fusion's members are single models (store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
+The settings tuned are those of a four-contrast fusion (T1, T1CE, T2, FLAIR; with --without-t1ce a three-contrast
+one without T1CE). With --grid full (fusion-t1-t2-flair's card): each contrast's member model (a scorer choice for
+T2 and FLAIR), the T1, T1CE and T2 weights beside FLAIR's 1, and whether the T1, T2 and FLAIR members subtract their
+contralateral mirror (at the weight measured for it; T1CE's always at its own); a member whose weight is 0 is left
+out. With --grid shipped-members (fusion-t1-t1ce-t2-flair's card) the members are fixed and only positive weights
+searched (see GRIDS). --rules: the fusion rules searched (scorers/fusion.py), each setting's rule one more choice.
+For every case held out, the setting with the best pooled AUPRC over the other cases' grid maps is picked (grid
+maps: each contrast on the T1 scan's registration, as detection brings them, cached in --cache, and fused by
+detection's own post-processing and fuse); then the held-out case is detected with its pick on its own grid,
+exactly as `evaluate` does, and the held-out maps of all cases are pooled into AUPRC and best Dice over the brain
+voxels. The setting best on all cases (the one a model would ship with) is reported too, with its in-sample grid
+AUPRC. An ensemble (ensemble-ae-t1-ixi) cannot be a member: a fusion's members are single models
+(store.ensembles.build_fusion), so the T1 member is dpa-t1-ixi.
 """
 
 import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,11 +35,14 @@ sys.path.insert(0, str(ROOT))
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import group_by_subject, read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
+from BrainAnomalyLib.core.template import contralateral_difference  # noqa: E402
 from BrainAnomalyLib.detection.fusion import FusionDetector  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E402
-from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
+                                                    filter_map, robust_stats)
+from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, descending_order  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import preprocess_companion  # noqa: E402
+from BrainAnomalyLib.scorers.fusion import FusionScorer  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.ensembles import build_fusion  # noqa: E402
 from BrainAnomalyLib.store.models import Model, resolve_model  # noqa: E402
@@ -48,13 +54,26 @@ CHOICES = {"T1": ["dpa-t1-ixi"], "T1CE": ["tissue-t1ce"], "T2": ["tissue-t2", "i
 MIRROR = {"T1": 0.75, "T1CE": 0.5, "T2": 0.5, "FLAIR": 0.25}
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 T1CE_WEIGHTS = (0.0, 0.25, 0.5)  # T1CE alone scores 0.37 (tissue-t1ce): a minor member at most
-# Each member's robust scale is taken over its own eroded brain (detection.fusion.FusionDetector.score_grid).
-ERODE = {i: int(resolve_model(i).meta.get("postprocess", {}).get("erode_voxels", 3))
-         for ids in CHOICES.values() for i in ids}
+# The grids searched. "full": every contrast's scorer (tissue or intensity for T2 and FLAIR), each member's
+# contralateral subtraction on or off and its weight (0 drops the contrast). "shipped-members": the members fixed
+# beforehand, each contrast's shipped model best alone on brats18_dev (docs/benchmark/default-run.md: tissue-t2
+# 0.644 over intensity-t2 0.527, tissue-flair 0.867 over intensity-flair 0.815) post-processed as it ships (its own
+# contralateral weight), and only the weights beside FLAIR's 1 searched, none 0: a contrast given to a fusion of it
+# takes part. Fewer choices to fit to four cases, and no fold can drop a contrast the others happen not to need.
+GRIDS = ("full", "shipped-members")
+SHIPPED_MEMBERS = {"T1": "dpa-t1-ixi", "T1CE": "tissue-t1ce", "T2": "tissue-t2", "FLAIR": "tissue-flair"}
+FUSED_POST = PostprocessConfig(median_size=1)  # the fusion's own post-processing (its members filter their maps)
 
 
-def settings(with_t1ce: bool = True):
-    """The candidate settings; without T1CE, those of a three-contrast fusion (no T1CE member at all)."""
+def settings(with_t1ce: bool = True, grid: str = "full", rules=("mean",)):
+    """The candidate settings, each {"rule": ..., "members": {contrast: (model id, weight, contralateral)}};
+    without T1CE, those of a three-contrast fusion (no T1CE member at all). See GRIDS."""
+    for rule in rules:
+        for members in (_full if grid == "full" else _shipped_members)(with_t1ce):
+            yield {"rule": rule, "members": members}
+
+
+def _full(with_t1ce: bool):
     for t1w, cew, t2w, t2m, flm, m1, m2, m3 in itertools.product(WEIGHTS, T1CE_WEIGHTS if with_t1ce else (None,),
                                                                  WEIGHTS, CHOICES["T2"], CHOICES["FLAIR"],
                                                                  (0, 1), (0, 1), (0, 1)):
@@ -64,6 +83,18 @@ def settings(with_t1ce: bool = True):
         if with_t1ce:
             setting["T1CE"] = ("tissue-t1ce", cew, MIRROR["T1CE"])
         yield dict(setting, T2=(t2m, t2w, MIRROR["T2"] * m2), FLAIR=(flm, 1.0, MIRROR["FLAIR"] * m3))
+
+
+def _shipped_members(with_t1ce: bool):
+    members = {m: (i, own_contralateral(i)) for m, i in SHIPPED_MEMBERS.items() if with_t1ce or m != "T1CE"}
+    chosen = [m for m in members if m != "FLAIR"]
+    for weights in itertools.product(*(T1CE_WEIGHTS[1:] if m == "T1CE" else WEIGHTS[1:] for m in chosen)):
+        w = dict(zip(chosen, weights), FLAIR=1.0)
+        yield {m: (i, w[m], c) for m, (i, c) in members.items()}
+
+
+def own_contralateral(model_id: str) -> float:
+    return float(resolve_model(model_id).meta.get("postprocess", {}).get("contralateral") or 0.0)
 
 
 def grid_maps(subject, cases, cache: Path, detectors) -> dict:
@@ -97,44 +128,43 @@ def reference_preprocessing(row, scan, detector):
     return cached_preprocessed(row.image, scan, detector.preprocess_config, detector.grid)
 
 
-def fused_grid(d: dict, setting: dict, cache: dict) -> np.ndarray:
-    """The fused, cleaned grid map of one subject as detection makes it (members' contralateral subtraction and
-    median filter, per-scan robust scale, weighted mean, erosion and clipping), at the brain voxels."""
-    total, weight = 0.0, 0.0
-    eroded = ndimage.binary_erosion(d["mask"], iterations=3)
-    for m, (model_id, w, mirror) in setting.items():
+def member_map(d: dict, model_id: str, modality: str, mirror: float, detector: Detector) -> tuple:
+    """One member's map as detection post-processes it before fusing (detection.fusion.FusionDetector.score_grid:
+    the member's own filtering with the setting's contralateral weight) and its robust statistics on this scan."""
+    post = replace(detector.postprocess_config, contralateral=mirror)
+    filtered = filter_map(contralateral_difference(d[f"{modality}|{model_id}"], mirror, detector.grid), post)
+    return filtered, robust_stats(filtered[erode_mask(d["mask"], post)])
+
+
+def fused_grid(d: dict, setting: dict, cache: dict, detectors) -> np.ndarray:
+    """The fused, cleaned grid map of one subject as detection makes it (each member's map as `member_map`, the
+    fusion scorer's own fuse, the fusion's post-processing), at the brain voxels. `cache` keeps the members'
+    maps: a setting's weights do not change them."""
+    maps, stats = {}, {}
+    for m, (model_id, w, mirror) in setting["members"].items():
         if w == 0:
             continue
         key = (id(d), m, model_id, mirror)
         if key not in cache:
-            raw = d[f"{m}|{model_id}"]
-            raw = raw - np.float32(mirror) * np.flip(raw, 2) if mirror else raw
-            f = ndimage.median_filter(raw, size=(1, 5, 5))
-            v = f[ndimage.binary_erosion(d["mask"], iterations=ERODE[model_id]) if ERODE[model_id] else d["mask"]]
-            med = np.median(v)
-            cache[key] = ((f - med) / (1.4826 * np.median(np.abs(v - med))))[d["mask"]]
-        total, weight = total + w * cache[key], weight + w
-    return np.where(eroded[d["mask"]], np.maximum(total / weight, 0), 0)
-
-
-def _ap_ranked(ranked: np.ndarray, y: np.ndarray) -> float:
-    """Average precision of scores already sorted in descending order (ties count as one threshold, as
-    evaluation.metrics.average_precision counts them)."""
-    tp = np.cumsum(y)
-    last = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
-    tp, seen = tp[last], last + 1
-    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * tp / seen)) if tp[-1] else 0.0
+            cache[key] = member_map(d, model_id, m, mirror, detectors[model_id])
+        maps[m], stats[m] = cache[key]
+    members = setting["members"]
+    scorer = FusionScorer({"members": [{"modality": m} for m in members], "rule": setting["rule"],
+                           "weights": [w for _, w, _ in members.values()]}, {})
+    fused = filter_map(scorer.fuse(maps, stats), FUSED_POST)
+    return clip_to_mask(fused, erode_mask(d["mask"], FUSED_POST))[d["mask"]]
 
 
 def fusion_model(setting: dict) -> Model:
     """The fusion of `setting` as an in-memory model (what make_fusion_model.py would write, uncalibrated)."""
-    members = [(m, resolve_model(i)) for m, (i, _, _) in setting.items()]
+    chosen = setting["members"]
+    members = [(m, resolve_model(i)) for m, (i, _, _) in chosen.items()]
     # The contralateral weight is written even when 0: a member's own (e.g. tissue-t2's 0.5) would apply otherwise.
-    params = build_fusion(members, weights=[w for _, w, _ in setting.values()],
-                          postprocess=[{"contralateral": c} for _, _, c in setting.values()])
+    params = build_fusion(members, weights=[w for _, w, _ in chosen.values()],
+                          postprocess=[{"contralateral": c} for _, _, c in chosen.values()], rule=setting["rule"])
     template = members[0][1]
     meta = dict(template.meta, name="fusion-loo", kind="fusion", params=params,
-                postprocess=PostprocessConfig(median_size=1).to_dict(), inputs=list(setting))
+                postprocess=FUSED_POST.to_dict(), inputs=list(chosen))
     meta.pop("calibration", None)
     return Model(Path("."), meta, members=[m for _, m in members])
 
@@ -152,20 +182,20 @@ def native(detector: FusionDetector, cases) -> tuple:
     return sitk.GetArrayFromImage(result.anomaly_map)[brain], truth[brain]
 
 
-def grid_scores(data: dict, names, all_settings) -> list:
+def grid_scores(data: dict, names, all_settings, detectors) -> list:
     """Per setting, the pooled grid AUPRC over all subjects ("all") and over all but each one (by subject)."""
     cache: dict = {}
     scores = []
     labels = np.concatenate([data[s]["label"][data[s]["mask"]] for s in names])
     groups = np.concatenate([np.full(int(data[s]["mask"].sum()), i) for i, s in enumerate(names)])
     for n, setting in enumerate(all_settings):
-        pooled = np.concatenate([fused_grid(data[s], setting, cache) for s in names])
-        order = np.argsort(-pooled, kind="stable")  # one sort serves all folds
+        pooled = np.concatenate([fused_grid(data[s], setting, cache, detectors) for s in names])
+        order = descending_order(pooled)  # one sort serves all folds: a fold's subset of it stays sorted
         ranked, y, g = pooled[order], labels[order], groups[order]
-        row = {"all": _ap_ranked(ranked, y)}
+        row = {"all": average_precision(ranked, y, np.arange(ranked.size))}
         for i, held in enumerate(names):
             keep = g != i
-            row[held] = _ap_ranked(ranked[keep], y[keep])
+            row[held] = average_precision(ranked[keep], y[keep], np.arange(int(keep.sum())))
         scores.append(row)
         if (n + 1) % 20 == 0:
             print(f"setting {n + 1}/{len(all_settings)}", file=sys.stderr, flush=True)
@@ -178,22 +208,25 @@ def main() -> int:
     ap.add_argument("--cache", required=True, type=Path, help="folder for the subjects' grid maps")
     ap.add_argument("-o", "--output", required=True, type=Path)
     ap.add_argument("--without-t1ce", action="store_true", help="the three-contrast fusions only (T1, T2, FLAIR)")
+    ap.add_argument("--grid", choices=GRIDS, default="full", help="the settings searched (see GRIDS)")
+    ap.add_argument("--rules", default="mean", help="the fusion rules searched, comma-separated (mean, rms)")
     args = ap.parse_args()
     subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
     detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
     data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
     names = sorted(data)
-    all_settings = list(settings(not args.without_t1ce))
+    rules = args.rules.split(",")
+    all_settings = list(settings(not args.without_t1ce, args.grid, rules))
     # the grid stage, kept so a failed native stage need not redo it
-    done = args.cache / ("grid_scores-without-t1ce.json" if args.without_t1ce else "grid_scores.json")
+    done = args.cache / f"grid_scores-{args.grid}-{'-'.join(rules)}{'-without-t1ce' if args.without_t1ce else ''}.json"
     kept = json.loads(done.read_text()) if done.is_file() else {}
     if kept.get("settings") == json.loads(json.dumps(all_settings)) and kept.get("subjects") == names:
         scores = kept["scores"]
     else:
-        scores = grid_scores(data, names, all_settings)
+        scores = grid_scores(data, names, all_settings, detectors)
         done.write_text(json.dumps({"settings": all_settings, "subjects": names, "scores": scores}))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
-    report = {"n_settings": len(all_settings), "best_on_all": all_settings[best],
+    report = {"grid": args.grid, "rules": rules, "n_settings": len(all_settings), "best_on_all": all_settings[best],
               "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}
     heat, truth = [], []
     for held in names:

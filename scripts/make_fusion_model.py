@@ -53,6 +53,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--member", action="append", required=True, help="MODALITY=model-id[:weight[:contralateral]]")
     ap.add_argument("--optional", action="append", default=[], help="a contrast a session may lack; repeat")
+    ap.add_argument("--rule", default="mean", choices=("mean", "rms"),
+                    help="how the members' maps are put together (scorers/fusion.py)")
+    ap.add_argument("--power", type=float, default=2.0, help="the rms rule's power")
     ap.add_argument("--median", type=int, default=1, help="median filter of the fused map (members filter their own)")
     ap.add_argument("--description", default="")
     ap.add_argument("-o", "--output", required=True, type=Path)
@@ -61,11 +64,11 @@ def main() -> int:
     models = [(m, resolve_model(i)) for m, i, _, _ in members]
     params = build_fusion(models, weights=[w for _, _, w, _ in members],
                           postprocess=[None if c is None else {"contralateral": c} for _, _, _, c in members],
-                          optional=args.optional)
+                          optional=args.optional, rule=args.rule, power=args.power)
     grid = Grid()
     modalities = [m for m, _, _, _ in members]
     fused = ", ".join(f"{i} ({m}, weight {w:g}" + (f", contralateral {c:g}" if c else "") + ")"
-                      for m, i, w, c in members)
+                      for m, i, w, c in members) + ("" if args.rule == "mean" else f" by rms (power {args.power:g})")
     meta = base_meta("fusion", args.output.name, modalities[0],
                      args.description or f"fusion of {fused}; calibrated on {N_SCANS} synthetic healthy sessions",
                      grid, PreprocessConfig(), PostprocessConfig(median_size=args.median), params)

@@ -58,10 +58,12 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
 
 
 def build_fusion(members: Sequence[Tuple[str, object]], weights: Sequence[float] = (), scale: str = "scan",
-                 postprocess: Sequence[Optional[dict]] = (), optional: Sequence[str] = ()) -> dict:
+                 postprocess: Sequence[Optional[dict]] = (), optional: Sequence[str] = (), rule: str = "mean",
+                 power: float = 2.0) -> dict:
     """The params of a fusion of installed models, one per contrast: `members` are (modality, model) pairs,
     `postprocess` per member changes to its own post-processing (e.g. a contralateral weight), `optional` the
-    contrasts a scan may lack. With scale "healthy" each member needs its healthy score statistics."""
+    contrasts a scan may lack, `rule` and `power` how the maps are put together (scorers.fusion). With scale
+    "healthy" each member needs its healthy score statistics."""
     if len(members) < 2:
         raise ValueError("a fusion needs at least two contrasts")
     modalities = [normalise_modality(m) for m, _ in members]
@@ -93,4 +95,10 @@ def build_fusion(members: Sequence[Tuple[str, object]], weights: Sequence[float]
         raise ValueError("list the T1 member first: it is the fusion's reference contrast")
     if all(r.get("optional") for r in out):
         raise ValueError("at least one contrast of a fusion must be required")
-    return {"members": out, "weights": [float(w) for w in weights] or None, "scale": scale}
+    from ..scorers.ensemble import check_rule
+
+    check_rule(rule, power)
+    params = {"members": out, "weights": [float(w) for w in weights] or None, "scale": scale}
+    if rule != "mean":  # a mean fusion's params stay as they were before the rms rule (same folder digest)
+        params.update(rule=rule, power=float(power))
+    return params
