@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from ..calibration import (AdaptiveReference, CalibrationCurve, FindingCalibration, ScanMove, Threshold,
                            choose_threshold)
 from ..calibration.findings import FindingRule
+from ..core.background import Background
 from ..core.device import resolve_device
 from ..core.errors import BadInputError, BrainAnomalyError, ModelError, OutOfMemoryError
 from ..core.io import array_to_image, read_volume
@@ -83,9 +84,22 @@ class Detector:
             except ValueError as exc:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
+        self._loading: Optional[Background] = None
 
-    def prepare(self) -> None:
-        """The scorer's networks loaded, and with them torch and MONAI (seconds of imports on a first scan)."""
+    def start_loading(self) -> None:
+        """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""
+        if self._loading is None:
+            self._loading = Background(self._prepare_scorer, name=f"load {self.model.name}")
+
+    def prepare(self, reporter: Optional[Reporter] = None) -> None:
+        """The scorer's networks loaded, and with them torch and MONAI (seconds of imports on a first scan): by the
+        thread `start_loading` began (its error raised here, a cancel ending the wait), else now."""
+        if self._loading is not None:
+            self._loading.result(reporter)
+            self._loading = None  # a failed load stays, to fail the next scan the same way
+        self._prepare_scorer()  # the networks already built: at once
+
+    def _prepare_scorer(self) -> None:
         try:
             self.scorer.prepare()
         except BrainAnomalyError:
@@ -206,14 +220,19 @@ class Detector:
         reporter = reporter or Reporter()
         t = time.perf_counter()
         if pre is None:
+            self.start_loading()
             pre = self.preprocess_scan(native, reporter.sub(0.0, 0.8))
             # contrast check (preprocess.contrast): refuses a scan of another contrast before it is scored
             pre.notes += check_contrast(pre.contrast, self.model.modality, declared, list_models, self.model.name)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
-        self.prepare()
-        # kept apart from scoring: on a first scan this is mostly the imports of torch and MONAI
+        loading = self._loading
+        self.prepare(reporter)
+        # kept apart from scoring: on a first scan, what the loading of the networks (mostly the imports of torch
+        # and MONAI) had left to do when the preprocessing ended; the loading's own time beside it
         seconds["load_networks"] = time.perf_counter() - t
+        if loading is not None and loading.seconds is not None:
+            seconds["load_networks_background"] = loading.seconds
         t = time.perf_counter()
         scores = self.score_grid(pre.image, pre.mask, reporter.sub(0.8, 0.95), pre.acquisition_mm)
         seconds["score+postprocess"] = time.perf_counter() - t
