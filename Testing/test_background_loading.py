@@ -1,6 +1,6 @@
-"""The networks load on a thread while the scan is preprocessed (core/background.py, Detector.start_loading): an
-error there ends the detection as it did before the overlap (one line, its exit code, no output folder); a bad
-scan or a cancel does not wait for the loading."""
+"""The networks load on a thread while the scan is preprocessed (core/background.py, Detector.start_loading, from the
+registration on): an error there ends the detection as it did before the overlap (one line, its exit code, no
+output folder); a bad scan or a cancel does not wait for the loading."""
 
 from __future__ import annotations
 
@@ -39,6 +39,31 @@ class HangingLoad(IntensityScorer):
         RELEASE.wait()
 
 
+STEPS: list = []  # the steps reported so far by the detection under test
+LOADING_SAW: list = []  # how many of them had been reported when the loading began
+
+
+@register
+class RecordingLoad(IntensityScorer):
+    """The intensity scorer noting when its loading begins."""
+
+    kind = "recording-load"
+
+    def prepare(self) -> None:
+        LOADING_SAW.append(len(STEPS))
+
+
+def test_the_networks_load_after_the_skull_strip_and_n4(tmp_path, coarse_demo_case):
+    model = _model(tmp_path / "recording", "recording-load")
+    det = Detector(model, device="cpu", preprocess_config=PreprocessConfig(registration="none"))
+    STEPS.clear()
+    LOADING_SAW.clear()
+    det.run(coarse_demo_case[0], modality="T1", reporter=Reporter(lambda step, fraction: STEPS.append(step)))
+    began = LOADING_SAW[0]
+    assert "bias-correct" in STEPS[:began] and "bias-correct" not in STEPS[began:], STEPS
+    assert "resample" in STEPS[began - 1:began + 1]  # the first step after N4 here (no registration) started it
+
+
 def test_background_hands_back_its_value_or_its_error():
     assert Background(lambda: 42).result() == 42
     work = Background(lambda: {}["missing"])
@@ -68,8 +93,11 @@ def test_a_bad_scan_is_refused_without_waiting_for_the_networks(tmp_path):
     arr = np.zeros((100, 100, 100), np.float32)
     arr[40:45, 40:45, 40:45] = 100.0  # "stripped", but no brain: refused while preprocessing
     with pytest.raises(BadInputError, match="brain mask .* empty or too small"):
+        det.run(sitk.GetImageFromArray(arr), modality="T1")  # waiting for the hanging load would never return
+    det.start_loading()
+    with pytest.raises(BadInputError, match="brain mask .* empty or too small"):
         det.run(sitk.GetImageFromArray(arr), modality="T1")
-    assert det._loading is not None and not det._loading.done()  # refused while the loading still hung
+    assert not det._loading.done()  # refused while the loading still hung
 
 
 def test_cancel_while_waiting_for_the_networks(tmp_path, coarse_demo_case):
