@@ -18,17 +18,15 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
                     path: Path, brain_mask: Optional[sitk.Image] = None, n_slices: int = 12,
                     title: str = "", truth: Optional[sitk.Image] = None) -> Path:
     """Axial montage; `truth`, when given, is outlined in green and its slices are shown first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, without pyplot: no GUI backend or global figure list, so it may be drawn on any thread.
+    from matplotlib.figure import Figure
 
     img, heat, pred = _ras_array(scan), _ras_array(anomaly_map), _ras_array(pred_mask) > 0
     true = _ras_array(truth) > 0 if truth is not None else np.zeros_like(pred)
     brain = _ras_array(brain_mask) > 0 if brain_mask is not None else img > img.min()
     if brain.any():  # crop to the brain, with a small margin, so each tile shows it large
-        lo_idx = np.maximum(np.argwhere(brain).min(axis=0) - 4, 0)
-        hi_idx = np.argwhere(brain).max(axis=0) + 5
+        lo_idx, hi_idx = _extent(brain)
+        lo_idx, hi_idx = np.maximum(lo_idx - 4, 0), hi_idx + 5
         crop = tuple(slice(a, b) for a, b in zip(lo_idx, hi_idx))
         img, heat, pred, brain, true = img[crop], heat[crop], pred[crop], brain[crop], true[crop]
     zs = np.where(brain.any(axis=(1, 2)))[0]
@@ -50,7 +48,9 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
     rows = int(np.ceil(len(slices) / cols))
     sp = scan.GetSpacing()
     aspect = sp[1] / sp[0]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.4), facecolor="black")
+    fig = Figure(figsize=(cols * 2.2, rows * 2.4), facecolor="black")
+    # No ticks: hidden with the axes anyway, but the title placement would lay them out on every tile.
+    axes = fig.subplots(rows, cols, subplot_kw={"xticks": [], "yticks": []})
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for ax, z in zip(np.atleast_1d(axes).ravel(), slices):
@@ -66,5 +66,15 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
         fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90, facecolor="black")
-    plt.close(fig)
     return Path(path)
+
+
+def _extent(mask: np.ndarray):
+    """(first, last) index of `mask`'s voxels along each axis: its bounding box, from one projection per axis
+    instead of the coordinates of every voxel."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(hit[0])
+        hi.append(hit[-1])
+    return np.array(lo), np.array(hi)

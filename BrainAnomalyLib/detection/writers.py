@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import SimpleITK as sitk
 
+from ..core.background import Background
 from ..core.errors import BadInputError
 from ..core.files import staged_folder
 from ..core.io import itk_reason, write_volume
@@ -131,13 +132,6 @@ def write_outputs(result: Result, scan: sitk.Image, folder: Path, fmt: str = "ni
     """Write every output file into `folder` (a private staging folder: see `write_result`)."""
     reporter = reporter or Reporter()
     reporter("write outputs", 0.0)
-    for name in VOLUMES:
-        image = getattr(result, name)
-        if image is not None:
-            write_volume(image, folder / (name + FORMATS[fmt]))
-    write_lesions_csv(result.lesions, folder / "lesions.csv")
-    summary = dict(result.summary(), input=input_name, lesion_columns=list(LESION_COLUMN_NAMES))
-    (folder / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     t = result.threshold
     if t.get("false_findings") is not None:
         # heat above the base threshold in colour; the reported findings outlined in cyan
@@ -145,8 +139,21 @@ def write_outputs(result: Result, scan: sitk.Image, folder: Path, fmt: str = "ni
     else:
         point = f"threshold {t['value']:.3g}" + (f" (healthy FPR {t['fpr']:.2%})" if t.get("fpr") else "")
     title = f"{input_name}  model {result.model['name']}  {point}  findings {len(result.lesions)}"
-    overlay_montage(scan, result.anomaly_map, result.pred_mask, result.threshold["value"], folder / "overlay.png",
-                    result.brain_mask, title=title)
+    # The montage (Python-bound drawing) is drawn beside the volumes' compression, which releases the GIL.
+    overlay = Background(lambda: overlay_montage(scan, result.anomaly_map, result.pred_mask, t["value"],
+                                                 folder / "overlay.png", result.brain_mask, title=title),
+                         name="overlay")
+    try:
+        for name in VOLUMES:
+            image = getattr(result, name)
+            if image is not None:
+                write_volume(image, folder / (name + FORMATS[fmt]))
+        write_lesions_csv(result.lesions, folder / "lesions.csv")
+        summary = dict(result.summary(), input=input_name, lesion_columns=list(LESION_COLUMN_NAMES))
+        (folder / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    finally:
+        overlay.wait()  # never leaves the folder (perhaps to be deleted) while the montage is still written into it
+    overlay.result()
     reporter.check()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..core.background import settle
 from ..core.errors import BadInputError
 from ..core.progress import Reporter
 
@@ -80,6 +81,7 @@ def _deepbet(use_gpu: bool):
 
 def deepbet_mask(image: sitk.Image, use_gpu: bool, reporter: Reporter) -> np.ndarray:
     """deepbet brain mask for `image` (z,y,x bool on the image's own grid)."""
+    settle(reporter)  # deepbet imports torch, which the networks' loading thread may be importing
     import torch
 
     ras = sitk.DICOMOrient(image, "RAS")
