@@ -129,10 +129,11 @@ def register_affine(moving: sitk.Image, moving_mask: np.ndarray, fixed: sitk.Ima
 # smooths the moving image and computes its gradient image anew, which on a 1 mm BraTS scan took about as long as
 # that level's 200 iterations on the 4 and 8 mm grids. The last level's own run draws other metric samples than it
 # did as the third level of one registration, which moved the grid's corners by 0.95 and 1.3 mm on two BraTS T1
-# against CHAIN_VERSION 6; whether its coarse levels saw the binned copy or the input's voxels moved them by 0.005 mm.
+# against CHAIN_VERSION 6; whether its coarse levels saw the binned copy or the input's voxels changed that by 0.005 mm.
 COARSE_SHRINK, COARSE_SMOOTH = (4, 2), (2, 1)
 # The last level stops once its step falls below this (the coarse ones at 1e-4): its iterations cost about 7 times
-# those of the 4 mm level, and the steps below it moved the grid's corners by at most 0.03 mm on two BraTS T1.
+# those of the 4 mm level, and the steps below it changed the corners' displacement from version 6 by at most
+# 0.03 mm on two BraTS T1.
 LAST_MIN_STEP = 1e-3
 
 
