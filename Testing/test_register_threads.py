@@ -7,6 +7,7 @@ import SimpleITK as sitk
 from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid
 from BrainAnomalyLib.preprocess import register
+from BrainAnomalyLib.preprocess.working_scale import working_copy
 
 
 def test_two_threads_give_the_transform_of_one(monkeypatch):
@@ -23,7 +24,9 @@ def test_two_threads_give_the_transform_of_one(monkeypatch):
     params = []
     for threads in (1, 2, 2):
         monkeypatch.setattr(register, "REGISTRATION_THREADS", threads)
-        transform, _ = register.register_affine(moving, moving_mask, fixed, mask, Reporter())
+        # As the chain calls it: the start search and coarse levels on a binned copy.
+        transform, _ = register.register_affine(moving, moving_mask, fixed, mask, Reporter(),
+                                                coarse=working_copy(moving, moving_mask, 8.0))
         params.append(np.array(transform.GetParameters()))
     assert np.abs(params[0][:9] - np.eye(3).ravel()).max() > 0.01  # it did have to rotate
     np.testing.assert_array_equal(params[1], params[0])

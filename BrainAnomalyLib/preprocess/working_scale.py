@@ -1,8 +1,8 @@
 """The working copy of a skull-stripped scan that N4 sees: brain voxels averaged down to about the model grid's
 spacing. The grid samples the scan no finer than that, so fitting the smooth field at the input's own resolution (a
 1 mm scan has 8 times the voxels of the 2 mm grid) costs time without adding anything the grid keeps. The SimpleITK
-registration does not use it (the torch one does): aligned on it, the shipped T1 models lost up to 0.010 AUPRC on
-brats18_dev (see preprocess.chain).
+registration uses it for its start search and coarse levels only (the torch one throughout): its last level aligned
+on it, the shipped T1 models lost up to 0.010 AUPRC on brats18_dev (see preprocess.chain).
 """
 
 from __future__ import annotations
