@@ -20,8 +20,9 @@ The REPORT synthetic set (held-out IXI scans, the card's table) is only ever mea
 `--measure DPA,CAE,NORMATIVE,POWER[,KNEE_DPA,KNEE_CAE,KNEE_NORMATIVE]` to measure the chosen setting, the current one
 and the single members on every set.
 
-Two grids: the weights and power (default; 48 settings), and with `--knees` the members' knees (scorers/ensemble.py)
-beside fewer weights and powers: the knee on the normative member alone or shared by all three (72 settings).
+Three grids: the weights and power (default; 48 settings); with `--knees grid` the members' knees
+(scorers/ensemble.py: none, 1, 2 or 3 on the normative member alone, 1 or 2 shared by all three) beside fewer weights
+and powers (72 settings); with `--knees current` those 6 knee settings at the ensemble's own weights and power.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,13 +111,16 @@ def pooled_auprc(scans: Scans, names, params: dict) -> float:
                              np.concatenate([scans.truth(n) for n in names]))
 
 
-def settings(base: dict, knees: bool = False):
+def settings(base: dict, knees: Optional[str] = None):
     if not knees:
         for dpa, norm, power in itertools.product(DPA, NORMATIVE, POWER):
             yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power)
-        return
-    for dpa, norm, power, knee in itertools.product(KNEE_DPA, KNEE_NORMATIVE_WEIGHT, KNEE_POWER, KNEES):
-        yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power, knees=list(knee))
+    elif knees == "current":
+        for knee in KNEES:
+            yield dict(base, weights=list(base["weights"]), power=float(base.get("power") or 2.0), knees=list(knee))
+    else:
+        for dpa, norm, power, knee in itertools.product(KNEE_DPA, KNEE_NORMATIVE_WEIGHT, KNEE_POWER, KNEES):
+            yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power, knees=list(knee))
 
 
 def setting_of(row: dict, base: dict) -> dict:
@@ -153,7 +158,11 @@ def main() -> int:
     ap.add_argument("--maps-only", action="store_true", help="cache the grid maps and stop")
     ap.add_argument("--measure", help="no search: measure the setting DPA,CAE,NORMATIVE,POWER[,KNEE x 3] (weights, "
                                       "power, knees) beside the current one and the single members")
-    ap.add_argument("--knees", action="store_true", help="search the knee grid instead of the weights and power")
+    ap.add_argument("--knees", choices=("grid", "current"),
+                    help="search the members' knees instead of the weights and power: beside a few weights and powers "
+                         "(grid), or at the ensemble's own weights and power (current)")
+    ap.add_argument("--frontier", help="no search: the report set's rows of these lesion kinds (comma-separated) for "
+                                       "every setting of the grid with dpa weight 1, no knee or a knee on one member")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
     detector = Detector(resolve_model(args.model), device="cpu")
@@ -173,6 +182,18 @@ def main() -> int:
     rep_kinds = {k: [f"rep_{s}" for s in v] for k, v in kinds_of(sets.get("rep", [])).items()}
     sel_healthy = [f"selh_{c.subject}" for c in sets["selh"]]
     rep_healthy = [f"reph_{c.subject}" for c in sets.get("reph", [])]
+    if args.frontier:
+        # For information only (the report set is never chosen on): how the grid trades those kinds, setting by setting.
+        kinds = {k: rep_kinds[k] for k in args.frontier.split(",")}
+        rows = [{"weights": p["weights"], "power": p["power"], "knees": p.get("knees"),
+                 "report": synth_rows(scans, kinds, rep_healthy, p)}
+                for p in settings(base, args.knees)
+                if p["weights"][0] == 1.0 and sum(1 for t in p.get("knees") or () if t) <= 1]
+        for row in rows:
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.output:
+            args.output.write_text(json.dumps({"frontier": rows}, indent=1) + "\n")
+        return 0
 
     singles = {m: single(base, i) for i, m in enumerate(members)}
     best_single_sel = {k: max(synth_rows(scans, sel_kinds, sel_healthy, p)[k] for p in singles.values())
