@@ -111,8 +111,8 @@ def combine(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, g
 
 
 def member_parts(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> list:
-    """Each member's map mirrored and put on the rule's scale, before weights and power: kept apart so a search over
-    those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
+    """Each member's map mirrored and put on the rule's scale, before knees, weights and power: kept apart so a
+    search over those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
     rule = params.get("rule") or "mean"
     parts = []
     for raw, member in zip(member_maps, params["members"]):
