@@ -88,6 +88,48 @@ def test_rms_rule_mirrors_each_member_then_takes_the_power_mean_of_scan_scaled_m
     assert got.min() >= 0 and got.max() > 1
 
 
+def test_rms_knees_take_each_member_past_its_knee_before_the_power_mean(installed, tmp_path):
+    folder = _build(tmp_path, "--weight", "1", "--weight", "3", "--rule", "rms", "--contralateral", "0.5",
+                    "--power", "1.5", "--knee", "0", "--knee", "1.5")
+    model = load_model(folder)
+    assert model.meta["params"]["knees"] == [0.0, 1.5]
+    image, mask = next(template_cohort(1, seed=9))
+    got = scorer_class("ensemble").for_model(model, model.meta["params"]).score(image, mask, Reporter()).anomaly_map
+    total = np.zeros(image.shape)
+    for name, w, knee in (("hypo", 1.0, 0.0), ("two-sided", 3.0, 1.5)):
+        member = load_model(installed / name)
+        raw = scorer_class(member.kind)(member.meta["params"], member.tensors).score(image, mask, Reporter())
+        mirrored = raw.anomaly_map - 0.5 * raw.anomaly_map[:, :, ::-1]
+        med = np.median(mirrored[mask])
+        z = (mirrored - med) / np.median(np.abs(mirrored[mask] - med))
+        total += w * np.clip(z - knee, 0, None) ** 1.5
+    expected = np.where(mask, (total / 4.0) ** (1.0 / 1.5), 0.0)
+    assert np.allclose(got, expected, atol=1e-4)
+    # the knee changed the map: without it the second member's weak responses would count
+    unkneed = load_model(_build(tmp_path / "plain", "--weight", "1", "--weight", "3", "--rule", "rms",
+                                "--contralateral", "0.5", "--power", "1.5"))
+    assert "knees" not in unkneed.meta["params"]  # no knee is not written, so older ensembles score as they did
+    plain = scorer_class("ensemble").for_model(unkneed, unkneed.meta["params"]).score(image, mask, Reporter())
+    assert (got <= plain.anomaly_map + 1e-5).all() and not np.allclose(got, plain.anomaly_map, atol=1e-3)
+
+
+@pytest.mark.parametrize("extra", [["--rule", "rms", "--knee", "-1", "--knee", "0"],
+                                   ["--knee", "1", "--knee", "1"],
+                                   ["--rule", "rms", "--knee", "1"]])
+def test_a_negative_knee_a_knee_without_the_rms_rule_or_one_per_member_missing_is_refused(installed, tmp_path,
+                                                                                         extra, capsys):
+    assert main(["ensemble", "--model", "hypo", "--model", "two-sided", *extra, "-o", str(tmp_path / "ens")]) == 2
+    assert "knee" in capsys.readouterr().err
+    assert not (tmp_path / "ens").exists()
+
+
+def test_a_saved_ensemble_with_bad_knees_is_refused_when_scored(installed, tmp_path):
+    model = load_model(_build(tmp_path, "--rule", "rms"))
+    for knees in ([1.0], [0.0, float("nan")]):
+        with pytest.raises(ValueError, match="knee"):
+            scorer_class("ensemble").for_model(model, dict(model.meta["params"], knees=knees))
+
+
 @pytest.mark.parametrize("extra", [["--rule", "rms", "--power", "0.5"], ["--power", "3"]])
 def test_a_power_below_1_or_without_the_rms_rule_is_refused(installed, tmp_path, extra, capsys):
     assert main(["ensemble", "--model", "hypo", "--model", "two-sided", *extra, "-o", str(tmp_path / "ens")]) == 2

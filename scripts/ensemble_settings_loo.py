@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Search of the default T1 ensemble's settings (member weights, the power of its rule) on cached grid maps, with a
-leave-one-case-out number for brats18_dev.
+"""Search of the default T1 ensemble's settings (member weights, the power of its rule, the members' knees) on cached
+grid maps, with a leave-one-case-out number for brats18_dev.
 
     python scripts/ensemble_settings_loo.py --cache build/ens-loo \\
         --brats ../shared/data/brats18_dev.csv --selection SEL/synth.csv --selection-healthy SEL_SOURCES.csv \\
@@ -17,7 +17,12 @@ is within 0.05 AUPRC of the best single member (mirrored, as in the ensemble); a
 chosen (eligibility is checked only for the settings a choice reaches, best on brats18_dev first). Leave-one-case-out:
 for each glioma the eligible setting best on the other four is applied to it, and the held-out grid maps are pooled.
 The REPORT synthetic set (held-out IXI scans, the card's table) is only ever measured, never chosen on: pass it with
-`--measure DPA,CAE,NORMATIVE,POWER` to measure the chosen setting, the current one and the single members on every set.
+`--measure DPA,CAE,NORMATIVE,POWER[,KNEE_DPA,KNEE_CAE,KNEE_NORMATIVE]` to measure the chosen setting, the current one
+and the single members on every set.
+
+Three grids: the weights and power (default; 48 settings); with `--knees grid` the members' knees
+(scorers/ensemble.py: none, 1, 2 or 3 on the normative member alone, 1 or 2 shared by all three) beside fewer weights
+and powers (72 settings); with `--knees current` those 6 knee settings at the ensemble's own weights and power.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +54,11 @@ MARGIN = 0.05  # issue 16: the default within 0.05 AUPRC of the best model on ev
 DPA = (1.0, 1.25, 1.5)
 NORMATIVE = (0.25, 0.375, 0.5, 0.75)
 POWER = (1.0, 1.25, 1.5, 2.0)
+# The knee grid: with a knee the normative member's weak, diffuse responses drop out, so it may carry more weight.
+KNEE_DPA = (1.0, 1.25)
+KNEE_NORMATIVE_WEIGHT = (0.5, 0.75, 1.0)
+KNEE_POWER = (1.0, 2.0)
+KNEES = ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 2.0), (0.0, 0.0, 3.0), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0))
 
 
 def scan_maps(case, detector: Detector, cache: Path, tag: str) -> dict:
@@ -100,9 +111,20 @@ def pooled_auprc(scans: Scans, names, params: dict) -> float:
                              np.concatenate([scans.truth(n) for n in names]))
 
 
-def settings(base: dict):
-    for dpa, norm, power in itertools.product(DPA, NORMATIVE, POWER):
-        yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power)
+def settings(base: dict, knees: Optional[str] = None):
+    if not knees:
+        for dpa, norm, power in itertools.product(DPA, NORMATIVE, POWER):
+            yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power)
+    elif knees == "current":
+        for knee in KNEES:
+            yield dict(base, weights=list(base["weights"]), power=float(base.get("power") or 2.0), knees=list(knee))
+    else:
+        for dpa, norm, power, knee in itertools.product(KNEE_DPA, KNEE_NORMATIVE_WEIGHT, KNEE_POWER, KNEES):
+            yield dict(base, weights=[dpa, 1.0, norm], rule="rms", power=power, knees=list(knee))
+
+
+def setting_of(row: dict, base: dict) -> dict:
+    return dict(base, weights=row["weights"], power=row["power"], knees=row.get("knees"))
 
 
 def single(base: dict, i: int) -> dict:
@@ -134,8 +156,13 @@ def main() -> int:
     ap.add_argument("--report", help="synth.csv of the synthetic set only reported (none: no report rows)")
     ap.add_argument("--report-healthy", help="manifest of the report set's untouched scans")
     ap.add_argument("--maps-only", action="store_true", help="cache the grid maps and stop")
-    ap.add_argument("--measure", help="no search: measure the setting DPA,CAE,NORMATIVE,POWER (weights and power) "
-                                      "beside the current one and the single members")
+    ap.add_argument("--measure", help="no search: measure the setting DPA,CAE,NORMATIVE,POWER[,KNEE x 3] (weights, "
+                                      "power, knees) beside the current one and the single members")
+    ap.add_argument("--knees", choices=("grid", "current"),
+                    help="search the members' knees instead of the weights and power: beside a few weights and powers "
+                         "(grid), or at the ensemble's own weights and power (current)")
+    ap.add_argument("--frontier", help="no search: the report set's rows of these lesion kinds (comma-separated) for "
+                                       "every setting of the grid with dpa weight 1, no knee or a knee on one member")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
     detector = Detector(resolve_model(args.model), device="cpu")
@@ -155,6 +182,18 @@ def main() -> int:
     rep_kinds = {k: [f"rep_{s}" for s in v] for k, v in kinds_of(sets.get("rep", [])).items()}
     sel_healthy = [f"selh_{c.subject}" for c in sets["selh"]]
     rep_healthy = [f"reph_{c.subject}" for c in sets.get("reph", [])]
+    if args.frontier:
+        # For information only (the report set is never chosen on): how the grid trades those kinds, setting by setting.
+        kinds = {k: rep_kinds[k] for k in args.frontier.split(",")}
+        rows = [{"weights": p["weights"], "power": p["power"], "knees": p.get("knees"),
+                 "report": synth_rows(scans, kinds, rep_healthy, p)}
+                for p in settings(base, args.knees)
+                if p["weights"][0] == 1.0 and sum(1 for t in p.get("knees") or () if t) <= 1]
+        for row in rows:
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.output:
+            args.output.write_text(json.dumps({"frontier": rows}, indent=1) + "\n")
+        return 0
 
     singles = {m: single(base, i) for i, m in enumerate(members)}
     best_single_sel = {k: max(synth_rows(scans, sel_kinds, sel_healthy, p)[k] for p in singles.values())
@@ -170,9 +209,11 @@ def main() -> int:
                          "report": synth_rows(scans, rep_kinds, rep_healthy, base)}
     print("current", json.dumps(report["current"]), file=sys.stderr, flush=True)
     if args.measure:
-        *weights, power = (float(v) for v in args.measure.split(","))
-        p = dict(base, weights=weights, power=power)
-        report["measured"] = {"weights": weights, "power": power, "brats": pooled_auprc(scans, brats, p),
+        values = [float(v) for v in args.measure.split(",")]
+        weights, power, knees = values[:3], values[3], values[4:7] or None
+        p = dict(base, weights=weights, power=power, knees=knees)
+        report["measured"] = {"weights": weights, "power": power, "knees": knees,
+                              "brats": pooled_auprc(scans, brats, p),
                               "selection": synth_rows(scans, sel_kinds, sel_healthy, p),
                               "report": synth_rows(scans, rep_kinds, rep_healthy, p)}
         if args.output:
@@ -182,17 +223,18 @@ def main() -> int:
     # brats18_dev for every setting (five scans: cheap); the selection set's 21 scans only for the settings a
     # choice reaches, best on brats18_dev first, each setting checked once.
     rows = []
-    for n, p in enumerate(settings(base)):
-        rows.append({"weights": p["weights"], "power": p["power"], "brats": pooled_auprc(scans, brats, p),
+    for n, p in enumerate(settings(base, args.knees)):
+        rows.append({"weights": p["weights"], "power": p["power"], "knees": p.get("knees"),
+                     "brats": pooled_auprc(scans, brats, p),
                      "brats_without": {b: pooled_auprc(scans, [x for x in brats if x != b], p) for b in brats}})
-        print(n, json.dumps({k: rows[-1][k] for k in ("weights", "power", "brats")}), file=sys.stderr, flush=True)
+        print(n, json.dumps({k: rows[-1][k] for k in ("weights", "power", "knees", "brats")}), file=sys.stderr,
+              flush=True)
 
     def eligible(row) -> bool:
         if "eligible" not in row:
-            row["selection"] = synth_rows(scans, sel_kinds, sel_healthy, dict(base, weights=row["weights"],
-                                                                             power=row["power"]))
+            row["selection"] = synth_rows(scans, sel_kinds, sel_healthy, setting_of(row, base))
             row["eligible"] = all(row["selection"][k] >= best_single_sel[k] - MARGIN for k in sel_kinds)
-            print("checked", json.dumps({k: row[k] for k in ("weights", "power", "eligible", "selection")}),
+            print("checked", json.dumps({k: row[k] for k in ("weights", "power", "knees", "eligible", "selection")}),
                   file=sys.stderr, flush=True)
         return row["eligible"]
 
@@ -202,15 +244,14 @@ def main() -> int:
     report["settings"] = rows
     chosen = best(lambda r: r["brats"])
     if chosen is not None:
-        p = dict(base, weights=chosen["weights"], power=chosen["power"])
-        report["chosen"] = {"weights": chosen["weights"], "power": chosen["power"], "brats_in_sample": chosen["brats"],
-                            "selection": chosen["selection"],
-                            "report": synth_rows(scans, rep_kinds, rep_healthy, p)}
+        report["chosen"] = {"weights": chosen["weights"], "power": chosen["power"], "knees": chosen["knees"],
+                            "brats_in_sample": chosen["brats"], "selection": chosen["selection"],
+                            "report": synth_rows(scans, rep_kinds, rep_healthy, setting_of(chosen, base))}
         heat, truth, folds = [], [], {}
         for b in brats:
             pick = best(lambda r: r["brats_without"][b])
-            folds[b] = {"weights": pick["weights"], "power": pick["power"]}
-            heat.append(scans.heat(b, dict(base, weights=pick["weights"], power=pick["power"])))
+            folds[b] = {"weights": pick["weights"], "power": pick["power"], "knees": pick["knees"]}
+            heat.append(scans.heat(b, setting_of(pick, base)))
             truth.append(scans.truth(b))
         report["loo"] = {"folds": folds, "pooled_auprc": average_precision(np.concatenate(heat),
                                                                            np.concatenate(truth))}

@@ -50,8 +50,10 @@ def repin(model_id: str) -> None:
     meta = meta_of(model_id)
     members = [resolve_model(m["id"]) for m in meta["params"]["members"]]
     p = meta["params"]
+    # Every setting of the rule is carried over: a re-pinned ensemble scores as before.
     meta["params"] = build_ensemble(members, p.get("weights") or (), p.get("rule") or "mean",
-                                    float(p.get("contralateral") or 0.0))
+                                    float(p.get("contralateral") or 0.0), float(p.get("power") or 2.0),
+                                    p.get("knees") or ())
     save_model(folder_of(model_id), meta, None, keep_files_of=folder_of(model_id))
     update_registry([model_id])
 

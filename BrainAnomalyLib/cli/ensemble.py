@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--power", type=float, default=2.0,
                    help="rms rule only: p of the weighted power mean of the members' positive parts (default 2, the "
                         "root mean square); a larger p leaves a voxel more to the member that scores it highest")
+    p.add_argument("--knee", action="append", type=float,
+                   help="rms rule only: member knee t in --model order (default 0): the member adds max(z - t, 0) of "
+                        "its scan-scaled map z, so only where it is clearly anomalous")
     p.add_argument("--contralateral", type=float,
                    help="share of each member's mirror-image map (across the template midline) taken off it before "
                         "the maps meet, 0-1 (default: the first member's post-processing setting)")
@@ -38,11 +41,14 @@ def run(args, cancel: CancelToken) -> int:
     models = [resolve_model(m) for m in args.model]
     if args.weight and len(args.weight) != len(models):
         raise BadInputError(f"{len(args.weight)} --weight values for {len(models)} models")
+    if args.knee and len(args.knee) != len(models):
+        raise BadInputError(f"{len(args.knee)} --knee values for {len(models)} models")
     try:
         contralateral = args.contralateral
         if contralateral is None:
             contralateral = float((models[0].meta.get("postprocess") or {}).get("contralateral") or 0.0)
-        params = build_ensemble(models, args.weight or (), args.rule, contralateral, args.power)
+        params = build_ensemble(models, args.weight or (), args.rule, contralateral, args.power,
+                                args.knee or ())
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
     first = models[0].meta

@@ -14,6 +14,11 @@ With `contralateral` set, each member's map first has that share of its mirror i
 (core.template.contralateral_difference); the rms rule is not linear, so this happens before the members meet.
 `power` (rms only, default 2) is the p of the weighted power mean of the positive parts: a larger p lets the
 member that sees a voxel most decide it more, p -> 1 lets members that agree add up.
+`knees` (rms only, one per member, default 0) take each member's part as max(z - t, 0) for its knee t (in units of
+the scan's MAD) before weights and power: a member with a knee adds to a voxel only where it is clearly anomalous, so
+its many weak, diffuse responses (the normative model's, across a glioma's surroundings) stop diluting the others
+while its strong ones still count. The map is then
+    (sum_i w_i * max(z_i - t_i, 0)^p / sum_i w_i)^(1/p).
 """
 
 from __future__ import annotations
@@ -30,12 +35,24 @@ from .reuse import score_once, scorer_for_model
 RULES = ("mean", "rms")
 
 
-def check_rule(rule: str, power: float = 2.0) -> None:
-    """Refuse (ValueError) a rule or power the ensemble cannot score with: one check for building and loading."""
+def check_rule(rule: str, power: float = 2.0, knees: Optional[Sequence[float]] = None,
+               members: Optional[int] = None) -> None:
+    """Refuse (ValueError) a rule, power or knees the ensemble cannot score with: one check for building and
+    loading."""
     if rule not in RULES:
         raise ValueError(f"unknown ensemble rule {rule!r}; choose from {', '.join(RULES)}")
     if not power >= 1.0:
         raise ValueError(f"ensemble power {power} is below 1")
+    if power != 2.0 and rule != "rms":
+        raise ValueError("a power other than 2 is a setting of the rms rule")
+    if knees:
+        if rule != "rms":
+            raise ValueError("knees are a setting of the rms rule")
+        if members is not None and len(knees) != members:
+            raise ValueError(f"{len(knees)} knees for {members} members")
+        bad = [t for t in knees if not 0.0 <= float(t) < float("inf")]
+        if bad:
+            raise ValueError(f"ensemble knee {bad[0]} is not a finite number >= 0")
 
 
 @register
@@ -49,7 +66,7 @@ class EnsembleScorer(Scorer):
         if len(members) != len(self.params["members"]):
             raise ValueError(f"the ensemble names {len(self.params['members'])} members but got {len(members)} "
                              "scorers; load it with models.load_model")
-        check_rule(self.rule, float(self.params.get("power") or 2.0))
+        check_rule(self.rule, float(self.params.get("power") or 2.0), self.params.get("knees"), len(members))
         if self.params.get("contralateral") and grid is None:
             raise ValueError("an ensemble with a contralateral weight needs its grid")
         self.members = list(members)
@@ -94,8 +111,8 @@ def combine(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, g
 
 
 def member_parts(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: dict, grid: Grid) -> list:
-    """Each member's map mirrored and put on the rule's scale, before weights and power: kept apart so a search over
-    those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
+    """Each member's map mirrored and put on the rule's scale, before knees, weights and power: kept apart so a
+    search over those (scripts/ensemble_settings_loo.py) computes the parts of a scan once."""
     rule = params.get("rule") or "mean"
     parts = []
     for raw, member in zip(member_maps, params["members"]):
@@ -109,12 +126,16 @@ def member_parts(member_maps: Sequence[np.ndarray], mask: np.ndarray, params: di
 
 
 def fuse(parts: Sequence[np.ndarray], mask: np.ndarray, params: dict) -> np.ndarray:
-    """The weighted mean (rule mean) or weighted power mean (rule rms) of the members' parts."""
+    """The weighted mean (rule mean) or weighted power mean (rule rms) of the members' parts, each rms part past its
+    member's knee."""
     rms = (params.get("rule") or "mean") == "rms"
     power = float(params.get("power") or 2.0)
     weights = params.get("weights") or [1.0] * len(parts)
+    knees = params.get("knees") or [0.0] * len(parts)
     total = np.zeros(mask.shape, np.float64)
-    for part, w in zip(parts, weights):
+    for part, w, knee in zip(parts, weights, knees):
+        if rms and knee:
+            part = np.maximum(part - float(knee), 0.0)
         total += w * (part ** power if rms else part)
     total /= float(sum(weights))
     if rms:

@@ -11,14 +11,12 @@ from .models import COMPOSITE_KINDS, installed_id, user_models_dir
 
 
 def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = "mean",
-                   contralateral: float = 0.0, power: float = 2.0) -> dict:
+                   contralateral: float = 0.0, power: float = 2.0, knees: Sequence[float] = ()) -> dict:
     """The params of an ensemble of calibrated, installed models of one modality and grid (scorers/ensemble.py
-    says what `rule`, `contralateral` and `power` do)."""
+    says what `rule`, `contralateral`, `power` and `knees` do)."""
     from ..scorers.ensemble import check_rule
 
-    check_rule(rule, power)
-    if power != 2.0 and rule != "rms":
-        raise ValueError("a power other than 2 is a setting of the rms rule")
+    check_rule(rule, power, knees, len(models))
     if not 0.0 <= contralateral < 1.0:
         raise ValueError(f"contralateral weight {contralateral} is outside [0, 1)")
     if len(models) < 2:
@@ -52,6 +50,8 @@ def build_ensemble(models: Sequence, weights: Sequence[float] = (), rule: str = 
         out["rule"] = rule
     if power != 2.0:  # absent means 2, so an ensemble built before the setting existed scores as it did
         out["power"] = float(power)
+    if any(knees):  # absent means no knee, as for ensembles built before the setting existed
+        out["knees"] = [float(t) for t in knees]
     if contralateral:
         out["contralateral"] = float(contralateral)
     return out
