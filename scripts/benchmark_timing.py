@@ -64,11 +64,13 @@ STEPS = {"orient": ["preprocess.orient"], "skull-strip": ["preprocess.skull-stri
 BESIDE = {"load networks (beside)": ["load_networks_background"]}
 
 
-def timed_detect(tree: Path, scan: Path, out: Path, model, skull_strip: str) -> dict:
+def timed_detect(tree: Path, scan: Path, out: Path, model, skull_strip: str, device: str = "cpu",
+                 extra: tuple = ()) -> dict:
     """Run `brainanomaly detect` from the checkout at `tree`; its step seconds, wall time and peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "BrainAnomalyLib.cli.main", "detect", str(scan), "-o", str(out), "--device", "cpu",
-           "-q", "--skull-strip", skull_strip] + (["--model", model] if model else [])
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-m", "BrainAnomalyLib.cli.main", "detect", str(scan), "-o", str(out), "--device", device,
+           "-q", "--skull-strip", skull_strip, *extra] + (["--model", model] if model else [])
+    # The checkout first, anything already on the path after it (a GPU host's carried packages).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

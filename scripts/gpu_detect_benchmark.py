@@ -11,6 +11,12 @@ map cleaning, back-projection, then the threshold and the lesion table on the CP
 of --repeats runs per step and of their sum ("end_to_end_s"). Not in that sum (stated in the JSON): reading and
 writing files, skull-stripping (the BraTS scans are stripped already: `auto` only checks) and N4, which stays on
 the CPU (the pack's CPU seconds for it are reported next to it).
+
+`e2e` (a GPU host that has SimpleITK and nibabel, carried as `gpu_detect_benchmark.sh carry` packs them): the real
+`brainanomaly detect` command, timed whole (interpreter start-up, imports, reading, writing) and by step from its
+result.json, with --device cuda (SimpleITK and torch registration) and --device cpu, runs interleaved after one cold
+run; then the maps of the CUDA runs against the CPU run's, and the same detection repeated inside one process that
+keeps the networks loaded (what a Slicer session or a cohort worker pays per scan after the first).
 """
 
 from __future__ import annotations
@@ -185,6 +191,120 @@ def run(args) -> int:
     return 0
 
 
+# The detect command lines timed by `e2e`: the scoring device and the registration.
+E2E_CONFIGS = {"cuda, SimpleITK registration": ("cuda", ("--registration", "affine")),
+               "cuda, torch registration": ("cuda", ("--registration", "torch")),
+               "cpu, SimpleITK registration": ("cpu", ("--registration", "affine"))}
+E2E_REFERENCE = "cpu, SimpleITK registration"
+
+
+def _map_agreement(a_dir: Path, b_dir: Path) -> dict:
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(next(a_dir.glob("anomaly_map.*"))))).ravel()
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(next(b_dir.glob("anomaly_map.*"))))).ravel()
+    keep = (a != 0) | (b != 0)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a_dir, b_dir))
+    return {"correlation": round(float(np.corrcoef(a[keep], b[keep])[0, 1]), 6),
+            "max_abs_difference": round(float(np.abs(a - b).max()), 5),
+            "findings": [len(ra.get("lesions", [])), len(rb.get("lesions", []))],
+            "threshold": [ra.get("threshold", {}).get("value"), rb.get("threshold", {}).get("value")]}
+
+
+def _in_process(scan_path: Path, model_name, device: str, repeats: int) -> dict:
+    """Detection repeated in one process with the networks loaded once: seconds per scan after the first."""
+    from BrainAnomalyLib.core.io import read_volume
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.store.models import default_model_name, resolve_model
+
+    t = time.perf_counter()
+    detector = Detector(resolve_model(model_name or default_model_name()), device=device)
+    detector.prepare()
+    load_s = time.perf_counter() - t
+    scan = read_volume(scan_path)
+    detector.run(scan)  # warm-up: kernels, allocator, template caches
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = detector.run(scan)
+        runs.append({"total_s": time.perf_counter() - t, "timings": result.timings})
+    return {"device": device, "load_networks_s": round(load_s, 3),
+            "per_scan_s": [round(r["total_s"], 3) for r in runs],
+            "median_s": round(statistics.median(r["total_s"] for r in runs), 3),
+            "last_timings_s": runs[-1]["timings"], "findings": len(result.lesions)}
+
+
+def e2e(args) -> int:
+    import os
+    import shutil
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_timing import timed_detect
+
+    root = Path(__file__).resolve().parents[1]
+    have_cuda = torch.cuda.is_available()
+    configs = {k: v for k, v in E2E_CONFIGS.items() if have_cuda or v[0] == "cpu"}
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    report = {"gpu": torch.cuda.get_device_name(0) if have_cuda else None, "torch": torch.__version__,
+              "cpu_cores": os.cpu_count(), "scan": str(args.scan), "model": args.model or "default",
+              "repeats": args.repeats, "skull_strip": "auto", "errors": {}}
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+    first = next(iter(configs))
+    try:  # the first command after a machine starts: files not yet cached, CUDA's first initialisation
+        report["cold_run"] = {"config": first, **timed_detect(root, args.scan, args.work / "cold", args.model, "auto",
+                                                              configs[first][0], configs[first][1])}
+    except SystemExit as exc:
+        report["errors"]["cold_run"] = str(exc)
+    save()
+    runs = {k: [] for k in configs}
+    names = list(configs)
+    for i in range(args.repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotated so no config always runs first
+            out = args.work / f"{i}-{names.index(name)}"
+            try:
+                runs[name].append(timed_detect(root, args.scan, out, args.model, "auto", *configs[name]))
+            except SystemExit as exc:
+                report["errors"][f"{name} #{i}"] = str(exc)
+            print(f"{name} #{i}: {runs[name][-1]['wall']:.2f} s" if runs[name] else f"{name} #{i}: failed",
+                  file=sys.stderr, flush=True)
+            if i < args.repeats - 1 and out.exists():
+                shutil.rmtree(out)
+        report["median"] = {n: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+                            for n, rs in runs.items() if rs}
+        report["runs"] = runs
+        save()
+    last = args.repeats - 1
+    ref = args.work / f"{last}-{names.index(E2E_REFERENCE)}"
+    report["maps_vs_cpu"] = {}
+    for name in names:
+        here = args.work / f"{last}-{names.index(name)}"
+        if name != E2E_REFERENCE and here.exists() and ref.exists():
+            report["maps_vs_cpu"][name] = _map_agreement(here, ref)
+    save()
+    for device in (["cuda"] if have_cuda else []) + ["cpu"]:
+        try:
+            report.setdefault("in_process", {})[device] = _in_process(args.scan, args.model, device, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports what failed and goes on
+            report["errors"][f"in_process {device}"] = f"{type(exc).__name__}: {exc}"
+        save()
+    print("| config | wall s | " + " | ".join(k for k in next(iter(report.get("median", {None: {}}).values()), {})
+                                             if k not in ("wall",)) + " |")
+    for name, med in report.get("median", {}).items():
+        print(f"| {name} | {med['wall']:.2f} | " + " | ".join(f"{v:.2f}" for k, v in med.items() if k != "wall")
+              + " |")
+    print(json.dumps({k: report[k] for k in ("maps_vs_cpu", "errors") if k in report}, indent=1))
+    print(json.dumps(report.get("in_process", {}), indent=1))
+    return 0 if not report["errors"] else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,8 +317,14 @@ def main() -> int:
     b.add_argument("--device", default="auto")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", type=Path, required=True)
+    c = sub.add_parser("e2e")
+    c.add_argument("--scan", type=Path, required=True)
+    c.add_argument("--model", default=None, help="default: the shipped default")
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--json", type=Path, required=True)
+    c.add_argument("--work", type=Path, default=Path("/tmp/gpu_e2e"))
     args = p.parse_args()
-    return pack(args) if args.command == "pack" else run(args)
+    return {"pack": pack, "run": run, "e2e": e2e}[args.command](args)
 
 
 if __name__ == "__main__":
