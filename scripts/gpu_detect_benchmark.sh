@@ -15,7 +15,7 @@
 # wheel (53 MB) does not fit beside the tracked files, so `carry` packs its package as tar.xz (29 MB) with the MONAI
 # and nibabel wheels, nilearn's three MNI files (core/template.py finds them by nilearn's package folder, without
 # importing nilearn) and two brats18_dev T1 scans into build/gpu/e2e. What travels must stay under 64 MiB: the call is
-# made with the tracked files the default model does not need (other models' weights, images, tests, docs) left out
+# made with the tracked files the default model does not need (other models, screenshots, tests, docs) left out
 # of the index for its duration (`trim` / `untrim`; the files themselves stay):
 #   here:        bash scripts/gpu_detect_benchmark.sh carry && bash scripts/gpu_detect_benchmark.sh trim
 #   on the GPU:  device `run`, carry ["build/gpu/e2e"], timeout_s 600: bash scripts/gpu_detect_benchmark.sh e2e
@@ -71,11 +71,12 @@ carry)
     du -sh "$E2E"
     ;;
 trim)
-    # Tracked files the GPU run does not read, taken out of the index (kept on disk) and excluded while it runs.
+    # Tracked files the GPU run does not read, taken out of the index (kept on disk) and excluded while it runs; a
+    # kept model's folder stays whole (its sha256 covers every file in it).
     git diff --quiet && git diff --cached --quiet || { echo "commit first: trim/untrim reset the index" >&2; exit 2; }
     keep=$("$PY" -c 'from BrainAnomalyLib.store.models import resolve_model; m = resolve_model(None)
 print("\n".join([m.name] + [x["id"] for x in m.meta.get("params", {}).get("members", [])]))')
-    git ls-files Testing docs BrainAnomalyViewer BrainAnomaly BrainAnomalySlicer Resources/Screenshots '*.png' > .git/gpu_trim
+    git ls-files Testing docs BrainAnomalyViewer BrainAnomaly BrainAnomalySlicer Resources/Screenshots > .git/gpu_trim
     for d in Resources/Models/*/; do
         grep -qx "$(basename "$d")" <<< "$keep" || git ls-files "$d" >> .git/gpu_trim
     done
