@@ -211,14 +211,25 @@ def _map_agreement(a_dir: Path, b_dir: Path) -> dict:
             "threshold": [ra.get("threshold", {}).get("value"), rb.get("threshold", {}).get("value")]}
 
 
-def _in_process(scan_path: Path, model_name, device: str, repeats: int) -> dict:
-    """Detection repeated in one process with the networks loaded once: seconds per scan after the first."""
+def _in_process(scan_path: Path, model_name, device: str, repeats: int, registration: str = None,
+                n4_threads: int = None) -> dict:
+    """Detection repeated in one process with the networks loaded once: seconds per scan after the first.
+    `registration` replaces the model's (torch: on `device`); `n4_threads` N4's fixed thread count (outputs then
+    differ from the shipped chain's bytes: what a GPU host could gain by giving that up)."""
     from BrainAnomalyLib.core.io import read_volume
     from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.preprocess import bias
+    from BrainAnomalyLib.preprocess.chain import PreprocessConfig
     from BrainAnomalyLib.store.models import default_model_name, resolve_model
 
+    if n4_threads:
+        bias.N4_THREADS = n4_threads
+    model = resolve_model(model_name or default_model_name())
+    config = PreprocessConfig.from_dict(model.meta.get("preprocessing", {}))
+    if registration:
+        config.registration = registration
     t = time.perf_counter()
-    detector = Detector(resolve_model(model_name or default_model_name()), device=device)
+    detector = Detector(model, device=device, preprocess_config=config)
     detector.prepare()
     load_s = time.perf_counter() - t
     scan = read_volume(scan_path)
@@ -228,10 +239,40 @@ def _in_process(scan_path: Path, model_name, device: str, repeats: int) -> dict:
         t = time.perf_counter()
         result = detector.run(scan)
         runs.append({"total_s": time.perf_counter() - t, "timings": result.timings})
-    return {"device": device, "load_networks_s": round(load_s, 3),
+    return {"device": device, "registration": config.registration, "n4_threads": bias.N4_THREADS,
+            "load_networks_s": round(load_s, 3),
             "per_scan_s": [round(r["total_s"], 3) for r in runs],
             "median_s": round(statistics.median(r["total_s"] for r in runs), 3),
             "last_timings_s": runs[-1]["timings"], "findings": len(result.lesions)}
+
+
+def warm(args) -> int:
+    """What one process that keeps the networks pays per scan (the registration and N4 variants a GPU host could
+    use), and what a new process pays before its first scan (imports)."""
+    import subprocess
+
+    import torch
+
+    report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "scan": str(args.scan),
+              "imports_s": {}, "in_process": [], "errors": {}}
+    for name, code in (("python", "pass"), ("torch", "import torch"), ("torch+cuda init", "import torch; "
+                       "torch.zeros(1, device='cuda') if torch.cuda.is_available() else None"),
+                       ("monai", "import monai"), ("SimpleITK", "import SimpleITK"),
+                       ("BrainAnomalyLib.cli", "import BrainAnomalyLib.cli.main")):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=False)
+        report["imports_s"][name] = round(time.perf_counter() - t, 3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for registration, threads in (("affine", None), ("torch", None), ("torch", 16), ("affine", 16)):
+        try:
+            report["in_process"].append(_in_process(args.scan, args.model, device, args.repeats, registration,
+                                                    threads))
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports what failed and goes on
+            report["errors"][f"{registration} n4 {threads}"] = f"{type(exc).__name__}: {exc}"
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
 
 
 def e2e(args) -> int:
@@ -323,8 +364,13 @@ def main() -> int:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--json", type=Path, required=True)
     c.add_argument("--work", type=Path, default=Path("/tmp/gpu_e2e"))
+    w = sub.add_parser("warm")
+    w.add_argument("--scan", type=Path, required=True)
+    w.add_argument("--model", default=None, help="default: the shipped default")
+    w.add_argument("--repeats", type=int, default=3)
+    w.add_argument("--json", type=Path, required=True)
     args = p.parse_args()
-    return {"pack": pack, "run": run, "e2e": e2e}[args.command](args)
+    return {"pack": pack, "run": run, "e2e": e2e, "warm": warm}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@
 #   on the GPU:  device `run`, carry ["build/gpu/e2e"], timeout_s 600: bash scripts/gpu_detect_benchmark.sh e2e
 #                # -> $OUT/gpu_e2e.json (detect timed whole and by step, cuda and cpu; maps against the CPU's;
 #                #    in-process per-scan seconds), $OUT/compare_registration_cuda.json, $OUT/gpu_e2e.log
+#                MODE=warm: only the per-scan seconds in one process (registration and N4 variants) and imports
 #   here:        bash scripts/gpu_detect_benchmark.sh untrim
 #   CPU check:   DEVICE=cpu bash scripts/gpu_detect_benchmark.sh e2e
 # What `run` times, and what it leaves out, is in scripts/gpu_detect_benchmark.py's docstring and in the JSON.
@@ -102,6 +103,12 @@ e2e)
         export PYTHONPATH=/tmp/site:$ROOT/$E2E${PYTHONPATH:+:$PYTHONPATH}
     fi
     { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; nproc; } 2>&1 | tee "$OUT/gpu_e2e.log"
+    if [ "${MODE:-}" = warm ]; then  # only the one-process variants and the import times (gpu_e2e_warm.json)
+        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" scripts/gpu_detect_benchmark.py warm \
+            --scan "$E2E/scans/Brats18_CBICA_ABM_1_t1.nii.gz" --repeats "${REPEATS:-3}" \
+            --json "$OUT/gpu_e2e_warm.json" 2>&1 | tee -a "$OUT/gpu_e2e.log"
+        exit 0
+    fi
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" scripts/gpu_detect_benchmark.py e2e \
         --scan "$E2E/scans/Brats18_CBICA_ABM_1_t1.nii.gz" --repeats "${REPEATS:-3}" --json "$OUT/gpu_e2e.json" \
         2>&1 | tee -a "$OUT/gpu_e2e.log" || true
