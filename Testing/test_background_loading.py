@@ -29,6 +29,16 @@ SHIPPED = ROOT / "Resources" / "Models"
 RELEASE = threading.Event()  # never set by the tests that need the loading to hang
 
 
+@pytest.fixture(autouse=True)
+def _no_load_outlives_its_test():
+    """A loading left hanging would make every later `settle()` in this process (deepbet's, in another test file
+    run by the same worker) wait for ever: each test's hung loads are released, and awaited, when it ends."""
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+    settle()
+
+
 @register
 class HangingLoad(IntensityScorer):
     """The intensity scorer whose networks never finish loading (until RELEASE is set)."""
