@@ -251,7 +251,7 @@ def brain_box(image: sitk.Image, mask: np.ndarray, margin_mm: float = BOX_MARGIN
     hi = [min(n, int(w[0][-1]) + 1 + m) for w, m, n in zip(where, margin, mask.shape)]
     if lo == [0, 0, 0] and hi == list(mask.shape):
         return image, mask
-    box = sitk.RegionOfInterest(image, [h - l for l, h in zip(lo, hi)][::-1], lo[::-1])
+    box = sitk.RegionOfInterest(image, [b - a for a, b in zip(lo, hi)][::-1], lo[::-1])
     return box, mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
 
 
