@@ -336,11 +336,11 @@ def e2e(args) -> int:
         except Exception as exc:  # noqa: BLE001 - a benchmark reports what failed and goes on
             report["errors"][f"in_process {device}"] = f"{type(exc).__name__}: {exc}"
         save()
-    print("| config | wall s | " + " | ".join(k for k in next(iter(report.get("median", {None: {}}).values()), {})
-                                             if k not in ("wall",)) + " |")
-    for name, med in report.get("median", {}).items():
-        print(f"| {name} | {med['wall']:.2f} | " + " | ".join(f"{v:.2f}" for k, v in med.items() if k != "wall")
-              + " |")
+    medians = report.get("median", {})
+    columns = [k for k in next(iter(medians.values()), {}) if k != "wall"]
+    print("| config | wall s | " + " | ".join(columns) + " |")
+    for name, med in medians.items():
+        print(f"| {name} | {med['wall']:.2f} | " + " | ".join(f"{med[k]:.2f}" for k in columns) + " |")
     print(json.dumps({k: report[k] for k in ("maps_vs_cpu", "errors") if k in report}, indent=1))
     print(json.dumps(report.get("in_process", {}), indent=1))
     return 0 if not report["errors"] else 1
