@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.box import mask_box
+
 
 def _ras_array(image: sitk.Image) -> np.ndarray:
     # Display in the radiological convention used by viewers: axial slices, anterior up.
@@ -25,9 +27,7 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
     true = _ras_array(truth) > 0 if truth is not None else np.zeros_like(pred)
     brain = _ras_array(brain_mask) > 0 if brain_mask is not None else img > img.min()
     if brain.any():  # crop to the brain, with a small margin, so each tile shows it large
-        lo_idx, hi_idx = _extent(brain)
-        lo_idx, hi_idx = np.maximum(lo_idx - 4, 0), hi_idx + 5
-        crop = tuple(slice(a, b) for a, b in zip(lo_idx, hi_idx))
+        crop = mask_box(brain, 4)
         img, heat, pred, brain, true = img[crop], heat[crop], pred[crop], brain[crop], true[crop]
     zs = np.where(brain.any(axis=(1, 2)))[0]
     if zs.size == 0:
@@ -69,12 +69,3 @@ def overlay_montage(scan: sitk.Image, anomaly_map: sitk.Image, pred_mask: sitk.I
     return Path(path)
 
 
-def _extent(mask: np.ndarray):
-    """(first, last) index of `mask`'s voxels along each axis: its bounding box, from one projection per axis
-    instead of the coordinates of every voxel."""
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lo.append(hit[0])
-        hi.append(hit[-1])
-    return np.array(lo), np.array(hi)

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..calibration.findings import FindingRule
+from ..core.box import mask_box
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -82,8 +83,7 @@ def components(binary: np.ndarray, voxel_ml: float, min_lesion_ml: float):
     bounding box only (labelling time follows the box, and flagged voxels sit inside the brain; raster order is
     kept, so the numbering is the whole volume's). Returns (labels in the box, the box, voxels per label with
     label 0 first, which labels are at least `min_lesion_ml` big)."""
-    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(int(sp[0]), int(sp[-1]) + 1) if sp.size else slice(0, 0) for sp in spans)
+    box = mask_box(binary)
     labels, n = ndimage.label(binary[box], structure=CONNECTIVITY)
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     keep = counts * voxel_ml >= min_lesion_ml

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..calibration import CalibrationCurve, Threshold
+from ..core.box import mask_box
 from ..core.errors import BadInputError
 from ..core.io import read_volume
 from ..core.manifest import Case
@@ -74,8 +75,7 @@ def scan_map(heat: np.ndarray, brain: np.ndarray, truth_labels: Optional[np.ndar
              values: Optional[np.ndarray] = None) -> ScanMap:
     """Keep a scan's map for the sweep; `truth_labels` None for a healthy scan; `values` = heat[brain] if the
     caller already has it (shared, not copied)."""
-    coords = np.nonzero(brain)
-    box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords) if coords[0].size else (slice(0, 0),) * 3
+    box = mask_box(brain)
     crop = brain[box]
     if values is None:
         values = heat[brain].astype(np.float32)
@@ -99,10 +99,9 @@ def sweep(m: ScanMap, thresholds) -> List[dict]:
         if not sel.size:
             out.append(finding_match(np.zeros(1, np.int32), np.zeros(1, np.int32), m.truth_sizes))
             continue
-        idx = np.unravel_index(sel, m.shape)
-        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
         above = np.zeros(m.shape, bool)
-        above[idx] = True
+        above[np.unravel_index(sel, m.shape)] = True
+        box = mask_box(above)
         out.append(finding_match(findings(above[box], m.voxel_ml, m.min_lesion_ml), truth_crop[box], m.truth_sizes))
     return out
 

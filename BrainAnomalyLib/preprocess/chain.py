@@ -9,6 +9,7 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.box import mask_box
 from ..core.errors import BadInputError
 from ..core.progress import Reporter
 from ..core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
@@ -245,14 +246,11 @@ def brain_box(image: sitk.Image, mask: np.ndarray, margin_mm: float = BOX_MARGIN
     third of them lie far outside the brain."""
     if not mask.any():
         return image, mask
-    margin = [int(np.ceil(margin_mm / s)) for s in reversed(image.GetSpacing())]  # z, y, x
-    where = np.nonzero(mask.any(axis=(1, 2))), np.nonzero(mask.any(axis=(0, 2))), np.nonzero(mask.any(axis=(0, 1)))
-    lo = [max(0, int(w[0][0]) - m) for w, m in zip(where, margin)]
-    hi = [min(n, int(w[0][-1]) + 1 + m) for w, m, n in zip(where, margin, mask.shape)]
-    if lo == [0, 0, 0] and hi == list(mask.shape):
+    box = mask_box(mask, [int(np.ceil(margin_mm / s)) for s in reversed(image.GetSpacing())])  # z, y, x
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, mask.shape)):
         return image, mask
-    box = sitk.RegionOfInterest(image, [b - a for a, b in zip(lo, hi)][::-1], lo[::-1])
-    return box, mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    cut = sitk.RegionOfInterest(image, [b.stop - b.start for b in box][::-1], [b.start for b in box][::-1])
+    return cut, mask[box]
 
 
 def _apply_mask(image: sitk.Image, mask: np.ndarray) -> sitk.Image:

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..core.box import mask_box
 from ..core.progress import Reporter
 from ..core.template import Grid, template_1mm, template_on_grid
 
@@ -161,12 +162,7 @@ class TissueMaps:
     @cached_property
     def _brain_box(self) -> Tuple[slice, ...]:
         """The brain's bounding box grown by one voxel (clipped to the grid): distance maps need no more."""
-        if not self.brain.any():
-            return tuple(slice(0, 0) for _ in self.brain.shape)
-        idx = np.argwhere(self.brain)
-        lo = np.maximum(idx.min(axis=0) - 1, 0)
-        hi = np.minimum(idx.max(axis=0) + 2, self.brain.shape)
-        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        return mask_box(self.brain, 1)
 
     def _edt(self, inside: np.ndarray, outside_value: float) -> np.ndarray:
         # Inside the padded brain box the nearest background (or target) voxel always lies in the box too,
