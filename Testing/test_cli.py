@@ -122,3 +122,21 @@ def test_ctrl_c_cancels_with_exit_130_and_no_outputs(tmp_path, demo_file, templa
     assert proc.returncode == 130, err
     assert "cancelled" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def _entry(args, prelude=""):
+    """The console command's entry point run in a new process with stdout and stderr piped (so block-buffered)."""
+    code = (f"import sys\n{prelude}\nsys.argv = ['brainanomaly'] + {list(args)!r}\n"
+            "from BrainAnomalyLib.cli.main import entry\nentry()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_entry_ends_the_process_with_its_output_exit_handlers_and_code(tmp_path):
+    # entry() skips Python's module teardown: what a normal exit still does must happen first.
+    done = _entry(["models"], "import atexit; atexit.register(lambda: print('exit handlers ran'))")
+    assert done.returncode == 0, done.stderr
+    assert "default model" in done.stdout  # buffered output flushed, not lost
+    assert done.stdout.rstrip().endswith("exit handlers ran")
+    bad = _entry(["detect", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"brainanomaly: input not found: {tmp_path / 'missing.nii.gz'}"]

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 from .. import __version__
 from ..core.errors import BrainAnomalyError, Cancelled
+from ..core.exit import leave
 from ..core.progress import CancelToken
 # In the order `brainanomaly --help` lists them; each is the module of that name here.
 COMMANDS = ("detect", "demo", "view", "train", "evaluate", "models", "ensemble", "synth", "calibrate")
@@ -52,5 +53,10 @@ def main(argv: Optional[List[str]] = None, commands: Sequence[str] = COMMANDS) -
         signal.signal(signal.SIGINT, previous)
 
 
+def entry() -> None:
+    """The `brainanomaly` command: main(), then the process ends without Python's module teardown (core.exit)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
