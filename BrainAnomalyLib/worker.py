@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .core.errors import BadInputError, BrainAnomalyError
-from .core.exit import leave
+from .core.exit import run_command
 from .detection.request import DetectionRequest, add_options
 
 
@@ -157,4 +157,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    leave(main())
+    run_command(main)

@@ -140,3 +140,12 @@ def test_entry_ends_the_process_with_its_output_exit_handlers_and_code(tmp_path)
     bad = _entry(["detect", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")])
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"brainanomaly: input not found: {tmp_path / 'missing.nii.gz'}"]
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    code = "import sys\nsys.argv = ['brainanomaly', 'models']\nfrom BrainAnomalyLib.cli.main import entry\nentry()\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `brainanomaly models | head -0` would
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

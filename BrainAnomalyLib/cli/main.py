@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 
 from .. import __version__
 from ..core.errors import BrainAnomalyError, Cancelled
-from ..core.exit import leave
+from ..core.exit import run_command
 from ..core.progress import CancelToken
 # In the order `brainanomaly --help` lists them; each is the module of that name here.
 COMMANDS = ("detect", "demo", "view", "train", "evaluate", "models", "ensemble", "synth", "calibrate")
@@ -54,8 +54,8 @@ def main(argv: Optional[List[str]] = None, commands: Sequence[str] = COMMANDS) -
 
 
 def entry() -> None:
-    """The `brainanomaly` command: main(), then the process ends without Python's module teardown (core.exit)."""
-    leave(main())
+    """The `brainanomaly` command: main() as the whole process (core.exit: no module teardown, a closed pipe quiet)."""
+    run_command(main)
 
 
 if __name__ == "__main__":
