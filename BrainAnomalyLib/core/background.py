@@ -1,5 +1,5 @@
 """Work started on a thread ahead of its need: a scan's networks (and with them the seconds of importing torch and
-MONAI) load while the scan is preprocessed, whose SimpleITK filters release the GIL.
+MONAI where a model needs it) load while the scan is preprocessed, whose SimpleITK filters release the GIL.
 
 Two threads importing the same packages at once can deadlock on Python's import locks (or see a module half made),
 so code on the main thread that imports torch while such work may run calls `settle()` first.

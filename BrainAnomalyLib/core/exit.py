@@ -1,8 +1,8 @@
 """Ending a command's process once its work is done, without Python's module teardown.
 
-After a detection, a normal interpreter exit frees every module torch and MONAI loaded, one by one: 1.2-1.4 s on
-the 2-core machine after the outputs were written and closed, during which a shell (or the Slicer module, which
-waits for its worker process to end) waits for nothing.
+After a detection, a normal interpreter exit frees every module torch (and MONAI, where a model used it) loaded, one
+by one: 1.2-1.4 s on the 2-core machine after the outputs were written and closed, during which a shell (or the
+Slicer module, which waits for its worker process to end) waits for nothing.
 """
 
 from __future__ import annotations

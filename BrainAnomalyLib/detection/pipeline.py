@@ -95,8 +95,9 @@ class Detector:
             self._loading = Background(self._prepare_scorer, name=f"load {self.model.name}")
 
     def prepare(self, reporter: Optional[Reporter] = None) -> None:
-        """The scorer's networks loaded, and with them torch and MONAI (seconds of imports on a first scan): by the
-        thread `start_loading` began (its error raised here, a cancel ending the wait), else now."""
+        """The scorer's networks loaded, and with them torch (and MONAI for the networks built on it: seconds of
+        imports on a first scan): by the thread `start_loading` began (its error raised here, a cancel ending the
+        wait), else now."""
         if self._loading is not None:
             self._loading.result(reporter)
             self._loading = None  # a failed load stays, to fail the next scan the same way

@@ -7,10 +7,11 @@
     net.reconstruct(x)                               # deterministic pseudo-healthy image, eval mode, no grad
     net.score_maps(x, recon)                         # {"signed", "l1", "ssim"[, "perceptual"]}: (B, 1, H, W)
 
-Types (ARCHS): ae_dense, ae_spatial, vae, cae, anovaegan (autoencoders.py; MONAI AutoEncoder, VarAutoEncoder,
-PatchDiscriminator), dae (dae.py; MONAI BasicUNet, coarse noise from noise.py), feature_net and dpa (perceptual.py).
-With in_channels > 1 (neighbouring slices as context) every net reconstructs all channels; the maps average over
-channels, or use one (score_maps(..., channel=k), e.g. the centre slice).
+Types (ARCHS): ae_dense, ae_spatial, vae, cae, anovaegan (autoencoders.py; conv_autoencoder.py's ConvAutoEncoder, or
+MONAI's AutoEncoder with residual units, VarAutoEncoder, PatchDiscriminator), dae (dae.py; MONAI BasicUNet, coarse
+noise from noise.py), feature_net and dpa (perceptual.py). With in_channels > 1 (neighbouring slices as context)
+every net reconstructs all channels; the maps average over channels, or use one (score_maps(..., channel=k), e.g.
+the centre slice).
 
 Training a DPA: train a feature_net on healthy slices first (its own training_losses: the inpainting + denoising
 pretext), then net = build_net({"type": "dpa", "feature_net": feature_net.arch, ...}); net.set_feature_net(it).

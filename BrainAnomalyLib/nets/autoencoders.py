@@ -1,4 +1,5 @@
-"""Reconstruction autoencoders on 2D slices, built on MONAI's AutoEncoder / VarAutoEncoder / PatchDiscriminator:
+"""Reconstruction autoencoders on 2D slices, built on conv_autoencoder.ConvAutoEncoder (MONAI's AutoEncoder where
+residual units are asked for) and MONAI's VarAutoEncoder / PatchDiscriminator, each imported where it is built:
 
 * ae_dense   - convolutional encoder, dense (fully connected) bottleneck of `latent` units (Baur et al. 2018).
 * ae_spatial - fully convolutional, spatial bottleneck of `latent_channels` maps at 1/prod(strides) resolution.
@@ -24,12 +25,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import AutoEncoder, PatchDiscriminator, VarAutoEncoder
 from torch import nn
 
 from .base import (ACTS, NORMS, REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints,
                    check_layer_name, check_size, eval_mode, kl_divergence, mask_float, pixel_error,
                    reconstruction_loss)
+from .conv_autoencoder import ConvAutoEncoder
 from .noise import coarse_noise
 
 
@@ -38,6 +39,18 @@ def _prod(values: Sequence[int]) -> int:
     for v in values:
         out *= v
     return out
+
+
+def _autoencoder(in_channels: int, channels: Sequence[int], strides: Sequence[int], num_res_units: int, act: str,
+                 norm: str) -> nn.Module:
+    """The encoder-decoder pair (`.encode`, `.decode`): ConvAutoEncoder without residual units (torch alone, so the
+    shipped models score without importing MONAI), MONAI's AutoEncoder, with the same parameter names, with them."""
+    if num_res_units == 0:
+        return ConvAutoEncoder(in_channels, in_channels, channels, strides, act, norm)
+    from monai.networks.nets import AutoEncoder
+
+    return AutoEncoder(spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=channels,
+                       strides=strides, num_res_units=num_res_units, act=act, norm=norm)
 
 
 def _common_defaults(type_name: str, in_channels: int, size: Sequence[int]) -> dict:
@@ -72,13 +85,11 @@ class _ConvAEBase(SliceNet):
         return reconstruction_loss(recon, x, m, self.rec_kind, self.bg_weight)
 
     def _build_spatial_body(self) -> None:
-        """MONAI AutoEncoder whose bottleneck is a stride-1 layer of `latent_channels` maps at the coarsest
-        resolution (after _check_common)."""
+        """The autoencoder (_autoencoder) whose bottleneck is a stride-1 layer of `latent_channels` maps at the
+        coarsest resolution (after _check_common)."""
         self.latent_channels = check_int(self.arch, "latent_channels")
-        c = self.in_channels
-        self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c,
-                                channels=self.channels + [self.latent_channels], strides=self.strides + [1],
-                                num_res_units=self.num_res_units, act=self.act, norm=self.norm)
+        self.body = _autoencoder(self.in_channels, self.channels + [self.latent_channels], self.strides + [1],
+                                 self.num_res_units, self.act, self.norm)
 
     def corrupt(self, x: torch.Tensor, m: torch.Tensor, generator=None) -> torch.Tensor:
         """The training input: x plus coarse noise inside the brain mask m (B, 1, H, W); x itself when noise_std
@@ -90,7 +101,8 @@ class _ConvAEBase(SliceNet):
 
 
 class DenseAE(_ConvAEBase):
-    """MONAI AutoEncoder's encoder and decoder with a fully connected bottleneck of `latent` units between them."""
+    """The autoencoder's (_autoencoder) encoder and decoder with a fully connected bottleneck of `latent` units
+    between them."""
 
     type_name = "ae_dense"
     fixed_size = True
@@ -105,9 +117,8 @@ class DenseAE(_ConvAEBase):
         super().__init__(arch)
         self._check_common()
         self.latent = check_int(self.arch, "latent")
-        c = self.in_channels
-        self.body = AutoEncoder(spatial_dims=2, in_channels=c, out_channels=c, channels=self.channels,
-                                strides=self.strides, num_res_units=self.num_res_units, act=self.act, norm=self.norm)
+        self.body = _autoencoder(self.in_channels, self.channels, self.strides, self.num_res_units, self.act,
+                                 self.norm)
         self.code_shape = (self.channels[-1], self.size[0] // self.stride_factor, self.size[1] // self.stride_factor)
         flat = self.code_shape[0] * self.code_shape[1] * self.code_shape[2]
         self.to_latent = nn.Linear(flat, self.latent)
@@ -132,8 +143,8 @@ class DenseAE(_ConvAEBase):
 
 
 class SpatialAE(_ConvAEBase):
-    """MONAI AutoEncoder, fully convolutional; the bottleneck is a stride-1 layer of `latent_channels` maps at the
-    coarsest resolution."""
+    """The autoencoder (_autoencoder), fully convolutional; the bottleneck is a stride-1 layer of `latent_channels`
+    maps at the coarsest resolution."""
 
     type_name = "ae_spatial"
 
@@ -231,6 +242,8 @@ class VAE(_ConvAEBase):
         self._check_common()
         self.latent = check_int(self.arch, "latent")
         self.beta = check_float(self.arch, "beta")
+        from monai.networks.nets import VarAutoEncoder
+
         c = self.in_channels
         self.body = VarAutoEncoder(spatial_dims=2, in_shape=(c, *self.size), out_channels=c, latent_size=self.latent,
                                    channels=self.channels, strides=self.strides, num_res_units=self.num_res_units,
@@ -313,6 +326,8 @@ class AnoVAEGAN(VAE):
         self.adv_weight = check_float(self.arch, "adv_weight")
         disc_channels = check_int(self.arch, "disc_channels")
         disc_layers = check_int(self.arch, "disc_layers")
+        from monai.networks.nets import PatchDiscriminator
+
         self.disc = PatchDiscriminator(spatial_dims=2, channels=disc_channels, in_channels=self.in_channels,
                                        out_channels=1, num_layers_d=disc_layers, norm="INSTANCE")
 

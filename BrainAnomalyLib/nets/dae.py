@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from monai.networks.nets import BasicUNet
-
 from .base import (NORMS, REC_LOSSES, SliceNet, check_choice, check_float, check_int, check_ints, check_layer_name,
                    check_size, mask_float, reconstruction_loss)
 from .noise import coarse_noise
@@ -51,6 +49,8 @@ class DenoisingAE(SliceNet):
         self.bg_weight = check_float(a, "bg_weight")
         norm = check_layer_name(a, "norm", NORMS)
         upsample = check_choice(a, "upsample", self.UPSAMPLE)
+        from monai.networks.nets import BasicUNet  # imported here: a package import costs seconds (conv_autoencoder)
+
         c = self.in_channels
         self.unet = BasicUNet(spatial_dims=2, in_channels=c, out_channels=c, features=features,
                               norm=(norm.lower(), {"affine": True}), upsample=upsample)
