@@ -4,8 +4,9 @@ entry in Resources/Models/models.json, so the registry says what was measured, w
 
     python scripts/record_metrics.py [docs/benchmark/latest.json]
 
-Only the registry's "metrics" field changes; model folders, sizes and checksums stay as they are. A model the
-benchmark did not run keeps its earlier metrics.
+Only the registry's "metrics" field changes; model folders, sizes and checksums stay as they are. A dataset the
+benchmark measured replaces that dataset's entry; the model's other entries (a leave-one-case-out number, a model
+the benchmark did not run) stay.
 """
 
 import argparse
@@ -44,6 +45,19 @@ def metrics_by_model(rows: list, source: str) -> dict:
     return out
 
 
+def named_for(entry: dict, metrics: dict) -> dict:
+    """`metrics` keyed for the registry entry: a fusion's rows carry its reference contrast's manifest name
+    ("brats18_dev_T1"), which is named here by every contrast it takes ("brats18_dev_T1+T2+FLAIR")."""
+    inputs = entry.get("inputs") or []
+    if len(inputs) < 2:
+        return metrics
+    out = {}
+    for key, value in metrics.items():
+        stem, _, modality = key.rpartition("_")
+        out[f"{stem}_{'+'.join(inputs)}" if stem and modality in inputs else key] = value
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("benchmark", nargs="?", type=Path, default=ROOT / "docs" / "benchmark" / "latest.json")
@@ -57,7 +71,7 @@ def main() -> int:
     updated = []
     for entry in data["models"]:
         if entry["id"] in measured:
-            entry["metrics"] = measured[entry["id"]]
+            entry["metrics"] = {**entry.get("metrics", {}), **named_for(entry, measured[entry["id"]])}
             updated.append(entry["id"])
     write_atomic(registry, json.dumps(data, indent=2) + "\n")  # every shipped model is listed here
     print(f"metrics recorded for {', '.join(updated) or 'no model'}")
