@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Copy a trained model folder into Resources/Models and (re)write its registry entry with size and sha256.
 
-    python scripts/register_model.py /path/to/model-folder [--default] [--half] [--keep-metrics]
+    python scripts/register_model.py /path/to/model-folder [--default] [--half] [--version V] [--keep-metrics]
 """
 
 import argparse
@@ -24,6 +24,13 @@ def store_half(folder: Path) -> None:
     save_model(folder, model.meta, model.tensors, half=True, keep_files_of=folder)
 
 
+def set_version(folder: Path, version: str):
+    """Re-write a model folder with another version, keeping its storage precision and its other files."""
+    model = load_model(folder)
+    save_model(folder, dict(model.meta, version=version), model.tensors, keep_files_of=folder)
+    return load_model(folder)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("folder", type=Path)
@@ -33,6 +40,8 @@ def main() -> int:
     ap.add_argument("--half", action="store_true",
                     help="store the float32 tensors as float16 (read back as float32): half the size; check the "
                          "model's scores before and after")
+    ap.add_argument("--version", help="the version to ship it as (a retrained model replacing a shipped one: a new "
+                         "major version; default: the folder's own, 1.0.0 for a freshly trained model)")
     ap.add_argument("--keep-metrics", action="store_true",
                     help="keep the registry's recorded metrics: for a model re-packed without changing its scores")
     args = ap.parse_args()
@@ -51,6 +60,8 @@ def main() -> int:
         shutil.copy(args.card, dest / "MODEL_CARD.md")
     if args.half:
         store_half(dest)
+    if args.version:
+        model = set_version(dest, args.version)
     data = (json.loads(registry.read_text(encoding="utf-8")) if registry.is_file()
             else {"default": model.name, "models": []})
     meta = model.meta
