@@ -109,14 +109,14 @@ def test_register_model_half_keeps_the_card_and_training_report(tmp_path):
     (folder / "MODEL_CARD.md").write_text("card")
     (folder / "training" / "net").mkdir(parents=True)
     (folder / "training" / "net" / "loss_curves.png").write_bytes(b"png")
-    register.store_half(folder)
+    register.repack(folder, half=True)
     m = load_model(folder)
     assert m.meta["storage_dtype"] == "float16"
     assert np.array_equal(m.tensors["net.w"], t["net.w"].astype(np.float16).astype(np.float32))
     assert (folder / "MODEL_CARD.md").read_text() == "card"
     assert (folder / "training" / "net" / "loss_curves.png").read_bytes() == b"png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
-    m = register.set_version(folder, "2.0.0")
+    m = register.repack(folder, version="2.0.0")
     assert m.meta["version"] == "2.0.0" and m.meta["storage_dtype"] == "float16"
     assert np.array_equal(m.tensors["net.w"], t["net.w"].astype(np.float16).astype(np.float32))
     assert (folder / "training" / "net" / "loss_curves.png").read_bytes() == b"png"

@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -17,17 +18,13 @@ from BrainAnomalyLib.core.files import folder_digest, staged_folder, write_atomi
 from BrainAnomalyLib.store.models import load_model, save_model, shipped_registry_file  # noqa: E402
 
 
-def store_half(folder: Path) -> None:
-    """Re-write a model folder's tensors in half precision, keeping its other files (card, training report); the
-    folder is swapped in whole, so a failure leaves the model as it was."""
+def repack(folder: Path, half: bool = False, version: Optional[str] = None):
+    """Re-write a model folder's tensors in half precision and/or with another version, in one pass, keeping its
+    other files (card, training report) and otherwise its storage precision; the folder is swapped in whole, so a
+    failure leaves the model as it was."""
     model = load_model(folder)
-    save_model(folder, model.meta, model.tensors, half=True, keep_files_of=folder)
-
-
-def set_version(folder: Path, version: str):
-    """Re-write a model folder with another version, keeping its storage precision and its other files."""
-    model = load_model(folder)
-    save_model(folder, dict(model.meta, version=version), model.tensors, keep_files_of=folder)
+    meta = dict(model.meta, version=version) if version else model.meta
+    save_model(folder, meta, model.tensors, half=True if half else None, keep_files_of=folder)
     return load_model(folder)
 
 
@@ -58,10 +55,8 @@ def main() -> int:
                 shutil.copy(args.card, stage / "MODEL_CARD.md")
     elif args.card and Path(args.card).resolve() != (dest / "MODEL_CARD.md").resolve():
         shutil.copy(args.card, dest / "MODEL_CARD.md")
-    if args.half:
-        store_half(dest)
-    if args.version:
-        model = set_version(dest, args.version)
+    if args.half or args.version:
+        model = repack(dest, args.half, args.version)
     data = (json.loads(registry.read_text(encoding="utf-8")) if registry.is_file()
             else {"default": model.name, "models": []})
     meta = model.meta
