@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from BrainAnomalyLib.calibration import choose_threshold, thresholds_for_fpr
 from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map,
-                                                   label_lesions, scan_score)
+                                                   label_lesions, scan_score, slab_voxels)
 from BrainAnomalyLib.preprocess.normalise import normalise
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
 from BrainAnomalyLib.core.errors import Cancelled
@@ -83,6 +83,21 @@ def test_cleaning_erodes_filters_and_clips():
     cleaned = clip_to_mask(filter_map(raw - 1.0, post), eroded)
     assert eroded.sum() < mask.sum() and cleaned[~eroded].max() == 0 and cleaned.min() == 0
     assert cleaned[13, 19, 19] > 5  # the lesion survives a 3x3 median
+
+
+def test_thick_slices_erode_the_mask_across_slices_only():
+    mask = np.zeros((20, 30, 30), bool)
+    mask[4:16, 5:25, 5:25] = True
+    post = PostprocessConfig(erode_voxels=0)
+    # 1 mm scans, 2 mm scans and 2 mm obliques (extent up to 2.83 mm) on the 2 mm grid keep their mask.
+    for extent in ([1.0, 1.0, 1.0], [2.4, 2.0, 2.0], [2.83, 2.83, 2.0], None):
+        assert slab_voxels(extent, (2.0, 2.0, 2.0)) == (0, 0, 0)
+    assert slab_voxels([8.3, 1.0, 1.0], (2.0, 2.0, 2.0)) == (3, 0, 0)
+    assert slab_voxels([5.2, 0.9, 0.9], (2.0, 2.0, 2.0)) == (1, 0, 0)
+    eroded = erode_mask(mask, post, slab_voxels([8.3, 1.0, 1.0], (2.0, 2.0, 2.0)))
+    z, y, x = np.nonzero(eroded)
+    assert (z.min(), z.max()) == (7, 12)  # three slices off the top and the bottom
+    assert (y.min(), y.max(), x.min(), x.max()) == (5, 24, 5, 24)  # in-plane untouched
 
 
 def test_label_lesions_sizes_centroids_and_minimum_size():

@@ -178,6 +178,23 @@ def test_thick_slices_widen_the_extreme_reference_only_across_them():
     np.testing.assert_array_equal(scorer.score(thick, mask, Reporter()).anomaly_map, widened)
 
 
+def test_detection_on_thick_slices_keeps_scores_off_the_brain_ends_across_them():
+    """The detector erodes the scored region across thick slices by the slab's excess (postprocess.slab_voxels):
+    with 8.3 mm slices on the 2 mm grid, three grid slices off the brain's top and bottom; 1 mm input, none."""
+    from BrainAnomalyLib.detection.pipeline import Detector
+    from BrainAnomalyLib.store.models import load_model, shipped_registry_file
+
+    det = Detector(load_model(shipped_registry_file().parent / "tissue-flair"), device="cpu")
+    image, mask = healthy_template_scan("FLAIR", seed=5, grid=GRID)
+    native = det.score_grid(image, mask, acquisition_mm=[1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(native.scoring_mask, det.score_grid(image, mask).scoring_mask)
+    thick = det.score_grid(image, mask, acquisition_mm=[8.3, 1.0, 1.0])
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    kept = np.flatnonzero(thick.scoring_mask.any(axis=(1, 2)))
+    assert kept.min() >= slices.min() + 3 and kept.max() <= slices.max() - 3
+    assert not thick.clean_map[~thick.scoring_mask].any() and thick.clean_map[thick.scoring_mask].any()
+
+
 def test_voxel_extent_on_grid_follows_the_slices_through_the_registration():
     """A 1 x 1 x 5 mm axial scan reaches 5 mm along the grid's z axis; scaled by the registration, by as much
     more; turned by 90 degrees about x, the thick axis lies along the grid's y instead."""

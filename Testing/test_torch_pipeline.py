@@ -86,18 +86,19 @@ def test_histogram_standardisation_is_left_to_numpy():
         torch_grid.normalise(torch.ones(4, 4, 4), torch.ones(4, 4, 4, dtype=torch.bool), "histogram")
 
 
-@pytest.mark.parametrize("median_size,erode", [(5, 3), (4, 1), (1, 0)])
-def test_map_cleaning_matches_scipy(median_size, erode):
+@pytest.mark.parametrize("median_size,erode,slab", [(5, 3, (0, 0, 0)), (4, 1, (0, 0, 0)), (1, 0, (0, 0, 0)),
+                                                     (5, 0, (3, 0, 0)), (3, 1, (1, 2, 1))])
+def test_map_cleaning_matches_scipy(median_size, erode, slab):
     rng = np.random.default_rng(3)
     raw = rng.normal(size=(16, 30, 26)).astype(np.float32)
     mask = np.zeros(raw.shape, bool)
     mask[1:15, 3:28, 2:24] = True
     mask[6, 10, 10] = False  # a hole the erosion has to grow
     config = cpu_post.PostprocessConfig(median_size=median_size, erode_voxels=erode)
-    filtered, eroded = cpu_post.filter_map(raw, config), cpu_post.erode_mask(mask, config)
-    clean, got_eroded, stats = torch_post.postprocess(raw, mask, config, "cpu")
+    filtered, eroded = cpu_post.filter_map(raw, config), cpu_post.erode_mask(mask, config, slab)
+    clean, got_eroded, stats = torch_post.postprocess(raw, mask, config, "cpu", slab)
     assert np.array_equal(got_eroded, eroded)
-    assert erode == 0 or eroded.sum() < mask.sum()
+    assert (erode == 0 and not any(slab)) or eroded.sum() < mask.sum()
     assert np.array_equal(clean, cpu_post.clip_to_mask(filtered, eroded))
     expected = cpu_post.robust_stats(filtered[eroded])
     assert stats == pytest.approx(expected, rel=1e-6)  # numpy takes the middle pair's mean in float32

@@ -17,7 +17,8 @@ found / false findings per scan at that threshold.
 
 With `--work DIR` the versions (and their lesion and tumour labels) are written there and read back on the next
 run instead of made again, and their preprocessing goes through the preprocessed-volume cache (store/cache.py;
-BRAINANOMALY_CACHE), so comparing scorer settings on the same versions costs only the scoring.
+BRAINANOMALY_CACHE), so comparing scorer settings on the same versions costs only the scoring. `--raw` adds rows
+ranking each version's own voxel intensities over the same voxels: whether the lesions stand out of the scan at all.
 """
 
 import argparse
@@ -133,6 +134,25 @@ def score_case(det: Detector, scan: sitk.Image, pre, lesion: np.ndarray, tumour_
             "found": match["found"], "false_findings": match["false_findings"]}
 
 
+RAW = "raw intensity (no model)"
+RAW_DEPTH_MM = 3.0
+RAW_DEEP = f"raw intensity, > {RAW_DEPTH_MM:g} mm deep"
+
+
+def raw_ranking(scan: sitk.Image, brain: np.ndarray, lesion: np.ndarray, tumour_zone: np.ndarray, modality: str,
+                depth_mm: float) -> dict:
+    """The version's own intensities as the score (lesions' side up: T1 and T1CE lesions here are dark), over the
+    voxels the models are scored on, or those of them more than `depth_mm` inside the brain mask: whether the
+    lesions stand out of the scan at all."""
+    keep = brain & ~tumour_zone
+    if depth_mm > 0:
+        keep &= ndimage.distance_transform_edt(brain, sampling=list(reversed(scan.GetSpacing()))) > depth_mm
+    values = sitk.GetArrayFromImage(scan).astype(np.float32)
+    q25, q50, q75 = np.percentile(values[brain], [25, 50, 75])  # one unit for every scan, as they are pooled
+    sign = -1.0 if modality in ("T1", "T1CE") else 1.0
+    return {"scores": sign * (values[keep] - q50) / max(float(q75 - q25), 1e-6), "labels": lesion[keep]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modality", default="FLAIR")
@@ -144,6 +164,10 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=0, help="use only the first N cases (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="keep the versions in this folder and reuse them on the next run")
+    ap.add_argument("--raw", action="store_true",
+                    help="add a row for the version's own voxel intensities, signed for the contrast's lesions, over "
+                         "the same voxels and over those deeper than 3 mm in the brain: what any voxel-wise "
+                         "intensity ranking could reach, with nothing cleaned")
     args = ap.parse_args()
     modality = normalise_modality(args.modality)
     detectors = {name: Detector(resolve_model(name), device="cpu") for name in args.models.split(",")}
@@ -156,7 +180,8 @@ def main() -> int:
     if not cases:
         raise SystemExit(f"no {modality} lesion scans in {args.manifest}")
     names = args.versions.split(",")
-    tallies = {(v, m): [] for v in names for m in detectors}
+    rows_of = list(detectors) + ([RAW, RAW_DEEP] if args.raw else [])
+    tallies = {(v, m): [] for v in names for m in rows_of}
     skipped = []
     for i, case in enumerate(cases):
         def make(case=case, seed=args.seed + 1000 * i):
@@ -189,17 +214,24 @@ def main() -> int:
             for m, det in detectors.items():
                 tallies[(name, m)].append(score_case(det, version, pre, lesion & pre.native_mask, tumour_zone,
                                                      modality))
+            if args.raw:
+                for m, depth in ((RAW, 0.0), (RAW_DEEP, RAW_DEPTH_MM)):
+                    tallies[(name, m)].append(raw_ranking(version, pre.native_mask, lesion & pre.native_mask,
+                                                          tumour_zone, modality, depth))
             print(f"{case.subject} {name}: {int(lesion.sum())} synthetic lesion voxels", flush=True)
     print(f"\n{modality}, synthetic '{args.kind}' lesions in {len(cases)} brats18_dev scans (tumour left out)\n")
     print("| version | model | AUPRC | Dice at default | lesions found | false findings / scan |")
     print("|---|---|---|---|---|---|")
     for v in names:
-        for m in detectors:
+        for m in rows_of:
             rows = tallies[(v, m)]
             if not rows:
                 continue
             auprc = average_precision(np.concatenate([r["scores"] for r in rows]),
                                       np.concatenate([r["labels"] for r in rows]))
+            if m in (RAW, RAW_DEEP):
+                print(f"| {v} ({len(rows)} scans) | {m} | {auprc:.3f} | – | – | – |")
+                continue
             dice = 2 * sum(r["inter"] for r in rows) / max(sum(r["pred"] + r["truth"] for r in rows), 1)
             found = f"{sum(r['found'] for r in rows)}/{sum(r['true_lesions'] for r in rows)}"
             ff = np.mean([r["false_findings"] for r in rows])

@@ -20,14 +20,14 @@ from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
 from ..store.models import Model, list_models, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
-                          scan_score)
+                          scan_score, slab_voxels)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput
 from ..scorers.reuse import score_once, scorer_for_model
-from ..core.template import Grid, contralateral_difference, midline_axis
+from ..core.template import Grid, contralateral_difference, midline_axis, spacing_zyx
 from .request import CALIBRATIONS, DetectionRequest
 
 
@@ -145,7 +145,7 @@ class Detector:
         """Score a preprocessed grid volume and post-process the map; `acquisition_mm` is the input voxel's extent
         along the grid axes (Preprocessed.acquisition_mm), None for the grid's own."""
         out, notes = self._score(image, mask, reporter or Reporter(), acquisition_mm)
-        return self.postprocess(out, mask, notes)
+        return self.postprocess(out, mask, notes, acquisition_mm)
 
     def filtered(self, anomaly_map: np.ndarray) -> np.ndarray:
         """The raw map cleaned in template space (contralateral subtraction, median filter), not yet clipped."""
@@ -156,15 +156,17 @@ class Detector:
         """The device of the torch pre- and post-processing, None for the CPU path (see `torch_ops`)."""
         return self.torch_ops or (self.device if self.device.startswith("cuda") else None)
 
-    def postprocess(self, out: ScoreOutput, mask: np.ndarray, notes: Sequence[str] = ()) -> GridScores:
+    def postprocess(self, out: ScoreOutput, mask: np.ndarray, notes: Sequence[str] = (),
+                    acquisition_mm: Optional[Sequence[float]] = None) -> GridScores:
+        slab = slab_voxels(acquisition_mm, spacing_zyx(self.grid))
         if self.torch_device() is not None:
             from .torch_postprocess import postprocess
 
             contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
-            clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device())
+            clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device(), slab)
             return GridScores(out.anomaly_map, clean, eroded, out.reconstruction, stats, list(notes))
         filtered = self.filtered(out.anomaly_map)
-        eroded = erode_mask(mask, self.postprocess_config)
+        eroded = erode_mask(mask, self.postprocess_config, slab)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
                           robust_stats(filtered[eroded]), list(notes))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -38,9 +38,35 @@ def filter_map(anomaly_map: np.ndarray, config: PostprocessConfig) -> np.ndarray
     return anomaly_map
 
 
-def erode_mask(mask: np.ndarray, config: PostprocessConfig) -> np.ndarray:
+def slab_voxels(acquisition_mm: Optional[Sequence[float]], spacing_zyx: Sequence[float]) -> Tuple[int, int, int]:
+    """Grid voxels to erode the brain mask by along each axis (z, y, x) for an input whose voxels reach
+    `acquisition_mm` along the grid axes: the whole grid voxels that fit in the input voxel's extent beyond the
+    grid's spacing. A thick slice averages the brain's top and bottom with what lies beyond over its slab, so the
+    mask's edge across slices is that uncertain; on 8 mm FLAIR slices those edge voxels outranked synthetic
+    hyperintense blobs (scripts/robustness_flair.py: tissue-flair AUPRC 0.699 -> 0.714). Inputs no coarser than
+    the grid (1-2 mm scans on the 2 mm grid, obliques included) get none, so their results are unchanged."""
+    if acquisition_mm is None:
+        return (0, 0, 0)
+    return tuple(int(max(0.0, float(a) - float(s)) // float(s)) for a, s in zip(acquisition_mm, spacing_zyx))
+
+
+def _line(axis: int) -> np.ndarray:
+    structure = np.zeros((3, 3, 3), bool)
+    index = [1, 1, 1]
+    for i in range(3):
+        index[axis] = i
+        structure[tuple(index)] = True
+    return structure
+
+
+def erode_mask(mask: np.ndarray, config: PostprocessConfig, slab: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """The mask the scores are kept in: eroded by the configured voxels (6-neighbour cross), then along each axis
+    by `slab` voxels more (slab_voxels)."""
     if config.erode_voxels > 0:
-        return ndimage.binary_erosion(mask, iterations=int(config.erode_voxels))
+        mask = ndimage.binary_erosion(mask, iterations=int(config.erode_voxels))
+    for axis, k in enumerate(slab):
+        if k > 0:
+            mask = ndimage.binary_erosion(mask, structure=_line(axis), iterations=int(k))
     return mask
 
 

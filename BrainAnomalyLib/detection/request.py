@@ -264,7 +264,9 @@ def add_options(p: argparse.ArgumentParser, output_format: str = "nifti") -> Non
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     add_calibration_option(p)
     add_preprocess_options(p)
-    p.add_argument("--erode", type=int, default=None, help="brain-mask erosion in grid voxels (default 3)")
+    p.add_argument("--erode", type=int, default=None,
+                   help="brain-mask erosion in grid voxels (default: the model's, mostly 3; thick slices are eroded "
+                        "across them further, by their extent beyond the grid's spacing)")
     p.add_argument("--median", type=int, default=None, help="in-plane median filter size (default 5; 1 = off)")
     p.add_argument("--min-lesion-ml", type=float, default=None, help="smallest reported lesion (default 0.05 mL)")
     p.add_argument("--batch-size", type=int, default=None,

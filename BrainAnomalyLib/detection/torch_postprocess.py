@@ -4,6 +4,8 @@ connected components of the lesion table stay on the CPU (scipy), on the back-pr
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,13 +35,23 @@ def filter_map(anomaly_map: torch.Tensor, config: PostprocessConfig) -> torch.Te
     return windows.kthvalue(s * s // 2 + 1, dim=-1).values
 
 
-def erode_mask(mask: torch.Tensor, config: PostprocessConfig) -> torch.Tensor:
-    """ndimage.binary_erosion with its default 6-neighbour cross, outside the volume counting as background."""
+def erode_mask(mask: torch.Tensor, config: PostprocessConfig, slab: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """ndimage.binary_erosion with its default 6-neighbour cross, outside the volume counting as background; then
+    along each axis by `slab` voxels (postprocess.erode_mask)."""
     out = mask.to(torch.bool)
     for _ in range(int(config.erode_voxels)):
         p = F.pad(out[None, None].to(torch.float32), (1, 1, 1, 1, 1, 1))[0, 0] > 0
         out = (out & p[:-2, 1:-1, 1:-1] & p[2:, 1:-1, 1:-1] & p[1:-1, :-2, 1:-1] & p[1:-1, 2:, 1:-1]
                & p[1:-1, 1:-1, :-2] & p[1:-1, 1:-1, 2:])
+    for axis, k in enumerate(slab):
+        for _ in range(int(k)):
+            p = F.pad(out[None, None].to(torch.float32), (1, 1, 1, 1, 1, 1))[0, 0] > 0
+            inner = p[1:-1, 1:-1, 1:-1]
+            before = p.narrow(axis, 0, out.shape[axis])
+            after = p.narrow(axis, 2, out.shape[axis])
+            cut = [slice(1, -1)] * 3
+            cut[axis] = slice(None)
+            out = out & inner & before[tuple(cut)] & after[tuple(cut)]
     return out
 
 
@@ -54,10 +66,11 @@ def robust_stats(values: torch.Tensor) -> dict:
     return {"median": med, "mad": 1.4826 * quantiles((values.to(torch.float32) - med).abs(), (0.5,))[0]}
 
 
-def postprocess(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, device: str):
+def postprocess(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, device: str,
+                slab: Sequence[int] = (0, 0, 0)):
     """(clean map, eroded mask, robust stats of the filtered map in it) as numpy, computed on `device`."""
     m = torch.as_tensor(np.ascontiguousarray(anomaly_map, np.float32), device=device)
     filtered = filter_map(m, config)
-    eroded = erode_mask(torch.as_tensor(mask, device=device), config)
+    eroded = erode_mask(torch.as_tensor(mask, device=device), config, slab)
     clean = clip_to_mask(filtered, eroded)
     return clean.cpu().numpy(), eroded.cpu().numpy(), robust_stats(filtered[eroded])
