@@ -17,7 +17,7 @@ from .bias import BiasField, fit_n4
 from .contrast import estimate_contrast
 from .normalise import TORCH_METHODS, normalise
 from .register import affine_to_dict, register_affine
-from .sanity import assess_scan
+from .sanity import assess_scan, check_structure
 from .skullstrip import brain_mask
 from .working_scale import working_copy
 
@@ -103,7 +103,9 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     # Orientation changes only the voxel order, never physical positions, so mapping back is exact.
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(native.GetDirection())
     work = sitk.DICOMOrient(native, "RAS")
-    rec.add("orient", code != "RAS", t, from_orientation=code, to_orientation="RAS")
+    # before the skull-strip and registration spend seconds on a volume of noise
+    structure = check_structure(sitk.GetArrayViewFromImage(work))
+    rec.add("orient", code != "RAS", t, from_orientation=code, to_orientation="RAS", neighbour_correlation=structure)
 
     t = time.perf_counter()
     mask, info = brain_mask(work, config.skull_strip, use_gpu, reporter.sub(0.0, 0.3))
