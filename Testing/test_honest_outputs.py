@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,9 +141,8 @@ def test_unwritable_output_is_refused_before_any_computing(tmp_path, scan_file, 
     monkeypatch.setattr(pipeline.Detector, "from_request", must_not_run)
     monkeypatch.setattr(pipeline.Detector, "run_request", must_not_run)
     out = _unwritable(tmp_path, how)
-    t = time.perf_counter()
     code = main(["detect", str(scan_file), "--model", str(intensity_model.path), "-o", str(out), "-q"])
-    assert code == 2 and time.perf_counter() - t < 1.0
+    assert code == 2
     err = _err_lines(capsys)
     assert len(err) == 1 and err[0].startswith(f"brainanomaly: cannot write to {out}"), err
 
@@ -211,9 +209,8 @@ def test_calibrate_on_one_scan_is_refused_unless_allowed(tmp_path, template_norm
     base = ["calibrate", "--model", str(model), "--manifest", str(tmp_path / "one.csv"), "-q",
             "--cache-dir", str(tmp_path / "cache")]
     before = (model / "model.json").read_bytes()
-    t = time.perf_counter()
     assert main(base) == 2
-    assert time.perf_counter() - t < 5.0  # refused before any scan is preprocessed
+    assert not (tmp_path / "cache").exists()  # refused before any scan is preprocessed
     err = _err_lines(capsys)
     assert len(err) == 1 and "at least 5" in err[0] and "--allow-few-scans" in err[0], err
     assert (model / "model.json").read_bytes() == before
@@ -232,9 +229,8 @@ def test_train_refuses_a_calibration_split_below_the_minimum_before_training(tmp
     out = tmp_path / "model"
     base = ["train", "--model", "normative", "--manifest", str(tmp_path / "cohort.csv"), "--modality", "T1",
             "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "-q", *NO_PRE]
-    t = time.perf_counter()
     assert main(base) == 2
-    assert time.perf_counter() - t < 5.0 and not out.exists() and not (tmp_path / "cache").exists()
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any scan is preprocessed
     err = _err_lines(capsys)
     assert len(err) == 1 and "calibration split" in err[0] and "at least 5" in err[0], err
 
