@@ -116,8 +116,9 @@ def judge(measures: Dict[str, float]) -> List[str]:
 # Neighbouring voxels of any MR image vary together (anatomy is smooth at the voxel's scale): the strongest of the
 # three axes' correlations was 0.83-0.99 on all 173 real scans of /work/shared/data (153 IXI T1, 20 brats18_dev
 # volumes), 0.85-0.996 on 2 of the latter in 3, 5 and 8 mm slices and in MNI space (scripts/robustness_flair.py's
-# versions), and 0.002 on noise (Gaussian, Rician, uniform). Checked on the input before the skull-strip and registration, which took 15 s to
-# reach the grid measures' refusal of a noise volume; smoothed noise (0.78) is left to those.
+# versions), and 0.002 on noise (Gaussian, Rician, uniform). Checked on the input before the skull-strip and
+# registration, which took 15-19 s to reach the grid measures' refusal of a noise volume; smoothed noise (0.78) is
+# left to those.
 MIN_NEIGHBOUR_R = 0.3
 # Pairs per axis the correlation is measured on (a regular subsample; the whole of a 1 mm scan took 0.1-0.8 s).
 MAX_PAIRS = 500_000
