@@ -213,3 +213,33 @@ def test_the_rms_rule_is_the_weighted_power_mean_of_the_positive_scan_scaled_par
     assert np.allclose(det.scorer.fuse({"T2": a, "FLAIR": b}, stats).ravel(), expected)
     mean = Detector.for_model(load_model(fusion_folder), device="cpu").scorer.fuse({"T2": a, "FLAIR": b}, stats)
     assert np.allclose(mean.ravel(), (np.array([1.0, -1.0, 0.0]) + 3.0 * np.array([2.0, 4.0, -2.0])) / 4.0)
+
+
+def test_a_thick_slice_member_is_scored_as_thick_and_erodes_the_fused_region_across_its_slices(session,
+                                                                                                fusion_folder):
+    """A FLAIR of 8 mm slices beside a 2 mm T2: grid_volumes says how far each contrast's voxels reach, the FLAIR
+    member scores with its priors widened across the slices (as it would alone), and the fused map's region loses
+    three 2 mm slices at the brain's top and bottom; a 2 mm FLAIR changes neither."""
+    from BrainAnomalyLib.core.progress import Reporter
+
+    _, paths, _ = session
+    det = Detector.for_model(load_model(fusion_folder), device="cpu")
+    flair = sitk.ReadImage(paths["FLAIR"], sitk.sitkFloat32)
+    blurred = sitk.SmoothingRecursiveGaussian(flair, [1e-3, 1e-3, 8.0 / 2.3548])
+    size = list(flair.GetSize())
+    ref = sitk.Image([size[0], size[1], size[2] // 4], sitk.sitkFloat32)
+    ref.SetSpacing([2.0, 2.0, 8.0])
+    ref.SetOrigin(flair.GetOrigin())
+    ref.SetDirection(flair.GetDirection())
+    thick = sitk.Resample(blurred, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    scans = {"T2": sitk.ReadImage(paths["T2"], sitk.sitkFloat32), "FLAIR": thick}
+    pre, images, acquisition = det.grid_volumes(scans, Reporter())
+    np.testing.assert_allclose(acquisition["T2"], [2, 2, 2], atol=1e-3)
+    np.testing.assert_allclose(acquisition["FLAIR"], [8, 2, 2], atol=1e-3)
+    as_thin = det.score_grid(images, pre.mask, acquisition_mm={"T2": [2, 2, 2], "FLAIR": [2, 2, 2]})
+    as_thick = det.score_grid(images, pre.mask, acquisition_mm=acquisition)
+    assert not np.array_equal(as_thin.raw_map, as_thick.raw_map)  # the FLAIR member's priors widened
+    thin_slices = np.flatnonzero(as_thin.scoring_mask.any(axis=(1, 2)))
+    thick_slices = np.flatnonzero(as_thick.scoring_mask.any(axis=(1, 2)))
+    assert thick_slices.min() >= thin_slices.min() + 3 and thick_slices.max() <= thin_slices.max() - 3
+    np.testing.assert_array_equal(det.score_grid(images, pre.mask).scoring_mask, as_thin.scoring_mask)

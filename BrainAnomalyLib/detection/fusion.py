@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,11 +19,12 @@ from ..core.io import read_volume
 from ..core.manifest import normalise_modality
 from ..core.progress import Reporter
 from ..core.result import Result
+from ..core.template import spacing_zyx
 from ..preprocess.chain import Preprocessed, preprocess_companion, standardise
 from ..preprocess.contrast import check_contrast
 from ..scorers import ScoreOutput
 from .pipeline import DETECTORS, Detector, GridAnalysis, GridScores
-from .postprocess import PostprocessConfig, erode_mask, robust_stats
+from .postprocess import PostprocessConfig, erode_mask, robust_stats, slab_voxels
 from .request import DetectionRequest
 
 REFERENCE = "T1"  # registered first when given: the contrast with the sharpest grey/white boundary
@@ -137,18 +138,19 @@ class FusionDetector(Detector):
         extended by the other contrasts' steps. `companion`: see grid_volumes."""
         reporter = reporter or Reporter()
         t = time.perf_counter()
-        pre, images = self.grid_volumes(scans, reporter.sub(0.0, 0.7), pre, companion)
+        pre, images, acquisition = self.grid_volumes(scans, reporter.sub(0.0, 0.7), pre, companion)
         seconds = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
-        scores = self.score_grid(images, pre.mask, reporter.sub(0.7, 0.95))
+        scores = self.score_grid(images, pre.mask, reporter.sub(0.7, 0.95), acquisition)
         seconds["score+postprocess"] = time.perf_counter() - t
         return GridAnalysis(**vars(scores), pre=pre, seconds=seconds)
 
     def grid_volumes(self, scans: Mapping[str, sitk.Image], reporter: Optional[Reporter] = None,
                      pre: Optional[Preprocessed] = None, companion: Optional[Callable] = None
-                     ) -> Tuple[Preprocessed, Dict[str, np.ndarray]]:
+                     ) -> Tuple[Preprocessed, Dict[str, np.ndarray], Dict[str, Optional[List[float]]]]:
         """Every contrast on the model grid through one registration: the reference's preprocessing (its record
-        extended by the other contrasts' steps) and each contrast's standardised grid volume. `companion`
+        extended by the other contrasts' steps), each contrast's standardised grid volume and how far one of its
+        voxels reaches along the grid axes (Preprocessed.acquisition_mm; a thick FLAIR beside a 1 mm T1). `companion`
         (modality, scan, reference preprocessing, reference scan, config, reporter) stands in for
         preprocess_companion with the same arguments after the modality (evaluation: store.cache.cached_companion)."""
         reporter = reporter or Reporter()
@@ -160,15 +162,17 @@ class FusionDetector(Detector):
                       notes=list(pre.notes))
         others = [m for m in scans if m != ref]
         images = {ref: self._standardised(ref, pre)}
+        acquisition = {ref: pre.acquisition_mm}
         for i, m in enumerate(others):
             args = (scans[m], pre, scans[ref], self.members[m].preprocess_config,
                     reporter.sub(0.6 + 0.4 * i / len(others), 0.6 + 0.4 * (i + 1) / len(others)))
             comp = companion(m, *args) if companion is not None else preprocess_companion(*args)
             pre.record += [dict(s, contrast_of=m) for s in comp.record]
             images[m] = comp.image
+            acquisition[m] = comp.acquisition_mm
             pre.notes += check_contrast(comp.contrast, m, m, model_name=self.members[m].model.name)
         pre.notes += check_contrast(pre.contrast, ref, ref, model_name=self.members[ref].model.name)
-        return pre, images
+        return pre, images, acquisition
 
     def _standardised(self, modality: str, pre: Preprocessed) -> np.ndarray:
         """The reference's grid volume on its member's intensity scale (the same as the fusion's unless they
@@ -178,25 +182,34 @@ class FusionDetector(Detector):
             return pre.image
         return standardise(pre.raw_image, pre.mask, config, self.grid)[0]
 
-    def score_grid(self, images, mask: np.ndarray, reporter: Optional[Reporter] = None) -> GridScores:
+    def score_grid(self, images, mask: np.ndarray, reporter: Optional[Reporter] = None,
+                   acquisition_mm: Optional[Mapping[str, Optional[Sequence[float]]]] = None) -> GridScores:
         """Score each contrast's grid volume (modality -> volume, all on one grid and brain mask) with its member,
-        post-process each map as the member would alone, fuse them and post-process the fused map."""
+        post-process each map as the member would alone, fuse them and post-process the fused map.
+        `acquisition_mm` (modality -> extent, grid_volumes) reaches each member as its own scan's; the fused map's
+        region is eroded across the slices of the coarsest (postprocess.slab_voxels)."""
         if not isinstance(images, Mapping):
             return self.run(images)  # refuses one volume, saying what to give
         reporter = reporter or Reporter()
         images = self.inputs(images)
+        acquisition = dict(acquisition_mm or {})
         maps, stats, notes = {}, {}, []
         for i, (m, image) in enumerate(images.items()):
             member = self.members[m]
-            out, member_notes = member._score(image, mask, reporter.sub(i / len(images), (i + 1) / len(images)))
+            extent = acquisition.get(m)
+            out, member_notes = member._score(image, mask, reporter.sub(i / len(images), (i + 1) / len(images)),
+                                              extent)
             maps[m] = member.filtered(out.anomaly_map)
-            stats[m] = robust_stats(maps[m][erode_mask(mask, member.postprocess_config)])
+            slab = slab_voxels(extent, spacing_zyx(self.grid))
+            stats[m] = robust_stats(maps[m][erode_mask(mask, member.postprocess_config, slab)])
             notes += [f"{m}: {n}" for n in member_notes]
         try:
             fused = self.scorer.fuse(maps, stats)
         except ValueError as exc:
             raise BadInputError(f"model {self.model.name}: {exc}") from None
-        return self.postprocess(ScoreOutput(fused), mask, notes)
+        known = [np.asarray(e, float) for e in acquisition.values() if e is not None]
+        coarsest = list(np.maximum.reduce(known)) if known else None
+        return self.postprocess(ScoreOutput(fused), mask, notes, coarsest)
 
 
 DETECTORS["fusion"] = FusionDetector

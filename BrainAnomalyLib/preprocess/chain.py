@@ -299,4 +299,5 @@ def preprocess_companion(native: sitk.Image, reference: Preprocessed, reference_
     rec.add("normalise", True, t, **info)
     reporter("normalise", 1.0)
     return Preprocessed(image, reference.mask, mask, reference.transform, reference.grid, rec.steps, raw_image=raw,
-                        contrast=contrast)
+                        contrast=contrast,
+                        acquisition_mm=voxel_extent_on_grid(native, reference.transform, reference.grid))

@@ -140,7 +140,8 @@ def cached_companion(path, native, reference: Preprocessed, reference_native, re
             raw, native_mask = data["image"], data["mask"].astype(bool)
             record, contrast = json.loads(str(data["record"])), json.loads(str(data["contrast"]))
         return Preprocessed(standardise(raw, reference.mask, config, grid)[0], reference.mask, native_mask,
-                            reference.transform, grid, record, raw_image=raw, contrast=contrast)
+                            reference.transform, grid, record, raw_image=raw, contrast=contrast,
+                            acquisition_mm=voxel_extent_on_grid(native, reference.transform, grid))
     pre = preprocess_companion(native, reference, reference_native, config, reporter or Reporter())
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:

@@ -96,7 +96,7 @@ def _calibrate_fusion(model: Model, cases: Sequence[Case], reporter: Reporter, f
         for i, (subject, rows) in enumerate(sessions.items()):
             try:
                 scans = {c.modality: read_volume(c.image) for c in rows}
-                pre, images = det.grid_volumes(scans, reporter.sub(0.9 * i / len(sessions),
+                pre, images, _ = det.grid_volumes(scans, reporter.sub(0.9 * i / len(sessions),
                                                                     0.9 * (i + 1) / len(sessions)))
             except BadInputError as exc:
                 skipped.append(f"{subject}: {exc}")
