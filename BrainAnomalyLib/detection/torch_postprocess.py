@@ -44,14 +44,11 @@ def erode_mask(mask: torch.Tensor, config: PostprocessConfig, slab: Sequence[int
         out = (out & p[:-2, 1:-1, 1:-1] & p[2:, 1:-1, 1:-1] & p[1:-1, :-2, 1:-1] & p[1:-1, 2:, 1:-1]
                & p[1:-1, 1:-1, :-2] & p[1:-1, 1:-1, 2:])
     for axis, k in enumerate(slab):
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 1  # F.pad lists the last axis first
         for _ in range(int(k)):
-            p = F.pad(out[None, None].to(torch.float32), (1, 1, 1, 1, 1, 1))[0, 0] > 0
-            inner = p[1:-1, 1:-1, 1:-1]
-            before = p.narrow(axis, 0, out.shape[axis])
-            after = p.narrow(axis, 2, out.shape[axis])
-            cut = [slice(1, -1)] * 3
-            cut[axis] = slice(None)
-            out = out & inner & before[tuple(cut)] & after[tuple(cut)]
+            p = F.pad(out[None, None].to(torch.float32), pad)[0, 0] > 0
+            out = out & p.narrow(axis, 0, out.shape[axis]) & p.narrow(axis, 2, out.shape[axis])
     return out
 
 
