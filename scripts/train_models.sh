@@ -80,9 +80,9 @@ $PY scripts/register_model.py "$OUT/tissue-t1ce" --card Resources/Models/tissue-
 
 # Several contrasts of one session fused (weights chosen leave-one-case-out on brats18_dev, see the cards),
 # calibrated on synthetic healthy sessions made from the template.
-$PY scripts/make_fusion_model.py --member T1=dpa-t1-ixi:0.5:0.75 --member T2=tissue-t2:0.5 \
-    --member FLAIR=intensity-flair:1:0.25 -o "$OUT/fusion-t1-t2-flair"
-$PY scripts/register_model.py "$OUT/fusion-t1-t2-flair" --version 1.1.0 \
+$PY scripts/make_fusion_model.py --member T1=dpa-t1-ixi:0.5:0.75 --member T2=tissue-t2:0.5:0 \
+    --member FLAIR=tissue-flair:1:0.25 -o "$OUT/fusion-t1-t2-flair"
+$PY scripts/register_model.py "$OUT/fusion-t1-t2-flair" --version 1.2.0 \
     --card Resources/Models/fusion-t1-t2-flair/MODEL_CARD.md
 $PY scripts/make_fusion_model.py --member T1=dpa-t1-ixi:0.5:0.75 --member T1CE=tissue-t1ce:0.25:0.5 \
     --member T2=tissue-t2:0.5:0.5 --member FLAIR=tissue-flair:1:0.25 -o "$OUT/fusion-t1-t1ce-t2-flair"
