@@ -256,3 +256,19 @@ def test_a_known_order_gives_the_same_curves_and_a_wrong_one_is_not_taken():
     assert average_precision(unit, y, descending_order(scores)) == average_precision(unit, y)
     # an order that does not sort the scores is checked and replaced
     assert average_precision(scores, y, np.arange(scores.size)) == average_precision(scores, y)
+
+
+def test_intensity_ranking_puts_scans_on_one_scale_lesion_side_up():
+    from BrainAnomalyLib.evaluation.metrics import intensity_ranking
+
+    rng = np.random.default_rng(0)
+    brain = np.zeros((10, 10, 10), bool)
+    brain[2:8, 2:8, 2:8] = True
+    scan = rng.normal(100.0, 10.0, brain.shape)
+    scan[4, 4, 4] = 40.0  # a dark lesion
+    dark = intensity_ranking(scan, brain, -1.0)
+    assert dark[4, 4, 4] == dark[brain].max()
+    # The same scan at another scale and offset ranks and scores the same: scans can be pooled.
+    np.testing.assert_allclose(intensity_ranking(3.0 * scan + 500.0, brain, -1.0), dark, rtol=1e-4, atol=1e-4)
+    assert abs(float(np.median(dark[brain]))) < 1e-6
+    assert intensity_ranking(scan, brain, 1.0)[4, 4, 4] == intensity_ranking(scan, brain, 1.0)[brain].min()

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.evaluation.metrics import average_precision  # noqa: E402
+from BrainAnomalyLib.evaluation.metrics import average_precision, intensity_ranking  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed, default_cache_dir  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
 
@@ -49,9 +49,7 @@ def main() -> int:
             image = sitk.ReadImage(str(path), sitk.sitkFloat32)
             lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace(".nii.gz", "_mask.nii.gz"))) > 0
             brain = cached_preprocessed(path, image, det.preprocess_config, det.grid).native_mask
-            values = sitk.GetArrayFromImage(image)
-            q25, q50, q75 = np.percentile(values[brain], [25, 50, 75])
-            z = sign * (values - q50) / max(float(q75 - q25), 1e-6)
+            z = intensity_ranking(sitk.GetArrayFromImage(image), brain, sign)
             depth = ndimage.distance_transform_edt(brain, sampling=list(reversed(image.GetSpacing())))
             scores.append(z[brain])
             labels.append(lesion[brain])

@@ -39,7 +39,7 @@ from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.core.template import template_1mm  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import findings  # noqa: E402
-from BrainAnomalyLib.evaluation.metrics import average_precision, finding_match  # noqa: E402
+from BrainAnomalyLib.evaluation.metrics import average_precision, finding_match, intensity_ranking  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import preprocess  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
@@ -147,10 +147,9 @@ def raw_ranking(scan: sitk.Image, brain: np.ndarray, lesion: np.ndarray, tumour_
     keep = brain & ~tumour_zone
     if depth_mm > 0:
         keep &= ndimage.distance_transform_edt(brain, sampling=list(reversed(scan.GetSpacing()))) > depth_mm
-    values = sitk.GetArrayFromImage(scan).astype(np.float32)
-    q25, q50, q75 = np.percentile(values[brain], [25, 50, 75])  # one unit for every scan, as they are pooled
     sign = -1.0 if modality in ("T1", "T1CE") else 1.0
-    return {"scores": sign * (values[keep] - q50) / max(float(q75 - q25), 1e-6), "labels": lesion[keep]}
+    scores = intensity_ranking(sitk.GetArrayFromImage(scan), brain, sign)
+    return {"scores": scores[keep], "labels": lesion[keep]}
 
 
 def main() -> int:

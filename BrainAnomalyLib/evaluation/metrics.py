@@ -46,6 +46,14 @@ def _average_precision(tps, fps, _thresholds) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def intensity_ranking(values: np.ndarray, brain: np.ndarray, sign: float) -> np.ndarray:
+    """A scan's own intensities as an anomaly score with no model (`sign` -1 where the lesions are dark), in its
+    brain's robust units (median, IQR) so that scans can be pooled: whether the lesions stand out of the scan at
+    all (scripts/robustness_flair.py --raw, scripts/raw_ceiling.py)."""
+    q25, q50, q75 = np.percentile(values[brain], [25, 50, 75])
+    return (sign * (values.astype(np.float32) - q50) / max(float(q75 - q25), 1e-6)).astype(np.float32)
+
+
 def best_dice(scores, labels) -> tuple[float, float]:
     """Upper bound on Dice over all thresholds, and the threshold that reaches it ((0, inf) with no positives)."""
     return _best_dice(*_curve(scores, labels))
