@@ -44,6 +44,8 @@ def test_detect_writes_every_output_on_the_input_grid(tmp_path, coarse_file, tem
     assert summary["n_lesions"] >= 1
     assert [s["step"] for s in summary["preprocessing"]] == ["orient", "skull-strip", "bias-correct", "register",
                                                              "resample", "sanity", "contrast", "normalise"]
+    sanity = summary["preprocessing"][5]
+    assert 0.8 < sanity["scaling_ratio"] <= 1.0 and sanity["notes"] == []  # the demo brain is the template's
     lines = (out / "lesions.csv").read_text(encoding="utf-8").strip().splitlines()
     assert lines[0].startswith("label,voxels,volume_ml,centroid_r") and len(lines) == summary["n_lesions"] + 1
     assert "1 lesion" in capsys.readouterr().out or summary["n_lesions"] > 1

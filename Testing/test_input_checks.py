@@ -16,7 +16,7 @@ from BrainAnomalyLib.core.progress import Reporter
 from BrainAnomalyLib.core.template import Grid, brain_mask_on_grid, template_on_grid, tissue_on_grid
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess
 from BrainAnomalyLib.preprocess.contrast import MIN_MARGIN, T1_MIN_GAP, check_contrast, estimate_contrast, recognise
-from BrainAnomalyLib.preprocess.sanity import judge, scan_measures
+from BrainAnomalyLib.preprocess.sanity import judge, rejudge, scaling_ratio, scan_measures
 from BrainAnomalyLib.preprocess.skullstrip import foreground_mask, looks_skull_stripped
 from BrainAnomalyLib.synth.appearance import TISSUE_SIGNAL, render_contrast
 from BrainAnomalyLib.synth.tissue import TissueMaps
@@ -217,6 +217,26 @@ def test_sanity_passes_a_template_brain_and_refuses_noise(tissue):
     slab[:35] = slab[50:] = False
     with pytest.raises(BadInputError, match="coverage of the template brain"):
         judge(scan_measures(render_contrast(tissue, "T1"), slab, grid, float(slab.sum()) * 8e-3))
+
+
+def test_registration_that_squeezes_one_axis_is_noted_or_refused():
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert scaling_ratio((1.1 * rotation).ravel()) == pytest.approx(1.0)
+    assert scaling_ratio((rotation @ np.diag([1.0, 0.9, 0.5])).ravel()) == pytest.approx(0.5)
+    base = {"brain_ml": 1400.0, "coverage": 0.97, "dice": 0.95, "tissue_eta2": 0.3, "cnr": 10.0}
+    assert judge(dict(base, scaling_ratio=0.79)) == []  # the least of 153 healthy IXI registrations: 0.796
+    notes = judge(dict(base, scaling_ratio=0.7))
+    assert len(notes) == 1 and "smallest / largest stretch 0.7" in notes[0] and "field of view" in notes[0]
+    with pytest.raises(BadInputError, match=r"stretch 0.55 is below 0.6 \(a scan that holds only part"):
+        judge(dict(base, scaling_ratio=0.55))
+    # A record cached before the measure existed: taken from its registration, judged as a fresh scan is.
+    squeezed = {"matrix": list(np.diag([1.0, 1.0, 0.7]).ravel()), "translation": [0.0] * 3, "center": [0.0] * 3}
+    record = [{"step": "register", "transform": squeezed}, dict(base, step="sanity", notes=[])]
+    assert len(rejudge(record)) == 1 and record[1]["scaling_ratio"] == 0.7 and record[1]["notes"]
+    record[0]["transform"]["matrix"] = list(np.diag([1.0, 1.0, 0.5]).ravel())
+    del record[1]["scaling_ratio"]
+    with pytest.raises(BadInputError, match="stretch 0.5 is below"):
+        rejudge(record)
 
 
 def test_noise_volume_is_refused_by_detect_before_skull_strip(tmp_path, capsys, intensity_model, monkeypatch):

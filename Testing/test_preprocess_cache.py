@@ -49,6 +49,32 @@ def test_a_cached_scan_comes_back_as_preprocessing_made_it(tmp_path, demo_case, 
         cached_preprocessed(path, other, config, grid, tmp_path / "cache")
 
 
+def test_a_cached_scan_is_judged_by_todays_limits(tmp_path, demo_case):
+    """An entry written before the registration's scaling_ratio was measured: its squeezed registration is refused
+    on loading, as the same scan preprocessed now would be."""
+    import json
+
+    from BrainAnomalyLib.core.errors import BadInputError
+
+    scan = _coarse(demo_case[0])
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(scan, str(path))
+    config, grid = PreprocessConfig(bias_correction=False), Grid()
+    fresh = cached_preprocessed(path, scan, config, grid, tmp_path / "cache")
+    assert next(s for s in fresh.record if s["step"] == "sanity")["scaling_ratio"] > 0.8
+    entry = next(p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".native.npz"))
+    with np.load(entry) as data:
+        arrays = {k: data[k] for k in data.files}
+    record = json.loads(str(arrays["record"]))
+    for step in record:
+        if step["step"] == "register":
+            step["transform"]["matrix"] = list(np.diag([1.0, 1.0, 0.5]).ravel())
+        step.pop("scaling_ratio", None)
+    np.savez_compressed(entry, **dict(arrays, record=np.array(json.dumps(record))))
+    with pytest.raises(BadInputError, match="smallest / largest stretch 0.5 is below 0.6"):
+        cached_preprocessed(path, scan, config, grid, tmp_path / "cache")
+
+
 def test_a_cached_companion_comes_back_as_preprocess_companion_made_it(tmp_path, demo_case, monkeypatch):
     scan = _coarse(demo_case[0])
     # another contrast of the same session: same space, other intensities

@@ -156,7 +156,7 @@ def preprocess(native: sitk.Image, config: PreprocessConfig, grid: Grid, use_gpu
     reporter("resample", 0.97)
 
     t = time.perf_counter()
-    measures, notes = assess_scan(raw, grid_mask, grid, brain_ml)
+    measures, notes = assess_scan(raw, grid_mask, grid, brain_ml, transform.GetMatrix())
     rec.add("sanity", True, t, **measures, notes=notes)
     t = time.perf_counter()
     contrast = estimate_contrast(raw, grid_mask, grid).to_dict()

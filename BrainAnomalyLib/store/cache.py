@@ -26,6 +26,7 @@ from ..core.files import atomic_path, folder_digest, sha256_file
 from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, preprocess, preprocess_companion,
                                 standardise, voxel_extent_on_grid)
 from ..preprocess.register import affine_from_dict
+from ..preprocess.sanity import rejudge
 from ..core.progress import Reporter
 from ..core.template import Grid
 
@@ -73,7 +74,11 @@ def cached_preprocessing(path, config: PreprocessConfig, grid: Grid, cache_dir: 
     if target.is_file():
         with np.load(target) as data:
             record = json.loads(str(data["record"])) if "record" in data.files else None
-            return data["image"], data["mask"].astype(bool), record
+            image, mask = data["image"], data["mask"].astype(bool)
+        if record:
+            # The limits may have changed since the entry was written: a cached scan is refused or noted as a fresh one.
+            rejudge(record)
+        return image, mask, record
     # Only the volume before standardisation is kept, so run the chain with a method that needs no reference.
     plain = replace(config, normalisation="median-iqr", normalisation_reference=None)
     pre = preprocess(read_volume(path), plain, grid, use_gpu, reporter or Reporter())
