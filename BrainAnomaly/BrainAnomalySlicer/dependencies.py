@@ -34,7 +34,7 @@ REQUIREMENTS: Tuple[str, ...] = (
     "safetensors>=0.4",  # model tensors
     "tqdm>=4.60",
     "matplotlib>=3.7",  # writers.py renders overlay.png with it
-    "pillow>=9",  # training reports store their figures as palette PNGs (matplotlib needs it too)
+    "pillow>=10.1",  # overlay.png is drawn with it (load_default(size=...)); training reports store palette PNGs
     "pydicom>=3.0",  # reads the source series of a DICOM export
     "highdicom>=0.28",  # writes the DICOM SEG and Parametric Map of 'Export to DICOM'
 )

@@ -142,13 +142,21 @@ class TissueMaps:
 
         reporter = reporter or Reporter()
         pre = preprocess(image, PreprocessConfig(bias_correction=False), Grid(), False, reporter.sub(0.0, 0.9))
+        maps = cls.through(image, pre.transform, pre.native_mask)
+        reporter("tissue maps", 1.0)
+        return maps
+
+    @classmethod
+    def through(cls, image: sitk.Image, template_to_scan: sitk.Transform, brain: np.ndarray) -> "TissueMaps":
+        """The template maps pulled onto `image`'s grid through a known registration (template points -> scan
+        points; e.g. that of another contrast of the same session, which shares its physical space), with `brain`
+        (z, y, x on the image's grid) as the brain mask."""
         # Resample reads the input at transform(p) for each output point p; output points are scan points and
         # the input is the template, so it needs scan -> template: the inverse of the registration.
-        scan_to_template = pre.transform.GetInverse()
+        scan_to_template = template_to_scan.GetInverse()
         maps = {w: sitk.GetArrayFromImage(sitk.Resample(template_1mm(w), image, scan_to_template, sitk.sitkLinear,
                                                         0.0, sitk.sitkFloat32)) for w in ("WM", "GM")}
-        reporter("tissue maps", 1.0)
-        return cls._build(pre.native_mask, maps["WM"], maps["GM"], image, pre.transform)
+        return cls._build(brain, maps["WM"], maps["GM"], image, template_to_scan)
 
     def check_matches(self, image: sitk.Image) -> None:
         other = Geometry.of(image)
