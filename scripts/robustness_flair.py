@@ -19,6 +19,12 @@ With `--work DIR` the versions (and their lesion and tumour labels) are written 
 run instead of made again, and their preprocessing goes through the preprocessed-volume cache (store/cache.py;
 BRAINANOMALY_CACHE), so comparing scorer settings on the same versions costs only the scoring. `--raw` adds rows
 ranking each version's own voxel intensities over the same voxels: whether the lesions stand out of the scan at all.
+
+`--registration-from T1` places the lesions and makes the `mni` version through the registration of the subject's
+T1 in the manifest (BraTS gives a subject's contrasts in one space) instead of the scan's own: a scan whose own
+registration fails (a FLAIR holding only part of the brain, README *Input checks*) then still gets lesions in the
+tissue they were meant for and an MNI version that is a correctly registered brain. The versions go to their own
+`--work` subfolder (`...-t1reg`).
 """
 
 import argparse
@@ -40,7 +46,9 @@ from BrainAnomalyLib.core.template import template_1mm  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import findings  # noqa: E402
 from BrainAnomalyLib.evaluation.metrics import average_precision, finding_match, intensity_ranking  # noqa: E402
-from BrainAnomalyLib.preprocess.chain import preprocess  # noqa: E402
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess  # noqa: E402
+from BrainAnomalyLib.preprocess.skullstrip import brain_mask  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
 from BrainAnomalyLib.synth.generate import synthesize  # noqa: E402
@@ -163,6 +171,9 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=0, help="use only the first N cases (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="keep the versions in this folder and reuse them on the next run")
+    ap.add_argument("--registration-from", choices=["own", "T1"], default="own",
+                    help="place the lesions and make the MNI version through the scan's own registration (default) "
+                         "or its subject's T1's")
     ap.add_argument("--raw", action="store_true",
                     help="add a row for the version's own voxel intensities, signed for the contrast's lesions, over "
                          "the same voxels and over those deeper than 3 mm in the brain: what any voxel-wise "
@@ -174,11 +185,16 @@ def main() -> int:
     for name, det in detectors.items():
         if det.preprocess_config != first.preprocess_config or det.grid != first.grid:
             raise SystemExit(f"{name}: the models compared must share preprocessing and grid")
-    cases = [c for c in read_manifest(args.manifest) if c.modality == modality and c.mask is not None]
+    every = read_manifest(args.manifest)
+    t1_of = {c.subject: c.image for c in every if c.modality == "T1"}
+    cases = [c for c in every if c.modality == modality and c.mask is not None]
+    if args.registration_from == "T1":
+        cases = [c for c in cases if c.subject in t1_of]
     cases = cases[:args.cases] if args.cases else cases
     if not cases:
         raise SystemExit(f"no {modality} lesion scans in {args.manifest}")
     names = args.versions.split(",")
+    suffix = "-t1reg" if args.registration_from == "T1" else ""
     rows_of = list(detectors) + ([RAW, RAW_DEEP] if args.raw else [])
     tallies = {(v, m): [] for v in names for m in rows_of}
     skipped = []
@@ -187,14 +203,20 @@ def main() -> int:
             image = read_volume(case.image)
             tumour = sitk.Cast(sitk.ReadImage(str(case.mask)) > 0, sitk.sitkUInt8)
             tumour.CopyInformation(image)
-            tissue = TissueMaps.for_scan(image, modality)
+            if args.registration_from == "T1":
+                t1 = preprocess(read_volume(t1_of[case.subject]), PreprocessConfig(bias_correction=False), Grid(),
+                                False, Reporter())
+                tissue = TissueMaps.through(image, t1.transform, brain_mask(image, "auto", False, Reporter())[0])
+            else:
+                tissue = TissueMaps.for_scan(image, modality)
             synth = synthesize(image, modality, args.kind, seed, tissue)
             lesion_img = sitk.Cast(synth.mask > 0, sitk.sitkUInt8)
             return versions(synth.image, {"lesion": lesion_img, "tumour": tumour}, names, tissue.template_to_scan)
 
         try:
             made = list((n, None, v, lab) for n, v, lab in make()) if args.work is None else \
-                list(kept_versions(args.work / f"{modality}-{args.kind}-{args.seed}", case.subject, names, make))
+                list(kept_versions(args.work / f"{modality}-{args.kind}-{args.seed}{suffix}", case.subject, names,
+                                   make))
         except (BadInputError, ValueError) as exc:  # a scan the pipeline cannot register or place a lesion in
             skipped.append(f"{case.subject}: {exc}")
             continue
