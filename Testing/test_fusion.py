@@ -48,6 +48,10 @@ def session(tmp_path_factory):
         image = np.where(lesion & mask, 1.5 * bright, image)
         paths[modality] = _write(image, folder / f"{modality.lower()}.nii.gz", grid)
     paths["far"] = _write(image, folder / "flair_far.nii.gz", grid, shift_mm=400.0)
+    # a limited field of view: the last third of the FLAIR's rows empty, as a scanner that did not reach them gives
+    cut = image.copy()
+    cut[:, 2 * cut.shape[1] // 3:] = 0
+    paths["cut"] = _write(cut, folder / "flair_cut.nii.gz", grid)
     paths["truth"] = _write(lesion & mask, folder / "truth.nii.gz", grid)
     return folder, paths, lesion
 
@@ -104,6 +108,17 @@ def test_scans_apart_in_space_are_refused_in_one_line(session, fusion_folder, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "do not overlap in space" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_companion_without_signal_over_part_of_the_brain_is_refused(session, fusion_folder, tmp_path, capsys):
+    _, paths, _ = session
+    out = tmp_path / "out"
+    rc = main(["detect", f"T2={paths['T2']}", f"FLAIR={paths['cut']}", "--model", str(fusion_folder),
+               "--threshold", "4", *FAST, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "has signal in only" in err[0] and "limited field of view" in err[0], err
     assert not out.exists() or not any(out.iterdir())
 
 

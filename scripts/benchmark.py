@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,7 +100,7 @@ class Task:
     diffusion: bool = False
 
 
-def run_task(task: Task, workers: int) -> dict:
+def run_task(task: Task, workers: int, refused: Optional[List[str]] = None) -> dict:
     """{scorer: {group: metrics}} of one task, its cases on `workers` processes (evaluate_groups: same numbers)."""
     detectors = scorers_for(task.modality, task.only, task.fusion, task.diffusion)
     if not detectors:
@@ -113,6 +113,8 @@ def run_task(task: Task, workers: int) -> dict:
                           companions=task.companions, cache=task.cache, workers=workers)
     for s in skipped:
         log(f"  skipped {s}")
+        if refused is not None:
+            refused.append(f"{task.label}: {s}")
     log(f"{task.label}: done in {time.perf_counter() - t:.0f} s")
     return out
 
@@ -193,8 +195,9 @@ def main() -> int:
 
     workers = args.workers or default_workers(max(len(t.cases) for t in tasks))
     log(f"{len(tasks)} evaluation runs, each on {workers} worker process(es)")
+    refused: List[str] = []
     for label, task in zip(labels, tasks):
-        res = run_task(task, workers)
+        res = run_task(task, workers, refused)
         for name, by_group in res.items():
             for g, metrics in sorted(by_group.items()):
                 rows.append((name, label or g, metrics))
@@ -216,7 +219,8 @@ def main() -> int:
             "preprocessing; scoring peak MB is traced Python/numpy memory of the scoring and post-processing. "
             "Patient detection: share of lesion scans whose ground truth (all of it, or its largest connected "
             "component) shares a voxel with a finding (a lesion-table row); false findings touch no ground truth.\n\n"
-            + "\n".join(lines) + "\n")
+            + "\n".join(lines) + "\n"
+            + "".join(f"\nnot scored (refused, as detection refuses it): {r}\n" for r in refused))
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from BrainAnomalyLib.core.errors import BadInputError  # noqa: E402
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import group_by_subject, read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
@@ -41,7 +42,7 @@ from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
                                                     filter_map, robust_stats)
 from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, descending_order  # noqa: E402
-from BrainAnomalyLib.preprocess.chain import preprocess_companion  # noqa: E402
+from BrainAnomalyLib.preprocess.chain import companion_coverage, preprocess_companion  # noqa: E402
 from BrainAnomalyLib.scorers.fusion import FusionScorer  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.ensembles import build_fusion  # noqa: E402
@@ -101,14 +102,18 @@ def grid_maps(subject, cases, cache: Path, detectors) -> dict:
     """Each candidate member's raw grid map of one subject, every contrast on the T1 registration (cached)."""
     path = cache / f"{subject}.npz"
     wanted = {f"{m}|{i}" for m, ids in CHOICES.items() for i in ids}
-    if path.is_file():
-        out = dict(np.load(path))
-        if wanted <= set(out):
-            return out
     rows = {c.modality: c for c in cases}
     scans = {m: read_volume(rows[m].image) for m in CHOICES}
     ref = detectors["dpa-t1-ixi"]
     pre = reference_preprocessing(rows["T1"], scans["T1"], ref)
+    # A subject detection would refuse (a companion without signal over part of the brain) is refused here too,
+    # cached maps or not.
+    for m in [m for m in CHOICES if m != "T1"]:
+        companion_coverage(scans[m], pre, scans["T1"])
+    if path.is_file():
+        out = dict(np.load(path))
+        if wanted <= set(out):
+            return out
     images = {"T1": pre.image}
     for m in [m for m in CHOICES if m != "T1"]:
         images[m] = preprocess_companion(scans[m], pre, scans["T1"], ref.preprocess_config, Reporter()).image
@@ -213,7 +218,13 @@ def main() -> int:
     args = ap.parse_args()
     subjects = group_by_subject(read_manifest(args.manifest), list(CHOICES))
     detectors = {i: Detector(resolve_model(i), device="cpu") for ids in CHOICES.values() for i in ids}
-    data = {s: grid_maps(s, cases, args.cache, detectors) for s, cases in subjects.items()}
+    data, refused = {}, []
+    for s, cases in subjects.items():
+        try:
+            data[s] = grid_maps(s, cases, args.cache, detectors)
+        except BadInputError as exc:  # as detection refuses the subject: left out of every fold
+            refused.append(f"{s}: {exc}")
+            print(f"{s} left out: {exc}", file=sys.stderr, flush=True)
     names = sorted(data)
     rules = args.rules.split(",")
     all_settings = list(settings(not args.without_t1ce, args.grid, rules))
@@ -227,7 +238,7 @@ def main() -> int:
         done.write_text(json.dumps({"settings": all_settings, "subjects": names, "scores": scores}))
     best = max(range(len(all_settings)), key=lambda i: scores[i]["all"])
     report = {"grid": args.grid, "rules": rules, "n_settings": len(all_settings), "best_on_all": all_settings[best],
-              "best_on_all_grid_auprc_in_sample": scores[best]["all"], "folds": {}}
+              "best_on_all_grid_auprc_in_sample": scores[best]["all"], "refused": refused, "folds": {}}
     heat, truth = [], []
     for held in names:
         pick = max(range(len(all_settings)), key=lambda i: scores[i][held])

@@ -23,8 +23,8 @@ from ..core.io import read_volume
 from ..core.errors import BadInputError
 from ..core.manifest import Case
 from ..core.files import atomic_path, folder_digest, sha256_file
-from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, preprocess, preprocess_companion,
-                                standardise, voxel_extent_on_grid)
+from ..preprocess.chain import (CHAIN_VERSION, PreprocessConfig, Preprocessed, companion_coverage, preprocess,
+                                preprocess_companion, standardise, voxel_extent_on_grid)
 from ..preprocess.register import affine_from_dict
 from ..preprocess.sanity import rejudge
 from ..core.progress import Reporter
@@ -141,6 +141,8 @@ def cached_companion(path, native, reference: Preprocessed, reference_native, re
     pair = cache_key(Path(reference_path), reference_config, grid) + cache_key(path, config, grid)
     target = cache_dir / f"{hashlib.sha256(('companion' + pair).encode()).hexdigest()[:32]}.companion.npz"
     if target.is_file():
+        # Checked again, as a fresh pair would be (the entry may predate the check).
+        companion_coverage(native, reference, reference_native)
         with np.load(target) as data:
             raw, native_mask = data["image"], data["mask"].astype(bool)
             record, contrast = json.loads(str(data["record"])), json.loads(str(data["contrast"]))
