@@ -33,7 +33,7 @@ REQUIREMENTS: Tuple[str, ...] = (
     "deepbet>=1.0.2",  # skull stripping; its weights ship inside the package
     "safetensors>=0.4",  # model tensors
     "tqdm>=4.60",
-    "matplotlib>=3.7",  # writers.py renders overlay.png with it
+    "matplotlib>=3.7",  # the PR curves and training reports of evaluate and train (overlay.png needs only Pillow)
     "pillow>=10.1",  # overlay.png is drawn with it (load_default(size=...)); training reports store palette PNGs
     "pydicom>=3.0",  # reads the source series of a DICOM export
     "highdicom>=0.28",  # writes the DICOM SEG and Parametric Map of 'Export to DICOM'
