@@ -106,13 +106,13 @@ def grid_maps(subject, cases, cache: Path, detectors) -> dict:
     scans = {m: read_volume(rows[m].image) for m in CHOICES}
     ref = detectors["dpa-t1-ixi"]
     pre = reference_preprocessing(rows["T1"], scans["T1"], ref)
-    # A subject detection would refuse (a companion without signal over part of the brain) is refused here too,
-    # cached maps or not.
-    for m in [m for m in CHOICES if m != "T1"]:
-        companion_coverage(scans[m], pre, scans["T1"])
     if path.is_file():
         out = dict(np.load(path))
         if wanted <= set(out):
+            # A subject detection would refuse (a companion without signal over part of the brain) is refused
+            # here too, as preprocess_companion below refuses it when the maps are made.
+            for m in [m for m in CHOICES if m != "T1"]:
+                companion_coverage(scans[m], pre, scans["T1"])
             return out
     images = {"T1": pre.image}
     for m in [m for m in CHOICES if m != "T1"]:
