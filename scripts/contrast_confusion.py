@@ -26,7 +26,7 @@ from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.preprocess.contrast import (CONTRASTS, MIN_MARGIN, compatible,  # noqa: E402
                                                contrast_features, recognise)
-from BrainAnomalyLib.preprocess.sanity import LIMITS, judge, scaling_ratio, scan_measures  # noqa: E402
+from BrainAnomalyLib.preprocess.sanity import LIMITS, judge, recorded_scaling_ratio, scan_measures  # noqa: E402
 from BrainAnomalyLib.store.cache import cache_key, cached_preprocessing, default_cache_dir  # noqa: E402
 
 SYNTH_NOISE = (0.01, 0.03, 0.06)
@@ -45,9 +45,9 @@ def real_rows(manifests, cached_only: bool):
                 continue
             brain_ml = next((s.get("brain_ml") for s in record or [] if s["step"] == "skull-strip"), np.nan)
             sanity = scan_measures(raw, mask, grid, brain_ml)
-            reg = next((s for s in record or [] if s["step"] == "register"), None)
-            if reg is not None:
-                sanity["scaling_ratio"] = round(scaling_ratio(reg["transform"]["matrix"]), 4)
+            ratio = recorded_scaling_ratio(record or [])
+            if ratio is not None:
+                sanity["scaling_ratio"] = ratio
             yield {"scan": case.key, "set": Path(manifest).stem, "true": case.modality,
                    "features": contrast_features(raw, mask, grid), "sanity": sanity}
 

@@ -148,14 +148,23 @@ def rejudge(record: List[dict]) -> List[str]:
     """judge again on a preprocessing record (a cached scan's): the recorded sanity measures, with the
     registration's scaling_ratio added where the record predates it, so a cached scan is refused or noted exactly
     as a fresh one is. Returns the notes (the record's sanity step is updated with both)."""
-    steps = {s["step"]: s for s in record}
-    sanity, reg = steps.get("sanity"), steps.get("register")
+    sanity = next((s for s in record if s["step"] == "sanity"), None)
     if sanity is None:
         return []
-    if "scaling_ratio" not in sanity and reg is not None and "transform" in reg:
-        sanity["scaling_ratio"] = round(scaling_ratio(reg["transform"]["matrix"]), 4)
+    if "scaling_ratio" not in sanity:
+        ratio = recorded_scaling_ratio(record)
+        if ratio is not None:
+            sanity["scaling_ratio"] = ratio
     sanity["notes"] = judge(sanity)
     return sanity["notes"]
+
+
+def recorded_scaling_ratio(record: List[dict]) -> Optional[float]:
+    """scaling_ratio of the registration a preprocessing record holds (None without one), rounded as recorded."""
+    reg = next((s for s in record if s["step"] == "register"), None)
+    if reg is None or "transform" not in reg:
+        return None
+    return round(scaling_ratio(reg["transform"]["matrix"]), 4)
 
 
 # Neighbouring voxels of any MR image vary together (anatomy is smooth at the voxel's scale): the strongest of the
