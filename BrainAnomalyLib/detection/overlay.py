@@ -1,7 +1,8 @@
 """PNG montage of axial slices: the scan in grey, the heatmap above threshold in 'hot', lesion outlines in cyan.
 
 Drawn with numpy and Pillow rather than matplotlib: at the end of `detect` the montage is the last thing the user
-waits for, and matplotlib's import and figure layout took about 0.8 s of it on 2 cores (0.1 s this way).
+waits for; without matplotlib's import and figure layout that wait fell from 1.86 to 1.39 s on 2 cores
+(docs/benchmark/detect-timing-history.md).
 """
 
 from __future__ import annotations
