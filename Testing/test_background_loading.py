@@ -185,3 +185,29 @@ def case_file(tmp_path_factory, coarse_demo_case):
     folder = tmp_path_factory.mktemp("case")
     sitk.WriteImage(coarse_demo_case[0], str(folder / "case.nii.gz"))
     return folder / "case.nii.gz"
+
+
+def test_template_warmed_on_a_thread_is_built_once(monkeypatch):
+    """Detector starts core.template.warm_grid on a thread; a preprocessing that reaches the template meanwhile
+    waits for that build and gets the very same arrays, not a second copy made beside it."""
+    from BrainAnomalyLib.core import template
+
+    grid = template.Grid()
+    for build in (template.template_1mm, template.template_on_grid, template.brain_mask_on_grid,
+                  template.tissue_on_grid, template.ventricles_on_grid):
+        build.cache_clear()
+    resampled, resample = [], template._on_grid
+
+    def slow_resample(image, grid, interpolator=None):  # the caller below surely arrives during the build
+        resampled.append(image)
+        time.sleep(0.3)
+        return resample(image, grid, interpolator)
+
+    monkeypatch.setattr(template, "_on_grid", slow_resample)
+    warming = threading.Thread(target=template.warm_grid, args=(grid,))
+    warming.start()
+    fixed, mask = template.template_on_grid(grid), template.brain_mask_on_grid(grid)
+    warming.join()
+    assert len(resampled) == 3  # T1, WM and GM, each once
+    assert template.template_on_grid(grid) is fixed and template.brain_mask_on_grid(grid) is mask
+    assert mask.any() and template.ventricles_on_grid(grid).any()

@@ -68,6 +68,22 @@ def test_fill_nan_sets_them_to_the_lowest_finite_value(tmp_path):
     assert np.allclose(out[~bad], arr[~bad])
 
 
+def test_integer_nifti_is_read_as_stored_and_a_scaled_one_as_float(tmp_path):
+    # read_volume skips the NaN re-reading for integer pixels: that holds only while ITK gives scaled files as float
+    import nibabel
+
+    arr = (np.arange(70 ** 3).reshape(70, 70, 70) % 300).astype(np.int16)
+    plain = nibabel.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
+    nibabel.save(plain, str(tmp_path / "plain.nii.gz"))
+    assert sitk.ReadImage(str(tmp_path / "plain.nii.gz")).GetPixelID() == sitk.sitkInt16
+    assert np.array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "plain.nii.gz")), arr.T.astype(np.float32))
+    scaled = nibabel.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
+    scaled.header.set_slope_inter(2.5, 1.0)
+    nibabel.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    assert sitk.ReadImage(str(tmp_path / "scaled.nii.gz")).GetPixelID() == sitk.sitkFloat32
+    assert np.allclose(sitk.GetArrayFromImage(read_volume(tmp_path / "scaled.nii.gz")), 2.5 * arr.T + 1.0)
+
+
 def test_all_nan_nifti_is_not_called_constant(tmp_path):
     path, _ = _nan_nifti(tmp_path / "allnan.nii.gz", 0, everywhere=True)
     for fill in (False, True):

@@ -27,7 +27,7 @@ from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput
 from ..scorers.reuse import score_once, scorer_for_model
-from ..core.template import Grid, contralateral_difference, midline_axis, spacing_zyx
+from ..core.template import Grid, contralateral_difference, midline_axis, spacing_zyx, warm_grid
 from .request import CALIBRATIONS, DetectionRequest
 
 
@@ -88,6 +88,8 @@ class Detector:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
         self._loading: Optional[Background] = None
+        # Built while the scan is read and its brain found (one core is idle then), not inside its registration.
+        Background(lambda: warm_grid(self.grid), name="template")
 
     def start_loading(self) -> None:
         """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""
