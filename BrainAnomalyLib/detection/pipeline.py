@@ -23,7 +23,6 @@ from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_ma
                           scan_score, slab_voxels)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
-from ..preprocess.skullstrip import prepare_deepbet
 from ..core.progress import Reporter
 from ..core.result import Result
 from ..scorers import ScoreOutput
@@ -91,10 +90,6 @@ class Detector:
         self._loading: Optional[Background] = None
         # Built while the scan is read and its brain found (one core is idle then), not inside its registration.
         Background(lambda: warm_grid(self.grid), name="template")
-        if self.preprocess_config.skull_strip == "deepbet":
-            # torch's import and deepbet's weights (about 1.5 s) beside the reading of the scan; its skull-strip
-            # waits for them
-            Background(lambda: prepare_deepbet(self.device.startswith("cuda")), name="deepbet")
 
     def start_loading(self) -> None:
         """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""

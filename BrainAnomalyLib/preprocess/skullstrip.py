@@ -79,12 +79,6 @@ def _deepbet(use_gpu: bool):
     return BrainExtraction(no_gpu=not use_gpu)
 
 
-def prepare_deepbet(use_gpu: bool) -> None:
-    """deepbet's network built (and torch imported with it), for a thread to do ahead of the skull-strip, which
-    waits for it (`settle`)."""
-    _deepbet(use_gpu)
-
-
 def deepbet_mask(image: sitk.Image, use_gpu: bool, reporter: Reporter) -> np.ndarray:
     """deepbet brain mask for `image` (z,y,x bool on the image's own grid)."""
     settle(reporter)  # deepbet imports torch, which the networks' loading thread may be importing
