@@ -85,9 +85,7 @@ def _template_file(which: str) -> Path:
     return path
 
 
-@_built_once
-def template_1mm(which: str = "T1") -> sitk.Image:
-    """The 1 mm template (T1 brain, or the GM/WM probability maps) as float32 scaled to 0..1."""
+def _read_1mm(which: str) -> sitk.Image:
     import SimpleITK as sitk
 
     image = sitk.Cast(sitk.ReadImage(str(_template_file(which))), sitk.sitkFloat32)
@@ -95,6 +93,12 @@ def template_1mm(which: str = "T1") -> sitk.Image:
     out = sitk.GetImageFromArray(arr / max(float(arr.max()), 1e-6))
     out.CopyInformation(image)
     return out
+
+
+@_built_once
+def template_1mm(which: str = "T1") -> sitk.Image:
+    """The 1 mm template (T1 brain, or the GM/WM probability maps) as float32 scaled to 0..1."""
+    return _read_1mm(which)
 
 
 def _on_grid(image: sitk.Image, grid: Grid, interpolator=None) -> sitk.Image:
@@ -106,7 +110,9 @@ def _on_grid(image: sitk.Image, grid: Grid, interpolator=None) -> sitk.Image:
 
 @_built_once
 def template_on_grid(grid: Grid = Grid(), which: str = "T1") -> sitk.Image:
-    return _on_grid(template_1mm(which), grid)
+    # From a 1 mm copy of its own, not template_1mm's kept one: a detection needs only the grid, and the three
+    # 1 mm volumes (105 MB), built while the scan is read (warm_grid), would still be held at deepbet's peak.
+    return _on_grid(_read_1mm(which), grid)
 
 
 @_built_once

@@ -88,8 +88,10 @@ class Detector:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
         self._loading: Optional[Background] = None
-        # Built while the scan is read and its brain found (one core is idle then), not inside its registration.
-        Background(lambda: warm_grid(self.grid), name="template")
+        # Built while the scan is read and its brain found (one core is idle then), not inside its registration; not
+        # beside deepbet, which keeps both cores busy and whose peak memory they would add to.
+        if self.preprocess_config.skull_strip != "deepbet":
+            Background(lambda: warm_grid(self.grid), name="template")
 
     def start_loading(self) -> None:
         """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""
