@@ -28,8 +28,9 @@ from .working_scale import working_copy
 # iteration caps back at (50, 50, 30) after version 4's halved ones; 6: the affine registration back on the input's
 # own voxels; 7: the registration's start search and coarse levels on the working copy, its last level a run of
 # its own on the input's voxels; 8: that last level stopping at a 10 times larger step; 9: that last level given
-# the brain's bounding box instead of the whole input, which moved transform parameters by up to 1e-7).
-CHAIN_VERSION = 9
+# the brain's bounding box instead of the whole input, which moved transform parameters by up to 1e-7; 10: N4's
+# levels ending at its convergence threshold 1e-3, the registration's coarse levels at a 10 times larger step).
+CHAIN_VERSION = 10
 
 
 @dataclass
