@@ -143,17 +143,28 @@ def write_outputs(result: Result, scan: sitk.Image, folder: Path, fmt: str = "ni
     overlay = Background(lambda: overlay_montage(scan, result.anomaly_map, result.pred_mask, t["value"],
                                                  folder / "overlay.png", result.brain_mask, title=title),
                          name="overlay")
+    volumes = {name: getattr(result, name) for name in VOLUMES if getattr(result, name) is not None}
+    beside = None
     try:
-        for name in VOLUMES:
-            image = getattr(result, name)
-            if image is not None:
-                write_volume(image, folder / (name + FORMATS[fmt]))
+        if "reconstruction" in volumes:
+            # One of the two full-size float volumes is compressed on a thread of its own (zlib releases the GIL):
+            # the two took 0.31 s one after the other and 0.18 s side by side.
+            reconstruction = volumes.pop("reconstruction")
+            beside = Background(lambda: write_volume(reconstruction, folder / ("reconstruction" + FORMATS[fmt])),
+                                name="write reconstruction")
+        for name, image in volumes.items():
+            write_volume(image, folder / (name + FORMATS[fmt]))
         write_lesions_csv(result.lesions, folder / "lesions.csv")
         summary = dict(result.summary(), input=input_name, lesion_columns=list(LESION_COLUMN_NAMES))
         (folder / "result.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
-        overlay.wait()  # never leaves the folder (perhaps to be deleted) while the montage is still written into it
-    overlay.result()
+        # never leaves the folder (perhaps to be deleted) while a thread still writes into it
+        for work in (beside, overlay):
+            if work is not None:
+                work.wait()
+    for work in (beside, overlay):
+        if work is not None:
+            work.result()
     reporter.check()
 
 
