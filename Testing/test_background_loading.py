@@ -5,6 +5,8 @@ output folder); a bad scan or a cancel does not wait for the loading."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -211,3 +213,15 @@ def test_template_warmed_on_a_thread_is_built_once(monkeypatch):
     assert len(resampled) == 3  # T1, WM and GM, each once
     assert template.template_on_grid(grid) is fixed and template.brain_mask_on_grid(grid) is mask
     assert mask.any() and template.ventricles_on_grid(grid).any()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.2])
+def test_a_process_ending_during_the_template_warm_up_ends_cleanly(delay):
+    """A script that makes a Detector and ends at once, while the warm-up thread runs SimpleITK: the interpreter
+    waits for that thread instead of aborting (exit code 134, "FATAL: exception not rethrown", as it did with the
+    thread a daemon)."""
+    code = ("from BrainAnomalyLib.store.models import resolve_model\n"
+            "from BrainAnomalyLib.detection.pipeline import Detector\n"
+            f"Detector(resolve_model('intensity-flair'), device='cpu')\nimport time\ntime.sleep({delay})\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "FATAL" not in run.stderr, run.stderr[-500:]

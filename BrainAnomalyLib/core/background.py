@@ -22,14 +22,17 @@ _GUARD = threading.Lock()
 
 class Background:
     """`fn()` on a daemon thread (a process that fails or is cancelled meanwhile exits without waiting for it);
-    `result()` waits for it and raises what it raised, as if it had run there."""
+    `result()` waits for it and raises what it raised, as if it had run there. A short `fn` inside SimpleITK can be
+    `daemon=False`: an interpreter that ends while a daemon thread runs ITK code aborts (exit code 134, "FATAL:
+    exception not rethrown"), so the exit waits for it instead (the commands end with os._exit, core/exit.py, and
+    never wait)."""
 
-    def __init__(self, fn: Callable[[], object], name: str = "background") -> None:
+    def __init__(self, fn: Callable[[], object], name: str = "background", daemon: bool = True) -> None:
         self._fn = fn
         self._value: object = None
         self._error: Optional[BaseException] = None
         self.seconds: Optional[float] = None  # how long `fn` ran, once it ended
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=daemon)
         with _GUARD:
             _RUNNING.add(self)
         self._thread.start()

@@ -91,7 +91,7 @@ class Detector:
         # Built while the scan is read and its brain found (one core is idle then), not inside its registration; not
         # beside deepbet, which keeps both cores busy and whose peak memory they would add to.
         if self.preprocess_config.skull_strip != "deepbet":
-            Background(lambda: warm_grid(self.grid), name="template")
+            Background(lambda: warm_grid(self.grid), name="template", daemon=False)
 
     def start_loading(self) -> None:
         """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""
