@@ -29,8 +29,9 @@ from .working_scale import working_copy
 # own voxels; 7: the registration's start search and coarse levels on the working copy, its last level a run of
 # its own on the input's voxels; 8: that last level stopping at a 10 times larger step; 9: that last level given
 # the brain's bounding box instead of the whole input, which moved transform parameters by up to 1e-7; 10: N4's
-# levels ending at its convergence threshold 1e-3, the registration's coarse levels at a 10 times larger step).
-CHAIN_VERSION = 10
+# levels ending at its convergence threshold 1e-3, the registration's coarse levels at a 10 times larger step; 11:
+# the bounding box's margin 10 mm instead of 20, which moved the grid's corners by at most 6e-7 mm on four scans).
+CHAIN_VERSION = 11
 
 
 @dataclass
@@ -238,8 +239,9 @@ def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 # Background kept around the brain's bounding box for the registration's last level: the template brain's samples
 # land in it once the scan is roughly aligned (the coarse levels have done that), where they read the background
-# they would read in the whole volume.
-BOX_MARGIN_MM = 20.0
+# they would read in the whole volume. At 10 mm instead of 20 the last level took 0.05-0.33 s less on three BraTS
+# scans and an IXI T1 (its gradient image is of fewer voxels) and moved the grid's corners by at most 6e-7 mm.
+BOX_MARGIN_MM = 10.0
 
 
 def brain_box(image: sitk.Image, mask: np.ndarray, margin_mm: float = BOX_MARGIN_MM
