@@ -85,6 +85,16 @@ def test_cleaning_erodes_filters_and_clips():
     assert cleaned[13, 19, 19] > 5  # the lesion survives a 3x3 median
 
 
+@pytest.mark.parametrize("shape", [(80, 40, 36), (7, 30, 30), (1, 20, 20)])
+def test_the_median_filter_in_two_halves_is_scipys(shape):
+    from scipy import ndimage
+
+    volume = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    for size in (3, 5):
+        assert np.array_equal(filter_map(volume, PostprocessConfig(median_size=size)),
+                              ndimage.median_filter(volume, size=(1, size, size)))
+
+
 def test_thick_slices_erode_the_mask_across_slices_only():
     mask = np.zeros((20, 30, 30), bool)
     mask[4:16, 5:25, 5:25] = True
