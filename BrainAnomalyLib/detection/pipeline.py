@@ -88,10 +88,15 @@ class Detector:
                 raise ModelError(f"model {model.name} cannot be used: {exc}") from None
         self.scorer = self._build_scorer(self.params, self.device)
         self._loading: Optional[Background] = None
+        self._warming: Optional[Background] = None
         # Built while the scan is read and its brain found (one core is idle then), not inside its registration; not
-        # beside deepbet, which keeps both cores busy and whose peak memory they would add to.
+        # beside deepbet, which keeps both cores busy and whose peak memory they would add to: then beside N4.
         if self.preprocess_config.skull_strip != "deepbet":
-            Background(lambda: warm_grid(self.grid), name="template", daemon=False)
+            self._warm_template()
+
+    def _warm_template(self) -> None:
+        if self._warming is None:
+            self._warming = Background(lambda: warm_grid(self.grid), name="template", daemon=False)
 
     def start_loading(self) -> None:
         """Begin `prepare` on a background thread, to overlap the preprocessing; `prepare` then waits for it."""
@@ -253,6 +258,8 @@ class Detector:
         the loading from the start, detect's peak memory with deepbet on a BraTS T1 rose from 1403-1427 to 1522-1531
         MB), and N4's two threads, which the loading slowed 1.3-1.9 times on 2 busy cores, keep the cores."""
         def progress(step: str, fraction: float) -> None:
+            if step == "bias-correct":
+                self._warm_template()
             if step not in _BEFORE_LOADING:
                 self.start_loading()
             reporter.progress(step, fraction)
