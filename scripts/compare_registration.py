@@ -36,13 +36,16 @@ from BrainAnomalyLib.preprocess.working_scale import working_copy  # noqa: E402
 DICE_BOUND = 0.98
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 def scans(brats: Path, ixi: Path, n_ixi: int) -> list:
     out = []
     for manifest, limit in ((brats, None), (ixi, n_ixi)):
         if limit == 0:
             continue
         with open(manifest) as fh:
-            rows = list(csv.DictReader(fh))[:limit]
+            rows = [r for r in csv.DictReader(fh) if r["modality"].upper() == "T1"][:limit]
         out += [(r["subject"], (manifest.parent / r["image"]).resolve()) for r in rows]
     return out
 
@@ -87,8 +90,8 @@ def compare(path: Path, grid: Grid, device: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--brats", type=Path, default=Path("/work/verify/brats_T1.csv"))
-    p.add_argument("--ixi-manifest", type=Path, default=Path("/work/shared/data/ixi_t1_2mm.csv"))
+    p.add_argument("--brats", type=Path, default=SHARED / "brats18_dev.csv", help="its T1 rows are compared")
+    p.add_argument("--ixi-manifest", type=Path, default=SHARED / "ixi_t1_2mm.csv")
     p.add_argument("--ixi", type=int, default=3, help="how many IXI scans (the manifest's first)")
     p.add_argument("--out", type=Path, default=Path("build/compare_registration.json"))
     args = p.parse_args()

@@ -33,7 +33,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_SCAN_MANIFEST = Path("/work/verify/brats_T1.csv")
+DEFAULT_SCAN_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats18_dev.csv"
+
+
+def first_t1(manifest: Path) -> Path:
+    """The first T1 row's image of a manifest (paths relative to the manifest's folder)."""
+    with open(manifest) as fh:
+        row = next(r for r in csv.DictReader(fh) if r["modality"].upper() == "T1")
+    return (manifest.parent / row["image"]).resolve()
 
 
 def pack(args) -> int:
@@ -43,14 +50,14 @@ def pack(args) -> int:
     from BrainAnomalyLib.core.template import brain_mask_on_grid, template_on_grid
     from BrainAnomalyLib.detection.pipeline import Detector
     from BrainAnomalyLib.detection.postprocess import ijk_to_ras, label_array
-    from BrainAnomalyLib.preprocess.bias import n4_correct
+    from BrainAnomalyLib.preprocess.bias import fit_n4
     from BrainAnomalyLib.preprocess.torch_grid import affine_matrix, image_matrix
+    from BrainAnomalyLib.preprocess.working_scale import working_copy
     from BrainAnomalyLib.store.models import resolve_model
 
     path = args.scan
     if path is None:
-        with open(DEFAULT_SCAN_MANIFEST) as fh:
-            path = Path(next(csv.DictReader(fh))["image"])
+        path = first_t1(DEFAULT_SCAN_MANIFEST)
     model = resolve_model(args.model)
     detector = Detector(model, device="cpu")
     scan = read_volume(path)
@@ -64,7 +71,9 @@ def pack(args) -> int:
     arr = sitk.GetArrayFromImage(scan)
     stripped = sitk.GetImageFromArray(np.where(analysis_pre.native_mask, arr, 0).astype(np.float32))
     stripped.CopyInformation(scan)
-    voxels = sitk.GetArrayFromImage(n4_correct(stripped, analysis_pre.native_mask, _reporter())[0])
+    small, small_mask = working_copy(stripped, analysis_pre.native_mask, min(detector.grid.spacing))
+    field, _ = fit_n4(small, small_mask, _reporter())
+    voxels = sitk.GetArrayFromImage(field.apply(stripped))
     # The device's findings are the voxel threshold's components (no lesion-level rule: that needs the whole
     # Detector); the CPU result's, found the same way, are what they are compared with.
     _, plain = label_array(sitk.GetArrayFromImage(result.anomaly_map), ijk_to_ras(scan), result.threshold["value"],

@@ -4,8 +4,8 @@
 # carries (64 MiB with the ~42 MB of tracked files), so the steps that need it run here first:
 #
 #   here, once:  bash scripts/gpu_train.sh wheels          # MONAI + einops wheels into build/gpu/wheels
-#                bash scripts/gpu_detect_benchmark.sh pack  # detect on the CPU (ensemble-t1-ixi, the first scan of
-#                                                           # /work/verify/brats_T1.csv) -> build/gpu/detect_pack.npz
+#                bash scripts/gpu_detect_benchmark.sh pack  # detect on the CPU (the default model, the first T1 of
+#                                                           # ../shared/data/brats18_dev.csv) -> build/gpu/detect_pack.npz
 #   on the GPU:  device `run`, carry ["build/gpu/detect_pack.npz", "build/gpu/wheels"], timeout_s 600:
 #                bash scripts/gpu_detect_benchmark.sh run
 #                # -> $OUT/gpu_detect_benchmark.json: end_to_end_s (median of 3 after a warm-up) and each step
@@ -65,10 +65,17 @@ carry)
         while read -r f; do cp "$data/$f" "$E2E/nilearn/datasets/data/"; done
     echo "subject,modality,image,mask" > "$E2E/scans.csv"
     # Two scans fit: the timed case and the one whose torch registration agreed least with SimpleITK's (session 4).
-    grep -E 'Brats18_CBICA_ABM_1|Brats18_TCIA01_201_1' /work/verify/brats_T1.csv | while IFS=, read -r subject modality image mask; do
-        cp "$image" "$E2E/scans/"
-        echo "$subject,$modality,scans/$(basename "$image")," >> "$E2E/scans.csv"
-    done
+    "$PY" - "$E2E" <<'PYEOF'
+import csv, pathlib, shutil, sys
+e2e = pathlib.Path(sys.argv[1])
+manifest = pathlib.Path("../shared/data/brats18_dev.csv").resolve()
+with open(manifest) as fh, open(e2e / "scans.csv", "a") as out:
+    for r in csv.DictReader(fh):
+        if r["modality"].upper() == "T1" and r["subject"] in ("Brats18_CBICA_ABM_1", "Brats18_TCIA01_201_1"):
+            image = manifest.parent / r["image"]
+            shutil.copy(image, e2e / "scans" / image.name)
+            out.write(f"{r['subject']},T1,scans/{image.name},\n")
+PYEOF
     du -sh "$E2E"
     ;;
 trim)
