@@ -33,6 +33,9 @@ from .request import CALIBRATIONS, DetectionRequest
 
 # The preprocessing steps the networks' loading waits for (see Detector._loading_after_n4).
 _BEFORE_LOADING = ("orient", "skull-strip", "bias-correct")
+# With deepbet the template's grid arrays are built from the first step after the skull-strip (N4, or the registration
+# without N4), once deepbet's arrays are gone.
+_BEFORE_TEMPLATE = ("orient", "skull-strip")
 
 # Detectors for model kinds that take more than one scan, by kind; the modules defining them add them (the package
 # imports them all, so the table is complete once any detection module is imported).
@@ -90,7 +93,7 @@ class Detector:
         self._loading: Optional[Background] = None
         self._warming: Optional[Background] = None
         # Built while the scan is read and its brain found (one core is idle then), not inside its registration; not
-        # beside deepbet, which keeps both cores busy and whose peak memory they would add to: then beside N4.
+        # beside deepbet, which keeps both cores busy and whose peak memory they would add to: then after it.
         if self.preprocess_config.skull_strip != "deepbet":
             self._warm_template()
 
@@ -258,7 +261,7 @@ class Detector:
         the loading from the start, detect's peak memory with deepbet on a BraTS T1 rose from 1403-1427 to 1522-1531
         MB), and N4's two threads, which the loading slowed 1.3-1.9 times on 2 busy cores, keep the cores."""
         def progress(step: str, fraction: float) -> None:
-            if step == "bias-correct":
+            if step not in _BEFORE_TEMPLATE:
                 self._warm_template()
             if step not in _BEFORE_LOADING:
                 self.start_loading()
