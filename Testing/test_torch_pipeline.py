@@ -104,6 +104,19 @@ def test_map_cleaning_matches_scipy(median_size, erode, slab):
     assert stats == pytest.approx(expected, rel=1e-6)  # numpy takes the middle pair's mean in float32
 
 
+def test_small_lesion_channel_matches_numpy():
+    rng = np.random.default_rng(4)
+    raw = rng.normal(size=(16, 30, 26)).astype(np.float32)
+    mask = np.ones(raw.shape, bool)
+    zone = np.zeros(raw.shape, bool)
+    zone[4:12, 8:20, 6:18] = True
+    config = cpu_post.PostprocessConfig(median_size=5, erode_voxels=0)
+    expected = cpu_post.clip_to_mask(cpu_post.small_lesions(cpu_post.filter_map(raw, config), raw, zone), mask)
+    clean, _, _ = torch_post.postprocess(raw, mask, config, "cpu", (0, 0, 0), zone)
+    assert np.array_equal(clean, expected)
+    assert not np.array_equal(clean, torch_post.postprocess(raw, mask, config, "cpu")[0])
+
+
 def test_detection_on_the_torch_path_gives_the_same_findings(coarse_demo_case, template_normative_model):
     """The brats-like demo case (an oblique, moved head with one lesion, at 3 mm: its registration, the same on
     both paths, is most of the time) through detection on both paths: the registration is the same (seeded

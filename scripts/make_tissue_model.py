@@ -37,16 +37,20 @@ N_SCANS = 12
 # Settings chosen per contrast on the five brats18_dev cases (the hyperparameters the model card names, with
 # their leave-one-case-out numbers): the tissue reference (scorers/tissue.py: `nearest` tissue, or `extreme`, the
 # most lesion-like tissue the template allows), the brain-mask erosion and the weight of the mirror image
-# subtracted before filtering (PostprocessConfig.contralateral).
+# subtracted before filtering (PostprocessConfig.contralateral). FLAIR also keeps its unfiltered map where the
+# template's white matter is above 0.8 (PostprocessConfig.small_lesion_wm; candidates 0.5 / 0.7 / 0.8 / 0.9 and
+# off, chosen on the dev cases' tumours and synthetic MS-like lesions together: README, "Small lesions").
 SETTINGS = {
-    "FLAIR": {"params": {"reference": "extreme"}, "postprocess": {"erode_voxels": 0, "contralateral": 0.25}},
+    "FLAIR": {"params": {"reference": "extreme"},
+              "postprocess": {"erode_voxels": 0, "contralateral": 0.25, "small_lesion_wm": 0.8}},
     "T2": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 0, "contralateral": 0.5}},
     "T1CE": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 3, "contralateral": 0.5}},
 }
 
 # A contrast's model version moves when its scoring does: FLAIR 1.1.0 takes the tissue levels from inside the
 # template's brain and lets any tissue be beyond it (scorers/tissue.py, extreme_reference_score).
-VERSIONS = {"FLAIR": "1.1.0"}
+# 1.2.0 keeps small lesions in deep white matter (detection.postprocess.small_lesions).
+VERSIONS = {"FLAIR": "1.2.0"}
 
 
 def main() -> int:

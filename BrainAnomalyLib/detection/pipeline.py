@@ -20,7 +20,7 @@ from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
 from ..store.models import Model, list_models, resolve_model
 from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
-                          scan_score, slab_voxels)
+                          scan_score, slab_voxels, small_lesion_zone, small_lesions)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
@@ -159,10 +159,18 @@ class Detector:
         out, notes = self._score(image, mask, reporter or Reporter(), acquisition_mm)
         return self.postprocess(out, mask, notes, acquisition_mm)
 
-    def filtered(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """The raw map cleaned in template space (contralateral subtraction, median filter), not yet clipped."""
-        contrasted = contralateral_difference(anomaly_map, self.postprocess_config.contralateral, self.grid)
-        return filter_map(contrasted, self.postprocess_config)
+    def filtered(self, anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The raw map cleaned in template space (contralateral subtraction, median filter, the unfiltered map kept
+        in deep white matter where the model asks for it: postprocess.small_lesions), not yet clipped."""
+        config = self.postprocess_config
+        contrasted = contralateral_difference(anomaly_map, config.contralateral, self.grid)
+        return small_lesions(filter_map(contrasted, config), contrasted, self.small_lesion_zone(mask))
+
+    def small_lesion_zone(self, mask: np.ndarray) -> np.ndarray:
+        try:
+            return small_lesion_zone(mask, self.postprocess_config, self.grid)
+        except ValueError as exc:
+            raise ModelError(f"model {self.model.name} cannot score this scan: {_message(exc)}") from None
 
     def torch_device(self) -> Optional[str]:
         """The device of the torch pre- and post-processing, None for the CPU path (see `torch_ops`)."""
@@ -175,9 +183,10 @@ class Detector:
             from .torch_postprocess import postprocess
 
             contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
-            clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device(), slab)
+            clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device(), slab,
+                                               self.small_lesion_zone(mask))
             return GridScores(out.anomaly_map, clean, eroded, out.reconstruction, stats, list(notes))
-        filtered = self.filtered(out.anomaly_map)
+        filtered = self.filtered(out.anomaly_map, mask)
         eroded = erode_mask(mask, self.postprocess_config, slab)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
                           robust_stats(filtered[eroded]), list(notes))

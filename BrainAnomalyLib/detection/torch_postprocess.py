@@ -4,7 +4,7 @@ connected components of the lesion table stay on the CPU (scipy), on the back-pr
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,10 +64,14 @@ def robust_stats(values: torch.Tensor) -> dict:
 
 
 def postprocess(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, device: str,
-                slab: Sequence[int] = (0, 0, 0)):
-    """(clean map, eroded mask, robust stats of the filtered map in it) as numpy, computed on `device`."""
+                slab: Sequence[int] = (0, 0, 0), small_lesion_zone: Optional[np.ndarray] = None):
+    """(clean map, eroded mask, robust stats of the filtered map in it) as numpy, computed on `device`;
+    `small_lesion_zone` (postprocess.small_lesion_zone) where the unfiltered map is kept too."""
     m = torch.as_tensor(np.ascontiguousarray(anomaly_map, np.float32), device=device)
     filtered = filter_map(m, config)
+    if small_lesion_zone is not None and small_lesion_zone.any():
+        zone = torch.as_tensor(small_lesion_zone, device=device)
+        filtered = torch.where(zone, torch.maximum(filtered, m), filtered)
     eroded = erode_mask(torch.as_tensor(mask, device=device), config, slab)
     clean = clip_to_mask(filtered, eroded)
     return clean.cpu().numpy(), eroded.cpu().numpy(), robust_stats(filtered[eroded])
