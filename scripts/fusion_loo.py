@@ -36,11 +36,10 @@ from BrainAnomalyLib.core.errors import BadInputError  # noqa: E402
 from BrainAnomalyLib.core.io import read_volume  # noqa: E402
 from BrainAnomalyLib.core.manifest import group_by_subject, read_manifest  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
-from BrainAnomalyLib.core.template import contralateral_difference  # noqa: E402
 from BrainAnomalyLib.detection.fusion import FusionDetector  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
-from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
-                                                    filter_map, robust_stats)
+from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clean_in_template, clip_to_mask,  # noqa: E402
+                                                    erode_mask, filter_map, robust_stats)
 from BrainAnomalyLib.evaluation.metrics import average_precision, best_dice, descending_order  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import companion_coverage, preprocess_companion  # noqa: E402
 from BrainAnomalyLib.scorers.fusion import FusionScorer  # noqa: E402
@@ -137,7 +136,7 @@ def member_map(d: dict, model_id: str, modality: str, mirror: float, detector: D
     """One member's map as detection post-processes it before fusing (detection.fusion.FusionDetector.score_grid:
     the member's own filtering with the setting's contralateral weight) and its robust statistics on this scan."""
     post = replace(detector.postprocess_config, contralateral=mirror)
-    filtered = filter_map(contralateral_difference(d[f"{modality}|{model_id}"], mirror, detector.grid), post)
+    filtered = clean_in_template(d[f"{modality}|{model_id}"], d["mask"], post, detector.grid)
     return filtered, robust_stats(filtered[erode_mask(d["mask"], post)])
 
 

@@ -19,8 +19,8 @@ from ..core.errors import BadInputError, BrainAnomalyError, ModelError, OutOfMem
 from ..core.io import array_to_image, read_volume
 from ..core.manifest import normalise_modality
 from ..store.models import Model, list_models, resolve_model
-from .postprocess import (PostprocessConfig, clip_to_mask, erode_mask, filter_map, label_lesions, robust_stats,
-                          scan_score, slab_voxels, small_lesion_zone, small_lesions)
+from .postprocess import (PostprocessConfig, clean_in_template, clip_to_mask, erode_mask, label_lesions, robust_stats,
+                          scan_score, slab_voxels, small_lesion_zone)
 from ..preprocess.chain import PreprocessConfig, Preprocessed, preprocess, to_native
 from ..preprocess.contrast import check_contrast
 from ..core.progress import Reporter
@@ -160,11 +160,12 @@ class Detector:
         return self.postprocess(out, mask, notes, acquisition_mm)
 
     def filtered(self, anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The raw map cleaned in template space (contralateral subtraction, median filter, the unfiltered map kept
-        in deep white matter where the model asks for it: postprocess.small_lesions), not yet clipped."""
-        config = self.postprocess_config
-        contrasted = contralateral_difference(anomaly_map, config.contralateral, self.grid)
-        return small_lesions(filter_map(contrasted, config), contrasted, self.small_lesion_zone(mask))
+        """The raw map cleaned in template space as the model asks (postprocess.clean_in_template), not yet
+        clipped."""
+        try:
+            return clean_in_template(anomaly_map, mask, self.postprocess_config, self.grid)
+        except ValueError as exc:
+            raise ModelError(f"model {self.model.name} cannot score this scan: {_message(exc)}") from None
 
     def small_lesion_zone(self, mask: np.ndarray) -> np.ndarray:
         try:

@@ -11,7 +11,7 @@ from scipy import ndimage
 from ..calibration.findings import FindingRule
 from ..core.background import Background
 from ..core.box import mask_box
-from ..core.template import Grid, spacing_zyx, tissue_on_grid
+from ..core.template import Grid, contralateral_difference, spacing_zyx, tissue_on_grid
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -61,6 +61,14 @@ def small_lesions(filtered: np.ndarray, unfiltered: np.ndarray, zone: np.ndarray
     if not zone.any():
         return filtered
     return np.where(zone, np.maximum(filtered, unfiltered), filtered).astype(filtered.dtype, copy=False)
+
+
+def clean_in_template(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, grid: Grid) -> np.ndarray:
+    """A raw grid map cleaned in template space, not yet clipped: its mirror image subtracted
+    (`config.contralateral`), the in-plane median filter, and the unfiltered map kept in deep white matter where
+    `config.small_lesion_wm` asks for it (small_lesions)."""
+    contrasted = contralateral_difference(anomaly_map, config.contralateral, grid)
+    return small_lesions(filter_map(contrasted, config), contrasted, small_lesion_zone(mask, config, grid))
 
 
 def filter_map(anomaly_map: np.ndarray, config: PostprocessConfig) -> np.ndarray:
