@@ -117,6 +117,26 @@ def test_small_lesion_channel_matches_numpy():
     assert not np.array_equal(clean, torch_post.postprocess(raw, mask, config, "cpu")[0])
 
 
+@pytest.mark.parametrize("acquisition", [None, (8.0, 2.0, 1.0)])
+def test_small_lesion_margin_matches_numpy(acquisition):
+    from BrainAnomalyLib.core.template import Grid
+
+    rng = np.random.default_rng(5)
+    raw = rng.normal(size=(16, 30, 26)).astype(np.float32)
+    mask = np.ones(raw.shape, bool)
+    zone = np.zeros(raw.shape, bool)
+    zone[4:12, 8:20, 6:18] = True
+    config = cpu_post.PostprocessConfig(median_size=5, erode_voxels=0, small_lesion_spread=1.5)
+    filtered = cpu_post.filter_map(raw, config)
+    margin = cpu_post.small_lesion_margin(filtered, raw, config, acquisition, Grid())
+    expected = cpu_post.clip_to_mask(cpu_post.small_lesions(filtered, raw, zone, margin), mask)
+    clean, _, _ = torch_post.postprocess(raw, mask, config, "cpu", (0, 0, 0), zone, acquisition, Grid())
+    np.testing.assert_allclose(clean, expected, rtol=0, atol=1e-6)
+    plain, _, _ = torch_post.postprocess(raw, mask, cpu_post.PostprocessConfig(median_size=5, erode_voxels=0),
+                                         "cpu", (0, 0, 0), zone)
+    assert (clean <= plain + 1e-6).all() and (clean < plain - 1e-3).any()
+
+
 def test_detection_on_the_torch_path_gives_the_same_findings(coarse_demo_case, template_normative_model):
     """The brats-like demo case (an oblique, moved head with one lesion, at 3 mm: its registration, the same on
     both paths, is most of the time) through detection on both paths: the registration is the same (seeded

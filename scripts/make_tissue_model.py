@@ -39,18 +39,24 @@ N_SCANS = 12
 # most lesion-like tissue the template allows), the brain-mask erosion and the weight of the mirror image
 # subtracted before filtering (PostprocessConfig.contralateral). FLAIR also keeps its unfiltered map where the
 # template's white matter is above 0.8 (PostprocessConfig.small_lesion_wm; candidates 0.5 / 0.7 / 0.8 / 0.9 and
-# off, chosen on the dev cases' tumours and synthetic MS-like lesions together: README, "Small lesions").
+# off, chosen on the dev cases' tumours and synthetic MS-like lesions together: README, "Small lesions"), less a
+# margin of 1.5 local spreads there (PostprocessConfig.small_lesion_spread; candidates 0 / 1 / 1.5 / 2, chosen the
+# same way). T2 takes FLAIR's two small-lesion settings as they are (none searched on T2).
 SETTINGS = {
     "FLAIR": {"params": {"reference": "extreme"},
-              "postprocess": {"erode_voxels": 0, "contralateral": 0.25, "small_lesion_wm": 0.8}},
-    "T2": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 0, "contralateral": 0.5}},
+              "postprocess": {"erode_voxels": 0, "contralateral": 0.25, "small_lesion_wm": 0.8,
+                              "small_lesion_spread": 1.5}},
+    "T2": {"params": {"reference": "nearest"},
+           "postprocess": {"erode_voxels": 0, "contralateral": 0.5, "small_lesion_wm": 0.8,
+                           "small_lesion_spread": 1.5}},
     "T1CE": {"params": {"reference": "nearest"}, "postprocess": {"erode_voxels": 3, "contralateral": 0.5}},
 }
 
 # A contrast's model version moves when its scoring does: FLAIR 1.1.0 takes the tissue levels from inside the
 # template's brain and lets any tissue be beyond it (scorers/tissue.py, extreme_reference_score).
-# 1.2.0 keeps small lesions in deep white matter (detection.postprocess.small_lesions).
-VERSIONS = {"FLAIR": "1.2.0"}
+# 1.2.0 keeps small lesions in deep white matter (detection.postprocess.small_lesions); 1.3.0 only what clears
+# their neighbourhood's spread (detection.postprocess.small_lesion_margin). T2 1.1.0 takes both.
+VERSIONS = {"FLAIR": "1.3.0", "T2": "1.1.0"}
 
 
 def main() -> int:

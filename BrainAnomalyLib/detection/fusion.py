@@ -199,7 +199,7 @@ class FusionDetector(Detector):
             extent = acquisition.get(m)
             out, member_notes = member._score(image, mask, reporter.sub(i / len(images), (i + 1) / len(images)),
                                               extent)
-            maps[m] = member.filtered(out.anomaly_map, mask)
+            maps[m] = member.filtered(out.anomaly_map, mask, extent)
             slab = slab_voxels(extent, spacing_zyx(self.grid))
             stats[m] = robust_stats(maps[m][erode_mask(mask, member.postprocess_config, slab)])
             notes += [f"{m}: {n}" for n in member_notes]

@@ -159,11 +159,12 @@ class Detector:
         out, notes = self._score(image, mask, reporter or Reporter(), acquisition_mm)
         return self.postprocess(out, mask, notes, acquisition_mm)
 
-    def filtered(self, anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def filtered(self, anomaly_map: np.ndarray, mask: np.ndarray,
+                 acquisition_mm: Optional[Sequence[float]] = None) -> np.ndarray:
         """The raw map cleaned in template space as the model asks (postprocess.clean_in_template), not yet
         clipped."""
         try:
-            return clean_in_template(anomaly_map, mask, self.postprocess_config, self.grid)
+            return clean_in_template(anomaly_map, mask, self.postprocess_config, self.grid, acquisition_mm)
         except ValueError as exc:
             raise ModelError(f"model {self.model.name} cannot score this scan: {_message(exc)}") from None
 
@@ -185,9 +186,9 @@ class Detector:
 
             contrasted = contralateral_difference(out.anomaly_map, self.postprocess_config.contralateral, self.grid)
             clean, eroded, stats = postprocess(contrasted, mask, self.postprocess_config, self.torch_device(), slab,
-                                               self.small_lesion_zone(mask))
+                                               self.small_lesion_zone(mask), acquisition_mm, self.grid)
             return GridScores(out.anomaly_map, clean, eroded, out.reconstruction, stats, list(notes))
-        filtered = self.filtered(out.anomaly_map, mask)
+        filtered = self.filtered(out.anomaly_map, mask, acquisition_mm)
         eroded = erode_mask(mask, self.postprocess_config, slab)
         return GridScores(out.anomaly_map, clip_to_mask(filtered, eroded), eroded, out.reconstruction,
                           robust_stats(filtered[eroded]), list(notes))

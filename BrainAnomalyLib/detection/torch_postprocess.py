@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocess.torch_grid import quantiles
-from .postprocess import PostprocessConfig
+from ..core.template import Grid, spacing_zyx
+from .postprocess import PostprocessConfig, slab_dilution
 
 
 def _reflect_pad(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
@@ -64,14 +65,23 @@ def robust_stats(values: torch.Tensor) -> dict:
 
 
 def postprocess(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, device: str,
-                slab: Sequence[int] = (0, 0, 0), small_lesion_zone: Optional[np.ndarray] = None):
+                slab: Sequence[int] = (0, 0, 0), small_lesion_zone: Optional[np.ndarray] = None,
+                acquisition_mm: Optional[Sequence[float]] = None, grid: Optional[Grid] = None):
     """(clean map, eroded mask, robust stats of the filtered map in it) as numpy, computed on `device`;
-    `small_lesion_zone` (postprocess.small_lesion_zone) where the unfiltered map is kept too."""
+    `small_lesion_zone` (postprocess.small_lesion_zone) where the unfiltered map is kept too, less the margin
+    for `acquisition_mm` on `grid` (postprocess.small_lesion_margin)."""
     m = torch.as_tensor(np.ascontiguousarray(anomaly_map, np.float32), device=device)
     filtered = filter_map(m, config)
     if small_lesion_zone is not None and small_lesion_zone.any():
         zone = torch.as_tensor(small_lesion_zone, device=device)
-        filtered = torch.where(zone, torch.maximum(filtered, m), filtered)
+        raised = m
+        if config.small_lesion_spread > 0:
+            if grid is None:
+                raise ValueError("the small-lesion margin needs the model grid")
+            spacing = spacing_zyx(grid)
+            weight = config.small_lesion_spread * slab_dilution(acquisition_mm, spacing)
+            raised = m - weight * filter_map((m - filtered).abs(), config)
+        filtered = torch.where(zone, torch.maximum(filtered, raised), filtered)
     eroded = erode_mask(torch.as_tensor(mask, device=device), config, slab)
     clean = clip_to_mask(filtered, eroded)
     return clean.cpu().numpy(), eroded.cpu().numpy(), robust_stats(filtered[eroded])
