@@ -5,8 +5,12 @@ added. Members go first; an ensemble is then re-pinned to its re-calibrated memb
 Model cards and training reports are kept; the registry's checksums and sizes are updated, its metrics kept.
 With --contralateral W the (non-ensemble) models' post-processing first gets that contralateral weight
 (core.template.contralateral_difference; 0 turns it off) and their version a minor step, since their maps change.
+With --repin-only nothing is re-calibrated: the named models' registry checksums are brought up to date and every
+ensemble or fusion naming one of them is pinned to its current folder (what a model card's edit needs, since the
+card is part of the folder's checksum).
 
     python scripts/recalibrate_shipped.py [--data ../shared/data] [--model ID ...] [--contralateral W]
+    python scripts/recalibrate_shipped.py --repin-only --model tissue-flair
 """
 
 import argparse
@@ -56,6 +60,30 @@ def repin(model_id: str) -> None:
                                     p.get("knees") or ())
     save_model(folder_of(model_id), meta, None, keep_files_of=folder_of(model_id))
     update_registry([model_id])
+
+
+def repin_composites(model_ids) -> list:
+    """Pin every shipped ensemble or fusion that names one of `model_ids` to that model's current folder, nothing
+    else changed (its scales, weights and calibration stay), and update the registry for all of them. Returns the
+    composites re-pinned."""
+    update_registry(model_ids)
+    digests = {i: folder_digest(folder_of(i)) for i in model_ids}
+    registry = json.loads(shipped_registry_file().read_text(encoding="utf-8"))
+    changed = []
+    for entry in registry["models"]:
+        meta = meta_of(entry["id"])
+        members = (meta.get("params") or {}).get("members") or []
+        stale = [m for m in members if isinstance(m, dict) and m.get("id") in digests
+                 and m.get("sha256") != digests[m["id"]]]
+        if not stale:
+            continue
+        for m in stale:
+            m["sha256"] = digests[m["id"]]
+        save_model(folder_of(entry["id"]), meta, None, keep_files_of=folder_of(entry["id"]))
+        changed.append(entry["id"])
+    if changed:
+        update_registry(changed)
+    return changed
 
 
 def next_minor(version: str) -> str:
@@ -110,7 +138,15 @@ def main() -> int:
     ap.add_argument("--model", action="append", help="only these shipped models (default: every calibrated one)")
     ap.add_argument("--contralateral", type=float, help="set this contralateral weight in the models' post-processing "
                     "first (0-1; 0 = off)")
+    ap.add_argument("--repin-only", action="store_true", help="re-calibrate nothing: update the named models' "
+                    "checksums and pin the ensembles and fusions naming them to their current folders")
     args = ap.parse_args()
+    if args.repin_only:
+        if not args.model:
+            ap.error("--repin-only needs --model ID (the models whose folders changed)")
+        changed = repin_composites(args.model)
+        print(f"re-pinned: {', '.join(changed) or 'nothing (already pinned)'}")
+        return 0
     if args.contralateral is not None and not 0.0 <= args.contralateral < 1.0:
         ap.error("--contralateral must be in [0, 1): a weight of 1 erases a lesion with a mirror twin")
     registry = json.loads(shipped_registry_file().read_text(encoding="utf-8"))
