@@ -77,6 +77,11 @@ def slab_dilution(acquisition_mm: Optional[Sequence[float]], spacing: Sequence[f
     return min(float(s) / max(float(a), float(s)) for a, s in zip(acquisition_mm, spacing))
 
 
+def small_lesion_weight(config: PostprocessConfig, acquisition_mm: Optional[Sequence[float]], grid: Grid) -> float:
+    """The spreads small_lesion_margin takes off for this input: `config.small_lesion_spread` times slab_dilution."""
+    return config.small_lesion_spread * slab_dilution(acquisition_mm, spacing_zyx(grid))
+
+
 def small_lesion_margin(filtered: np.ndarray, unfiltered: np.ndarray, config: PostprocessConfig,
                         acquisition_mm: Optional[Sequence[float]], grid: Grid) -> Optional[np.ndarray]:
     """What small_lesions takes off the unfiltered map: `config.small_lesion_spread` times the median, over the
@@ -90,8 +95,7 @@ def small_lesion_margin(filtered: np.ndarray, unfiltered: np.ndarray, config: Po
     if config.small_lesion_spread <= 0:
         return None
     spread = filter_map(np.abs(unfiltered - filtered), config)
-    weight = config.small_lesion_spread * slab_dilution(acquisition_mm, spacing_zyx(grid))
-    return (weight * spread).astype(filtered.dtype, copy=False)
+    return (small_lesion_weight(config, acquisition_mm, grid) * spread).astype(filtered.dtype, copy=False)
 
 
 def clean_in_template(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessConfig, grid: Grid,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocess.torch_grid import quantiles
-from ..core.template import Grid, spacing_zyx
-from .postprocess import PostprocessConfig, slab_dilution
+from ..core.template import Grid
+from .postprocess import PostprocessConfig, small_lesion_weight
 
 
 def _reflect_pad(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
@@ -78,9 +78,7 @@ def postprocess(anomaly_map: np.ndarray, mask: np.ndarray, config: PostprocessCo
         if config.small_lesion_spread > 0:
             if grid is None:
                 raise ValueError("the small-lesion margin needs the model grid")
-            spacing = spacing_zyx(grid)
-            weight = config.small_lesion_spread * slab_dilution(acquisition_mm, spacing)
-            raised = m - weight * filter_map((m - filtered).abs(), config)
+            raised = m - small_lesion_weight(config, acquisition_mm, grid) * filter_map((m - filtered).abs(), config)
         filtered = torch.where(zone, torch.maximum(filtered, raised), filtered)
     eroded = erode_mask(torch.as_tensor(mask, device=device), config, slab)
     clean = clip_to_mask(filtered, eroded)
