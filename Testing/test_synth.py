@@ -18,8 +18,9 @@ from BrainAnomalyLib.core.errors import BadInputError, Cancelled
 from BrainAnomalyLib.core.io import same_geometry, write_volume
 from BrainAnomalyLib.core.manifest import Case, read_manifest, write_manifest
 from BrainAnomalyLib.core.progress import CancelToken, Reporter
-from BrainAnomalyLib.synth import (ARTEFACT_KINDS, LESION_KINDS, TissueMaps, displacement_image, fractal_noise,
-                                   make_cohort, synthesize, warp)
+from BrainAnomalyLib.synth import (ARTEFACT_KINDS, LESION_KINDS, TissueMaps, cohort_key, displacement_image,
+                                   fractal_noise, kept_cohort, make_cohort, synthesize, warp)
+from BrainAnomalyLib.synth import cohort as cohort_module
 from BrainAnomalyLib.core.template import Grid, template_1mm, template_on_grid
 
 GRID = Grid()
@@ -325,3 +326,38 @@ def test_tissue_maps_for_scan_pull_the_template_onto_the_scan(moved_scan, tmp_pa
     lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(row.mask))) > 0
     assert (expected[lesion] > 0.5).mean() > 0.6  # in the scan's real white matter
     assert [c.subject for c in read_manifest(tmp_path / "out" / "artefacts.csv")] == ["s1_artefact-bias"]
+
+
+def test_kept_cohort_is_built_once_and_named_by_what_makes_it(moved_scan, tmp_path, monkeypatch):
+    scan, _ = moved_scan
+    path = tmp_path / "scan.nii.gz"
+    write_volume(scan, path)
+    cases, root = [Case("s1", "T1", path, None)], tmp_path / "kept"
+    with pytest.raises(BadInputError):
+        kept_cohort(cases, root, "T1", ["ms"], build=False)
+    # An interrupted build leaves nothing that a later run would take for a made set.
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        kept_cohort(cases, root, "T1", ["ms"], reporter=Reporter(cancel=token))
+    with pytest.raises(BadInputError):
+        kept_cohort(cases, root, "T1", ["ms"], build=False)
+
+    folder = kept_cohort(cases, root, "T1", ["ms"])
+    (row,) = read_manifest(folder / "synth.csv")
+    assert row.image.is_file() and row.mask.is_file() and [p.name for p in root.iterdir()] == [folder.name]
+    made = (folder / "synth.csv").stat().st_mtime_ns
+    assert kept_cohort(cases, root, "T1", ["ms"]) == folder and (folder / "synth.csv").stat().st_mtime_ns == made
+
+    # Whatever changes the cases changes the folder: seed, kinds, the scans' contents, the preprocessing chain
+    # (the lesions are placed through the scan's registration).
+    key = cohort_key(cases, "T1", ["ms"])
+    assert folder.name.endswith(key)
+    assert cohort_key(cases, "T1", ["ms"], seed=1) != key
+    assert cohort_key(cases, "T1", ["ms", "stroke"]) != key
+    monkeypatch.setattr(cohort_module, "CHAIN_VERSION", cohort_module.CHAIN_VERSION + 1)
+    assert cohort_key(cases, "T1", ["ms"]) != key
+    monkeypatch.undo()
+    assert cohort_key(cases, "T1", ["ms"]) == key
+    write_volume(sitk.Cast(scan * 1.01, sitk.sitkFloat32), path)
+    assert cohort_key(cases, "T1", ["ms"]) != key

@@ -44,7 +44,7 @@ from BrainAnomalyLib.detection.postprocess import PostprocessConfig  # noqa: E40
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig  # noqa: E402
 from BrainAnomalyLib.core.progress import Reporter  # noqa: E402
 from BrainAnomalyLib.scorers import direction_for, scorer_class  # noqa: E402
-from BrainAnomalyLib.synth import ARTEFACT_KINDS, LESION_KINDS, make_cohort  # noqa: E402
+from BrainAnomalyLib.synth import KINDS, kept_cohort  # noqa: E402
 from BrainAnomalyLib.core.template import Grid  # noqa: E402
 from BrainAnomalyLib.training.run import base_meta, split_subjects  # noqa: E402
 
@@ -175,14 +175,12 @@ def main() -> int:
                           {c.key: "brats18_dev" for c in lesion_cases}, only, not args.no_cache, True, companions))
         labels.append(f"brats18_dev {modality}")
 
-    # (a) synthetic anomalies in held-out IXI scans (cached between runs: same scans, kinds and seed)
+    # (a) synthetic anomalies in held-out IXI scans (kept between runs in a folder named by what makes them)
     if not args.skip_synth:
-        synth_dir = default_cache_dir().parent / f"benchmark-synth-{args.synth_subjects}"
         subjects = held_out[:args.synth_subjects]
-        if not (synth_dir / "synth.csv").is_file():
-            log(f"building the synthetic benchmark in {synth_dir}")
-            make_cohort(subjects, synth_dir, "T1", list(LESION_KINDS) + list(ARTEFACT_KINDS), seed=0,
-                        reporter=Reporter(progress))
+        synth_dir = kept_cohort(subjects, default_cache_dir().parent / "benchmark-synth", "T1", KINDS, seed=0,
+                                reporter=Reporter(progress))
+        log(f"synthetic scans: {synth_dir}")
         synth = read_manifest(synth_dir / "synth.csv")
         artefacts = [c for c in read_manifest(synth_dir / "artefacts.csv")]
         # the untouched scans (group None) are the healthy references for every kind

@@ -19,10 +19,14 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from BrainAnomalyLib.core.errors import BadInputError  # noqa: E402
+from BrainAnomalyLib.core.manifest import read_manifest  # noqa: E402
 from BrainAnomalyLib.detection.pipeline import Detector  # noqa: E402
 from BrainAnomalyLib.evaluation.metrics import average_precision, intensity_ranking  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed, default_cache_dir  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
+from BrainAnomalyLib.synth import KINDS, kept_cohort  # noqa: E402
+from BrainAnomalyLib.training.run import split_subjects  # noqa: E402
 
 DEPTH_MM = 3.0
 # Lesion kinds darker than the tissue they replace on T1 (the rest are brighter or mixed: ranked brighter first).
@@ -32,10 +36,18 @@ DARK_ON_T1 = {"ms", "blob-hypo", "stroke", "tumour"}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kind", action="append", required=True, help="lesion kind (repeatable), e.g. ms")
-    ap.add_argument("--synth", type=Path, default=default_cache_dir().parent / "benchmark-synth-4",
-                    help="the benchmark's synthetic set (default: the one of --synth-subjects 4)")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--synth-subjects", type=int, default=4, help="as given to scripts/benchmark.py")
+    ap.add_argument("--synth", type=Path, help="a synthetic set's folder (default: the benchmark's, for this code)")
     ap.add_argument("--model", default=None, help="whose preprocessing gives the brain mask (default model)")
     args = ap.parse_args()
+    if args.synth is None:
+        held_out = split_subjects(read_manifest(args.data / "ixi_t1_2mm.csv", "T1"))["test"][:args.synth_subjects]
+        try:
+            args.synth = kept_cohort(held_out, default_cache_dir().parent / "benchmark-synth", "T1", KINDS,
+                                     build=False)
+        except BadInputError as e:
+            raise SystemExit(f"{e}: run scripts/benchmark.py first")
     det = Detector(resolve_model(args.model), device="cpu")
     print("| kind | scans | lesion prevalence | AUPRC, brain | AUPRC, deeper than 3 mm |")
     print("|---|---|---|---|---|")

@@ -8,10 +8,13 @@ freedom over the post-processing.
 
 Candidates: the reference (`nearest` tissue, prior blur 0 or 4 mm; `extreme`, blur and plausibility 0 mm / 0.05,
 0 mm / 0.2, 4 mm / 0.2; not for two-sided directions), brain-mask erosion 0 or 3 voxels, contralateral weight 0,
-0.25 or 0.5, in-plane median width 1, 3 or 5 voxels. `extreme` at 4 mm and 0.05 is left out: it makes grey
-matter possible across nearly all deep white matter (scorers/tissue.py). Grid maps: detection's own
-preprocessing (cached), scoring and post-processing functions; labels resampled onto the grid through the recorded
-registration. Grid AUPRC runs about 0.02 below `evaluate`'s on each scan's own grid.
+0.25 or 0.5, in-plane median width 1, 3 or 5 voxels. The small-lesion channel is not searched: it is off unless
+--small-lesion-wm / --small-lesion-spread give it (fixed for every candidate; `tissue-flair` 1.3.0 and `tissue-t2`
+1.1.0 ship 0.8 and 1.5), so the defaults give the search `tissue-flair` 1.1.0's settings came from.
+`extreme` at 4 mm and 0.05 is left out: it makes grey matter possible across nearly all deep white matter
+(scorers/tissue.py). Grid maps: detection's own preprocessing (cached), scoring and cleaning (clean_in_template)
+functions; labels resampled onto the grid through the recorded registration. Grid AUPRC runs about 0.02 below
+`evaluate`'s on each scan's own grid.
 """
 
 import argparse
@@ -25,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from BrainAnomalyLib.core.manifest import normalise_modality, read_manifest  # noqa: E402
-from BrainAnomalyLib.core.template import Grid, contralateral_difference  # noqa: E402
-from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clip_to_mask, erode_mask,  # noqa: E402
-                                                   filter_map)
+from BrainAnomalyLib.core.template import Grid  # noqa: E402
+from BrainAnomalyLib.detection.postprocess import (PostprocessConfig, clean_in_template, clip_to_mask,  # noqa: E402
+                                                   erode_mask)
 from BrainAnomalyLib.evaluation.metrics import average_precision  # noqa: E402
 from BrainAnomalyLib.preprocess.chain import PreprocessConfig, standardise  # noqa: E402
 from BrainAnomalyLib.scorers.base import direction_for, signed  # noqa: E402
@@ -79,6 +82,10 @@ def main() -> int:
     ap.add_argument("--modality", required=True)
     ap.add_argument("--direction", help="default: the contrast's (scorers.direction_for)")
     ap.add_argument("--manifest", type=Path, default=DEV)
+    ap.add_argument("--small-lesion-wm", type=float, default=0.0,
+                    help="the small-lesion channel's white-matter level for every candidate (0: off)")
+    ap.add_argument("--small-lesion-spread", type=float, default=0.0,
+                    help="its margin in neighbourhood spreads (0: none)")
     args = ap.parse_args()
     modality = normalise_modality(args.modality)
     direction = args.direction or direction_for(modality)
@@ -92,11 +99,13 @@ def main() -> int:
         for scorer, raw in raw_maps(image, mask, direction, grid).items():
             for erosion in EROSIONS:
                 for weight in WEIGHTS:
-                    contrasted = contralateral_difference(raw.astype(np.float32), weight, grid)
                     for median in MEDIANS:
-                        config = PostprocessConfig(erode_voxels=erosion, median_size=median)
+                        # The dev scans are 1 mm, so the channel's margin is not diluted (acquisition_mm None).
+                        config = PostprocessConfig(erode_voxels=erosion, median_size=median, contralateral=weight,
+                                                   small_lesion_wm=args.small_lesion_wm,
+                                                   small_lesion_spread=args.small_lesion_spread)
                         cleaned.setdefault((scorer, erosion, weight, median), {})[subject] = clip_to_mask(
-                            filter_map(contrasted, config), erode_mask(mask, config))
+                            clean_in_template(raw.astype(np.float32), mask, config, grid), erode_mask(mask, config))
         print(f"scored {subject}", flush=True)
     keys = list(cases)
     everyone = {setting: pooled(maps, cases, keys) for setting, maps in cleaned.items()}
