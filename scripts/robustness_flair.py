@@ -16,7 +16,8 @@ Per version and model: pooled voxel AUPRC, Dice of the default threshold's label
 found / false findings per scan at that threshold.
 
 With `--work DIR` the versions (and their lesion and tumour labels) are written there and read back on the next
-run instead of made again, and their preprocessing goes through the preprocessed-volume cache (store/cache.py;
+run instead of made again (in a subfolder named by the code that makes them: the synth package, CHAIN_VERSION and
+the version makers here), and their preprocessing goes through the preprocessed-volume cache (store/cache.py;
 BRAINANOMALY_CACHE), so comparing scorer settings on the same versions costs only the scoring. `--raw` adds rows
 ranking each version's own voxel intensities over the same voxels: whether the lesions stand out of the scan at all.
 
@@ -28,6 +29,8 @@ tissue they were meant for and an MNI version that is a correctly registered bra
 """
 
 import argparse
+import hashlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -51,6 +54,7 @@ from BrainAnomalyLib.preprocess.chain import PreprocessConfig, preprocess  # noq
 from BrainAnomalyLib.preprocess.skullstrip import brain_mask  # noqa: E402
 from BrainAnomalyLib.store.cache import cached_preprocessed  # noqa: E402
 from BrainAnomalyLib.store.models import resolve_model  # noqa: E402
+from BrainAnomalyLib.synth.cohort import maker_digest  # noqa: E402
 from BrainAnomalyLib.synth.generate import synthesize  # noqa: E402
 from BrainAnomalyLib.synth.tissue import TissueMaps  # noqa: E402
 
@@ -101,6 +105,14 @@ def versions(image: sitk.Image, labels: dict, names, template_to_scan: sitk.Tran
                                                                   for k, v in labels.items()}
         else:
             raise SystemExit(f"unknown version {name!r}: use native, thick-<mm> or mni")
+
+
+def versions_key() -> str:
+    """Names the --work subfolder by what makes the versions (the synth code, the preprocessing chain that places the
+    lesions and makes the `mni` version, and the version makers here), so a change to any of them makes them anew
+    instead of reading back versions an older code made."""
+    makers = "".join(inspect.getsource(f) for f in (thick_slices, resample_to_mni, versions))
+    return hashlib.sha256((maker_digest() + makers).encode()).hexdigest()[:12]
 
 
 def kept_versions(work: Path, subject: str, names, make):
@@ -221,8 +233,8 @@ def main() -> int:
 
         try:
             made = list((n, None, v, lab) for n, v, lab in make()) if args.work is None else \
-                list(kept_versions(args.work / f"{modality}-{args.kind}-{args.seed}{suffix}", case.subject, names,
-                                   make))
+                list(kept_versions(args.work / f"{modality}-{args.kind}-{args.seed}{suffix}-{versions_key()}",
+                                   case.subject, names, make))
         except (BadInputError, ValueError) as exc:  # a scan the pipeline cannot register or place a lesion in
             skipped.append(f"{case.subject}: {exc}")
             continue

@@ -10,7 +10,7 @@ scipy and the generators.
 import importlib
 
 _HOME = {"RULES": "appearance", "TissueStats": "appearance", "target": "appearance", "tissue_stats": "appearance",
-         "make_cohort": "cohort", "cohort_key": "cohort", "kept_cohort": "cohort",
+         "make_cohort": "cohort", "cohort_key": "cohort", "kept_cohort": "cohort", "maker_digest": "cohort",
          "SynthCase": "generate", "displacement_image": "generate",
          "synthesize": "generate", "warp": "lesions", "fractal_noise": "noise", "Geometry": "tissue",
          "TissueMaps": "tissue", "KINDS": "kinds", "LESION_KINDS": "kinds", "ARTEFACT_KINDS": "kinds"}

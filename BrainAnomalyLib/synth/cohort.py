@@ -68,12 +68,20 @@ def cohort_key(cases: Optional[List[Case]], modality: str, kinds: Sequence[str],
     the template's tissue maps) and this package's code. A folder keyed by the subject count alone was reused after
     CHAIN_VERSION 10 and 11 had moved every lesion of a fresh build (benchmark AUPRC up to 0.02 apart)."""
     h = hashlib.sha256(json.dumps({"modality": normalise_modality(modality), "kinds": list(kinds),
-                                   "per_scan": per_scan, "seed": seed, "chain": CHAIN_VERSION}).encode())
+                                   "per_scan": per_scan, "seed": seed, "maker": maker_digest()}).encode())
     for _, source in _scans(cases, normalise_modality(modality)):
         h.update(sha256_file(source.image).encode() if source is not None else TEMPLATE_SUBJECT.encode())
+    return h.hexdigest()[:16]
+
+
+def maker_digest() -> str:
+    """What synthetic cases depend on besides their inputs and seeds: this package's code and the preprocessing
+    chain (CHAIN_VERSION) whose registration places the lesions in the scan's tissue. For anything that keeps
+    synthetic scans between runs (cohort_key; scripts/robustness_flair.py's --work)."""
+    h = hashlib.sha256(f"chain {CHAIN_VERSION}".encode())
     for code in sorted(Path(__file__).parent.glob("*.py")):
         h.update(code.read_bytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def kept_cohort(cases: Optional[List[Case]], root, modality: str, kinds: Sequence[str], seed: int = 0,
