@@ -172,11 +172,11 @@ def raw_ranking(scan: sitk.Image, brain: np.ndarray, lesion: np.ndarray, tumour_
     return {"scores": scores[keep], "labels": lesion[keep]}
 
 
-
 def _ap_text(value: float) -> str:
     """Three decimals, four under 0.01: small lesions' AUPRC sits near their prevalence (0.0001-0.0004), where
     three decimals would print models and plain rankings alike as 0.000 or 0.001."""
     return f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -216,6 +216,7 @@ def main() -> int:
     rows_of = list(detectors) + ([RAW, RAW_DEEP] if args.raw else [])
     tallies = {(v, m): [] for v in names for m in rows_of}
     skipped = []
+    work = None if args.work is None else args.work / f"{modality}-{args.kind}-{args.seed}{suffix}-{versions_key()}"
     for i, case in enumerate(cases):
         def make(case=case, seed=args.seed + 1000 * i):
             image = read_volume(case.image)
@@ -233,8 +234,7 @@ def main() -> int:
 
         try:
             made = list((n, None, v, lab) for n, v, lab in make()) if args.work is None else \
-                list(kept_versions(args.work / f"{modality}-{args.kind}-{args.seed}{suffix}-{versions_key()}",
-                                   case.subject, names, make))
+                list(kept_versions(work, case.subject, names, make))
         except (BadInputError, ValueError) as exc:  # a scan the pipeline cannot register or place a lesion in
             skipped.append(f"{case.subject}: {exc}")
             continue

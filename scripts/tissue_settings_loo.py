@@ -19,6 +19,7 @@ functions; labels resampled onto the grid through the recorded registration. Gri
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,15 +98,16 @@ def main() -> int:
     cleaned = {}
     for subject, (image, mask, _) in cases.items():
         for scorer, raw in raw_maps(image, mask, direction, grid).items():
-            for erosion in EROSIONS:
-                for weight in WEIGHTS:
-                    for median in MEDIANS:
-                        # The dev scans are 1 mm, so the channel's margin is not diluted (acquisition_mm None).
-                        config = PostprocessConfig(erode_voxels=erosion, median_size=median, contralateral=weight,
-                                                   small_lesion_wm=args.small_lesion_wm,
-                                                   small_lesion_spread=args.small_lesion_spread)
+            for weight in WEIGHTS:
+                for median in MEDIANS:
+                    # The dev scans are 1 mm, so the channel's margin is not diluted (acquisition_mm None).
+                    config = PostprocessConfig(median_size=median, contralateral=weight,
+                                               small_lesion_wm=args.small_lesion_wm,
+                                               small_lesion_spread=args.small_lesion_spread)
+                    clean = clean_in_template(raw.astype(np.float32), mask, config, grid)
+                    for erosion in EROSIONS:  # the cleaning does not depend on it, only the clipping
                         cleaned.setdefault((scorer, erosion, weight, median), {})[subject] = clip_to_mask(
-                            clean_in_template(raw.astype(np.float32), mask, config, grid), erode_mask(mask, config))
+                            clean, erode_mask(mask, replace(config, erode_voxels=erosion)))
         print(f"scored {subject}", flush=True)
     keys = list(cases)
     everyone = {setting: pooled(maps, cases, keys) for setting, maps in cleaned.items()}

@@ -89,8 +89,9 @@ def kept_cohort(cases: Optional[List[Case]], root, modality: str, kinds: Sequenc
     """make_cohort's folder for these scans and settings under `root`, named by cohort_key and built when absent
     (aside, then renamed into place, so an interrupted build is never taken for a made one). With `build` False an
     absent folder is a BadInputError instead."""
-    folder = Path(root) / f"synth-{normalise_modality(modality)}-{len(cases or [None])}-" \
-        f"{cohort_key(cases, modality, kinds, seed=seed)}"
+    n_scans = 1 if cases is None else len(cases)  # None: the bundled template
+    key = cohort_key(cases, modality, kinds, seed=seed)
+    folder = Path(root) / f"synth-{normalise_modality(modality)}-{n_scans}-{key}"
     if (folder / "synth.csv").is_file():
         return folder
     if not build:
