@@ -95,7 +95,7 @@ def kept_cohort(cases: Optional[List[Case]], root, modality: str, kinds: Sequenc
     if (folder / "synth.csv").is_file():
         return folder
     if not build:
-        raise BadInputError(f"no synthetic set at {folder} (made by scripts/benchmark.py for the current code)")
+        raise BadInputError(f"no synthetic set made by this code for these scans at {folder}")
     aside = folder.with_name(folder.name + ".partial")
     shutil.rmtree(aside, ignore_errors=True)
     reporter = reporter or Reporter()
